@@ -1,0 +1,44 @@
+"""Where weights come from. `open_source` turns whatever the user named into a Checkpoint.
+
+Accepted: a Hugging Face or mlx-lm checkpoint directory, a .gguf file, an alias from the registry
+(e.g. "smollm2"), or a hub repo id when huggingface_hub is installed and online.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import SourceError
+from .checkpoint import Checkpoint, TensorInfo
+from .hf import open_hf_dir
+from .hub import download_snapshot, looks_like_repo_id
+
+__all__ = ["Checkpoint", "TensorInfo", "open_source"]
+
+
+def open_source(source) -> Checkpoint:
+    """Open a model source by path, alias or hub id, reading headers only."""
+    name = str(source)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return open_hf_dir(path, name)
+    if path.is_file():
+        if path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
+            from .gguf import open_gguf
+
+            return open_gguf(path, name)
+        raise SourceError(f"{path} is a file but not a .gguf model; pass a checkpoint directory or a .gguf file.")
+    from .registry import resolve_alias
+
+    alias_path = resolve_alias(name)
+    if alias_path is not None:
+        return open_source(alias_path)
+    if looks_like_repo_id(name):
+        return open_hf_dir(download_snapshot(name), name)
+    raise SourceError(f"model {name!r} not found: not a directory, a .gguf file, a known alias "
+                      "(run `mlxedge list`) or a hub repo id.")
+
+
+def _has_gguf_magic(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
