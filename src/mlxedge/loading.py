@@ -1,0 +1,245 @@
+"""Build an mlx-lm architecture from a Checkpoint and stream its tensors in, quantizing on the way.
+
+The only module that sees both a Checkpoint and a model. Tensors flow one at a time
+(read → cast → quantize → evaluate → assign), so peak memory stays near the final model size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .configs import model_classes, normalize_config
+from .errors import MlxedgeError, SourceError, UnsupportedError
+from .quant.affine import QuantSpec, can_quantize
+from .quant.layers import QuantizedEmbedding, QuantizedLinear
+from .sources.checkpoint import Checkpoint
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+QUANT_PARTS = ("weight", "scales", "biases")
+
+
+@dataclass
+class LoadedModel:
+    """An mlx-lm model with its weights in place, plus the facts `Model.info` reports."""
+
+    model: nn.Module
+    config: dict
+    dtype: mx.Dtype
+    quantized: dict  # module path -> QuantSpec, for every quantized module
+    unquantized: list  # Linear/Embedding paths left in float because the group does not divide them
+    parameters: int = 0
+    nbytes: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def resolve_dtype(dtype, checkpoint: Checkpoint) -> mx.Dtype:
+    """The compute/storage dtype of unquantized tensors: as asked, else the checkpoint's own."""
+    if dtype is not None:
+        name = dtype if isinstance(dtype, str) else str(dtype).split(".")[-1]
+        if name not in DTYPES:
+            raise MlxedgeError(f"dtype {dtype!r} is not supported; use float16, bfloat16 or float32.")
+        return DTYPES[name]
+    declared = checkpoint.config.get("torch_dtype") or checkpoint.config.get("dtype")
+    if declared in DTYPES:
+        return DTYPES[declared]
+    for info in checkpoint.tensor_infos.values():
+        if info.dtype in DTYPES:
+            return DTYPES[info.dtype]
+    return mx.float16
+
+
+def source_quant_specs(checkpoint: Checkpoint, module_paths) -> dict:
+    """Module path -> QuantSpec for the modules the checkpoint stores quantized (mlx-lm's config rules)."""
+    q = checkpoint.quantization
+    if not q:
+        return {}
+    default = QuantSpec(bits=int(q["bits"]), group_size=int(q["group_size"]))
+    specs = {}
+    for path in module_paths:
+        override = q.get(path)
+        if override is False:
+            continue
+        if isinstance(override, dict):
+            specs[path] = QuantSpec(bits=int(override["bits"]), group_size=int(override["group_size"]))
+        elif f"{path}.scales" in checkpoint.tensor_infos:
+            specs[path] = default
+    return specs
+
+
+def _quantizable_modules(model: nn.Module) -> dict:
+    return {path: m for path, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Embedding)) and not isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
+
+
+def _target_specs(modules: dict, source_specs: dict, requested: Optional[QuantSpec]):
+    """Which modules end up quantized, and which stay float because the group does not divide them."""
+    targets, unquantized = {}, []
+    for path, module in modules.items():
+        if requested is None:
+            if path in source_specs:
+                targets[path] = source_specs[path]
+            continue
+        input_dims = module.weight.shape[1]
+        if can_quantize(input_dims, requested):
+            targets[path] = requested
+        else:
+            unquantized.append(path)
+    return targets, unquantized
+
+
+def _replace_with_quantized(model: nn.Module, modules: dict, targets: dict, dtype) -> None:
+    replacements = []
+    for path, spec in targets.items():
+        module = modules[path]
+        if isinstance(module, nn.Embedding):
+            num, dims = module.weight.shape
+            new = QuantizedEmbedding(num, dims, spec, dtype)
+        else:
+            out_dims, in_dims = module.weight.shape
+            new = QuantizedLinear(in_dims, out_dims, "bias" in module, spec, dtype)
+        replacements.append((path, new))
+    model.update_modules(_unflatten_modules(replacements))
+
+
+def _unflatten_modules(pairs):
+    from mlx.utils import tree_unflatten
+
+    return tree_unflatten(pairs)
+
+
+def _set_param(model: nn.Module, name: str, value: mx.array) -> None:
+    *parents, leaf = name.split(".")
+    node = model
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    node[leaf] = value
+
+
+def _surviving_names(model: nn.Module, checkpoint: Checkpoint) -> set:
+    """Run the architecture's sanitize over lazy placeholders: which checkpoint tensors it keeps.
+
+    Some sanitizers change the model (gemma3 ties its head when lm_head.weight is absent), so this must run
+    on the complete key set, before quantized layers are put in place.
+    """
+    if not hasattr(model, "sanitize"):
+        return set(checkpoint.tensor_infos)
+    placeholders = {name: mx.zeros((1,)) for name in checkpoint.tensor_infos}
+    kept = model.sanitize(dict(placeholders))
+    changed = [k for k, v in kept.items() if placeholders.get(k) is not v]
+    if changed:
+        raise UnsupportedError(f"the architecture rewrites tensors while loading ({changed[0]}, ...); "
+                               "mlxedge streams tensors unchanged and cannot load it.")
+    return set(kept)
+
+
+def load_checkpoint(checkpoint: Checkpoint, requested: Optional[QuantSpec], dtype=None,
+                    progress: Optional[Callable[[int, int], None]] = None) -> LoadedModel:
+    """Build the architecture and stream every tensor of `checkpoint` into it."""
+    config = normalize_config(checkpoint.config)
+    model_class, args_class = model_classes(config)
+    try:
+        model = model_class(args_class.from_dict(config))
+    except (TypeError, ValueError, KeyError) as e:
+        raise SourceError(f"config.json does not describe a valid {config['model_type']} model: {e}") from None
+    compute_dtype = resolve_dtype(dtype, checkpoint)
+    keep = _surviving_names(model, checkpoint)
+
+    modules = _quantizable_modules(model)
+    source_specs = source_quant_specs(checkpoint, modules)
+    targets, unquantized = _target_specs(modules, source_specs, requested)
+    _replace_with_quantized(model, modules, targets, compute_dtype)
+
+    expected = dict(tree_flatten(model.parameters()))
+    assigned = set()
+    pending: dict = {}  # module path -> {part: array} while a quantized triplet is incomplete
+    total = len(keep)
+    done = 0
+    for name, array in checkpoint.iter_tensors():
+        if name not in keep:
+            continue
+        module_path, _, part = name.rpartition(".")
+        if module_path in source_specs and part in QUANT_PARTS:
+            triplet = pending.setdefault(module_path, {})
+            triplet[part] = array
+            if len(triplet) < 3:
+                continue
+            del pending[module_path]
+            tensors = _convert_quantized(module_path, triplet, source_specs[module_path], targets.get(module_path),
+                                         compute_dtype)
+        else:
+            tensors = _convert_float(name, array, targets.get(module_path) if part == "weight" else None,
+                                     compute_dtype)
+        for tensor_name, tensor in tensors.items():
+            _assign_checked(model, expected, tensor_name, tensor)
+            assigned.add(tensor_name)
+        del array, tensors
+        done += 1
+        if progress is not None:
+            progress(done, total)
+    if pending:
+        first = next(iter(pending))
+        raise SourceError(f"quantized module {first} lacks {set(QUANT_PARTS) - set(pending[first])} in the checkpoint.")
+    missing = sorted(set(expected) - assigned)
+    if missing:
+        raise SourceError(f"the checkpoint lacks {len(missing)} tensor(s) the {config['model_type']} architecture "
+                          f"needs (e.g. {missing[0]}); it is incomplete or of another architecture.")
+    model.eval()
+    params = dict(tree_flatten(model.parameters()))
+    return LoadedModel(
+        model=model, config=config, dtype=compute_dtype, quantized=targets, unquantized=unquantized,
+        parameters=_count_parameters(params, targets), nbytes=sum(v.nbytes for v in params.values()),
+    )
+
+
+def _convert_float(name: str, array: mx.array, target: Optional[QuantSpec], dtype) -> dict:
+    if mx.issubdtype(array.dtype, mx.floating):
+        array = array.astype(dtype)
+    if target is None:
+        mx.eval(array)
+        return {name: array}
+    w, scales, biases = mx.quantize(array, group_size=target.group_size, bits=target.bits)
+    mx.eval(w, scales, biases)
+    base = name.rpartition(".")[0]
+    return {f"{base}.weight": w, f"{base}.scales": scales, f"{base}.biases": biases}
+
+
+def _convert_quantized(path: str, triplet: dict, source: QuantSpec, target: Optional[QuantSpec], dtype) -> dict:
+    if target == source:
+        out = {f"{path}.weight": triplet["weight"],
+               f"{path}.scales": triplet["scales"].astype(dtype),
+               f"{path}.biases": triplet["biases"].astype(dtype)}
+        mx.eval(*out.values())
+        return out
+    dense = mx.dequantize(triplet["weight"], triplet["scales"].astype(mx.float32),
+                          triplet["biases"].astype(mx.float32), group_size=source.group_size, bits=source.bits)
+    return _convert_float(f"{path}.weight", dense, target, dtype)
+
+
+def _assign_checked(model: nn.Module, expected: dict, name: str, tensor: mx.array) -> None:
+    if name not in expected:
+        raise SourceError(f"the checkpoint has tensor {name!r}, which the architecture does not use; "
+                          "the checkpoint and its config.json disagree.")
+    if tuple(expected[name].shape) != tuple(tensor.shape):
+        raise SourceError(f"tensor {name!r} has shape {tuple(tensor.shape)} but the config implies "
+                          f"{tuple(expected[name].shape)}; the checkpoint and its config.json disagree.")
+    _set_param(model, name, tensor)
+
+
+def _count_parameters(params: dict, quantized: dict) -> int:
+    """Logical weights: a quantized module counts its unpacked elements, not its scales and biases."""
+    total = 0
+    for name, value in params.items():
+        module_path, _, part = name.rpartition(".")
+        if module_path in quantized:
+            if part == "weight":
+                total += value.size * 32 // quantized[module_path].bits
+            elif part == "bias":
+                total += value.size
+        else:
+            total += value.size
+    return total
