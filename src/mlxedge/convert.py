@@ -1,0 +1,100 @@
+"""Write a model in mlx-lm's on-disk format (safetensors shards + config.json with "quantization").
+
+Any source goes in (HF dir, mlx dir, GGUF, alias); what comes out loads in mlx-lm and in mlxedge.
+The write is atomic: everything goes to a temporary sibling directory that is renamed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Optional
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from .errors import MlxedgeError
+from .loading import load_checkpoint
+from .quant.affine import validate_settings
+from .sources import open_source
+
+MAX_SHARD_BYTES = 5 << 30  # mlx-lm's shard size
+
+
+def convert(source, dest, bits: Optional[int] = 4, group_size: int = 64, dtype: Optional[str] = None,
+            force: bool = False, progress: Optional[Callable[[int, int], None]] = None) -> dict:
+    """Convert `source` to an mlx-lm directory at `dest`; returns a summary dict (path, bytes, bits, ...)."""
+    dest = Path(dest).expanduser()
+    if dest.exists() and not force:
+        raise MlxedgeError(f"{dest} already exists; choose another destination or pass force=True (--force).")
+    requested = validate_settings(bits, group_size)
+    checkpoint = open_source(source)
+    loaded = load_checkpoint(checkpoint, requested, dtype=dtype, progress=progress)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        total = _write_weights(tmp, dict(tree_flatten(loaded.model.parameters())))
+        _write_config(tmp, loaded, checkpoint)
+        _write_tokenizer(tmp, checkpoint)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"path": str(dest), "bytes": total, "architecture": loaded.config["model_type"],
+            "quantized_modules": len(loaded.quantized), "unquantized_modules": loaded.unquantized,
+            "bits": requested.bits if requested else None, "group_size": requested.group_size if requested else None}
+
+
+def _write_weights(directory: Path, weights: dict) -> int:
+    shards, current, size = [], {}, 0
+    for name in sorted(weights):
+        array = weights[name]
+        if current and size + array.nbytes > MAX_SHARD_BYTES:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = array
+        size += array.nbytes
+    shards.append(current)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        mx.save_safetensors(str(directory / name), shard, metadata={"format": "mlx"})
+        for key, array in shard.items():
+            weight_map[key] = name
+            total += array.nbytes
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return total
+
+
+def _write_config(directory: Path, loaded, checkpoint) -> None:
+    """The normalised config (so mlx-lm reads rope settings right) plus mlx-lm's quantization entry."""
+    config = {k: v for k, v in loaded.config.items() if k not in ("quantization", "quantization_config")}
+    config["torch_dtype"] = str(loaded.dtype).split(".")[-1]
+    if loaded.quantized:
+        default, _ = Counter(loaded.quantized.values()).most_common(1)[0]
+        quantization = default.to_config()
+        for path, spec in loaded.quantized.items():
+            if spec != default:
+                quantization[path] = spec.to_config()
+        config["quantization"] = quantization
+        config["quantization_config"] = quantization
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def _write_tokenizer(directory: Path, checkpoint) -> None:
+    tokenizer = checkpoint.load_tokenizer()
+    if checkpoint.chat_template and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = checkpoint.chat_template
+    tokenizer.save_pretrained(str(directory))
+    for name in ("generation_config.json",):
+        src = Path(checkpoint.path) / name
+        if Path(checkpoint.path).is_dir() and src.exists():
+            shutil.copy(src, directory / name)

@@ -1,0 +1,40 @@
+"""Result and event types of a generation call, with the per-call statistics every front-end prints."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    prompt_tps: float = 0.0       # prompt tokens / prefill seconds (prefill includes the first sampled token)
+    generation_tps: float = 0.0   # decode rate after the first token: (n - 1) / (t_last - t_first)
+    ttft_s: float = 0.0           # call start to first generated token
+    peak_memory_bytes: int = 0    # MLX's peak allocation during the call
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class StreamEvent:
+    """One streamed text delta; the last event of a stream carries finish_reason and stats."""
+
+    text: str
+    token: Optional[int] = None
+    finish_reason: Optional[str] = None
+    stats: Optional[dict] = None
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: List[int] = field(default_factory=list)
+    finish_reason: str = "stop"   # "stop" (EOS or stop string), "length" (max_tokens), "cancelled"
+    stats: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
