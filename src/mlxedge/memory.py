@@ -156,6 +156,16 @@ def _parse_meminfo(text: str) -> dict:
     return out
 
 
+def _parse_stat(text: str) -> dict:
+    """cgroup memory.stat: "key value" lines."""
+    out = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            out[parts[0]] = int(parts[1])
+    return out
+
+
 def _read_text(path: Path) -> Optional[str]:
     try:
         return path.read_text()
@@ -289,7 +299,7 @@ def device_budget(override=None, *, probe: Optional[Callable[[], dict]] = None) 
         if cg and cg.get("limit"):
             limit = int(cg["limit"])
             usage = cg.get("usage")
-            stat = _parse_meminfo(cg.get("stat") or "")  # "key value" lines parse the same way
+            stat = _parse_stat(cg.get("stat") or "")
             reclaimable = stat.get("inactive_file", stat.get("total_inactive_file", 0))
             headroom = limit if usage is None else max(0, limit - int(usage) + reclaimable)
             name = "cgroup memory.max" if cg.get("version") == 2 else "cgroup memory.limit_in_bytes"
@@ -503,11 +513,13 @@ def _guess_source_bits(weight_info, scales_info) -> tuple:
                        "lacks its 'quantization' entry.")
 
 
-def kv_cache_plan(config: dict, context_length: int, dtype_bytes: int) -> dict:
-    """KV cache bytes at `context_length`: 2 (K and V) × kv_heads × head_dim × tokens × dtype_bytes per layer.
+def kv_cache_plan(config: dict, context_length: int, dtype_bytes: int,
+                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> dict:
+    """Peak KV cache bytes at `context_length`: 2 (K and V) × kv_heads × head_dim × tokens × dtype_bytes per layer.
 
-    Tokens per layer: the context rounded up to mlx-lm's 256-token allocation step; layers that attend to a
-    sliding window hold at most the window. Sliding layers are read from `layer_types` ("sliding_attention")
+    Tokens per layer: the context rounded up to mlx-lm's 256-token allocation step. A layer that attends to a
+    sliding window keeps the window, but mlx-lm's RotatingKVCache holds window − 1 + chunk tokens while a
+    prefill chunk goes through (measured), so that is its peak. Sliding layers are read from `layer_types` ("sliding_attention")
     or, failing that, gemma3's `sliding_window_pattern` (every pattern-th layer is global). Anything else is
     taken as full attention on every layer: an upper bound (e.g. gemma2 configs without `layer_types`, for
     which mlx-lm allocates full caches anyway).
@@ -528,7 +540,8 @@ def kv_cache_plan(config: dict, context_length: int, dtype_bytes: int) -> dict:
         elif isinstance(pattern, int) and pattern > 0:
             sliding = [(i + 1) % pattern != 0 for i in range(layers)]
     per_token = 2 * kv_heads * head_dim * dtype_bytes
-    tokens = [min(full_tokens, int(window)) if s else full_tokens for s in sliding]
+    chunk = min(int(prefill_chunk), int(context_length))
+    tokens = [min(full_tokens, int(window) - 1 + chunk) if s else full_tokens for s in sliding]
     return {"bytes": per_token * sum(tokens), "layers": layers, "sliding_layers": sum(sliding),
             "kv_heads": kv_heads, "head_dim": head_dim, "tokens_per_full_layer": full_tokens,
             "bytes_per_token_per_layer": per_token}
@@ -575,7 +588,7 @@ def make_plan(config: dict, tensor_infos: Mapping, *, bits: Optional[int], group
         budget = Budget(parse_size(budget), "override")
     weights = weight_plan(config, tensor_infos, bits=bits, group_size=group_size, dtype_bytes=dtype_bytes,
                           quantized=quantized, keep=keep)
-    kv = kv_cache_plan(config, context_length, dtype_bytes)
+    kv = kv_cache_plan(config, context_length, dtype_bytes, prefill_chunk)
     act = activation_plan(config, context_length, dtype_bytes, prefill_chunk)
     overhead = runtime_overhead_bytes() if overhead_bytes is None else int(overhead_bytes)
     total = weights["bytes"] + kv["bytes"] + act["bytes"] + overhead
