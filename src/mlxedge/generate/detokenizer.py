@@ -93,14 +93,9 @@ class StreamingDetokenizer:
 
     def _emit(self, window: str) -> str:
         delta = window[len(self._prefix_text):]
-        # The new prefix is the piece just emitted, unless it decodes to nothing on its own (a skipped
-        # special token, a lone SentencePiece "▁" that the decoder strips): then keep the old prefix
-        # too, so the next window still starts with real text.
-        new_prefix = self._decode(self._ids[self._read_offset:])
-        if new_prefix:
-            self._prefix_offset, self._prefix_text = self._read_offset, new_prefix
-        else:
-            self._prefix_text = window
+        # The piece just emitted becomes the next prefix: the next window starts with real text, so its
+        # leading-space rule applies to that text and cancels out in the difference.
+        self._prefix_offset, self._prefix_text = self._read_offset, self._decode(self._ids[self._read_offset:])
         self._read_offset = len(self._ids)
         self._pieces.append(delta)
         return delta
