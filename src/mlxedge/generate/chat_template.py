@@ -3,8 +3,10 @@
 Templates come with downloaded models, so they are untrusted code: they run in jinja2's
 ImmutableSandboxedEnvironment (trim_blocks, lstrip_blocks, loopcontrols, as transformers) with the same
 helpers (raise_exception, strftime_now, a JSON `tojson`, a safe `dict` and `namespace`), and see only
-plain copies of the messages. Any failure — a syntax error, raise_exception, an unsafe attribute — is a
-one-line GenerationError. `normalize_messages` turns a prompt string or message list into checked messages.
+plain copies of the messages. Any failure (a syntax error, raise_exception, an unsafe attribute) is a
+one-line GenerationError; stricter than transformers, touching an unsafe attribute fails at once
+instead of rendering as an empty string. `normalize_messages` turns a prompt string or a message list
+into checked messages.
 """
 
 from __future__ import annotations
@@ -89,9 +91,18 @@ class _GenerationBlock(jinja2.ext.Extension):
         return caller()
 
 
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """Refuse unsafe attribute access at once. (jinja's sandbox, like transformers, returns an Undefined
+    that a bare `{{ f.__globals__ }}` prints as ""; we would rather fail loudly.)"""
+
+    def unsafe_undefined(self, obj, attribute):
+        raise jinja2.exceptions.SecurityError(
+            f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
+
+
 @lru_cache(maxsize=32)
 def _compile(template: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[_GenerationBlock, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
@@ -105,9 +116,7 @@ def _plain(value: Any) -> Any:
     """A copy made only of JSON-like types, so the template cannot reach methods of caller objects."""
     if value is None or type(value) in (str, int, float, bool):
         return value
-    if isinstance(value, bool):
-        return bool(value)
-    if isinstance(value, str):
+    if isinstance(value, str):  # subclasses (enums, numpy strings) could carry extra methods
         return str.__str__(value)
     if isinstance(value, int):
         return int.__int__(value)
@@ -115,8 +124,12 @@ def _plain(value: Any) -> Any:
         return float.__float__(value)
     if isinstance(value, Mapping):
         return {_plain(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_plain(v) for v in value) if type(value) in (list, tuple) else [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if type(value).__module__ == "numpy" and callable(getattr(value, "item", None)) and not getattr(value, "shape", ()):
+        return _plain(value.item())  # numpy scalars (np.int64 is no int)
     return f"<{type(value).__name__}>"
 
 
