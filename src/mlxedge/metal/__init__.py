@@ -3,6 +3,6 @@
 Imports only mlx. The rest of mlxedge calls `quantized_matmul` (and `gated_mlp`) and nothing else here.
 """
 
-from .dispatch import gated_mlp, quantized_matmul
+from .dispatch import choose_kernel, gated_mlp, kernel_mode, quantized_matmul, set_kernel_runner
 
-__all__ = ["quantized_matmul", "gated_mlp"]
+__all__ = ["quantized_matmul", "gated_mlp", "choose_kernel", "kernel_mode", "set_kernel_runner"]

@@ -1,0 +1,160 @@
+// Metal shim: just enough of the Metal Shading Language for g++ to compile the kernel bodies mlxedge hands
+// to mx.fast.metal_kernel, and a deterministic fiber scheduler that runs one threadgroup at a time with
+// 32-lane SIMD-groups sharing simd_sum and threadgroup_barrier.
+//
+// Threadgroup memory: `threadgroup T name[n];` becomes a static in the section "mlxe_tgmem"; the harness
+// poisons the whole section with 0xFF bytes (NaN for float and half) before every threadgroup.
+// Only array declarations at kernel scope are supported (no `threadgroup T*` pointers).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <ucontext.h>
+#include <vector>
+
+// ---- Scalar types ---------------------------------------------------------------------------------------
+typedef unsigned int uint;
+typedef _Float16 half;
+typedef _Float16 float16_t;
+
+struct bfloat16_t {
+  uint16_t bits_;
+  bfloat16_t() = default;
+  bfloat16_t(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+      bits_ = uint16_t((u >> 16) | 0x40);  // quiet NaN
+    } else {
+      bits_ = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);  // round to nearest even
+    }
+  }
+  operator float() const {
+    uint32_t u = uint32_t(bits_) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+};
+
+// ---- Vector types (members only; no swizzles such as .xy) ----------------------------------------------
+struct uint3 {
+  uint x, y, z;
+};
+
+// ---- The kernel-side runtime the scheduler provides ----------------------------------------------------
+namespace mlxe_emu {
+
+struct Fiber {
+  ucontext_t ctx;
+  int simdgroup = 0;
+  int lane = 0;
+  bool done = false;
+  bool waiting = false;
+};
+
+struct SimdGroup {
+  int live = 0;       // lanes not yet returned
+  int arrived = 0;    // lanes waiting in the current simd_sum
+  float slots[32];
+  float result = 0.0f;
+};
+
+struct Threadgroup {
+  std::vector<Fiber> fibers;
+  std::vector<SimdGroup> groups;
+  int live = 0;
+  int at_barrier = 0;
+  int current = -1;
+  ucontext_t scheduler;
+  const char* error = nullptr;
+};
+
+inline Threadgroup*& active() {
+  static Threadgroup* tg = nullptr;
+  return tg;
+}
+
+inline void block_current() {
+  Threadgroup* tg = active();
+  Fiber& f = tg->fibers[tg->current];
+  f.waiting = true;
+  swapcontext(&f.ctx, &tg->scheduler);
+}
+
+inline void release_simdgroup(Threadgroup* tg, int sg) {
+  SimdGroup& g = tg->groups[sg];
+  float sum = 0.0f;
+  for (int i = 0; i < 32; i++) {
+    sum += g.slots[i];
+  }
+  g.result = sum;
+  g.arrived = 0;
+  for (auto& f : tg->fibers) {
+    if (f.simdgroup == sg) f.waiting = false;
+  }
+}
+
+inline void release_barrier(Threadgroup* tg) {
+  tg->at_barrier = 0;
+  for (auto& f : tg->fibers) f.waiting = false;
+}
+
+}  // namespace mlxe_emu
+
+namespace metal {
+
+enum class mem_flags { mem_none = 0, mem_device = 1, mem_threadgroup = 2, mem_texture = 4 };
+
+// Sum over the live lanes of the calling SIMD-group; lanes that already returned contribute nothing.
+inline float simd_sum(float v) {
+  using namespace mlxe_emu;
+  Threadgroup* tg = active();
+  Fiber& f = tg->fibers[tg->current];
+  SimdGroup& g = tg->groups[f.simdgroup];
+  if (g.arrived == 0) {
+    for (int i = 0; i < 32; i++) g.slots[i] = 0.0f;
+  }
+  g.slots[f.lane] = v;
+  g.arrived++;
+  if (g.arrived == g.live) {
+    release_simdgroup(tg, f.simdgroup);
+  } else {
+    block_current();
+  }
+  return g.result;
+}
+
+inline void threadgroup_barrier(mem_flags) {
+  using namespace mlxe_emu;
+  Threadgroup* tg = active();
+  tg->at_barrier++;
+  if (tg->at_barrier == tg->live) {
+    release_barrier(tg);
+  } else {
+    block_current();
+  }
+}
+
+template <typename T>
+inline T min(T a, T b) { return b < a ? b : a; }
+template <typename T>
+inline T max(T a, T b) { return a < b ? b : a; }
+inline float exp(float x) { return std::exp(x); }
+inline float abs(float x) { return std::fabs(x); }
+inline float fma(float a, float b, float c) { return std::fma(a, b, c); }
+inline float rsqrt(float x) { return 1.0f / std::sqrt(x); }
+
+}  // namespace metal
+
+using namespace metal;
+
+// ---- Metal address spaces, defined after every standard include (`thread` would break <thread>) -------
+#define device
+#define constant
+#define thread
+#define threadgroup static __attribute__((section("mlxe_tgmem")))
