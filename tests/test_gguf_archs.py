@@ -1,0 +1,106 @@
+"""Tiny GGUFs of every supported architecture, loaded with mlxedge.load, against transformers.
+
+Two references per architecture:
+  * quantized file (gguf-quantized block types, a different mix per architecture): logits equal those of
+    transformers' own GGUF loader (`from_pretrained(dir, gguf_file=...)`), which dequantizes the same
+    blocks with its own code — this proves names, llama's q/k un-permutation, gemma's norm shift,
+    phi3's fused tensors, block decoding and the config read from metadata;
+  * float file (F32): logits equal the original transformers model the file was written from.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mlxedge
+from gguf_tiny import TINY, tiny_model, write_gguf
+
+ARCHS = list(TINY)
+SEQ = 24  # longer than gemma3's sliding window (4)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """model_type -> (original torch model, quantized GGUF path, float GGUF path)."""
+    out = {}
+    for model_type in ARCHS:
+        model = tiny_model(model_type)
+        d = tmp_path_factory.mktemp(model_type)
+        out[model_type] = (model, write_gguf(model, d / "tiny-quant.gguf", TINY[model_type]["types"]),
+                           write_gguf(model, d / "tiny-f32.gguf", {}))
+    return out
+
+
+def _ids(seed=0):
+    return [int(x) for x in np.random.default_rng(seed).integers(3, 256, SEQ)]
+
+
+def _torch_logits(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_quantized_gguf_matches_transformers_gguf_loader(built, model_type):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _, path, _ = built[model_type]
+    ids = _ids()
+    ours = mlxedge.load(str(path), dtype="float32")
+    got = ours.logits(ids)
+    reference = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    want = _torch_logits(reference, ids)
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= 1e-4
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+    # every block type in the file is reported, all mapped exactly
+    block_types = ours.info["gguf"]["block_types"]
+    expected_types = set(TINY[model_type]["types"].values()) | {"F32"}
+    if TINY[model_type]["config"].get("tie_word_embeddings", True) or model_type == "gemma3_text":
+        expected_types -= {TINY[model_type]["types"].get("lm_head")}
+    assert set(block_types) == expected_types - {None}
+    assert all(b["exact"] == b["tensors"] and b["max_abs_deviation"] == 0.0 for b in block_types.values())
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_float_gguf_matches_the_original_model(built, model_type):
+    model, _, path = built[model_type]
+    ids = _ids(1)
+    got = mlxedge.load(str(path), dtype="float32").logits(ids)
+    want = _torch_logits(model, ids)
+    assert np.abs(got - want).max() <= 1e-4
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_config_read_from_metadata(built, model_type):
+    from mlxedge.sources.gguf import open_gguf
+
+    model, path, _ = built[model_type]
+    ck = open_gguf(path, str(path))
+    cfg, hf = ck.config, model.config
+    assert cfg["model_type"] == model_type
+    for key in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "max_position_embeddings"):
+        assert cfg[key] == getattr(hf, key), key
+    assert cfg["head_dim"] == (getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads)
+    assert cfg["rope_theta"] == pytest.approx(TINY[model_type]["config"]["rope_theta"])
+    assert cfg["rms_norm_eps"] == pytest.approx(hf.rms_norm_eps)
+    assert cfg["tie_word_embeddings"] == ("output.weight" not in {t for t in _gguf_names(path)})
+    # the tensor headers describe exactly what the stream yields
+    yielded = {name: (tuple(a.shape), str(a.dtype).split(".")[-1]) for name, a in ck.iter_tensors()}
+    assert yielded == {name: (i.shape, i.dtype) for name, i in ck.tensor_infos.items()}
+    # every quantized module the stream yields is listed with its bits; float matrices are listed as False
+    for name, info in ck.tensor_infos.items():
+        if name.endswith(".scales"):
+            assert isinstance(ck.quantization[name[: -len(".scales")]], dict)
+
+
+def _gguf_names(path):
+    from gguf import GGUFReader
+
+    return [t.name for t in GGUFReader(path).tensors]
