@@ -5,7 +5,8 @@ reads the launch (grid, threadgroup, buffer sizes) from argv and the buffers fro
 flush against an inaccessible region (any access past the end faults) behind a band of guard bytes (input
 guards read as NaN; output guards are checked afterwards); fills outputs with NaN first, so unwritten
 elements show; poisons threadgroup memory with NaN before each threadgroup; runs each threadgroup's threads
-as fibers (32-lane SIMD-groups, lanes scheduled in order, each until it blocks); writes outputs to stdout.
+as fibers (32-lane SIMD-groups; each pass runs every runnable thread, first-to-last or last-to-first,
+until it blocks); writes outputs to stdout.
 Binaries are cached by a hash of their full source under the test cache directory.
 """
 
@@ -99,7 +100,10 @@ void entry() {
   mlxe_emu::SimdGroup& g = group->groups[f.simdgroup];
   g.live--;
   if (g.arrived > 0 && g.arrived == g.live) mlxe_emu::release_simdgroup(group, f.simdgroup);
-  if (group->at_barrier > 0 && group->at_barrier == group->live) mlxe_emu::release_barrier(group);
+  if (group->at_barrier > 0) {
+    std::fprintf(stderr, "emulator: a thread returned while others wait at threadgroup_barrier\n");
+    std::exit(5);
+  }
 }
 
 // Each buffer ends flush against an inaccessible region (reads or writes past the end fault at once) and
@@ -164,6 +168,9 @@ int main(int argc, char** argv) {
     if (!read_all(out_buf[i], out_len[i])) { std::fprintf(stderr, "emulator: short stdin\n"); return @EXIT_USAGE@; }
   }
 
+  // MLXE_EMU_SCHEDULE=reverse runs threads last-to-first in every pass (exposes order-dependent races).
+  const char* schedule = std::getenv("MLXE_EMU_SCHEDULE");
+  const bool reverse = schedule && std::strcmp(schedule, "reverse") == 0;
   const size_t STACK = 128 * 1024;
   const uint max_threads = tg.x * tg.y * tg.z;
   std::vector<std::vector<char>> stacks(max_threads, std::vector<char>(STACK));
@@ -190,6 +197,7 @@ int main(int argc, char** argv) {
     group.fibers.assign(nthreads, mlxe_emu::Fiber());
     group.groups.assign((nthreads + 31) / 32, mlxe_emu::SimdGroup());
     group.live = (int)nthreads;
+    group.total = (int)nthreads;
     group.at_barrier = 0;
     for (uint i = 0; i < nthreads; i++) {
       mlxe_emu::Fiber& f = group.fibers[i];
@@ -204,7 +212,8 @@ int main(int argc, char** argv) {
     }
     while (group.live > 0) {
       bool progressed = false;
-      for (uint i = 0; i < nthreads; i++) {
+      for (uint step = 0; step < nthreads; step++) {
+        const uint i = reverse ? nthreads - 1 - step : step;
         mlxe_emu::Fiber& f = group.fibers[i];
         if (f.done || f.waiting) continue;
         group.current = (int)i;
@@ -293,8 +302,15 @@ def compile_program(source: str) -> Path:
     return binary
 
 
-def run_binary(binary: Path, grid, threadgroup, inputs: list, outputs: list) -> list[bytes]:
-    """inputs: (bytes, shape, strides) per input; outputs: initial bytes per output. Returns output bytes."""
+SCHEDULES = ("forward", "reverse")
+
+
+def run_binary(binary: Path, grid, threadgroup, inputs: list, outputs: list, schedule: str = "forward") -> list[bytes]:
+    """inputs: (bytes, shape, strides) per input; outputs: initial bytes per output. Returns output bytes.
+
+    schedule: "forward" runs each threadgroup's threads first-to-last in every pass, "reverse" last-to-first.
+    """
+    assert schedule in SCHEDULES
     argv = [str(binary), *map(str, grid), *map(str, threadgroup)]
     blob = []
     for data, shape, strides in inputs:
@@ -303,7 +319,8 @@ def run_binary(binary: Path, grid, threadgroup, inputs: list, outputs: list) -> 
     for data in outputs:
         argv.append(str(len(data)))
         blob.append(data)
-    proc = subprocess.run(argv, input=b"".join(blob), capture_output=True, timeout=120)
+    env = {**os.environ, "MLXE_EMU_SCHEDULE": schedule}
+    proc = subprocess.run(argv, input=b"".join(blob), capture_output=True, timeout=120, env=env)
     if proc.returncode < 0 and -proc.returncode in (signal.SIGSEGV, signal.SIGBUS):
         raise EmulatorError("emulated kernel touched memory outside its buffers (fault on a guard region)")
     if proc.returncode != 0:

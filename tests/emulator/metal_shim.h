@@ -68,6 +68,7 @@ struct Threadgroup {
   std::vector<Fiber> fibers;
   std::vector<SimdGroup> groups;
   int live = 0;
+  int total = 0;
   int at_barrier = 0;
   int current = -1;
   ucontext_t scheduler;
@@ -132,6 +133,10 @@ inline float simd_sum(float v) {
 inline void threadgroup_barrier(mem_flags) {
   using namespace mlxe_emu;
   Threadgroup* tg = active();
+  if (tg->live < tg->total) {
+    std::fprintf(stderr, "emulator: threadgroup_barrier reached after some threads of the threadgroup returned\n");
+    std::exit(5);
+  }
   tg->at_barrier++;
   if (tg->at_barrier == tg->live) {
     release_barrier(tg);

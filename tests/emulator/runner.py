@@ -59,7 +59,8 @@ class EmulatorRunner:
 
     device_key = "emulator"
 
-    def __init__(self):
+    def __init__(self, schedule: str = "forward"):
+        self.schedule = schedule  # "forward" or "reverse": the order threads run in each scheduling pass
         self.calls = []  # (kernel name, template) per launch, for tests that check routing
 
     def available(self) -> bool:
@@ -86,6 +87,6 @@ class EmulatorRunner:
                 acc *= d
             packed.append((_to_bytes(a), tuple(a.shape), tuple(strides)))
         initial = [_filled(s, dt, init_value) for s, dt in zip(output_shapes, output_dtypes)]
-        raw = harness.run_binary(binary, grid, threadgroup, packed, initial)
+        raw = harness.run_binary(binary, grid, threadgroup, packed, initial, self.schedule)
         self.calls.append((kernel.name, tuple(template or [])))
         return [_from_bytes(r, tuple(s), dt) for r, s, dt in zip(raw, output_shapes, output_dtypes)]
