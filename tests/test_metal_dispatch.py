@@ -8,6 +8,7 @@ kernel runner, `custom` routes decode shapes through the custom kernels (prefill
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -32,7 +33,7 @@ def up_weights():
 
 
 @pytest.fixture
-def emulated(monkeypatch):
+def emulated():
     """Install the emulator as the kernel runner (restored afterwards)."""
     runner = EmulatorRunner()
     previous = dispatch.set_kernel_runner(runner)
@@ -57,6 +58,18 @@ def selector(tmp_path):
     dispatch.set_selector(previous)
 
 
+class _no_warning:
+    """Turn any warning into an error inside the block."""
+
+    def __enter__(self):
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.simplefilter("error")
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
 def builtin(x, w, s, b):
     return mx.quantized_matmul(x, w, s, b, transpose=True, group_size=GROUP, bits=BITS)
 
@@ -78,17 +91,6 @@ def test_without_metal_every_mode_is_the_builtin_and_never_raises(monkeypatch, w
     h = dispatch.gated_mlp(x, weights, up_weights, group_size=GROUP, bits=BITS)
     g, u = builtin(x, *weights), builtin(x, *up_weights)
     np.testing.assert_allclose(np.array(h), np.array(g * mx.sigmoid(g) * u), rtol=1e-5, atol=1e-5)
-
-
-class _no_warning:
-    def __enter__(self):
-        import warnings
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
-        warnings.simplefilter("error")
-
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
 
 
 def test_kernel_mode_reads_the_environment(monkeypatch):

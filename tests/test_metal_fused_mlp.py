@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
-import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 
