@@ -114,12 +114,12 @@ def _read(path: Path):
     if magic != GGUF_MAGIC:
         raise SourceError(f"{path} is not a GGUF file (starts with {magic!r}, expected b'GGUF'); "
                           "pass a .gguf model file")
+    size = os.path.getsize(path)
     try:
         reader = GGUFReader(path, "r")
     except Exception as exc:  # the reader raises IndexError/ValueError on short or damaged headers
-        raise SourceError(f"{path} is truncated or corrupt ({type(exc).__name__}: {exc}); "
-                          "download the file again") from None
-    size = os.path.getsize(path)
+        raise SourceError(f"{path} is truncated or corrupt: its header or tensor table does not fit in its "
+                          f"{size} bytes; download the file again") from exc
     for t in reader.tensors:
         end = int(t.data_offset) + int(t.n_bytes)
         if end > size:
