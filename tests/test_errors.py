@@ -110,3 +110,9 @@ def test_failed_convert_leaves_nothing_behind(good, tmp_path):
     with pytest.raises(MlxedgeError):  # the tiny model has no tokenizer: the write fails at the last step
         mlxedge.convert(good, dest, bits=4)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_unreachable_hub_repo_is_one_line():
+    with pytest.raises(SourceError) as e:  # no such repo online, and no network here: either way one line
+        mlxedge.load("mlxedge-tests/no-such-model-exists-here")
+    assert "could not be fetched" in _one_line(e) or "not installed" in str(e.value)

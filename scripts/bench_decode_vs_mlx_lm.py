@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""Decode speed of mlxedge vs mlx-lm on the same model and bits, run side by side, reported as ratios.
+
+For each precision (bf16, 8-bit, 4-bit): mlx-lm loads its own `convert`ed copy of the checkpoint and decodes
+with its stream_generate; mlxedge loads the source and quantizes while loading. Runs are interleaved
+(ours, theirs, ours, ...) so machine load affects both alike; the same greedy prompt and token count are
+used, and decode tok/s is measured the same way for both: tokens after the first / time after the first.
+
+    python scripts/bench_decode_vs_mlx_lm.py [MODEL_DIR] [--tokens 128] [--reps 5]
+
+MODEL_DIR defaults to an fp32 HF checkpoint of SmolLM2-135M-Instruct built from the default model's GGUF.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+import mlxedge
+
+PROMPT = "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle."
+
+
+def decode_rate(token_stream) -> tuple[float, int]:
+    first = last = None
+    n = 0
+    for _ in token_stream:
+        now = time.perf_counter()
+        first = first or now
+        last = now
+        n += 1
+    return ((n - 1) / (last - first) if n > 1 else 0.0), n
+
+
+def ours_stream(model, max_tokens):
+    for event in model.stream(PROMPT, max_tokens=max_tokens, raw=True):
+        if event.token is not None:
+            yield event.token
+
+
+def mlx_lm_stream(model, tokenizer, max_tokens):
+    from mlx_lm import stream_generate
+
+    for response in stream_generate(model, tokenizer, PROMPT, max_tokens=max_tokens):
+        yield response.token
+
+
+def default_model_dir() -> Path:
+    """An fp32 HF checkpoint of the default model (built once from its GGUF with transformers)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mlxedge.sources.registry import cache_dir, resolve_alias
+
+    target = cache_dir() / "bench" / "smollm2-hf-fp32"
+    if not (target / "config.json").exists():
+        gguf = resolve_alias("smollm2")
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+    return target
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", nargs="?")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--bits", default="16,8,4")
+    parser.add_argument("--group-size", type=int, default=64)
+    args = parser.parse_args()
+    from mlx_lm import convert as mlx_lm_convert
+    from mlx_lm import load as mlx_lm_load
+
+    source = Path(args.model) if args.model else default_model_dir()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for bits in [int(b) for b in args.bits.split(",")]:
+            quantize = bits != 16
+            theirs_dir = Path(tmp) / f"mlx-lm-{bits}"
+            mlx_lm_convert(str(source), mlx_path=str(theirs_dir), quantize=quantize, q_bits=bits if quantize else 4,
+                           q_group_size=args.group_size, dtype="bfloat16")
+            theirs, their_tokenizer = mlx_lm_load(str(theirs_dir))
+            ours = mlxedge.load(source, bits=bits if quantize else None, group_size=args.group_size,
+                                dtype="bfloat16")
+            decode_rate(ours_stream(ours, 8))  # warm-up both
+            decode_rate(mlx_lm_stream(theirs, their_tokenizer, 8))
+            ours_rates, their_rates = [], []
+            for _ in range(args.reps):
+                rate, n_ours = decode_rate(ours_stream(ours, args.tokens))
+                ours_rates.append(rate)
+                rate, n_theirs = decode_rate(mlx_lm_stream(theirs, their_tokenizer, args.tokens))
+                their_rates.append(rate)
+            label = "bf16" if not quantize else f"{bits}-bit g{args.group_size}"
+            ratios = [a / b for a, b in zip(ours_rates, their_rates)]
+            rows.append((label, statistics.median(ours_rates), statistics.median(their_rates),
+                         statistics.median(ratios), min(ratios), n_ours, n_theirs))
+            del ours, theirs
+            mx.clear_cache()
+    print(f"model: {source}  tokens: {args.tokens}  reps: {args.reps}  device: {mx.default_device()}")
+    print("| precision | mlxedge tok/s | mlx-lm tok/s | ratio (median of paired) | min ratio | tokens ours/theirs |")
+    print("|---|---|---|---|---|---|")
+    for label, o, t, r, rmin, no, nt in rows:
+        print(f"| {label} | {o:.1f} | {t:.1f} | {r:.3f} | {rmin:.3f} | {no}/{nt} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
