@@ -7,8 +7,11 @@ kernel runner, `custom` routes decode shapes through the custom kernels (prefill
 
 from __future__ import annotations
 
+import ast
 import json
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +21,7 @@ import mlx.core as mx
 from emulator.cases import quantized_weight
 from emulator.runner import EmulatorRunner
 from mlxedge.metal import dispatch, kernels, selection
+from mlxedge.metal.runner import MetalRunner
 
 GROUP, BITS = 64, 4
 
@@ -208,3 +212,24 @@ def test_measure_compares_outputs_before_timing():
     assert selection.measure(lambda: a, lambda: a, repetitions=1)["agree"] is True
     assert selection.measure(lambda: a * 2, lambda: a, repetitions=1)["agree"] is False
     assert selection.measure(lambda: a * float("nan"), lambda: a, repetitions=1)["agree"] is False
+
+
+def test_metal_runner_builds_each_kernel_once_and_reports_no_metal_here():
+    runner = MetalRunner()
+    assert runner.build(kernels.QMV) is runner.build(kernels.QMV)
+    assert runner.build(kernels.GATE_UP) is not runner.build(kernels.QMV)
+    assert runner.available() is False
+
+
+def test_metal_package_imports_only_mlx_and_the_standard_library():
+    package = Path(dispatch.__file__).parent
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                roots = [node.module.split(".")[0]]
+            elif isinstance(node, ast.Import):
+                roots = [a.name.split(".")[0] for a in node.names]
+            else:
+                continue
+            for root in roots:
+                assert root == "mlx" or root in sys.stdlib_module_names, f"{path.name} imports {root}"
