@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from .configs import model_classes, normalize_config
 from .errors import MlxedgeError, SourceError, UnsupportedError
@@ -103,13 +103,7 @@ def _replace_with_quantized(model: nn.Module, modules: dict, targets: dict, dtyp
             out_dims, in_dims = module.weight.shape
             new = QuantizedLinear(in_dims, out_dims, "bias" in module, spec, dtype)
         replacements.append((path, new))
-    model.update_modules(_unflatten_modules(replacements))
-
-
-def _unflatten_modules(pairs):
-    from mlx.utils import tree_unflatten
-
-    return tree_unflatten(pairs)
+    model.update_modules(tree_unflatten(replacements))
 
 
 def _set_param(model: nn.Module, name: str, value: mx.array) -> None:

@@ -69,6 +69,20 @@ def load_tokenizer_from_dir(path: Path):
                           "add tokenizer.json / tokenizer_config.json to the checkpoint.") from None
 
 
+def _eos_ids(config: dict, path: Path) -> list:
+    """EOS ids from config.json and generation_config.json (Llama 3 lists its end-of-turn id only there)."""
+    ids = []
+    sources = [config.get("eos_token_id")]
+    generation_config = path / "generation_config.json"
+    if generation_config.exists():
+        sources.append(_read_json(generation_config).get("eos_token_id"))
+    for value in sources:
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, int) and v not in ids:
+                ids.append(v)
+    return ids
+
+
 def open_hf_dir(path: Path, source: str) -> Checkpoint:
     """Open a checkpoint directory: read config and tensor headers, nothing else."""
     config_path = path / "config.json"
@@ -78,13 +92,11 @@ def open_hf_dir(path: Path, source: str) -> Checkpoint:
     config = _read_json(config_path)
     if "model_type" not in config:
         raise SourceError(f"{config_path} has no model_type; is this a transformers model config?")
+    config["eos_token_id"] = _eos_ids(config, path)
     files = weight_files(path)
     tensor_infos = {}
-    file_of = {}
     for file in files:
-        for name, info in read_header(file).items():
-            tensor_infos[name] = info
-            file_of[name] = file
+        tensor_infos.update(read_header(file))
 
     def iter_tensors():
         for file in files:
