@@ -233,3 +233,20 @@ def test_metal_package_imports_only_mlx_and_the_standard_library():
                 continue
             for root in roots:
                 assert root == "mlx" or root in sys.stdlib_module_names, f"{path.name} imports {root}"
+
+
+def test_bench_says_there_is_no_metal_and_measures_nothing(capsys):
+    from mlxedge.metal import bench
+
+    assert bench.main([]) == 0
+    assert "No Metal" in capsys.readouterr().out
+
+
+def test_bench_rows_compare_both_paths(monkeypatch, emulated):
+    from mlxedge.metal import bench
+
+    monkeypatch.setattr(bench, "SHAPES", (("tiny q", 16, 128), ("tiny gate/up", 16, 128)))
+    results = bench.bench_rows(4, 64, 2, mx.float32)
+    assert [label for label, *_ in results] == ["tiny q", "tiny gate/up"]
+    assert all(r["agree"] for _, _, _, r, _ in results)
+    assert {name for name, _ in emulated.calls} == {kernels.QMV.name, kernels.GATE_UP.name}
