@@ -250,3 +250,12 @@ def test_bench_rows_compare_both_paths(monkeypatch, emulated):
     assert [label for label, *_ in results] == ["tiny q", "tiny gate/up"]
     assert all(r["agree"] for _, _, _, r, _ in results)
     assert {name for name, _ in emulated.calls} == {kernels.QMV.name, kernels.GATE_UP.name}
+
+
+def test_emulator_runner_takes_the_same_call_as_the_metal_runner():
+    import inspect
+
+    def keywords(fn):
+        return [p.name for p in inspect.signature(fn).parameters.values() if p.kind == p.KEYWORD_ONLY]
+
+    assert keywords(EmulatorRunner.__call__) == keywords(MetalRunner.__call__)
