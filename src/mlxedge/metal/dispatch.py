@@ -103,7 +103,8 @@ def _selection_key(op: str, x: mx.array, w: mx.array, group_size: int, bits: int
 def choose_kernel(op: str, x: mx.array, quantized: list, *, group_size: int, bits: int, builtin_fn=None) -> str:
     """'custom' or 'builtin' for one call of `op` ('qmv' or 'gate_up'); never raises for lack of Metal.
 
-    builtin_fn() -> array is only needed in auto mode, to measure the built-in side on first sight.
+    builtin_fn(x) -> array computes the built-in side; auto mode needs it to measure a shape on first sight
+    (without it, auto only reads verdicts already measured).
     """
     mode = kernel_mode()
     if mode == BUILTIN or not _supported(x, quantized, group_size, bits):
@@ -117,6 +118,8 @@ def choose_kernel(op: str, x: mx.array, quantized: list, *, group_size: int, bit
         return CUSTOM
     kernel = kernels.QMV if op == "qmv" else kernels.GATE_UP
     key = _selection_key(op, x, quantized[0][0], group_size, bits)
+    if builtin_fn is None:
+        return CUSTOM if _get_selector().lookup(_runner.device_key, key) else BUILTIN
     probe = []  # random activations of this shape, made only if a measurement runs
 
     def probe_x():
