@@ -74,6 +74,30 @@ def permute_for_llama_cpp(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def byte_vocab() -> list:
+    """GPT-2's byte-level alphabet: one printable character per byte value, in byte order."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1)) + \
+        list(range(ord("\u00ae"), ord("\u00ff") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return [table[b] for b in range(256)]
+
+
+def add_byte_tokenizer(w) -> None:
+    """A 256-token byte-level BPE (no merges) in GGUF tokenizer metadata, enough for transformers to build it."""
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(byte_vocab())
+    w.add_token_types([1] * 256)
+    w.add_token_scores([0.0] * 256)
+    w.add_token_merges([])
+
+
 def write_gguf(model, path: Path, types: Dict[str, str], arch: str | None = None) -> Path:
     """Write `model` as a GGUF with llama.cpp's naming and layout; `types` maps name fragments to block types."""
     import gguf
@@ -96,6 +120,7 @@ def write_gguf(model, path: Path, types: Dict[str, str], arch: str | None = None
     rope = rope.get("full_attention", rope)  # gemma3: global layers carry the file's rope theta
     w.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
     w.add_vocab_size(cfg.vocab_size)
+    add_byte_tokenizer(w)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_pad_token_id(0)

@@ -104,3 +104,23 @@ def _gguf_names(path):
     from gguf import GGUFReader
 
     return [t.name for t in GGUFReader(path).tensors]
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_convert_writes_what_mlx_lm_loads_identically(built, model_type, tmp_path):
+    """mlxedge.convert(gguf) keeps the exact GGUF triplets; mlx-lm's own loader reads the result identically."""
+    import json
+
+    import mlx.core as mx
+    from mlx_lm import load as mlx_lm_load
+
+    _, path, _ = built[model_type]
+    ids = _ids(2)
+    want = mlxedge.load(str(path), dtype="float32").logits(ids)
+    out = tmp_path / "converted"
+    mlxedge.convert(str(path), out, bits=None, dtype="float32")
+    quantization = json.loads((out / "config.json").read_text())["quantization"]
+    assert quantization["group_size"] == 32
+    model, _ = mlx_lm_load(str(out))
+    got = np.array(model(mx.array([ids]))[0].astype(mx.float32))
+    np.testing.assert_array_equal(got, want)
