@@ -41,14 +41,14 @@ _GEMMA3_LAYER = {"post_attention_layernorm": "post_attention_norm", "pre_feedfor
 _GLOBAL = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 
 
-def tiny_model(model_type: str, seed: int = 0):
+def tiny_model(model_type: str, seed: int = 0, **overrides):
     """A small random transformers causal LM (hidden 64, 2 layers unless overridden), weights at a sane scale."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
-    cfg = AutoConfig.for_model(model_type, **{**common, **TINY[model_type]["config"]})
+    cfg = AutoConfig.for_model(model_type, **{**common, **TINY[model_type]["config"], **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():
@@ -72,6 +72,59 @@ def gguf_name(model_type: str, hf: str) -> str:
 def permute_for_llama_cpp(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's permute: within each head, rows [first half; second half] -> interleaved pairs."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _k_scales_pack(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K's 12 bytes from 8 six-bit scales and 8 six-bit mins per super-block."""
+    lo = (sc[:, :4] & 63) | ((sc[:, 4:] >> 4) << 6)
+    mid = (mn[:, :4] & 63) | ((mn[:, 4:] >> 4) << 6)
+    hi = (sc[:, 4:] & 15) | ((mn[:, 4:] & 15) << 4)
+    return np.concatenate([lo, mid, hi], axis=1).astype(np.uint8)
+
+
+def _f16_bytes(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float16).reshape(-1, 1).view(np.uint8)
+
+
+def quantize_k(w: np.ndarray, qtype: str) -> np.ndarray:
+    """A plain encoder for Q4_K, Q5_K and Q6_K (gguf-py has none): min/max per sub-block, no search.
+
+    Layouts follow ggml's block_q4_K / block_q5_K / block_q6_K; the result is checked against gguf's
+    dequantizer in the tests, so a layout mistake here cannot pass silently.
+    """
+    rows, cols = w.shape
+    if qtype in ("Q4_K", "Q5_K"):
+        levels = 15 if qtype == "Q4_K" else 31
+        x = w.astype(np.float32).reshape(-1, 8, 32)
+        lo = np.minimum(x.min(-1), 0.0)
+        scale, mins = (x.max(-1) - lo) / levels, -lo
+        d = (scale.max(-1, keepdims=True) / 63).astype(np.float16).astype(np.float32)
+        dmin = (mins.max(-1, keepdims=True) / 63).astype(np.float16).astype(np.float32)
+        sc = np.clip(np.rint(scale / np.where(d == 0, 1, d)), 0, 63).astype(np.uint8)
+        mn = np.clip(np.rint(mins / np.where(dmin == 0, 1, dmin)), 0, 63).astype(np.uint8)
+        step, offset = d * sc, dmin * mn
+        q = np.clip(np.rint((x + offset[..., None]) / np.where(step == 0, 1, step)[..., None]), 0, levels)
+        q = q.astype(np.uint8)  # [n, 8 sub-blocks, 32]
+        low = (q[:, 0::2] & 15) | ((q[:, 1::2] & 15) << 4)  # chunk c: sub-block 2c low, 2c+1 high
+        parts = [_f16_bytes(d), _f16_bytes(dmin), _k_scales_pack(sc, mn)]
+        if qtype == "Q5_K":
+            high = ((q >> 4) & 1) << np.arange(8, dtype=np.uint8)[None, :, None]
+            parts.append(high.sum(axis=1).astype(np.uint8))
+        parts.append(low.reshape(-1, 128))
+    elif qtype == "Q6_K":
+        x = w.astype(np.float32).reshape(-1, 16, 16)
+        s = np.abs(x).max(-1) / 31
+        d = (s.max(-1, keepdims=True) / 127).astype(np.float16).astype(np.float32)
+        sc = np.clip(np.rint(s / np.where(d == 0, 1, d)), -128, 127).astype(np.int8)
+        step = d * sc
+        q = np.clip(np.rint(x / np.where(step == 0, 1, step)[..., None]) + 32, 0, 63).astype(np.uint8)
+        q = q.reshape(-1, 2, 128)  # two halves of 128
+        ql = (q[:, :, :64] & 15) | ((q[:, :, 64:] & 15) << 4)
+        qh = sum(((q[:, :, 32 * k:32 * k + 32] >> 4) & 3) << (2 * k) for k in range(4))
+        parts = [ql.reshape(-1, 128), qh.reshape(-1, 64).astype(np.uint8), sc.view(np.uint8), _f16_bytes(d)]
+    else:
+        raise ValueError(qtype)
+    return np.concatenate(parts, axis=1).reshape(rows, -1)
 
 
 def byte_vocab() -> list:
@@ -147,7 +200,9 @@ def write_gguf(model, path: Path, types: Dict[str, str], arch: str | None = None
         qtype = T.F32
         if data.ndim == 2:
             qtype = T[next((t for frag, t in types.items() if frag in hf), "F32")]
-        if qtype == T.F32:
+        if qtype.name in ("Q4_K", "Q5_K", "Q6_K"):
+            w.add_tensor(gguf_name(model_type, hf), quantize_k(data, qtype.name), raw_dtype=qtype)
+        elif qtype == T.F32:
             w.add_tensor(gguf_name(model_type, hf), data)
         elif qtype == T.F16:
             w.add_tensor(gguf_name(model_type, hf), data.astype(np.float16))

@@ -124,3 +124,43 @@ def test_convert_writes_what_mlx_lm_loads_identically(built, model_type, tmp_pat
     model, _ = mlx_lm_load(str(out))
     got = np.array(model(mx.array([ids]))[0].astype(mx.float32))
     np.testing.assert_array_equal(got, want)
+
+
+K_TYPES = {"self_attn": "Q4_K", "down_proj": "Q6_K", "mlp": "Q5_K", "embed_tokens": "Q6_K", "lm_head": "Q4_K"}
+
+
+def test_k_quant_encoder_agrees_with_gguf_dequantizer():
+    """The test's own Q4_K/Q5_K/Q6_K encoder writes blocks gguf decodes to the encoded values (checks the helper)."""
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import dequantize
+    from gguf_tiny import quantize_k
+
+    w = np.random.default_rng(0).standard_normal((8, 512)).astype(np.float32) * 0.1
+    for name, tolerance in (("Q4_K", 0.03), ("Q5_K", 0.015), ("Q6_K", 0.008)):
+        back = dequantize(quantize_k(w, name), T[name])
+        assert np.abs(back - w).max() < tolerance, name
+
+
+def test_k_quant_llama_matches_transformers_gguf_loader(tmp_path):
+    """Q4_K/Q5_K exact, Q6_K (embedding, down_proj) requantized to 8-bit: close to transformers, deviation reported."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("llama", hidden_size=256, intermediate_size=512, head_dim=64)
+    path = write_gguf(model, tmp_path / "tiny-k.gguf", K_TYPES)
+    ids = _ids(3)
+    ours = mlxedge.load(str(path), dtype="float32")
+    got = ours.logits(ids)
+    reference = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32)
+    want = _torch_logits(reference, ids)
+    delta = np.abs(got - want).max()
+    assert delta <= 0.02 * np.abs(want).max()
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+    report = ours.info["gguf"]["block_types"]
+    assert report["Q4_K"]["exact"] == report["Q4_K"]["tensors"] == 9  # 4 attention x 2 layers + lm_head
+    assert report["Q5_K"]["exact"] == report["Q5_K"]["tensors"] == 4
+    assert report["Q6_K"]["tensors"] == 3 and report["Q6_K"]["exact"] == 0
+    deviation = report["Q6_K"]["max_abs_deviation"]
+    print(f"K-quant llama vs transformers: max |dlogit| {delta:.2e}, Q6_K max deviation {deviation:.2e}")
+    assert 0.0 < deviation < 2e-3  # weights ~N(0, 0.08): about half an 8-bit step of a group's range
+    assert report["Q6_K"]["mapping"] == "requantized affine 8-bit g32"
