@@ -1,7 +1,7 @@
 """A decode step of a small model through the emulated custom kernels gives the built-in path's logits.
 
 The model comes from `mlxedge.load` (a tiny random Llama saved by transformers, quantized while loading);
-its MLPs are fused with `fuse_gated_mlps`; MLXEDGE_KERNELS=custom and the emulator installed as the kernel
+its MLPs are fused by the loader (`fuse_gated_mlps`); MLXEDGE_KERNELS=custom and the emulator installed as the kernel
 runner send every quantized matmul of the prefill (6 rows) and of the decode step (1 row) through
 `mlxedge.metal.dispatch` into the emulated Metal kernels, the gate and up projections into the fused one.
 Both the prefill logits and the decode step's are compared with the built-in path's.
@@ -46,7 +46,8 @@ def test_decode_step_through_custom_and_fused_kernels_matches_builtin(tmp_path, 
                                                                       dtype, overrides, tolerance):
     directory = build_tiny("llama", tmp_path / "llama", **overrides)
     model = mlxedge.load(directory, bits=bits, group_size=group_size, dtype=dtype)
-    assert fuse_gated_mlps(model.module) == 2
+    assert model.info["fused_mlps"] == 2  # the loader fused both layers' MLPs
+    assert fuse_gated_mlps(model.module) == 0  # and nothing is left to fuse
 
     monkeypatch.setenv("MLXEDGE_KERNELS", "builtin")
     builtin_prefill, builtin_step = prefill_and_step(model)

@@ -37,6 +37,7 @@ def model_info(checkpoint, loaded) -> dict:
         "quantized_modules": len(loaded.quantized),
         "unquantized_modules": list(loaded.unquantized),
         "context_length": loaded.config.get("max_position_embeddings"),
+        **loaded.extra,
     }
     info.update(checkpoint.info)
     return info
