@@ -151,7 +151,27 @@ def add_byte_tokenizer(w) -> None:
     w.add_token_merges([])
 
 
-def write_gguf(model, path: Path, types: Dict[str, str], arch: str | None = None) -> Path:
+def llama_cpp_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
+    """The rope_freqs tensor llama.cpp's converter writes for Llama 3.1-style scaling, frequency by frequency."""
+    import math
+
+    base, factor = rope["rope_theta"], rope["factor"]
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    context = rope.get("original_max_position_embeddings", 8192)
+    out = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * base ** (i / head_dim)
+        if wavelen < context / high:
+            out.append(1.0)
+        elif wavelen > context / low:
+            out.append(factor)
+        else:
+            smooth = (context / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def write_gguf(model, path: Path, types: Dict[str, str], arch: str | None = None, llama3_rope: bool = True) -> Path:
     """Write `model` as a GGUF with llama.cpp's naming and layout; `types` maps name fragments to block types."""
     import gguf
     from gguf import GGMLQuantizationType as T
@@ -186,6 +206,9 @@ def write_gguf(model, path: Path, types: Dict[str, str], arch: str | None = None
         w.add_sliding_window(cfg.sliding_window)
     if model_type == "phi3":
         w.add_uint32("phi3.rope.scaling.original_context_length", cfg.max_position_embeddings)
+
+    if model_type == "llama" and rope.get("rope_type") == "llama3" and llama3_rope:
+        w.add_tensor("rope_freqs.weight", llama_cpp_rope_factors(rope, head_dim))
 
     tied = getattr(cfg, "tie_word_embeddings", False)
     for hf, tensor in model.state_dict().items():

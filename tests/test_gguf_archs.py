@@ -164,3 +164,18 @@ def test_k_quant_llama_matches_transformers_gguf_loader(tmp_path):
     print(f"K-quant llama vs transformers: max |dlogit| {delta:.2e}, Q6_K max deviation {deviation:.2e}")
     assert 0.0 < deviation < 2e-3  # weights ~N(0, 0.08): about half an 8-bit step of a group's range
     assert report["Q6_K"]["mapping"] == "requantized affine 8-bit g32"
+
+
+def test_llama3_rope_scaling_recovered_from_rope_freqs(tmp_path):
+    """Llama 3.1-style rope scaling survives only as llama.cpp's rope_freqs tensor; positions must still match."""
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    model = tiny_model("llama", rope_parameters=rope)
+    path = write_gguf(model, tmp_path / "llama3.gguf", {})
+    ours = mlxedge.load(str(path), dtype="float32")
+    ids = _ids(4)
+    want = _torch_logits(model, ids)
+    assert np.abs(ours.logits(ids) - want).max() <= 1e-4
+    # the same weights without the rope_freqs tensor drift away, so the check above has teeth
+    plain = write_gguf(model, tmp_path / "plain.gguf", {}, llama3_rope=False)
+    assert np.abs(mlxedge.load(str(plain), dtype="float32").logits(ids) - want).max() > 1e-3

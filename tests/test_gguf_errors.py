@@ -8,13 +8,35 @@ import pytest
 import mlxedge
 from mlxedge.errors import SourceError, UnsupportedError
 from mlxedge.sources.gguf import open_gguf
-from gguf_tiny import tiny_model, write_gguf
+from gguf_tiny import add_byte_tokenizer, tiny_model, write_gguf
 
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
     path = tmp_path_factory.mktemp("good") / "tiny.gguf"
     return write_gguf(tiny_model("llama"), path, {"self_attn": "Q4_0"})
+
+
+def _rewrite(src, dst, replace=None, keep_tokenizer=True):
+    """Copy a llama GGUF's llama.* metadata and tensors to dst; replace(name, tensor) may return (data, type)."""
+    import gguf
+
+    reader = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(str(dst), "llama")
+    for key, field in reader.fields.items():
+        if key.startswith("llama."):
+            value = field.contents()
+            w.add_float32(key, value) if isinstance(value, float) else w.add_uint32(key, int(value))
+    if keep_tokenizer:
+        add_byte_tokenizer(w)
+    for t in reader.tensors:
+        data, qtype = (replace(t.name, t) if replace else None) or (np.asarray(t.data), t.tensor_type)
+        w.add_tensor(t.name, data, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
 
 
 def _one_line(exc_info) -> str:
@@ -63,29 +85,14 @@ def test_unknown_architecture(tmp_path):
 
 
 def test_unsupported_block_type_names_the_tensor(tmp_path, good):
-    import gguf
     from gguf import GGMLQuantizationType as T
 
-    reader = gguf.GGUFReader(good)
-    path = tmp_path / "iq.gguf"
-    w = gguf.GGUFWriter(str(path), "llama")
-    for key, field in reader.fields.items():
-        if key.startswith("llama."):
-            value = field.contents()
-            if isinstance(value, float):
-                w.add_float32(key, value)
-            else:
-                w.add_uint32(key, int(value))
-    for t in reader.tensors:
-        if t.name == "blk.1.ffn_down.weight":  # rows of 128 -> 4 IQ4_NL blocks of 18 bytes
-            rows = t.data.shape[0]
-            w.add_tensor(t.name, np.zeros((rows, 4 * 18), dtype=np.uint8), raw_dtype=T.IQ4_NL)
-        else:
-            w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    def iq4(name, t):
+        if name == "blk.1.ffn_down.weight":  # rows of 128 -> 4 IQ4_NL blocks of 18 bytes
+            return np.zeros((t.data.shape[0], 4 * 18), dtype=np.uint8), T.IQ4_NL
+        return None
+
+    path = _rewrite(good, tmp_path / "iq.gguf", iq4)
     with pytest.raises(UnsupportedError) as e:
         mlxedge.load(str(path))
     message = _one_line(e)
@@ -96,3 +103,11 @@ def test_missing_file(tmp_path):
     with pytest.raises(SourceError) as e:
         open_gguf(tmp_path / "absent.gguf", "absent.gguf")
     assert "not found" in _one_line(e)
+
+
+def test_gguf_without_tokenizer_says_so(tmp_path, good):
+    path = _rewrite(good, tmp_path / "without.gguf", keep_tokenizer=False)
+    ck = open_gguf(path, str(path))  # the weights alone open fine
+    with pytest.raises(SourceError) as e:
+        ck.load_tokenizer()
+    assert "no tokenizer" in _one_line(e)

@@ -5,7 +5,9 @@ data one tensor at a time in `iter_tensors`. What this module undoes from llama.
   * tensor names (blk.N.attn_q -> model.layers.N.self_attn.q_proj, ...), per architecture;
   * llama's q/k row permutation for its rotary layout (rows are whole blocks, so quantized tensors
     are permuted without decoding);
-  * gemma3's `norm + 1` storage of RMSNorm weights.
+  * gemma3's `norm + 1` storage of RMSNorm weights;
+  * Llama 3.1-style rope scaling, which GGUF keeps only as a `rope_freqs` tensor of divisors
+    (recovered as mlx-lm's {"rope_type": "llama3", ...} and verified by regenerating the tensor).
 Block types go through `mlxedge.quant.gguf_blocks`: exact MLX affine triplets where the format allows,
 8-bit group-32 requantization for Q2_K/Q3_K/Q6_K (deviation reported in `info`), float as stored.
 """
@@ -151,6 +153,46 @@ def _rope_scaling(meta: _Meta, arch: str) -> Optional[dict]:
     return scaling
 
 
+def llama3_factors(theta: float, head_dim: int, factor: float, low: float, high: float, context: float) -> np.ndarray:
+    """Per-frequency rope divisors as llama.cpp writes them for Llama 3.1-style scaling (rope_freqs)."""
+    wavelen = 2 * np.pi * theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    smooth = (context / wavelen - low) / (high - low)
+    mid = 1.0 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < context / high, 1.0, np.where(wavelen > context / low, factor, mid))
+
+
+def llama3_rope_scaling(factors: np.ndarray, theta: float, head_dim: int) -> Optional[dict]:
+    """Recover mlx-lm's {"rope_type": "llama3", ...} from a rope_freqs tensor, verified by regenerating it.
+
+    GGUF keeps only the computed divisors. The largest is `factor`; the ones strictly between 1 and
+    `factor` lie on a line in 1/wavelength whose slope and intercept give the original context length
+    and high_freq_factor (low_freq_factor = 1, as in every Llama 3.x release).
+    """
+    if factors.shape != (head_dim // 2,):
+        raise UnsupportedError(f"rope_freqs has shape {factors.shape}, expected ({head_dim // 2},)")
+    factor = float(factors.max())
+    if abs(factor - 1.0) < 1e-6 and np.allclose(factors, 1.0):
+        return None
+    wavelen = 2 * np.pi * theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    low, high, context = 1.0, 4.0, 8192.0
+    mid = (factors > 1 + 1e-5) & (factors < factor * (1 - 1e-5))
+    if mid.sum() >= 2:
+        s = (1 / factors[mid] - 1 / factor) / (1 - 1 / factor)
+        slope, intercept = np.polyfit(1 / wavelen[mid], s, 1)  # s = context/(high-low)/wavelen - low/(high-low)
+        if intercept < 0:
+            high = low - low / intercept
+            context = float(np.round(slope * (high - low)))
+    # with fewer than two in-between divisors the line is underdetermined: try the usual settings too
+    candidates = [(high, context)] + [(h, c) for c in (8192, 4096, 16384, 32768, 2048, 131072) for h in (4.0, 2.0, 8.0)]
+    for high, context in candidates:
+        high = float(np.round(high, 4))
+        if np.allclose(llama3_factors(theta, head_dim, factor, low, high, context), factors, rtol=1e-3, atol=1e-4):
+            return {"rope_type": "llama3", "type": "llama3", "factor": factor, "low_freq_factor": low,
+                    "high_freq_factor": high, "original_max_position_embeddings": int(context)}
+    raise UnsupportedError("the rope_freqs tensor in this GGUF does not follow Llama 3 rope scaling; "
+                           "mlxedge cannot reproduce its positions")
+
+
 def _config(meta: _Meta, arch: str, tensors: Dict[str, Any], torch_dtype: str) -> dict:
     """Hugging Face style config dict from GGUF metadata (plus a few facts read off the tensor list)."""
     model_type, hf_class, default_theta = ARCHITECTURES[arch]
@@ -198,8 +240,10 @@ def _config(meta: _Meta, arch: str, tensors: Dict[str, Any], torch_dtype: str) -
         cfg["attention_bias"] = "blk.0.attn_q.bias" in tensors
         cfg["mlp_bias"] = "blk.0.ffn_down.bias" in tensors
         if "rope_freqs.weight" in tensors:
-            raise UnsupportedError("llama GGUFs with a rope_freqs tensor (Llama 3.1-style rope scaling) are not "
-                                   "supported yet; use the Hugging Face checkpoint instead")
+            factors = np.asarray(tensors["rope_freqs.weight"].data, dtype=np.float64)
+            scaling = llama3_rope_scaling(factors, cfg["rope_theta"], head_dim)
+            if scaling:
+                cfg["rope_scaling"] = scaling
     if arch == "gemma3":
         cfg["hidden_activation"] = "gelu_pytorch_tanh"
         cfg["sliding_window"] = int(meta.get("gemma3.attention.sliding_window", 512))
@@ -387,6 +431,9 @@ def open_gguf(path: Path, source: str) -> Checkpoint:
             yield from p.produce(block_types)
 
     def load_tokenizer():
+        if "tokenizer.ggml.tokens" not in reader.fields:
+            raise SourceError(f"{path.name} carries no tokenizer (no tokenizer.ggml.tokens metadata); "
+                              "use a GGUF exported with its tokenizer")
         try:
             from transformers import AutoTokenizer
 
