@@ -179,3 +179,21 @@ def test_llama3_rope_scaling_recovered_from_rope_freqs(tmp_path):
     # the same weights without the rope_freqs tensor drift away, so the check above has teeth
     plain = write_gguf(model, tmp_path / "plain.gguf", {}, llama3_rope=False)
     assert np.abs(mlxedge.load(str(plain), dtype="float32").logits(ids) - want).max() > 1e-3
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_array_blob_reader_agrees_with_stock_reader(built, model_type):
+    """The faster reader sees the same tensors (names, types, shapes, offsets, bytes) and scalar metadata."""
+    from gguf import GGUFReader, GGUFValueType
+
+    from mlxedge.sources.gguf import _reader_class
+
+    path = built[model_type][1]  # carries string arrays (vocabulary) and numeric ones (scores, types)
+    fast, stock = _reader_class()(path), GGUFReader(path)
+    assert [(t.name, int(t.tensor_type), t.shape.tolist(), int(t.data_offset), int(t.n_bytes)) for t in fast.tensors] == \
+        [(t.name, int(t.tensor_type), t.shape.tolist(), int(t.data_offset), int(t.n_bytes)) for t in stock.tensors]
+    assert fast.data_offset == stock.data_offset and list(fast.fields) == list(stock.fields)
+    for key, field in stock.fields.items():
+        if field.types[-1] != GGUFValueType.STRING or field.types[0] != GGUFValueType.ARRAY:
+            assert fast.fields[key].contents() == field.contents(), key
+    np.testing.assert_array_equal(fast.tensors[5].data, stock.tensors[5].data)

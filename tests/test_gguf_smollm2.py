@@ -86,3 +86,4 @@ def test_model_info_reports_block_types(model):
     report = model.info["gguf"]["block_types"]
     assert set(report) == {"Q4_1", "Q8_0", "F32"}
     assert all(entry["exact"] == entry["tensors"] for entry in report.values())
+

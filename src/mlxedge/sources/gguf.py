@@ -105,9 +105,43 @@ class _Meta:
         return default if value is None else value
 
 
+def _reader_class():
+    """gguf's GGUFReader, with metadata arrays read in one piece instead of element by element.
+
+    GGUFReader builds a numpy view per array element: for a 49k-token vocabulary and its merges that is
+    about 100k objects and 4-7 s per open. mlxedge reads no string array itself (transformers builds the
+    tokenizer from the file on its own), so string arrays are kept as one raw blob (their `contents()`
+    is empty) and numeric arrays as one typed view. Big-endian files use the stock reader.
+    """
+    import struct
+
+    from gguf import GGUFReader, GGUFValueType
+
+    class ArrayBlobReader(GGUFReader):
+        def _get_field_parts(self, orig_offs, raw_type):
+            if raw_type != GGUFValueType.ARRAY or self.byte_order == "S":
+                return super()._get_field_parts(orig_offs, raw_type)
+            raw_itype = self._get(orig_offs, np.uint32)
+            count = self._get(orig_offs + 4, np.uint64)
+            itype, n, offs = GGUFValueType(int(raw_itype[0])), int(count[0]), orig_offs + 12
+            types = [GGUFValueType.ARRAY, itype]
+            nptype = self.gguf_scalar_to_np.get(itype)
+            if nptype is not None:
+                values = self._get(offs, nptype, n)
+                return 12 + int(values.nbytes), [raw_itype, count, values], ([2] if n else []), types
+            if itype != GGUFValueType.STRING:
+                return super()._get_field_parts(orig_offs, raw_type)
+            for _ in range(n):
+                offs += 8 + struct.unpack_from("<Q", self.data, offs)[0]
+            blob = self._get(orig_offs + 12, np.uint8, offs - orig_offs - 12)
+            return offs - orig_offs, [raw_itype, count, blob], [], types
+
+    return ArrayBlobReader
+
+
 def _read(path: Path):
-    """Validate the file (exists, magic, readable, data within the file) and return a GGUFReader."""
-    from gguf import GGUFReader
+    """Validate the file (exists, magic, readable, data within the file) and return a GGUF reader."""
+    GGUFReader = _reader_class()
 
     if not path.is_file():
         raise SourceError(f"GGUF file not found: {path}; check the path")
@@ -210,9 +244,8 @@ def _config(meta: _Meta, arch: str, tensors: Dict[str, Any], torch_dtype: str) -
         head_dim = meta.get("llama.rope.dimension_count")
     head_dim = int(head_dim) if head_dim else hidden // heads
     vocab = meta.get(f"{arch}.vocab_size")
-    if vocab is None:
-        tokens = meta.fields.get("tokenizer.ggml.tokens")
-        vocab = len(tokens.data) if tokens is not None else int(tensors["token_embd.weight"].shape[-1])
+    if vocab is None:  # the embedding's rows (GGUF shapes are innermost-first)
+        vocab = int(tensors["token_embd.weight"].shape[-1])
     cfg = {
         "architectures": [hf_class],
         "model_type": model_type,
