@@ -119,3 +119,16 @@ def test_q4_0_nibble_order_on_a_hand_made_block():
 def test_unsupported_type_is_refused():
     with pytest.raises(ValueError, match="IQ2_XXS"):
         gb.to_affine(np.zeros((1, 66), dtype=np.uint8), T.IQ2_XXS)
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_1, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
+def test_row_slicing_gives_the_same_result(qtype, monkeypatch):
+    """Large tensors are converted in row slices; slicing (uneven last slice included) changes nothing."""
+    raw = quantize(np.random.default_rng(5).standard_normal((37, 512)).astype(np.float32), qtype) \
+        if qtype == T.Q4_1 else _crafted(qtype, rows=37)
+    whole = gb.to_affine(raw, qtype)
+    monkeypatch.setattr(gb, "CHUNK_ELEMENTS", 3 * 512)
+    sliced = gb.to_affine(raw, qtype)
+    for field in ("weight", "scales", "biases"):
+        np.testing.assert_array_equal(getattr(sliced, field), getattr(whole, field))
+    assert sliced.max_abs_deviation == whole.max_abs_deviation

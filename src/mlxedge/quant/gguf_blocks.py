@@ -62,10 +62,10 @@ def pack_bits(q: np.ndarray, bits: int) -> np.ndarray:
     *lead, n = q.shape
     if n % 32:
         raise ValueError(f"last axis {n} is not a multiple of 32")
-    eight = q.astype(np.uint64).reshape(*lead, n // 8, 8)
+    eight = q.reshape(*lead, n // 8, 8)
     acc = np.zeros(eight.shape[:-1], dtype=np.uint64)
     for k in range(8):  # 8 elements of b bits = b bytes, so every run of 8 ends on a byte boundary
-        acc |= eight[..., k] << np.uint64(bits * k)
+        acc |= eight[..., k].astype(np.uint64) << np.uint64(bits * k)
     as_bytes = acc[..., None].view(np.uint8).reshape(*acc.shape, 8)[..., :bits]
     return np.ascontiguousarray(as_bytes).reshape(*lead, n * bits // 8).view(np.uint32)
 
@@ -138,21 +138,44 @@ def as_blocks(data: np.ndarray, qtype: T) -> np.ndarray:
     return np.ascontiguousarray(data).view(np.uint8).reshape(-1, type_size)
 
 
+CHUNK_ELEMENTS = 1 << 22  # rows are converted in slices of about this many weights, to bound temporaries
+
+
 def to_affine(data: np.ndarray, qtype: T) -> AffineTensor:
-    """Convert a quantized GGUF matrix (uint8 [rows, row_bytes]) into an MLX affine triplet."""
+    """Convert a quantized GGUF matrix (uint8 [rows, row_bytes]) into an MLX affine triplet.
+
+    Works through the rows in slices, so temporary memory stays a few times CHUNK_ELEMENTS bytes
+    whatever the tensor's size (a 128k-token embedding included).
+    """
+    if qtype not in EXACT_BITS and qtype not in REQUANT_TYPES:
+        raise ValueError(f"{qtype.name} is not a quantized type mlxedge maps to MLX affine")
     rows = data.shape[0]
-    block_size, _ = GGML_QUANT_SIZES[qtype]
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    cols = data.shape[1] // type_size * block_size
+    bits = EXACT_BITS.get(qtype, REQUANT_BITS)
+    weight = np.empty((rows, cols * bits // 32), dtype=np.uint32)
+    scales = np.empty((rows, cols // GROUP), dtype=np.float32)
+    biases = np.empty((rows, cols // GROUP), dtype=np.float32)
+    deviation = 0.0
+    step = max(1, CHUNK_ELEMENTS // cols)
+    for start in range(0, rows, step):
+        part = _affine_rows(data[start:start + step], qtype, cols)
+        weight[start:start + step], scales[start:start + step], biases[start:start + step] = \
+            part.weight, part.scales, part.biases
+        deviation = max(deviation, part.max_abs_deviation)
+    return AffineTensor(weight, scales, biases, bits, GROUP, qtype in EXACT_BITS, deviation)
+
+
+def _affine_rows(data: np.ndarray, qtype: T, cols: int) -> AffineTensor:
+    rows = data.shape[0]
     blocks = as_blocks(data, qtype)
-    cols = blocks.shape[0] // rows * block_size
     if qtype in EXACT_BITS:
         bits = EXACT_BITS[qtype]
         q, scales, biases = decode_exact(blocks, qtype)
         return AffineTensor(pack_bits(q.reshape(rows, cols), bits), scales.reshape(rows, cols // GROUP),
                             biases.reshape(rows, cols // GROUP), bits, GROUP, True, 0.0)
-    if qtype in REQUANT_TYPES:
-        values = gguf_dequantize(blocks, qtype).reshape(rows, cols)
-        return requantize_affine(values, REQUANT_BITS, GROUP)
-    raise ValueError(f"{qtype.name} is not a quantized type mlxedge maps to MLX affine")
+    values = gguf_dequantize(blocks, qtype).reshape(rows, cols)
+    return requantize_affine(values, REQUANT_BITS, GROUP)
 
 
 def _next_f16(x: np.ndarray, direction: float) -> np.ndarray:
