@@ -171,7 +171,8 @@ def llama_cpp_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
     return np.array(out, dtype=np.float32)
 
 
-def write_gguf(model, path: Path, types: Dict[str, str], arch: str | None = None, llama3_rope: bool = True) -> Path:
+def write_gguf(model, path: Path, types: Dict[str, str], arch: str | None = None, llama3_rope: bool = True,
+               extra: Dict[str, np.ndarray] | None = None) -> Path:
     """Write `model` as a GGUF with llama.cpp's naming and layout; `types` maps name fragments to block types."""
     import gguf
     from gguf import GGMLQuantizationType as T
@@ -231,6 +232,8 @@ def write_gguf(model, path: Path, types: Dict[str, str], arch: str | None = None
             w.add_tensor(gguf_name(model_type, hf), data.astype(np.float16))
         else:
             w.add_tensor(gguf_name(model_type, hf), gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    for name, data in (extra or {}).items():
+        w.add_tensor(name, data)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -197,3 +197,14 @@ def test_array_blob_reader_agrees_with_stock_reader(built, model_type):
         if field.types[-1] != GGUFValueType.STRING or field.types[0] != GGUFValueType.ARRAY:
             assert fast.fields[key].contents() == field.contents(), key
     np.testing.assert_array_equal(fast.tensors[5].data, stock.tensors[5].data)
+
+
+def test_bundled_vision_tensors_are_skipped(built, tmp_path):
+    """Multimodal GGUFs (Ollama's gemma3) carry v.* / mm.* tensors; text use ignores them and says so."""
+    model, path, _ = built["gemma3_text"]
+    extra = {"v.blk.0.attn_q.weight": np.ones((32, 32), np.float32), "mm.input_projection.weight": np.ones(32, np.float32)}
+    bundled = write_gguf(model, tmp_path / "bundled.gguf", TINY["gemma3_text"]["types"], extra=extra)
+    ids = _ids(5)
+    with_vision = mlxedge.load(str(bundled), dtype="float32")
+    assert with_vision.info["gguf"]["skipped_vision_tensors"] == 2
+    np.testing.assert_array_equal(with_vision.logits(ids), mlxedge.load(str(path), dtype="float32").logits(ids))

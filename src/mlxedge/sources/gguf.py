@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
+from gguf import GGMLQuantizationType as T
 
 from ..errors import SourceError, UnsupportedError
 from ..quant import gguf_blocks as gb
@@ -68,6 +69,9 @@ _LAYER_OVERRIDES = {
 
 # tensors llama.cpp adds that carry configuration, not weights (consumed by _config)
 _CONFIG_TENSORS = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
+
+# multimodal GGUFs (e.g. Ollama's gemma3) carry the vision tower as v.* / mm.* tensors: text use skips them
+_VISION_PREFIXES = ("v.", "mm.")
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.([a-z_0-9]+)\.(weight|bias)$")
 
@@ -308,8 +312,6 @@ class _Plan:
     """One GGUF tensor's route to the outputs: HF name, how it is converted, what it yields."""
 
     def __init__(self, tensor, name: str, arch: str, cfg: dict):
-        from gguf import GGMLQuantizationType as T
-
         self.tensor = tensor
         self.name = name
         self.qtype = T(int(tensor.tensor_type))
@@ -331,8 +333,6 @@ class _Plan:
         return gb.EXACT_BITS.get(self.qtype, gb.REQUANT_BITS)
 
     def float_dtype(self) -> str:
-        from gguf import GGMLQuantizationType as T
-
         if self.norm_shift or self.qtype not in gb.FLOAT_TYPES:
             return "float32"
         return {T.F32: "float32", T.F16: "float16", T.BF16: "bfloat16"}[self.qtype]
@@ -352,7 +352,6 @@ class _Plan:
 
     def produce(self, stats: dict) -> Iterator[Tuple[str, Any]]:
         import mlx.core as mx
-        from gguf import GGMLQuantizationType as T
         from gguf.quants import dequantize
 
         data = self.tensor.data
@@ -384,9 +383,19 @@ class _Plan:
         yield self.name, arr
 
 
-def _torch_dtype(plans: List[_Plan]) -> str:
-    from gguf import GGMLQuantizationType as T
+def _check_type(t, path: Path) -> None:
+    """Refuse, naming the tensor, any block type mlxedge cannot read."""
+    try:
+        qtype = T(int(t.tensor_type))
+    except ValueError:
+        qtype = None
+    if qtype not in gb.SUPPORTED_TYPES:
+        type_name = qtype.name if qtype is not None else f"#{int(t.tensor_type)}"
+        raise UnsupportedError(f"tensor '{t.name}' in {path.name} has block type {type_name}, which mlxedge "
+                               f"cannot read; supported: {', '.join(x.name for x in gb.SUPPORTED_TYPES)}")
 
+
+def _torch_dtype(plans: List[_Plan]) -> str:
     floats = Counter(p.qtype for p in plans if len(p.rows_first) == 2 and p.qtype in (T.F16, T.BF16))
     if floats:
         return "bfloat16" if floats.most_common(1)[0][0] == T.BF16 else "float16"
@@ -397,8 +406,6 @@ def _torch_dtype(plans: List[_Plan]) -> str:
 
 def open_gguf(path: Path, source: str) -> Checkpoint:
     """Open a GGUF file: validate it, map names and block types, and return a lazy `Checkpoint`."""
-    from gguf import GGMLQuantizationType as T
-
     path = Path(path)
     reader = _read(path)
     meta = _Meta(reader)
@@ -408,20 +415,15 @@ def open_gguf(path: Path, source: str) -> Checkpoint:
                                f"{', '.join(ARCHITECTURES)} GGUFs")
     by_name = {t.name: t for t in reader.tensors}
 
-    for t in reader.tensors:
-        try:
-            qtype = T(int(t.tensor_type))
-        except ValueError:
-            qtype = None
-        if qtype not in gb.SUPPORTED_TYPES:
-            type_name = qtype.name if qtype is not None else f"#{int(t.tensor_type)}"
-            raise UnsupportedError(f"tensor '{t.name}' in {path.name} has block type {type_name}, which mlxedge "
-                                   f"cannot read; supported: {', '.join(x.name for x in gb.SUPPORTED_TYPES)}")
-
     # a provisional dtype is enough for the config; plans need the config (head counts)
     provisional = _config(meta, arch, by_name, "float16")
     plans: List[_Plan] = []
+    skipped: List[str] = []
     for t in reader.tensors:
+        if t.name.startswith(_VISION_PREFIXES):  # a vision tower bundled with the language model
+            skipped.append(t.name)
+            continue
+        _check_type(t, path)
         if t.name in _CONFIG_TENSORS:
             continue
         name = hf_name(arch, t.name)
@@ -457,6 +459,8 @@ def open_gguf(path: Path, source: str) -> Checkpoint:
         entry["exact"] += int(p.exact)
     info = {"gguf": {"file": str(path), "architecture": arch, "block_types": block_types,
                      "name": meta.get("general.name")}}
+    if skipped:
+        info["gguf"]["skipped_vision_tensors"] = len(skipped)
 
     def iter_tensors() -> Iterator[Tuple[str, Any]]:
         """Yield tensors one at a time; fills in the requantized types' max_abs_deviation as it goes."""
