@@ -87,3 +87,18 @@ def test_model_info_reports_block_types(model):
     assert set(report) == {"Q4_1", "Q8_0", "F32"}
     assert all(entry["exact"] == entry["tensors"] for entry in report.values())
 
+
+
+def test_streaming_never_materialises_floats(checkpoint, smollm2_gguf):
+    """iter_tensors works tensor by tensor from the memory map: numpy's peak stays below one float copy of the
+    largest tensor (the 49152x576 embedding, 113 MB in float32) and below the file size (98 MB)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        count = sum(1 for _ in checkpoint.iter_tensors())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert count == len(checkpoint.tensor_infos)
+    assert peak < min(49152 * 576 * 4, smollm2_gguf.stat().st_size) * 0.75
