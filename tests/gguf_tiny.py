@@ -205,6 +205,9 @@ def write_gguf(model, path: Path, types: Dict[str, str], arch: str | None = None
         w.add_rope_dimension_count(head_dim)
     if model_type == "gemma3_text":
         w.add_sliding_window(cfg.sliding_window)
+        if rope.get("rope_type") == "linear":  # Gemma 3 4B and up: linear scaling on the global layers
+            w.add_string("gemma3.rope.scaling.type", "linear")
+            w.add_float32("gemma3.rope.scaling.factor", float(rope["factor"]))
     if model_type == "phi3":
         w.add_uint32("phi3.rope.scaling.original_context_length", cfg.max_position_embeddings)
 

@@ -208,3 +208,17 @@ def test_bundled_vision_tensors_are_skipped(built, tmp_path):
     with_vision = mlxedge.load(str(bundled), dtype="float32")
     assert with_vision.info["gguf"]["skipped_vision_tensors"] == 2
     np.testing.assert_array_equal(with_vision.logits(ids), mlxedge.load(str(path), dtype="float32").logits(ids))
+
+
+def test_gemma3_linear_rope_scaling_matches_the_original(tmp_path):
+    """Gemma 3 4B+ scales global-layer positions linearly (rope.scaling.* metadata); sliding layers are unscaled."""
+    rope = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 500000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+    model = tiny_model("gemma3_text", rope_parameters=rope)
+    path = write_gguf(model, tmp_path / "gemma3-linear.gguf", {})
+    ids = _ids(6)
+    want = _torch_logits(model, ids)
+    assert np.abs(mlxedge.load(str(path), dtype="float32").logits(ids) - want).max() <= 1e-4
+    # same weights (same seed) without the scaling metadata: far off, so the check above has teeth
+    plain = write_gguf(tiny_model("gemma3_text"), tmp_path / "gemma3-plain.gguf", {})
+    assert np.abs(mlxedge.load(str(plain), dtype="float32").logits(ids) - want).max() > 1e-2
