@@ -49,7 +49,7 @@ class Model:
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Full-sequence logits [len(token_ids), vocab] as float32, one forward pass without a cache."""
-        ids = mx.array(list(token_ids), dtype=mx.uint32)
+        ids = mx.array([int(t) for t in token_ids], dtype=mx.uint32)  # accepts numpy ints too
         if ids.size == 0:
             raise GenerationError("logits() needs at least one token id.")
         out = self.module(ids[None])[0].astype(mx.float32)
