@@ -1,0 +1,202 @@
+"""`mlxedge bench` (speed, llama-bench style) and `mlxedge eval` (perplexity and KL divergence, llama-perplexity
+style): parse flags, call mlxedge.bench / mlxedge.evaluate, print a table, JSON or a plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from ..errors import MlxedgeError
+from .common import emit_json, format_bytes, handles_errors, load_model, progress_bar, resolve_source
+
+DTYPE_CHOICE = click.Choice(["float32", "float16", "bfloat16"])
+
+
+def _stderr(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def _check_plot_available(path: Optional[str]) -> None:
+    if path is None:
+        return
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise MlxedgeError("--plot needs matplotlib: pip install 'mlxedge[plot]'") from None
+
+
+@click.command("bench")
+@handles_errors
+@click.argument("model")
+@click.option("--bits", default=None, metavar="LIST",
+              help="Precisions to compare, e.g. 16,8,4 (16 = unquantized in --dtype, 32 = float32). "
+                   "Default: the model as stored.")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
+              callback=lambda c, p, v: int(v), help="Quantization group size for 4/8-bit variants.")
+@click.option("--dtype", type=DTYPE_CHOICE, default=None,
+              help="dtype of unquantized tensors (default bfloat16 when --bits is given).")
+@click.option("-p", "--n-prompt", "n_prompt", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Prompt tokens of the prompt-processing test (ppN).")
+@click.option("-n", "--n-gen", "n_gen", type=click.IntRange(min=2), default=128, show_default=True,
+              help="Tokens of the generation test (tgN).")
+@click.option("-r", "--repetitions", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Repetitions after the warm-up.")
+@click.option("--compare", type=click.Choice(["mlx-lm"]), default=None,
+              help="Run mlx-lm on the same weights and settings, interleaved, and report ratios.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--md", "as_md", is_flag=True, help="Print a markdown table.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
+              help="Draw the variants side by side (needs mlxedge[plot]).")
+@click.option("--remeasure-bandwidth", is_flag=True, help="Measure the memory bandwidth again (it is cached).")
+def bench_command(model, bits, group_size, dtype, n_prompt, n_gen, repetitions, compare, as_json, as_md,
+                  plot_path, remeasure_bandwidth):
+    """Prompt-processing and generation speed of MODEL, per precision (llama-bench's pp/tg conventions)."""
+    from .. import bench as B
+
+    if as_json and as_md:
+        raise MlxedgeError("choose one of --json and --md.")
+    _check_plot_available(plot_path)
+    variants = B.parse_variants(bits, group_size, dtype)
+    source = resolve_source(model, quiet=as_json)
+    result = B.bench(source, variants, p=n_prompt, n=n_gen, reps=repetitions, compare=compare,
+                     remeasure_bandwidth=remeasure_bandwidth, log=_stderr)
+    result["model"] = model
+    if plot_path:
+        result["plot"] = str(B.plot(result, plot_path))
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(B.format_table(result, markdown=as_md))
+        if plot_path:
+            _stderr(f"plot written to {plot_path}")
+
+
+def _eval_rows(result: dict) -> tuple:
+    has_ref = result.get("reference") is not None
+    header = ["variant", "size", "bpw", "PPL"]
+    if has_ref:
+        header += ["ln(PPL/PPL_ref)", "mean KLD", "median KLD", "p99 KLD", "max KLD", "top-1 %", "RMS Δp %"]
+    rows = []
+    for v in result["variants"]:
+        row = [v["label"], format_bytes(v["bytes"]), f"{v['bits_per_weight']:.2f}",
+               f"{v['perplexity']:.4f} ± {v['perplexity_error']:.4f}"]
+        if has_ref:
+            row += [f"{v['ln_ppl_ratio']:+.5f}", f"{v['kld_mean']:.6f} ± {v['kld_mean_error']:.6f}",
+                    f"{v['kld_median']:.6f}", f"{v['kld_p99']:.6f}", f"{v['kld_max']:.6f}",
+                    f"{100 * v['top1_agreement']:.2f} ± {100 * v['top1_agreement_error']:.2f}",
+                    f"{100 * v['rms_delta_p']:.3f} ± {100 * v['rms_delta_p_error']:.3f}"]
+        rows.append(row)
+    return header, rows
+
+
+def format_eval(result: dict, markdown: bool = False) -> str:
+    s = result["settings"]
+    lines = [f"model: {result['model']}",
+             f"text: {result['text']} ({s['text_tokens']} tokens); ctx {s['ctx']}, {s['chunks']} chunks, "
+             f"{s['scored_per_chunk']} scored per chunk (second half), {result['variants'][0]['tokens_scored']} "
+             "scored in all"]
+    ref = result.get("reference")
+    if ref:
+        lines.append(f"reference: {ref['source']} ({ref['label']}), PPL {ref['perplexity']:.4f} ± "
+                     f"{ref['perplexity_error']:.4f}")
+    lines.append("")
+    header, rows = _eval_rows(result)
+    if markdown:
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "|".join("---" for _ in header) + "|")
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+    else:
+        widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+        for r in [header] + rows:
+            lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def run_eval(model: str, variants, reference: Optional[str], text: str, text_label: str, ctx: int,
+             chunks: Optional[int], quiet: bool = False) -> dict:
+    """Load the variants (and the reference), evaluate them on `text`, return the JSON-ready result."""
+    from ..evaluate import evaluate_text
+
+    source = resolve_source(model, quiet=quiet)
+    models, meta = {}, {}
+    for v in variants:
+        m = load_model(source, quiet=quiet, **v.load_kwargs())
+        models[v.label] = m
+        meta[v.label] = m.info
+    ref_model, ref_info = None, None
+    if reference is not None:
+        ref_source = resolve_source(reference, quiet=quiet)
+        ref_model = load_model(ref_source, quiet=quiet)
+        ref_info = ref_model.info
+    with progress_bar("Evaluating", unit="forward passes", enabled=not quiet) as progress:
+        out = evaluate_text(models, text, ctx=ctx, reference=ref_model, max_chunks=chunks, progress=progress)
+    rows = []
+    for v in variants:
+        info, r = meta[v.label], out["results"][v.label]
+        row = {"label": v.label, "bits": info.get("bits"), "group_size": info.get("group_size"),
+               "dtype": info.get("dtype"), "parameters": info.get("parameters"), "bytes": info.get("bytes"),
+               "bits_per_weight": 8.0 * info["bytes"] / info["parameters"] if info.get("parameters") else None,
+               **r}
+        if out["reference"] is not None:
+            row["ln_ppl_ratio"] = r["nll_mean"] - out["reference"]["nll_mean"]
+        rows.append(row)
+    ref = None
+    if out["reference"] is not None:
+        ref = {"source": reference, "label": ref_info.get("dtype") if not ref_info.get("bits")
+               else f"q{ref_info['bits']} g{ref_info['group_size']}", "bytes": ref_info.get("bytes"),
+               **out["reference"]}
+    return {"model": model, "text": text_label, "settings": out["settings"], "reference": ref, "variants": rows}
+
+
+@click.command("eval")
+@handles_errors
+@click.argument("model")
+@click.option("--bits", default=None, metavar="LIST",
+              help="Precisions to evaluate, e.g. 16,8,4 (16 = unquantized in --dtype, 32 = float32). "
+                   "Default: the model as stored.")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
+              callback=lambda c, p, v: int(v), help="Quantization group size for 4/8-bit variants.")
+@click.option("--dtype", type=DTYPE_CHOICE, default=None,
+              help="dtype of unquantized tensors (default bfloat16 when --bits is given).")
+@click.option("--reference", default=None, metavar="MODEL2",
+              help="Reference for KL divergence (default with --bits: MODEL as stored, unquantized).")
+@click.option("--no-reference", is_flag=True, help="Perplexity only, no KL divergence.")
+@click.option("--text", "text_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="UTF-8 text file to evaluate on (default: Python's built-in pydoc topic texts).")
+@click.option("--ctx", type=click.IntRange(min=4), default=512, show_default=True,
+              help="Tokens per chunk; the second half of each chunk is scored.")
+@click.option("--chunks", type=click.IntRange(min=1), default=None,
+              help="Evaluate at most this many chunks (default: all of the text).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--md", "as_md", is_flag=True, help="Print a markdown table.")
+def eval_command(model, bits, group_size, dtype, reference, no_reference, text_path, ctx, chunks, as_json,
+                 as_md):
+    """Perplexity of MODEL (llama-perplexity's way) and KL divergence / top-1 agreement against a reference."""
+    from ..bench import parse_variants
+    from ..evaluate import builtin_text
+
+    if as_json and as_md:
+        raise MlxedgeError("choose one of --json and --md.")
+    variants = parse_variants(bits, group_size, dtype)
+    if no_reference:
+        reference = None
+    elif reference is None and bits:
+        reference = model
+    if text_path is None:
+        text, label = builtin_text(), "built-in (pydoc_data.topics)"
+    else:
+        try:
+            text = Path(text_path).read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise MlxedgeError(f"{text_path} is not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
+        label = text_path
+    result = run_eval(model, variants, reference, text, label, ctx, chunks, quiet=as_json)
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(format_eval(result, markdown=as_md))
+
+
+__all__ = ["bench_command", "eval_command", "run_eval", "format_eval"]
