@@ -125,6 +125,7 @@ def test_prequantized_checkpoint_counts_as_stored_and_requantizes_when_asked():
     as_stored = memory.make_plan(config, infos, bits=None, group_size=64, dtype_bytes=2, context_length=512,
                                  budget="100GB", quantized={"group_size": 64, "bits": 4})
     assert as_stored.weight_bytes == _nbytes(stored)
+    assert as_stored.settings["stored_quantized"] and "as stored" in as_stored.summary()
     # Without the config's quantization entry the bits and group are read off the shapes.
     guessed = memory.make_plan(config, infos, bits=None, group_size=64, dtype_bytes=2, context_length=512,
                                budget="100GB")
@@ -230,7 +231,7 @@ def test_plan_totals_fits_and_plain_dict():
     d = plan.to_dict()
     assert json.loads(json.dumps(d)) == d
     assert d["settings"] == {"bits": 4, "group_size": 64, "dtype_bytes": 2, "context_length": 2048,
-                             "prefill_chunk": 512}
+                             "prefill_chunk": 512, "stored_quantized": False}
     assert dict(plan.rows())["fits"] == "yes"
 
 

@@ -383,7 +383,7 @@ class MemoryPlan:
 
     def summary(self) -> str:
         s = self.settings
-        bits = "float" if s["bits"] is None else f"{s['bits']}-bit"
+        bits = f"{s['bits']}-bit" if s["bits"] is not None else ("as stored" if s.get("stored_quantized") else "float")
         return (f"{bits}, context {s['context_length']}: {format_bytes(self.total_bytes)} "
                 f"(weights {format_bytes(self.weight_bytes)}, KV cache {format_bytes(self.kv_cache_bytes)}, "
                 f"activations {format_bytes(self.activation_bytes)}, runtime {format_bytes(self.overhead_bytes)})")
@@ -392,7 +392,7 @@ class MemoryPlan:
         """(label, value) rows for a table."""
         s = self.settings
         return [
-            ("bits", "float" if s["bits"] is None else str(s["bits"])),
+            ("bits", str(s["bits"]) if s["bits"] is not None else ("as stored" if s.get("stored_quantized") else "float")),
             ("group size", str(s["group_size"])),
             ("context length", str(s["context_length"])),
             ("weights", format_bytes(self.weight_bytes)),
@@ -450,13 +450,13 @@ def weight_plan(config: dict, tensor_infos: Mapping, *, bits: Optional[int], gro
     - A tied lm_head is not counted; names the architecture drops (rotary inv_freq) are skipped; `keep`
       (the names the architecture's sanitize keeps) restricts the count when the caller knows it.
     Returns totals and counts: {"bytes", "quantized_bytes", "float_bytes", "quantized_tensors",
-    "float_tensors", "parameters"}.
+    "float_tensors", "parameters", "stored_quantized"}.
     """
     cfg = _text_config(config)
     tied = cfg.get("tie_word_embeddings", "lm_head.weight" not in tensor_infos)
     stored_quantized = {name[: -len(".scales")] for name in tensor_infos if name.endswith(".scales")}
     out = {"bytes": 0, "quantized_bytes": 0, "float_bytes": 0, "quantized_tensors": 0, "float_tensors": 0,
-           "parameters": 0}
+           "parameters": 0, "stored_quantized": bool(stored_quantized)}
     for name, info in tensor_infos.items():
         if keep is not None and name not in keep:
             continue
@@ -593,7 +593,8 @@ def make_plan(config: dict, tensor_infos: Mapping, *, bits: Optional[int], group
     overhead = runtime_overhead_bytes() if overhead_bytes is None else int(overhead_bytes)
     total = weights["bytes"] + kv["bytes"] + act["bytes"] + overhead
     settings = {"bits": bits, "group_size": group_size, "dtype_bytes": dtype_bytes,
-                "context_length": int(context_length), "prefill_chunk": int(prefill_chunk)}
+                "context_length": int(context_length), "prefill_chunk": int(prefill_chunk),
+                "stored_quantized": weights["stored_quantized"]}
     return MemoryPlan(weight_bytes=weights["bytes"], kv_cache_bytes=kv["bytes"], activation_bytes=act["bytes"],
                       overhead_bytes=overhead, total_bytes=total, budget_bytes=budget.bytes,
                       budget_source=budget.source, fits=total <= budget.bytes,
@@ -616,7 +617,8 @@ def _candidates(bits: Optional[int], context_length: int, prequantized: bool) ->
 
 def suggest_fitting(config: dict, tensor_infos: Mapping, *, bits: Optional[int], group_size: int, dtype_bytes: int,
                     context_length: int, budget, **kwargs) -> list:
-    """Settings that fit the budget, best quality first: [{"bits", "context_length", "total_bytes"}, ...].
+    """Settings that fit the budget, best quality first:
+    [{"bits", "context_length", "total_bytes", "stored_quantized"}, ...].
 
     Tries the asked context, then halves it down to 512; at each context 8-bit then 4-bit (or, when no bits
     were asked, float first), never above the precision asked for. The asked setting itself is included
@@ -628,12 +630,14 @@ def suggest_fitting(config: dict, tensor_infos: Mapping, *, bits: Optional[int],
         plan = make_plan(config, tensor_infos, bits=b, group_size=group_size, dtype_bytes=dtype_bytes,
                          context_length=c, budget=budget, **kwargs)
         if plan.fits:
-            out.append({"bits": b, "context_length": c, "total_bytes": plan.total_bytes})
+            out.append({"bits": b, "context_length": c, "total_bytes": plan.total_bytes,
+                        "stored_quantized": plan.settings["stored_quantized"]})
     return out
 
 
 def _describe_setting(s: dict) -> str:
-    bits = "bits=None (float)" if s["bits"] is None else f"bits={s['bits']}"
+    bits = f"bits={s['bits']}" if s["bits"] is not None else (
+        "bits=None (as stored)" if s.get("stored_quantized") else "bits=None (float)")
     return f"{bits} context_length={s['context_length']} ({format_bytes(s['total_bytes'])})"
 
 
@@ -655,7 +659,7 @@ def auto_fit(config: dict, tensor_infos: Mapping, *, bits: Optional[int], group_
     plan = make_plan(config, tensor_infos, bits=best["bits"], group_size=group_size, dtype_bytes=dtype_bytes,
                      context_length=best["context_length"], budget=budget, **kwargs)
     plan.note = (f"auto-fit: chose {_describe_setting(best)} instead of the asked "
-                 f"{'float' if bits is None else f'{bits}-bit'}, context {context_length} "
+                 f"{asked.summary().split(':')[0]} "
                  f"({format_bytes(asked.total_bytes)}), to fit the {format_bytes(plan.budget_bytes)} budget "
                  f"({plan.budget_source}).")
     return plan
