@@ -17,25 +17,20 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import mlx.core as mx
 
 import mlxedge
+from mlxedge.bench import time_tokens
 
 PROMPT = "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle."
 
 
 def decode_rate(token_stream) -> tuple[float, int]:
-    first = last = None
-    n = 0
-    for _ in token_stream:
-        now = time.perf_counter()
-        first = first or now
-        last = now
-        n += 1
-    return ((n - 1) / (last - first) if n > 1 else 0.0), n
+    """Tokens after the first / time after the first, and the token count (mlxedge.bench's shared timing)."""
+    timing = time_tokens(token_stream)
+    return timing["rate"], timing["tokens"]
 
 
 def ours_stream(model, max_tokens):

@@ -23,7 +23,7 @@ from pathlib import Path
 import mlx.core as mx
 
 import mlxedge
-from mlxedge.bench import OursRunner, Variant, _mean_sd, _tg, parse_variants, prompt_ids
+from mlxedge.bench import OursRunner, Variant, mean_stdev, parse_variants, prompt_ids, run_tg
 from mlxedge.evaluate import builtin_text, evaluate_text
 
 DEFAULT_VARIANTS = "16,8:64,4:32,4:64,4:128"
@@ -41,8 +41,8 @@ def parse(spec: str, dtype: str) -> list:
 def decode_rate(model, n: int, reps: int) -> tuple:
     runner = OursRunner(model)
     ids = prompt_ids(model.tokenizer, 1)
-    _tg(runner, ids, min(n, 4))  # warm-up
-    return _mean_sd([_tg(runner, ids, n)["tg_tps"] for _ in range(reps)])
+    run_tg(runner, ids, min(n, 4))  # warm-up
+    return mean_stdev([run_tg(runner, ids, n)["tg_tps"] for _ in range(reps)])
 
 
 def main() -> int:

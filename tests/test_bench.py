@@ -149,3 +149,13 @@ def test_plot_without_matplotlib_names_the_extra(tiny_llama_tok, monkeypatch, tm
     result = CliRunner().invoke(bench_command, [str(tiny_llama_tok), "--plot", str(tmp_path / "p.png")])
     assert result.exit_code == 1
     assert result.stderr.strip() == "error: --plot needs matplotlib: pip install 'mlxedge[plot]'"
+
+
+def test_plot_draws_the_variants(tmp_path):
+    pytest.importorskip("matplotlib")
+    row = {"pp_tps_mean": 100.0, "pp_tps_stdev": 2.0, "tg_tps_mean": 20.0, "tg_tps_stdev": 1.0}
+    result = {"model": "m", "device": {"line": "cpu"}, "settings": {"prompt_tokens": 8, "gen_tokens": 4,
+                                                                    "compare": "mlx-lm"},
+              "variants": [{"label": "bf16", **row, "mlx_lm": row}, {"label": "q4 g64", **row, "mlx_lm": row}]}
+    path = B.plot(result, tmp_path / "bench.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

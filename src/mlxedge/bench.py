@@ -232,7 +232,7 @@ def _kv_dtype_bytes(module) -> int:
 
 # ------------------------------------------------------------------------------------------------ runs
 
-def _time_tokens(tokens: Iterable) -> dict:
+def time_tokens(tokens: Iterable) -> dict:
     """Time a token stream the same way for every runtime: to the first token, then the rate after it."""
     start = time.perf_counter()
     first = last = None
@@ -285,17 +285,17 @@ class MlxLmRunner:
             yield response.token
 
 
-def _pp(runner, ids: List[int]) -> dict:
-    t = _time_tokens(runner.tokens(ids, 1))
+def run_pp(runner, ids: List[int]) -> dict:
+    t = time_tokens(runner.tokens(ids, 1))
     return {"pp_tps": len(ids) / t["ttft_s"] if t["ttft_s"] > 0 else 0.0, "ttft_s": t["ttft_s"]}
 
 
-def _tg(runner, ids: List[int], n: int) -> dict:
-    t = _time_tokens(runner.tokens(ids[:1], n))
+def run_tg(runner, ids: List[int], n: int) -> dict:
+    t = time_tokens(runner.tokens(ids[:1], n))
     return {"tg_tps": t["rate"], "tg_tokens": t["tokens"]}
 
 
-def _mean_sd(values: List[float]) -> tuple:
+def mean_stdev(values: List[float]) -> tuple:
     mean = statistics.fmean(values) if values else 0.0
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return mean, sd
@@ -318,7 +318,7 @@ def _summarise(runs: List[dict]) -> dict:
     out = {}
     for key in ("pp_tps", "tg_tps", "ttft_s"):
         values = [r[key] for r in runs]
-        mean, sd = _mean_sd(values)
+        mean, sd = mean_stdev(values)
         out[f"{key}_mean"], out[f"{key}_stdev"], out[key] = mean, sd, values
     return out
 
@@ -344,8 +344,8 @@ def bench_variant(source, variant: Variant, p: int, n: int, reps: int, bandwidth
 
     say(f"[{variant.label}] warm-up")
     mx.reset_peak_memory()
-    _pp(ours, ids)
-    _tg(ours, ids, max(2, min(n, WARMUP_TG_TOKENS)))
+    run_pp(ours, ids)
+    run_tg(ours, ids, max(2, min(n, WARMUP_TG_TOKENS)))
     peak = int(mx.get_peak_memory())  # before any mlx-lm copy is loaded, so it is ours alone
 
     theirs = None
@@ -359,8 +359,8 @@ def bench_variant(source, variant: Variant, p: int, n: int, reps: int, bandwidth
         t0 = time.perf_counter()
         theirs = MlxLmRunner(target)
         their_load_s = time.perf_counter() - t0
-        _pp(theirs, ids)
-        _tg(theirs, ids, max(2, min(n, WARMUP_TG_TOKENS)))
+        run_pp(theirs, ids)
+        run_tg(theirs, ids, max(2, min(n, WARMUP_TG_TOKENS)))
     elif compare is not None:
         raise MlxedgeError(f"--compare {compare!r} is not supported; use --compare mlx-lm.")
 
@@ -370,9 +370,9 @@ def bench_variant(source, variant: Variant, p: int, n: int, reps: int, bandwidth
         order = [(ours, ours_runs), (theirs, their_runs)] if theirs else [(ours, ours_runs)]
         if r % 2 == 1:
             order.reverse()  # alternate who goes first, so drifting machine load hits both alike
-        pps = {id(runner): _pp(runner, ids) for runner, _ in order}
+        pps = {id(runner): run_pp(runner, ids) for runner, _ in order}
         for runner, runs in order:
-            runs.append({**pps[id(runner)], **_tg(runner, ids, n)})
+            runs.append({**pps[id(runner)], **run_tg(runner, ids, n)})
 
     kv_pos = kv_bytes_per_position(model.config, _kv_dtype_bytes(model.module))
     weights_pt = weight_bytes_per_token(model.module)
@@ -522,4 +522,5 @@ def as_json(result: dict) -> str:
 
 __all__ = ["device_info", "device_bandwidth", "measure_bandwidth", "Variant", "parse_variants", "bench",
            "bench_variant", "weight_bytes_per_token", "kv_bytes_per_position", "format_table", "plot",
-           "table_rows", "prompt_ids"]
+           "table_rows", "prompt_ids", "time_tokens", "run_pp", "run_tg",
+           "mean_stdev", "OursRunner", "MlxLmRunner"]
