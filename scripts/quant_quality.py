@@ -7,8 +7,13 @@ half scored) on the built-in English prose (or --text), against the model as sto
 reference. Decode tok/s is mlxedge bench's tg test (n tokens from a one-token prompt, mean ± stdev over
 --reps after a warm-up).
 
+--dequantized-eval scores PPL/KLD in float32 with every quantized layer replaced by a dense one holding its
+exact dequantized weights (bit-identical logits to the quantized layers computed in float32 on MLX's built-in
+path): for CPUs where MLX's quantized prefill is very slow. Decode tok/s is always the quantized model's.
+
     python scripts/quant_quality.py [MODEL_DIR] [--variants 16,8:64,4:32,4:64,4:128] [--ctx 512] [--chunks N]
-                                    [--decode-tokens 64] [--reps 3] [--out table.md]
+                                    [--decode-tokens 64] [--reps 3] [--dequantized-eval]
+                                    [--out table.md]
 
 MODEL_DIR defaults to an fp32 HF checkpoint of SmolLM2-135M-Instruct built from the default model's GGUF.
 """
@@ -38,6 +43,47 @@ def parse(spec: str, dtype: str) -> list:
     return out
 
 
+def dequantize_in_place(model) -> int:
+    """Swap every quantized layer for a dense float32 one holding exactly its dequantized weights, and compute in
+    float32: the model then differs from the float32 reference by its weights' rounding alone (no bf16
+    activation noise, no quantized-matmul kernel). Returns how many layers were swapped."""
+    import mlx.nn as nn
+    from mlx.utils import tree_unflatten
+
+    swaps = []
+    for path, layer in model.module.named_modules():
+        if not hasattr(layer, "scales") or not hasattr(layer, "bits"):
+            continue
+        w = mx.dequantize(layer["weight"], layer["scales"], layer["biases"], group_size=layer.group_size,
+                          bits=layer.bits)
+        if isinstance(layer, nn.QuantizedEmbedding):
+            dense = nn.Embedding(*w.shape)
+        else:
+            dense = nn.Linear(w.shape[1], w.shape[0], bias="bias" in layer)
+            if "bias" in layer:
+                dense.bias = layer["bias"]
+        dense.weight = w
+        swaps.append((path, dense))
+    model.module.update_modules(tree_unflatten(swaps))
+    from mlxedge.quant.fused_mlp import FusedGatedMLP
+
+    class DenseGatedMLP(nn.Module):
+        def __init__(self, gate_proj, up_proj, down_proj):
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+
+        def __call__(self, x):
+            return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    mlps = [(path, DenseGatedMLP(m.gate_proj, m.up_proj, m.down_proj))
+            for path, m in model.module.named_modules() if isinstance(m, FusedGatedMLP)]
+    if mlps:
+        model.module.update_modules(tree_unflatten(mlps))
+    model.module.set_dtype(mx.float32)  # float32 compute: what is measured is the weights' rounding alone
+    mx.eval(model.module.parameters())
+    return len(swaps)
+
+
 def decode_rate(model, n: int, reps: int) -> tuple:
     runner = OursRunner(model)
     ids = prompt_ids(model.tokenizer, 1)
@@ -56,6 +102,10 @@ def main() -> int:
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", default=None, help="also write the table to this file")
+    parser.add_argument("--dequantized-eval", action="store_true",
+                        help="score PPL/KLD in float32 with each quantized layer swapped for a dense layer holding its exact "
+                             "dequantized weights (for CPUs where MLX's quantized prefill is very slow); decode "
+                             "tok/s is still measured on the quantized model")
     args = parser.parse_args()
 
     if args.model:
@@ -71,15 +121,21 @@ def main() -> int:
     started = time.perf_counter()
     reference = mlxedge.load(source)  # as stored: the unquantized reference
     models = {v.label: mlxedge.load(source, **v.load_kwargs()) for v in variants}
+    scored = models
+    if args.dequantized_eval:
+        scored = {}
+        for v in variants:
+            scored[v.label] = mlxedge.load(source, **v.load_kwargs())
+            dequantize_in_place(scored[v.label])
 
     def progress(done, total):
         print(f"\r  forward passes {done}/{total}  {time.perf_counter() - started:.0f}s", end="", file=sys.stderr,
               flush=True)
 
-    out = evaluate_text(models, text, ctx=args.ctx, reference=reference, max_chunks=args.chunks, progress=progress)
+    out = evaluate_text(scored, text, ctx=args.ctx, reference=reference, max_chunks=args.chunks, progress=progress)
     print(file=sys.stderr)
     ref_dtype = reference.info["dtype"]
-    del reference
+    del reference, scored
     mx.clear_cache()
 
     s, ref = out["settings"], out["reference"]
@@ -87,7 +143,8 @@ def main() -> int:
              f"{ref['perplexity_error']:.3f}",
              f"text: {args.text or 'built-in pydoc_data.topics'}; ctx {s['ctx']}, {s['chunks']} chunks, "
              f"{ref['tokens_scored']} tokens scored; decode: tg{args.decode_tokens}, {args.reps} reps after a warm-up; "
-             f"device: {mx.default_device()} (mlx {mx.__version__})",
+             f"device: {mx.default_device()} (mlx {mx.__version__})"
+             + ("; PPL/KLD scored in float32 on the exact dequantized weights" if args.dequantized_eval else ""),
              "",
              "| bits | group | bytes | bits/weight | PPL | mean KLD | top-1 agreement | decode tok/s |",
              "|---|---|---|---|---|---|---|---|"]
