@@ -130,8 +130,8 @@ class ChatSession:
             lines.append(f"context:      {used} of {context} tokens" if context else f"context: {used} tokens")
         else:
             lines.append("no reply yet")
-        lines.append(f"conversation: {len(self.history) // 2} exchanges in history, {self.replies} replies, "
-                     f"{self.generated_tokens} tokens generated")
+        lines.append(f"conversation: exchanges in history: {len(self.history) // 2}; replies: {self.replies}; "
+                     f"tokens generated: {self.generated_tokens}")
         return "\n".join(lines)
 
 

