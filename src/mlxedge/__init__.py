@@ -1,12 +1,12 @@
 """mlxedge: on-device LLM runtime on MLX. The public API and nothing else (see DESIGN.md's contract)."""
 
-from .api import load
+from .api import load, plan
 from .convert import convert
 from .errors import GenerationError, MemoryBudgetError, MlxedgeError, QuantizationError, SourceError, UnsupportedError
 from .generate.stats import GenerationResult, GenerationStats, StreamEvent
 from .model import Model
 
 __all__ = [
-    "load", "convert", "Model", "GenerationResult", "GenerationStats", "StreamEvent",
+    "load", "plan", "convert", "Model", "GenerationResult", "GenerationStats", "StreamEvent",
     "MlxedgeError", "SourceError", "UnsupportedError", "QuantizationError", "MemoryBudgetError", "GenerationError",
 ]

@@ -7,6 +7,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
+from . import memory
 from .errors import GenerationError
 from .generate.loop import generate_stream
 from .generate.sampler import SamplingParams
@@ -16,8 +17,12 @@ from .tokenizer import Tokenizer
 
 
 class Model:
-    def __init__(self, loaded: LoadedModel, load_tokenizer: Callable, chat_template: Optional[str], info: dict):
+    def __init__(self, loaded: LoadedModel, load_tokenizer: Callable, chat_template: Optional[str], info: dict,
+                 context_length: int, kv_overflow: str = "error", wired_bytes: int = 0):
         self._loaded = loaded
+        self.context_length = context_length
+        self._kv_overflow = kv_overflow
+        self._wired_bytes = wired_bytes
         self._load_tokenizer = load_tokenizer
         self._chat_template = chat_template
         self._tokenizer: Optional[Tokenizer] = None
@@ -67,8 +72,16 @@ class Model:
         sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                                   repetition_penalty=repetition_penalty, seed=seed)
         prompt_ids = self.tokenizer.prompt_ids(prompt_or_messages, raw=raw)
-        return generate_stream(self.module, self.tokenizer.hf, prompt_ids, eos_ids=self.eos_ids(),
-                               sampling=sampling, max_tokens=max_tokens, stop=stop, cancel=cancel)
+        # checked now, not at the first next(): a prompt past the planned context fails at the call
+        decision = memory.check_generation_context(len(prompt_ids), max_tokens, self.context_length,
+                                                   rotating=self._kv_overflow == "rotate")
+        window = decision.window if decision.mode == "rotating" else None
+        return self._stream_within_plan(prompt_ids, sampling=sampling, max_tokens=max_tokens, stop=stop,
+                                        cancel=cancel, max_kv_size=window)
+
+    def _stream_within_plan(self, prompt_ids, **kwargs) -> Iterator[StreamEvent]:
+        with memory.wired_limit(self._wired_bytes):  # macOS: keep the planned bytes resident; no-op elsewhere
+            yield from generate_stream(self.module, self.tokenizer.hf, prompt_ids, eos_ids=self.eos_ids(), **kwargs)
 
     def generate(self, prompt_or_messages, **kwargs) -> GenerationResult:
         """Generate to completion; same arguments as `stream`."""

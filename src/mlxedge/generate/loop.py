@@ -31,10 +31,14 @@ def _prefill(model, prompt: mx.array, cache, chunk: int) -> mx.array:
 
 
 def decode_tokens(model, prompt_ids: Sequence[int], sampling: SamplingParams, *,
-                  prefill_chunk: int = PREFILL_CHUNK, max_tokens: int = 256) -> Iterator[int]:
-    """Token ids, one at a time; the next step is queued (async_eval) before the current id is handed out."""
+                  prefill_chunk: int = PREFILL_CHUNK, max_tokens: int = 256,
+                  max_kv_size: Optional[int] = None) -> Iterator[int]:
+    """Token ids, one at a time; the next step is queued (async_eval) before the current id is handed out.
+
+    max_kv_size: keep only the latest tokens in a rotating KV cache (None: keep every token).
+    """
     sampler = make_sampler(sampling)
-    cache = make_prompt_cache(model)
+    cache = make_prompt_cache(model, max_kv_size=max_kv_size)
     track_history = sampling.repetition_penalty != 1.0
     history = mx.array(list(prompt_ids), dtype=mx.int32)[None]
     empty_history = mx.zeros((1, 0), dtype=mx.int32)
@@ -62,7 +66,7 @@ def decode_tokens(model, prompt_ids: Sequence[int], sampling: SamplingParams, *,
 def generate_stream(model, tokenizer, prompt_ids: Sequence[int], *, eos_ids: Sequence[int],
                     sampling: SamplingParams, max_tokens: int = 256, stop: Optional[Sequence[str]] = None,
                     cancel: Optional[Callable[[], bool]] = None, prefill_chunk: int = PREFILL_CHUNK,
-                    ) -> Iterator[StreamEvent]:
+                    max_kv_size: Optional[int] = None) -> Iterator[StreamEvent]:
     """Stream text deltas (UTF-8 safe, stop strings held back); the last event has finish_reason and stats."""
     if max_tokens < 0:
         raise GenerationError(f"max_tokens={max_tokens} must be >= 0.")
@@ -79,7 +83,8 @@ def generate_stream(model, tokenizer, prompt_ids: Sequence[int], *, eos_ids: Seq
     start = time.perf_counter()
     first_at = last_at = start
     finish = "length"
-    tokens = decode_tokens(model, prompt_ids, sampling, prefill_chunk=prefill_chunk, max_tokens=max_tokens)
+    tokens = decode_tokens(model, prompt_ids, sampling, prefill_chunk=prefill_chunk, max_tokens=max_tokens,
+                           max_kv_size=max_kv_size)
     seen = 0
     for token in tokens:
         now = time.perf_counter()
