@@ -177,3 +177,23 @@ def test_ctrl_c_during_convert_leaves_nothing_at_dest(env, smollm2_gguf, tmp_pat
     child.close()
     assert child.exitstatus == 130 and "interrupted" in child.before
     assert list(out.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------------ plan
+
+def test_plan_json_and_table_and_a_budget_that_does_not_fit(env):
+    import mlxedge
+
+    if not hasattr(mlxedge, "plan"):
+        pytest.skip("mlxedge.plan is not in the public API yet")
+    result = invoke("plan", "smollm2", "--context-length", "1024", "--memory-budget", "6GB", "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    parts = ("weight_bytes", "kv_cache_bytes", "activation_bytes", "overhead_bytes")
+    assert plan["total_bytes"] == sum(plan[k] for k in parts)
+    assert plan["budget_bytes"] == 6 * 10**9 and plan["fits"] is True
+    table = invoke("plan", "smollm2", "--memory-budget", "10MB").stdout
+    assert "KV cache" in table and table.rstrip().splitlines()[-1].split()[-1] == "no"
+    refused = run(["chat", "--memory-budget", "10MB"], env, stdin="hi")
+    assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
+    assert "memory budget" in refused.stderr

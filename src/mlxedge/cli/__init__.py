@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+import mlxedge as _api
+
 from .chat import chat_command
 from .evaluation import bench_command, eval_command
 from .generate import generate_command
@@ -27,5 +29,10 @@ def main(ctx: click.Context, debug: bool) -> None:
 for _command in (chat_command, generate_command, pull_command, list_command, info_command, convert_command,
                  bench_command, eval_command):
     main.add_command(_command)
+
+if hasattr(_api, "plan"):  # the memory planner's public entry point
+    from .plan import plan_command
+
+    main.add_command(plan_command)
 
 __all__ = ["main"]

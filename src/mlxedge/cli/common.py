@@ -148,6 +148,11 @@ def load_options(fn):
                      help="dtype of unquantized tensors and activations (default: the checkpoint's)."),
     ]
     names = ["bits", "group_size", "dtype"]
+    if _load_accepts("context_length"):
+        options.append(click.option("--context-length", type=click.IntRange(min=1), default=None,
+                                    help="Most tokens of context (bounds the KV cache; default: the model's, "
+                                         "capped by the runtime)."))
+        names.append("context_length")
     if _api_has_plan() and _load_accepts("memory_budget"):
         options += [
             click.option("--memory-budget", default=None, metavar="SIZE",
@@ -164,7 +169,7 @@ def load_options(fn):
         load = {name: kwargs.pop(name) for name in names}
         if not load.get("auto_fit"):
             load.pop("auto_fit", None)  # only pass what the user asked for
-        for name in ("memory_budget", "dtype"):
+        for name in ("memory_budget", "dtype", "context_length"):
             if load.get(name) is None:
                 load.pop(name, None)
         kwargs["load"] = load
