@@ -69,8 +69,10 @@ def test_chat_like_a_person(mlxedge_home):
     assert "tok/s" in forgotten
 
     # a long reply, stopped with Ctrl-C once some of it is on the screen
-    child.sendline("Tell me a very long story about a dragon who learns to bake bread.")
-    child.expect(r"\w+ \w+ \w+")  # reply text is streaming
+    story = "Tell me a very long story about a dragon who learns to bake bread."
+    child.sendline(story)
+    child.expect_exact(story)  # the echo of the typed line
+    child.expect(r"\w+ \w+ \w+ \w+ \w+")  # then the reply is streaming
     child.sendintr()
     child.expect_exact("[interrupted]")
     child.expect_exact(PROMPT)

@@ -19,8 +19,8 @@ from typing import List, Optional
 import click
 
 from ..errors import MlxedgeError
-from .common import (EXIT_INTERRUPTED, echo_footer, format_bytes, handles_errors, load_model, load_options,
-                     sampling_options)
+from .common import (EXIT_INTERRUPTED, echo_footer, format_bytes, format_count, handles_errors, load_model,
+                     load_options, sampling_options)
 
 PROMPT = ">>> "
 CONTINUATION = "... "
@@ -237,8 +237,6 @@ def interactive(session: ChatSession, name: str) -> None:
 
 
 def _size(info: dict) -> str:
-    from .common import format_count
-
     bits = info.get("bits")
     bits = "/".join(str(b) for b in bits) if isinstance(bits, list) else bits
     quant = f"{bits}-bit" if bits else info.get("dtype", "float")
