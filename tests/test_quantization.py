@@ -1,12 +1,14 @@
 """Quantize-on-load: layers hold exactly what mx.quantize makes, logits follow, non-divisible layers stay float."""
 
+import shutil
+
 import mlx.core as mx
 import numpy as np
 import pytest
 
 import mlxedge
 from mlxedge.errors import MlxedgeError, QuantizationError
-from tiny_models import build_tiny
+from tiny_models import add_tiny_tokenizer, build_tiny
 
 IDS = list(range(3, 40))
 
@@ -64,3 +66,13 @@ def test_invalid_settings_are_refused(tiny_llama, bits, group_size, needle):
     with pytest.raises(QuantizationError, match=needle):
         mlxedge.load(tiny_llama, bits=bits, group_size=group_size)
     assert issubclass(QuantizationError, MlxedgeError)
+
+
+def test_progress_reaches_its_total_for_quantized_sources(tmp_path, tiny_llama):
+    source = tmp_path / "src"
+    shutil.copytree(tiny_llama, source)
+    add_tiny_tokenizer(source)  # the mlx-lm format carries a tokenizer
+    mlxedge.convert(source, tmp_path / "q4", bits=4, group_size=64)
+    seen = []
+    mlxedge.load(tmp_path / "q4", progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1][0] == seen[-1][1] == len(seen)  # one step per stored tensor, triplet parts included

@@ -46,3 +46,15 @@ def reference_logits(directory: Path, ids: list) -> "torch.Tensor":
     model = T.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0]
+
+
+def add_tiny_tokenizer(directory: Path, vocab_size: int = 256) -> Path:
+    """Save a small byte-level BPE tokenizer, trained on the spot, next to a tiny model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"])
+    raw.train_from_iterator(["a tiny corpus for a tiny tokenizer, with a few words"] * 4, trainer)
+    T.PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>").save_pretrained(directory)
+    return directory

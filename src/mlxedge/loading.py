@@ -164,6 +164,9 @@ def load_checkpoint(checkpoint: Checkpoint, requested: Optional[QuantSpec], dtyp
     for name, array in checkpoint.iter_tensors():
         if name not in keep:
             continue
+        done += 1
+        if progress is not None:
+            progress(done, total)
         module_path, _, part = name.rpartition(".")
         if module_path in source_specs and part in QUANT_PARTS:
             triplet = pending.setdefault(module_path, {})
@@ -180,9 +183,6 @@ def load_checkpoint(checkpoint: Checkpoint, requested: Optional[QuantSpec], dtyp
             _assign_checked(model, expected, tensor_name, tensor)
             assigned.add(tensor_name)
         del array, tensors
-        done += 1
-        if progress is not None:
-            progress(done, total)
     if pending:
         first = next(iter(pending))
         raise SourceError(f"quantized module {first} lacks {set(QUANT_PARTS) - set(pending[first])} in the checkpoint.")
