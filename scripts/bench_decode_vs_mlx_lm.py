@@ -24,28 +24,15 @@ from pathlib import Path
 import mlx.core as mx
 
 import mlxedge
-from mlxedge.bench import time_tokens
+from mlxedge.bench import MlxLmRunner, OursRunner, time_tokens
 
 PROMPT = "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle."
 
 
-def decode_rate(token_stream) -> tuple[float, int]:
+def decode_rate(runner, ids, max_tokens) -> tuple[float, int]:
     """Tokens after the first / time after the first, and the token count (mlxedge.bench's shared timing)."""
-    timing = time_tokens(token_stream)
+    timing = time_tokens(runner.tokens(ids, max_tokens))
     return timing["rate"], timing["tokens"]
-
-
-def ours_stream(model, max_tokens):
-    for event in model.stream(PROMPT, max_tokens=max_tokens, raw=True):
-        if event.token is not None:
-            yield event.token
-
-
-def mlx_lm_stream(model, tokenizer, max_tokens):
-    from mlx_lm import stream_generate
-
-    for response in stream_generate(model, tokenizer, PROMPT, max_tokens=max_tokens):
-        yield response.token
 
 
 def default_model_dir() -> Path:
@@ -79,7 +66,6 @@ def main() -> int:
                         help="compute dtype of the quantized rows (scales, activations)")
     args = parser.parse_args()
     from mlx_lm import convert as mlx_lm_convert
-    from mlx_lm import load as mlx_lm_load
 
     source = Path(args.model) if args.model else default_model_dir()
     rows = []
@@ -90,15 +76,17 @@ def main() -> int:
             theirs_dir = Path(tmp) / f"mlx-lm-{bits}"
             mlx_lm_convert(str(source), mlx_path=str(theirs_dir), quantize=quantize, q_bits=bits if quantize else 4,
                            q_group_size=args.group_size, dtype=dtype)
-            theirs, their_tokenizer = mlx_lm_load(str(theirs_dir))
-            ours = mlxedge.load(source, bits=bits if quantize else None, group_size=args.group_size, dtype=dtype)
-            decode_rate(ours_stream(ours, 8))  # warm-up both
-            decode_rate(mlx_lm_stream(theirs, their_tokenizer, 8))
+            theirs = MlxLmRunner(theirs_dir)
+            ours = OursRunner(mlxedge.load(source, bits=bits if quantize else None, group_size=args.group_size,
+                                           dtype=dtype))
+            ids = ours.model.tokenizer.encode(PROMPT)
+            decode_rate(ours, ids, 8)  # warm-up both
+            decode_rate(theirs, ids, 8)
             ours_rates, their_rates = [], []
-            for _ in range(args.reps):
-                rate, n_ours = decode_rate(ours_stream(ours, args.tokens))
+            for _ in range(args.reps):  # interleaved, so machine load falls on both alike
+                rate, n_ours = decode_rate(ours, ids, args.tokens)
                 ours_rates.append(rate)
-                rate, n_theirs = decode_rate(mlx_lm_stream(theirs, their_tokenizer, args.tokens))
+                rate, n_theirs = decode_rate(theirs, ids, args.tokens)
                 their_rates.append(rate)
             label = "bf16" if not quantize else f"{bits}-bit g{args.group_size} ({dtype})"
             ratios = [a / b for a, b in zip(ours_rates, their_rates)]
