@@ -95,7 +95,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS)
-    parser.add_argument("--dtype", default="bfloat16", help="dtype of unquantized tensors in every variant")
+    parser.add_argument("--dtype", default=None,
+                        help="compute dtype of every variant (default: bf16 for 16, the loader's default otherwise)")
     parser.add_argument("--text", default=None, help="UTF-8 text file (default: pydoc's topic texts)")
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--chunks", type=int, default=None)

@@ -130,7 +130,9 @@ def test_bench_json_schema_with_mlx_lm_compare(tiny_llama_tok, small_probe):
         assert {"pp_ratio", "tg_ratio", "tg_ratio_paired_median"} <= set(ratios)
         assert all(theirs[k] > 0 for k in ratios)
         assert len(theirs["tg_tps"]) == 2 and theirs["tg_tps_mean"] > 0
-    assert data["variants"][1]["bits"] == 4 and data["variants"][1]["bits_per_weight"] < 6
+    q4 = data["variants"][1]
+    scale_bits = 32 if q4["dtype"] == "float32" else 16  # one scale and one bias per group of 32
+    assert q4["bits"] == 4 and abs(q4["bits_per_weight"] - (4 + 2 * scale_bits / 32)) < 0.05
 
 
 def test_bench_table_and_markdown(tiny_llama_tok, small_probe):

@@ -166,7 +166,8 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 def parse_variants(bits: Optional[str], group_size: int = 64, dtype: Optional[str] = None) -> List[Variant]:
     """"16,8,4" → variants. 16 = unquantized in `dtype` (default bfloat16), 32 = float32; 4/8 quantize with
-    `group_size` (other tensors in `dtype`, default bfloat16). None/"" → the model as stored."""
+    `group_size`, computing in `dtype` (default: the loader's, float32 without Metal where half-precision
+    quantized matmuls are 4-18x slower). None/"" → the model as stored."""
     if dtype is not None and dtype not in DTYPES:
         raise MlxedgeError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}.")
     if not bits:
@@ -185,7 +186,7 @@ def parse_variants(bits: Optional[str], group_size: int = 64, dtype: Optional[st
             from .quant.affine import validate_settings
 
             validate_settings(int(item), group_size)  # raises a QuantizationError naming what is allowed
-            out.append(Variant(int(item), group_size, dtype or "bfloat16"))
+            out.append(Variant(int(item), group_size, dtype))
         else:
             raise MlxedgeError(f"--bits {item!r} is not a precision; use a list such as 16,8,4 (32 = float32).")
     if not out:

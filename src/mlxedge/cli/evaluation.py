@@ -36,7 +36,7 @@ def _check_plot_available(path: Optional[str]) -> None:
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
               callback=lambda c, p, v: int(v), help="Quantization group size for 4/8-bit variants.")
 @click.option("--dtype", type=DTYPE_CHOICE, default=None,
-              help="dtype of unquantized tensors (default bfloat16 when --bits is given).")
+              help="compute dtype (16 = bfloat16 unless set; quantized variants default to float32 without Metal).")
 @click.option("-p", "--n-prompt", "n_prompt", type=click.IntRange(min=1), default=512, show_default=True,
               help="Prompt tokens of the prompt-processing test (ppN).")
 @click.option("-n", "--n-gen", "n_gen", type=click.IntRange(min=2), default=128, show_default=True,
@@ -159,7 +159,7 @@ def run_eval(model: str, variants, reference: Optional[str], text: str, text_lab
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
               callback=lambda c, p, v: int(v), help="Quantization group size for 4/8-bit variants.")
 @click.option("--dtype", type=DTYPE_CHOICE, default=None,
-              help="dtype of unquantized tensors (default bfloat16 when --bits is given).")
+              help="compute dtype (16 = bfloat16 unless set; quantized variants default to float32 without Metal).")
 @click.option("--reference", default=None, metavar="MODEL2",
               help="Reference for KL divergence (default with --bits: MODEL as stored, unquantized).")
 @click.option("--no-reference", is_flag=True, help="Perplexity only, no KL divergence.")
