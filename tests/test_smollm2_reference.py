@@ -43,19 +43,28 @@ def test_chat_prompt_matches_transformers_template(fp32_model, smollm2_hf):
     assert fp32_model.tokenizer.prompt_ids(CHAT) == list(expected["input_ids"])
 
 
-def test_fp32_logits_match_transformers_on_prose(fp32_model, reference, prose):
-    ids = fp32_model.tokenizer.encode(prose)[:256]
-    with torch.no_grad():
-        theirs = reference(torch.tensor([ids])).logits[0].numpy()
-    ours = fp32_model.logits(ids)
-    assert np.abs(ours - theirs).max() <= 1e-3
-
-
-def test_8bit_top1_agreement_with_fp32(fp32_model, smollm2_hf, prose):
+@pytest.fixture(scope="module")
+def prose_ids(fp32_model, prose):
     ids = fp32_model.tokenizer.encode(prose)[:512]
     assert len(ids) == 512
+    return ids
+
+
+@pytest.fixture(scope="module")
+def fp32_prose_logits(fp32_model, prose_ids):
+    """One 512-token forward pass shared by the tests below (MLX's CPU matmul makes each one costly)."""
+    return fp32_model.logits(prose_ids)
+
+
+def test_fp32_logits_match_transformers_on_prose(reference, prose_ids, fp32_prose_logits):
+    with torch.no_grad():
+        theirs = reference(torch.tensor([prose_ids[:256]])).logits[0].numpy()
+    assert np.abs(fp32_prose_logits[:256] - theirs).max() <= 1e-3  # causal: the first 256 rows stand alone
+
+
+def test_8bit_top1_agreement_with_fp32(smollm2_hf, prose_ids, fp32_prose_logits):
     q8 = mlxedge.load(smollm2_hf, bits=8, group_size=64)
     assert q8.info["bits"] == 8 and q8.info["quantized_modules"] == 211
-    agreement = (q8.logits(ids).argmax(-1) == fp32_model.logits(ids).argmax(-1)).mean()
+    agreement = (q8.logits(prose_ids).argmax(-1) == fp32_prose_logits.argmax(-1)).mean()
     print(f"8-bit g64 top-1 agreement with fp32 over 512 tokens: {agreement:.4f}")
     assert agreement >= 0.98
