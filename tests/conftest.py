@@ -7,6 +7,7 @@ so a second run of the suite starts in seconds.
 from __future__ import annotations
 
 import hashlib
+import shutil
 import os
 import subprocess
 import sys
@@ -85,6 +86,20 @@ def smollm2_hf(smollm2_gguf: Path) -> Path:
         tokenizer.save_pretrained(tmp)
 
     return _build_once(test_cache_dir() / "smollm2-hf-fp32", build)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_tok(smollm2_hf: Path) -> Path:
+    """A tiny random llama with SmolLM2's vocabulary and tokenizer (cached): a real tokenizer, fast forwards."""
+
+    def build(tmp: Path):
+        from tiny_models import build_tiny
+
+        build_tiny("llama", tmp, vocab_size=49152)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(smollm2_hf / name, tmp / name)
+
+    return _build_once(test_cache_dir() / "tiny-llama-smollm2-tokenizer", build)
 
 
 PROSE_SAMPLE_CHARS = 6000

@@ -17,18 +17,6 @@ from mlxedge import bench as B
 from mlxedge.errors import MlxedgeError
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_tok(smollm2_hf: Path) -> Path:
-    """A tiny random llama with SmolLM2's vocabulary and tokenizer (cached; same recipe as test_evaluate)."""
-
-    def build(tmp: Path):
-        from tiny_models import build_tiny
-
-        build_tiny("llama", tmp, vocab_size=49152)
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy(smollm2_hf / name, tmp / name)
-
-    return _build_once(test_cache_dir() / "tiny-llama-smollm2-tokenizer", build)
 
 
 @pytest.fixture

@@ -17,18 +17,6 @@ from mlxedge.evaluate import (DivergenceStats, PerplexityStats, compare_rows, ev
                               make_chunks, token_nll)
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_tok(smollm2_hf: Path) -> Path:
-    """A tiny random llama with SmolLM2's vocabulary and tokenizer (cached): a real tokenizer, fast forwards."""
-
-    def build(tmp: Path):
-        from tiny_models import build_tiny
-
-        build_tiny("llama", tmp, vocab_size=49152)
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy(smollm2_hf / name, tmp / name)
-
-    return _build_once(test_cache_dir() / "tiny-llama-smollm2-tokenizer", build)
 
 
 # ------------------------------------------------------------------------------------------------ pure numerics

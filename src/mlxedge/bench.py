@@ -470,15 +470,16 @@ def format_table(result: dict, markdown: bool = False) -> str:
              f"tests: {result['settings']['tests']}, {result['settings']['repetitions']} repetitions after a "
              "warm-up, mean ± stdev", ""]
     header, rows = table_rows(result)
+    return "\n".join(lines + render_table(header, rows, markdown))
+
+
+def render_table(header: list, rows: list, markdown: bool = False) -> list:
+    """Table lines: aligned plain-text columns, or a markdown pipe table."""
     if markdown:
-        lines.append("| " + " | ".join(header) + " |")
-        lines.append("|" + "|".join("---" for _ in header) + "|")
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-    else:
-        widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-        for r in [header] + rows:
-            lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
-    return "\n".join(lines)
+        return (["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+                + ["| " + " | ".join(r) + " |" for r in rows])
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    return ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
 
 
 def plot(result: dict, path) -> Path:

@@ -8,6 +8,7 @@ from typing import Optional
 
 import click
 
+from .. import bench as B
 from ..errors import MlxedgeError
 from .common import emit_json, format_bytes, handles_errors, load_model, progress_bar, resolve_source
 
@@ -53,7 +54,6 @@ def _check_plot_available(path: Optional[str]) -> None:
 def bench_command(model, bits, group_size, dtype, n_prompt, n_gen, repetitions, compare, as_json, as_md,
                   plot_path, remeasure_bandwidth):
     """Prompt-processing and generation speed of MODEL, per precision (llama-bench's pp/tg conventions)."""
-    from .. import bench as B
 
     if as_json and as_md:
         raise MlxedgeError("choose one of --json and --md.")
@@ -103,15 +103,7 @@ def format_eval(result: dict, markdown: bool = False) -> str:
                      f"{ref['perplexity_error']:.4f}")
     lines.append("")
     header, rows = _eval_rows(result)
-    if markdown:
-        lines.append("| " + " | ".join(header) + " |")
-        lines.append("|" + "|".join("---" for _ in header) + "|")
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-    else:
-        widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-        for r in [header] + rows:
-            lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
-    return "\n".join(lines)
+    return "\n".join(lines + B.render_table(header, rows, markdown))
 
 
 def run_eval(model: str, variants, reference: Optional[str], text: str, text_label: str, ctx: int,
@@ -174,12 +166,11 @@ def run_eval(model: str, variants, reference: Optional[str], text: str, text_lab
 def eval_command(model, bits, group_size, dtype, reference, no_reference, text_path, ctx, chunks, as_json,
                  as_md):
     """Perplexity of MODEL (llama-perplexity's way) and KL divergence / top-1 agreement against a reference."""
-    from ..bench import parse_variants
     from ..evaluate import builtin_text
 
     if as_json and as_md:
         raise MlxedgeError("choose one of --json and --md.")
-    variants = parse_variants(bits, group_size, dtype)
+    variants = B.parse_variants(bits, group_size, dtype)
     if no_reference:
         reference = None
     elif reference is None and bits:
