@@ -76,3 +76,19 @@ def test_progress_reaches_its_total_for_quantized_sources(tmp_path, tiny_llama):
     seen = []
     mlxedge.load(tmp_path / "q4", progress=lambda done, total: seen.append((done, total)))
     assert seen[-1][0] == seen[-1][1] == len(seen)  # one step per stored tensor, triplet parts included
+
+
+def test_convert_keeps_the_checkpoint_dtype_whatever_the_machine(tmp_path, tiny_llama):
+    import json
+
+    import torch
+    import transformers as T
+    from safetensors import safe_open
+
+    source = tmp_path / "bf16"  # a bfloat16 copy of the float32 tiny model
+    T.AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16).save_pretrained(source)
+    add_tiny_tokenizer(source)
+    mlxedge.convert(source, tmp_path / "q4", bits=4, group_size=64)
+    assert json.loads((tmp_path / "q4" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    with safe_open(str(tmp_path / "q4" / "model.safetensors"), "np") as f:
+        assert f.get_slice("model.layers.0.mlp.up_proj.scales").get_dtype() == "BF16"

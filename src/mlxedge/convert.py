@@ -33,7 +33,7 @@ def convert(source, dest, bits: Optional[int] = 4, group_size: int = 64, dtype: 
         raise MlxedgeError(f"{dest} already exists; choose another destination or pass force=True (--force).")
     requested = validate_settings(bits, group_size)
     checkpoint = open_source(source)
-    loaded = load_checkpoint(checkpoint, requested, dtype=dtype, progress=progress)
+    loaded = load_checkpoint(checkpoint, requested, dtype=dtype, progress=progress, for_compute=False)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:

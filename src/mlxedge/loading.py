@@ -38,19 +38,20 @@ class LoadedModel:
     extra: dict = field(default_factory=dict)
 
 
-def resolve_dtype(dtype, checkpoint: Checkpoint) -> mx.Dtype:
+def resolve_dtype(dtype, checkpoint: Checkpoint, for_compute: bool = True) -> mx.Dtype:
     """The compute/storage dtype of unquantized tensors: as asked, else the checkpoint's own.
 
-    Without Metal (MLX's CPU build) the default is float32: there MLX's quantized matmul runs 4x (bfloat16)
-    to 18x (float16) slower in half precision than in float32 (measured on a (1,576)x(1536,576) 4-bit
-    matmul), which would make every decode step crawl.
+    For computing on a machine without Metal (MLX's CPU build) the default is float32: there MLX's quantized
+    matmul runs 4x (bfloat16) to 18x (float16) slower in half precision than in float32 (measured on a
+    (1,576)x(1536,576) 4-bit matmul), which would make every decode step crawl. Files written for other
+    machines (for_compute=False) keep the checkpoint's dtype.
     """
     if dtype is not None:
         name = dtype if isinstance(dtype, str) else str(dtype).split(".")[-1]
         if name not in DTYPES:
             raise MlxedgeError(f"dtype {dtype!r} is not supported; use float16, bfloat16 or float32.")
         return DTYPES[name]
-    if not mx.metal.is_available():
+    if for_compute and not mx.metal.is_available():
         return mx.float32
     declared = checkpoint.config.get("torch_dtype") or checkpoint.config.get("dtype")
     if declared in DTYPES:
@@ -140,15 +141,15 @@ def _surviving_names(model: nn.Module, checkpoint: Checkpoint) -> set:
 
 
 def load_checkpoint(checkpoint: Checkpoint, requested: Optional[QuantSpec], dtype=None,
-                    progress: Optional[Callable[[int, int], None]] = None) -> LoadedModel:
-    """Build the architecture and stream every tensor of `checkpoint` into it."""
+                    progress: Optional[Callable[[int, int], None]] = None, for_compute: bool = True) -> LoadedModel:
+    """Build the architecture and stream every tensor of `checkpoint` into it (see resolve_dtype for for_compute)."""
     config = normalize_config(checkpoint.config)
     model_class, args_class = model_classes(config)
     try:
         model = model_class(args_class.from_dict(config))
     except (TypeError, ValueError, KeyError) as e:
         raise SourceError(f"config.json does not describe a valid {config['model_type']} model: {e}") from None
-    compute_dtype = resolve_dtype(dtype, checkpoint)
+    compute_dtype = resolve_dtype(dtype, checkpoint, for_compute)
     keep = _surviving_names(model, checkpoint)
 
     modules = _quantizable_modules(model)
