@@ -90,6 +90,7 @@ def test_ctrl_c_at_the_prompt_stays_and_ctrl_d_leaves_with_status_0(mlxedge_home
     child = spawn_chat(mlxedge_home, ["chat", "--dtype", "float32", "--no-stats"])
     child.expect_exact(PROMPT)
     child.send("half a line")
+    child.expect_exact("half a line")  # like a person: Ctrl-C once the typed text shows (readline is reading)
     child.sendintr()
     child.expect_exact("/exit or Ctrl-D leaves")
     child.expect_exact(PROMPT)
