@@ -84,6 +84,19 @@ def test_bandwidth_is_measured_once_and_cached(small_probe):
     assert B.device_bandwidth(remeasure=True)["cached"] is False
 
 
+def test_a_figure_from_an_older_probe_is_measured_again(small_probe):
+    import json
+
+    B.device_bandwidth()
+    path = small_probe / "bench" / B.BANDWIDTH_CACHE_NAME
+    cache = json.loads(path.read_text())
+    for entry in cache.values():
+        entry["method"], entry["bytes_per_s"] = "MLX copy y = x + 1", 1.0
+    path.write_text(json.dumps(cache))
+    fresh = B.device_bandwidth()
+    assert fresh["cached"] is False and fresh["method"] == B.BANDWIDTH_METHOD and fresh["bytes_per_s"] > 1.0
+
+
 def test_roofline_arithmetic():
     r = B._roofline(50.0, 10**9, 200e9)
     assert r["roofline_tps"] == pytest.approx(200.0) and r["roofline_pct"] == pytest.approx(25.0)

@@ -84,27 +84,32 @@ def device_info() -> dict:
     return out
 
 
+BANDWIDTH_METHOD = "MLX read-only reduction sum(x) over float32, bytes read / best time"
+
+
 def measure_bandwidth(nbytes: Optional[int] = None, reps: int = BANDWIDTH_REPS) -> dict:
-    """Copy bandwidth of the default device: y = x + 1 over a large float32 array, (read + write) / best time."""
+    """Read bandwidth of the default device: sum(x) over a large float32 array, bytes read / best time.
+
+    A decode step mostly reads weights, so a read-only reduction is the fitting ceiling. On MLX's CPU backend
+    an element-wise copy measured 1.3 GB/s against 4.1 GB/s for the reduction (numpy's sum: 12.4 GB/s), and
+    the copy-based figure put decode above 100% of its own "roofline".
+    """
     if nbytes is None:
         memory = _total_memory_bytes({}) or (8 << 30)
         nbytes = min(BANDWIDTH_PROBE_BYTES, memory // 8)
     n = max(1 << 20, nbytes // 4)
-    x = mx.zeros((n,), dtype=mx.float32)
+    x = mx.ones((n,), dtype=mx.float32)
     mx.eval(x)
-    mx.eval(x + 1.0)  # warm-up: allocation and kernel compilation
+    mx.eval(mx.sum(x))  # warm-up: kernel compilation
     best = math.inf
     for _ in range(reps):
         start = time.perf_counter()
-        y = x + 1.0
-        mx.eval(y)
+        mx.eval(mx.sum(x))
         best = min(best, time.perf_counter() - start)
-        del y
     del x
     mx.clear_cache()
-    moved = 2 * 4 * n
-    return {"bytes_per_s": moved / best, "probe_bytes": 4 * n, "best_s": best, "reps": reps,
-            "method": "MLX copy y = x + 1 (float32), (read + write bytes) / best time"}
+    return {"bytes_per_s": 4 * n / best, "probe_bytes": 4 * n, "best_s": best, "reps": reps,
+            "method": BANDWIDTH_METHOD}
 
 
 def _bandwidth_cache_path() -> Path:
@@ -123,8 +128,10 @@ def device_bandwidth(device: Optional[dict] = None, remeasure: bool = False, log
         cache = json.loads(path.read_text())
     except (OSError, ValueError):
         pass
-    if not remeasure and isinstance(cache.get(key), dict) and cache[key].get("bytes_per_s"):
-        return {**cache[key], "cached": True}
+    entry = cache.get(key)
+    if (not remeasure and isinstance(entry, dict) and entry.get("bytes_per_s")
+            and entry.get("method") == BANDWIDTH_METHOD):  # a figure from an older probe is measured again
+        return {**entry, "cached": True}
     if log:
         log("measuring memory bandwidth (once per device; cached)...")
     result = measure_bandwidth()
