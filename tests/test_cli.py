@@ -64,6 +64,18 @@ def test_generate_json_reads_stdin_and_carries_the_stats(env):
 
 
 @pytest.mark.slow
+def test_context_overflow_is_one_line_unless_rotating_kv(env):
+    args = ["generate", "smollm2", "-p", "Count: one, two, three,", "--raw", "--context-length", "24",
+            "--max-tokens", "30", *FAST]
+    refused = run(args, env)
+    assert refused.returncode == 1 and "context" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    rotating = run([*args, "--rotating-kv", "--json"], env)
+    assert rotating.returncode == 0, rotating.stderr
+    out = json.loads(rotating.stdout)
+    assert out["stats"]["prompt_tokens"] + out["stats"]["generation_tokens"] > 24 or out["finish_reason"] == "stop"
+
+
+@pytest.mark.slow
 def test_chat_answers_a_pipe_as_one_prompt_and_exits(env):
     proc = run(["chat", "--max-tokens", "12", "--no-stats", *FAST], env, stdin="The password is tulip. What is it?\n")
     assert proc.returncode == 0, proc.stderr

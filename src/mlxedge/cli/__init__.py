@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import click
 
-import mlxedge as _api
-
 from .chat import chat_command
 from .evaluation import bench_command, eval_command
 from .generate import generate_command
 from .models import convert_command, info_command, list_command, pull_command
+from .plan import plan_command
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -27,12 +26,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 for _command in (chat_command, generate_command, pull_command, list_command, info_command, convert_command,
-                 bench_command, eval_command):
+                 plan_command, bench_command, eval_command):
     main.add_command(_command)
-
-if hasattr(_api, "plan"):  # the memory planner's public entry point
-    from .plan import plan_command
-
-    main.add_command(plan_command)
 
 __all__ = ["main"]

@@ -119,22 +119,8 @@ def sampling_options(fn):
     return wrapper
 
 
-def _api_has_plan() -> bool:
-    import mlxedge
-
-    return hasattr(mlxedge, "plan")
-
-
-def _load_accepts(name: str) -> bool:
-    import inspect
-
-    import mlxedge
-
-    return name in inspect.signature(mlxedge.load).parameters
-
-
 def load_options(fn):
-    """Decorator: --bits/--group-size/--dtype (+ --memory-budget/--auto-fit when the API has them), as `load`."""
+    """Decorator: --bits/--group-size/--dtype/--context-length/--rotating-kv/--memory-budget/--auto-fit, as `load`."""
 
     def bits_value(ctx, param, value):
         return None if value is None or value == "16" else int(value)
@@ -145,28 +131,24 @@ def load_options(fn):
         click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
                      callback=lambda c, p, v: int(v), help="Quantization group size (with --bits)."),
         click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
-                     help="dtype of unquantized tensors and activations (default: the checkpoint's)."),
+                     help="dtype of unquantized tensors and activations (default: float32 without Metal, "
+                          "else the checkpoint's)."),
+        click.option("--context-length", type=click.IntRange(min=1), default=None,
+                     help="Most tokens of context (bounds the KV cache; default: the model's, capped at 4096)."),
+        click.option("--rotating-kv", is_flag=True,
+                     help="Past the context, keep a rotating window of the latest tokens instead of stopping."),
+        click.option("--memory-budget", default=None, metavar="SIZE",
+                     help="Memory the model may use, e.g. 6GB or 512MiB (default: what this device allows)."),
+        click.option("--auto-fit", is_flag=True,
+                     help="Lower bits/context as needed to fit the budget instead of refusing."),
     ]
-    names = ["bits", "group_size", "dtype"]
-    if _load_accepts("context_length"):
-        options.append(click.option("--context-length", type=click.IntRange(min=1), default=None,
-                                    help="Most tokens of context (bounds the KV cache; default: the model's, "
-                                         "capped by the runtime)."))
-        names.append("context_length")
-    if _api_has_plan() and _load_accepts("memory_budget"):
-        options += [
-            click.option("--memory-budget", default=None, metavar="SIZE",
-                         help="Memory the model may use, e.g. 6GB or 512MiB (default: what this device allows)."),
-        ]
-        names += ["memory_budget"]
-        if _load_accepts("auto_fit"):
-            options.append(click.option("--auto-fit", is_flag=True,
-                                        help="Lower bits/context as needed to fit the budget instead of refusing."))
-            names.append("auto_fit")
+    names = ["bits", "group_size", "dtype", "context_length", "rotating_kv", "memory_budget", "auto_fit"]
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         load = {name: kwargs.pop(name) for name in names}
+        if load.pop("rotating_kv"):
+            load["kv_overflow"] = "rotate"
         if not load.get("auto_fit"):
             load.pop("auto_fit", None)  # only pass what the user asked for
         for name in ("memory_budget", "dtype", "context_length"):
