@@ -647,25 +647,17 @@ def auto_fit(config: dict, tensor_infos: Mapping, *, bits: Optional[int], group_
 
     Raises MemoryBudgetError when nothing down to 4-bit and a 512-token context fits.
     """
-    asked = make_plan(config, tensor_infos, bits=bits, group_size=group_size, dtype_bytes=dtype_bytes,
-                      context_length=context_length, budget=budget, **kwargs)
-    if asked.fits:
-        return asked
-    fitting = suggest_fitting(config, tensor_infos, bits=bits, group_size=group_size, dtype_bytes=dtype_bytes,
-                              context_length=context_length, budget=budget, **kwargs)
-    if not fitting:
-        raise MemoryBudgetError(_refusal(asked, []))
-    best = fitting[0]
-    plan = make_plan(config, tensor_infos, bits=best["bits"], group_size=group_size, dtype_bytes=dtype_bytes,
-                     context_length=best["context_length"], budget=budget, **kwargs)
+    return check_plan(config, tensor_infos, bits=bits, group_size=group_size, dtype_bytes=dtype_bytes,
+                      context_length=context_length, budget=budget, auto_fit=True, **kwargs)
+
+
+def _chosen_plan(asked: MemoryPlan, best: dict, config: dict, tensor_infos: Mapping, **kwargs) -> MemoryPlan:
+    plan = make_plan(config, tensor_infos, bits=best["bits"], context_length=best["context_length"], **kwargs)
     plan.note = (f"auto-fit: chose {_describe_setting(best)} instead of the asked "
                  f"{asked.summary().split(':')[0]} "
                  f"({format_bytes(asked.total_bytes)}), to fit the {format_bytes(plan.budget_bytes)} budget "
                  f"({plan.budget_source}).")
     return plan
-
-
-_auto_fit = auto_fit  # check_plan's `auto_fit` flag shadows the function's name there
 
 
 def _refusal(plan: MemoryPlan, fitting: list, limit: int = 3) -> str:
@@ -684,15 +676,13 @@ def check_plan(config: dict, tensor_infos: Mapping, *, bits: Optional[int], grou
                context_length: int, budget, auto_fit: bool = False, **kwargs) -> MemoryPlan:
     """What `load` calls before reading any weight: the plan if it fits; with auto_fit the best plan that
     fits (its `note` says which); otherwise MemoryBudgetError naming the settings that would fit."""
-    if auto_fit:
-        return _auto_fit(config, tensor_infos, bits=bits, group_size=group_size, dtype_bytes=dtype_bytes,
-                         context_length=context_length, budget=budget, **kwargs)
-    plan = make_plan(config, tensor_infos, bits=bits, group_size=group_size, dtype_bytes=dtype_bytes,
-                     context_length=context_length, budget=budget, **kwargs)
+    common = dict(group_size=group_size, dtype_bytes=dtype_bytes, budget=budget, **kwargs)
+    plan = make_plan(config, tensor_infos, bits=bits, context_length=context_length, **common)
     if plan.fits:
         return plan
-    fitting = suggest_fitting(config, tensor_infos, bits=bits, group_size=group_size, dtype_bytes=dtype_bytes,
-                              context_length=context_length, budget=budget, **kwargs)
+    fitting = suggest_fitting(config, tensor_infos, bits=bits, context_length=context_length, **common)
+    if auto_fit and fitting:
+        return _chosen_plan(plan, fitting[0], config, tensor_infos, **common)
     raise MemoryBudgetError(_refusal(plan, fitting))
 
 
