@@ -28,16 +28,27 @@ def _check_plot_available(path: Optional[str]) -> None:
         raise MlxedgeError("--plot needs matplotlib: pip install 'mlxedge[plot]'") from None
 
 
+def variant_options(fn):
+    """--bits LIST / --group-size / --dtype: the precisions bench and eval run (see bench.parse_variants)."""
+    options = [
+        click.option("--bits", default=None, metavar="LIST",
+                     help="Precisions, e.g. 16,8,4 (16 = unquantized in --dtype, 32 = float32). "
+                          "Default: the model as stored."),
+        click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
+                     callback=lambda c, p, v: int(v), help="Quantization group size for 4/8-bit variants."),
+        click.option("--dtype", type=DTYPE_CHOICE, default=None,
+                     help="compute dtype (16 = bfloat16 unless set; quantized variants default to float32 "
+                          "without Metal)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 @click.command("bench")
 @handles_errors
 @click.argument("model")
-@click.option("--bits", default=None, metavar="LIST",
-              help="Precisions to compare, e.g. 16,8,4 (16 = unquantized in --dtype, 32 = float32). "
-                   "Default: the model as stored.")
-@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
-              callback=lambda c, p, v: int(v), help="Quantization group size for 4/8-bit variants.")
-@click.option("--dtype", type=DTYPE_CHOICE, default=None,
-              help="compute dtype (16 = bfloat16 unless set; quantized variants default to float32 without Metal).")
+@variant_options
 @click.option("-p", "--n-prompt", "n_prompt", type=click.IntRange(min=1), default=512, show_default=True,
               help="Prompt tokens of the prompt-processing test (ppN).")
 @click.option("-n", "--n-gen", "n_gen", type=click.IntRange(min=2), default=128, show_default=True,
@@ -145,13 +156,7 @@ def run_eval(model: str, variants, reference: Optional[str], text: str, text_lab
 @click.command("eval")
 @handles_errors
 @click.argument("model")
-@click.option("--bits", default=None, metavar="LIST",
-              help="Precisions to evaluate, e.g. 16,8,4 (16 = unquantized in --dtype, 32 = float32). "
-                   "Default: the model as stored.")
-@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
-              callback=lambda c, p, v: int(v), help="Quantization group size for 4/8-bit variants.")
-@click.option("--dtype", type=DTYPE_CHOICE, default=None,
-              help="compute dtype (16 = bfloat16 unless set; quantized variants default to float32 without Metal).")
+@variant_options
 @click.option("--reference", default=None, metavar="MODEL2",
               help="Reference for KL divergence (default with --bits: MODEL as stored, unquantized).")
 @click.option("--no-reference", is_flag=True, help="Perplexity only, no KL divergence.")
