@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 from .errors import GenerationError, MemoryBudgetError, MlxedgeError
+from .quant.affine import LOAD_BITS, QuantSpec, can_quantize
 
 # ---------------------------------------------------------------------------------------------- sizes
 
@@ -333,7 +334,7 @@ DEFAULT_PREFILL_CHUNK = 512
 KV_STEP = 256  # mlx-lm's KVCache grows in steps of 256 tokens
 DEFAULT_CONTEXT = 4096
 MIN_SUGGESTED_CONTEXT = 512
-SUGGESTED_BITS = (8, 4)  # what the loader quantizes to (quant.affine.LOAD_BITS)
+SUGGESTED_BITS = tuple(sorted(LOAD_BITS, reverse=True))  # what the loader quantizes to, best first
 
 _FLOAT_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "F16": 2, "BF16": 2, "F32": 4, "F64": 8}
 _DROPPED_SUFFIXES = ("rotary_emb.inv_freq", ".attn.masked_bias")
@@ -487,7 +488,7 @@ def weight_plan(config: dict, tensor_infos: Mapping, *, bits: Optional[int], gro
         out["parameters"] += numel
         floating = info.dtype in _FLOAT_BYTES
         is_matrix = leaf == "weight" and len(info.shape) == 2 and floating
-        if bits is not None and is_matrix and int(info.shape[-1]) % group_size == 0:
+        if bits is not None and is_matrix and can_quantize(int(info.shape[-1]), QuantSpec(bits, group_size)):
             nbytes = quantized_bytes(info.shape, bits, group_size, dtype_bytes)
             out["quantized_bytes"] += nbytes
             out["quantized_tensors"] += 1
