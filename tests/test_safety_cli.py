@@ -21,25 +21,8 @@ import pytest
 import mlxedge
 from mlxedge import fsutil
 from mlxedge.errors import MlxedgeError
+from test_cli import MLXEDGE, env, home  # noqa: F401  (the smollm2 alias served from a temporary MLXEDGE_HOME)
 from tiny_models import add_tiny_tokenizer, build_tiny
-
-MLXEDGE = str(Path(sys.executable).with_name("mlxedge"))
-
-
-@pytest.fixture(scope="module")
-def home(smollm2_gguf, tmp_path_factory) -> Path:
-    from mlxedge.sources.registry import ALIASES
-
-    home = tmp_path_factory.mktemp("safety-home")
-    target = home / "models" / "smollm2" / ALIASES["smollm2"].filename
-    target.parent.mkdir(parents=True)
-    target.symlink_to(smollm2_gguf)
-    return home
-
-
-@pytest.fixture()
-def env(home):
-    return dict(os.environ, MLXEDGE_HOME=str(home))
 
 
 @pytest.fixture(scope="module")
