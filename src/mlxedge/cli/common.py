@@ -89,7 +89,8 @@ def run_command(fn: Callable[[], object], debug: bool = False):
     except KeyboardInterrupt:
         if debug:
             traceback.print_exc()
-        click.echo("\ninterrupted", err=True)
+        # on a terminal, first end the line the ^C was echoed on; a pipe or log gets exactly one line
+        click.echo("\ninterrupted" if _isatty(sys.stderr) else "interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except Terminated:
         if debug:
