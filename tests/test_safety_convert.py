@@ -244,7 +244,19 @@ def test_temporary_names_carry_pid_time_and_purpose(tmp_path):
     pid, created, purpose = directory.name[len(fsutil.TMP_PREFIX):].split("-")[:3]
     assert int(pid) == os.getpid() and abs(int(created) - time.time()) < 60 and purpose == "convert"
     assert not fsutil.is_stale(directory.name)  # ours, alive
-    assert fsutil.is_stale(directory.name, now=time.time() + fsutil.STALE_AFTER_S + 1)
+
+
+def test_a_reused_pid_does_not_keep_a_temporary_alive(monkeypatch):
+    me = os.getpid()
+    started = fsutil._start_time(me)
+    if started is None:
+        pytest.skip("no /proc here: process start times cannot be read (the age rule applies instead)")
+    before_we_started = int(started) - 60  # a temporary "of ours" made before this process existed: PID reuse
+    assert fsutil.is_stale(f".mlxedge-tmp-{me}-{before_we_started}-convert-abcd1234")
+    assert not fsutil.is_stale(f".mlxedge-tmp-{me}-{int(time.time())}-convert-abcd1234")
+    monkeypatch.setattr(fsutil, "_start_time", lambda pid: None)  # where start times are unknown: by age
+    assert not fsutil.is_stale(f".mlxedge-tmp-{me}-{before_we_started}-convert-abcd1234")
+    assert fsutil.is_stale(f".mlxedge-tmp-{me}-{int(time.time()) - fsutil.STALE_AFTER_S - 5}-convert-abcd1234")
 
 
 # ------------------------------------------------------------------------------------------------ disk full

@@ -3,7 +3,8 @@
 
 - Temporaries are named `.mlxedge-tmp-<pid>-<unix time>-<purpose>-<random>` and made beside their final
   place (same filesystem, so the final step is a rename). `clean_stale_temps(dir)` removes only entries of
-  that pattern whose process is gone or that are older than STALE_AFTER_S; nothing else is ever touched.
+  that pattern whose process is gone (PID dead, or reused by a later process; without /proc: older than
+  STALE_AFTER_S); nothing else is ever touched.
 - `replace_refusal(dest, sources)` says why `dest` must not be replaced (or None). Never replaced: a
   symbolic link, a file, `/`, the home directory or a parent of it, the current directory or a parent of it
   (so `.` and `..`), the source or a directory holding it. Replaced: an empty directory; a directory
@@ -32,7 +33,7 @@ from .errors import MlxedgeError
 
 TMP_PREFIX = ".mlxedge-tmp-"
 _TMP_NAME = re.compile(r"^\.mlxedge-tmp-(\d+)-(\d+)-[a-z0-9]+-")
-STALE_AFTER_S = 6 * 3600  # a temporary this old is stale even if its PID is alive (PIDs get reused)
+STALE_AFTER_S = 24 * 3600  # where a PID's start time cannot be read: this old is stale even if the PID lives
 
 MARKER = ".mlxedge-model.json"  # written into every directory mlxedge convert produces
 MARKER_FORMAT = "mlxedge-model"
@@ -71,16 +72,32 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _start_time(pid: int) -> Optional[float]:
+    """When process `pid` started (unix time), from /proc on Linux; None where that cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        ticks = int(stat[stat.rindex(")") + 2:].split()[19])  # field 22, counted after the command name
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
 def is_stale(name: str, now: Optional[float] = None, max_age_s: float = STALE_AFTER_S) -> bool:
-    """Whether `name` is a temporary of ours whose process is gone, or that is older than max_age_s."""
+    """Whether `name` is a temporary of ours left by a process that is gone: its PID is dead, or the PID now
+    belongs to a process started after the temporary was made (reused); where start times cannot be read,
+    a temporary older than max_age_s counts as left behind."""
     match = _TMP_NAME.match(name)
     if match is None:
         return False
     pid, created = int(match[1]), int(match[2])
-    age = (time.time() if now is None else now) - created
-    if age > max_age_s:
+    if pid != os.getpid() and not _pid_alive(pid):
         return True
-    return pid != os.getpid() and not _pid_alive(pid)
+    started = _start_time(pid)
+    if started is not None:
+        return started > created + 2  # 2 s: the start time is read in clock ticks, the name in whole seconds
+    return (time.time() if now is None else now) - created > max_age_s
 
 
 def remove_path(path: Path) -> None:
