@@ -195,12 +195,14 @@ def replace_refusal(dest, sources: Iterable = ()) -> Optional[str]:
     real = dest.resolve()
     if real == Path(real.anchor):
         return "it is the filesystem root"
-    home = Path.home().resolve()
-    if _inside(home, real):
-        return "it is your home directory" if real == home else "it holds your home directory"
-    cwd = Path.cwd().resolve()
-    if _inside(cwd, real):
-        return "it is the current directory" if real == cwd else "it holds the current directory"
+    for where, this, holds in ((Path.home, "it is your home directory", "it holds your home directory"),
+                               (Path.cwd, "it is the current directory", "it holds the current directory")):
+        try:
+            protected = where().resolve()
+        except (OSError, RuntimeError):  # no HOME / a deleted working directory: nothing to protect there
+            continue
+        if _inside(protected, real):
+            return this if real == protected else holds
     for source in sources:
         if source is None or not absolute(source).exists():
             continue
