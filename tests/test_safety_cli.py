@@ -22,6 +22,7 @@ import mlxedge
 from mlxedge import fsutil
 from mlxedge.errors import MlxedgeError
 from test_cli import MLXEDGE, env, home  # noqa: F401  (the smollm2 alias served from a temporary MLXEDGE_HOME)
+from test_safety_convert import small_fs  # noqa: F401  (a 256 KB tmpfs)
 from tiny_models import add_tiny_tokenizer, build_tiny
 
 
@@ -100,6 +101,15 @@ def test_force_on_the_current_directory_from_the_cli_keeps_every_file(env, tiny,
     assert lines(proc.stderr) == [f"error: refusing to replace {work}: it is the current directory"]
     assert sorted(str(p.relative_to(work)) for p in work.rglob("*")) == ["notes", "notes/a.md", "thesis.tex"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["thesis"]
+
+
+def test_a_full_disk_from_the_cli_is_one_line_and_leaves_nothing(env, tiny, small_fs):
+    proc = subprocess.run([MLXEDGE, "convert", str(tiny), str(small_fs / "out"), "--bits", "16"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and len(lines(proc.stderr)) == 1
+    assert proc.stderr.startswith(f"error: no space left on {small_fs} to write {small_fs / 'out'}: ")
+    assert " MB needed, " in proc.stderr and " MB free; free some space or choose another destination" in proc.stderr
+    assert os.listdir(small_fs) == []
 
 
 # ------------------------------------------------------------------------------------------------ pull
