@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from .adapters import fused_checkpoint, read_adapter
 from .errors import MlxedgeError
 from .loading import load_checkpoint
 from .quant.affine import validate_settings
@@ -26,13 +27,19 @@ MAX_SHARD_BYTES = 5 << 30  # mlx-lm's shard size
 
 
 def convert(source, dest, bits: Optional[int] = 4, group_size: int = 64, dtype: Optional[str] = None,
-            force: bool = False, progress: Optional[Callable[[int, int], None]] = None) -> dict:
-    """Convert `source` to an mlx-lm directory at `dest`; returns a summary dict (path, bytes, bits, ...)."""
+            force: bool = False, progress: Optional[Callable[[int, int], None]] = None, adapter=None) -> dict:
+    """Convert `source` to an mlx-lm directory at `dest`; returns a summary dict (path, bytes, bits, ...).
+
+    adapter: a LoRA/DoRA adapter directory fused into the weights before they are quantized.
+    """
     dest = Path(dest).expanduser()
     if dest.exists() and not force:
         raise MlxedgeError(f"{dest} already exists; choose another destination or pass force=True (--force).")
     requested = validate_settings(bits, group_size)
+    lora = read_adapter(adapter) if adapter is not None else None
     checkpoint = open_source(source)
+    if lora is not None:
+        checkpoint = fused_checkpoint(checkpoint, lora)
     loaded = load_checkpoint(checkpoint, requested, dtype=dtype, progress=progress, for_compute=False)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
