@@ -20,6 +20,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from . import fsutil
+from .adapters import fused_checkpoint, read_adapter
 from .errors import MlxedgeError
 from .loading import load_checkpoint, resolve_dtype
 from .memory import weight_plan
@@ -31,12 +32,16 @@ EXTRA_BYTES = 4 << 20  # room asked beyond the weights: config, tokenizer files,
 
 
 def convert(source, dest, bits: Optional[int] = 4, group_size: int = 64, dtype: Optional[str] = None,
-            force: bool = False, progress: Optional[Callable[[int, int], None]] = None) -> dict:
-    """Convert `source` to an mlx-lm directory at `dest`; returns a summary dict (path, bytes, bits, ...)."""
+            force: bool = False, progress: Optional[Callable[[int, int], None]] = None, adapter=None) -> dict:
+    """Convert `source` to an mlx-lm directory at `dest`; returns a summary dict (path, bytes, bits, ...).
+
+    adapter: a LoRA/DoRA adapter directory fused into the weights before they are quantized.
+    """
     dest = fsutil.absolute(dest)
-    sources = [source]
+    sources = [source] + ([adapter] if adapter is not None else [])
     fsutil.refuse_existing(dest, force, sources, flag="force=True (--force)")
     requested = validate_settings(bits, group_size)
+    lora = read_adapter(adapter) if adapter is not None else None
     checkpoint = open_source(source)
     sources.append(checkpoint.path)
     fsutil.refuse_existing(dest, force, sources, flag="force=True (--force)")
@@ -45,6 +50,8 @@ def convert(source, dest, bits: Optional[int] = 4, group_size: int = 64, dtype: 
         checkpoint.config, checkpoint.tensor_infos, bits=requested.bits if requested else None, group_size=group_size,
         dtype_bytes=resolve_dtype(dtype, checkpoint, for_compute=False).size, quantized=checkpoint.quantization)["bytes"]
     fsutil.check_free_space(dest.parent, needed, dest)
+    if lora is not None:
+        checkpoint = fused_checkpoint(checkpoint, lora)
     loaded = load_checkpoint(checkpoint, requested, dtype=dtype, progress=progress, for_compute=False)
     tmp = fsutil.make_temp_dir(dest.parent, "convert")
     try:

@@ -203,8 +203,10 @@ def load_options(fn):
                      help="Memory the model may use, e.g. 6GB or 512MiB (default: what this device allows)."),
         click.option("--auto-fit", is_flag=True,
                      help="Lower bits/context as needed to fit the budget instead of refusing."),
+        click.option("--adapter", default=None, metavar="DIR",
+                     help="Apply a LoRA/DoRA adapter directory (mlx-lm or PEFT format)."),
     ]
-    names = ["bits", "group_size", "dtype", "context_length", "rotating_kv", "memory_budget", "auto_fit"]
+    names = ["bits", "group_size", "dtype", "context_length", "rotating_kv", "memory_budget", "auto_fit", "adapter"]
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -213,7 +215,7 @@ def load_options(fn):
             load["kv_overflow"] = "rotate"
         if not load.get("auto_fit"):
             load.pop("auto_fit", None)  # only pass what the user asked for
-        for name in ("memory_budget", "dtype", "context_length"):
+        for name in ("memory_budget", "dtype", "context_length", "adapter"):
             if load.get(name) is None:
                 load.pop(name, None)
         kwargs["load"] = load
