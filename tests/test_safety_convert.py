@@ -85,8 +85,10 @@ def test_force_on_a_folder_that_is_not_a_model_is_refused(source, tmp_path):
 def test_force_refuses_root_home_the_source_and_its_parents_links_and_files(source, tmp_path, monkeypatch):
     home = user_folder(tmp_path / "home")
     monkeypatch.setenv("HOME", str(home))
+    # "/" is checked through the refusal rule alone, never through convert: a regression in the guard must
+    # fail this test, not delete the machine's files (an early run of the old code removed /etc this way)
+    assert fsutil.replace_refusal(Path("/"), [source]) == "it is the filesystem root"
     cases = {
-        "/": "it is the filesystem root",
         str(home): "it is your home directory",
         str(tmp_path): "it holds your home directory",
         str(source): "it is the source",  # a model directory, but the one being read
