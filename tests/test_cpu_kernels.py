@@ -13,6 +13,7 @@ mutation tests: `run` callables take float32 numpy inputs.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import mlx.core as mx
@@ -84,17 +85,22 @@ def assert_within(got: np.ndarray, want: np.ndarray, err: np.ndarray, out_dtype:
         )
 
 
-def check_qmm(run, M, N, K, bits, gs, dtype="float32", seed=0, what="qmm"):
-    """run(x, wq, s, b, gs, bits) -> y; x/s/b in `dtype` (mx arrays)."""
+@functools.lru_cache(maxsize=512)
+def _qmm_case(M, N, K, bits, gs, dtype, seed):
     wq, s, b = make_quantized(N, K, bits, gs, seed, DTYPES[dtype])
     x = make_x(M, K, seed, DTYPES[dtype])
-    want, err = qmm_reference(x, wq, s, b, gs, bits)
+    return (x, wq, s, b), qmm_reference(x, wq, s, b, gs, bits)
+
+
+def check_qmm(run, M, N, K, bits, gs, dtype="float32", seed=0, what="qmm"):
+    """run(x, wq, s, b, gs, bits) -> y; x/s/b in `dtype` (mx arrays)."""
+    (x, wq, s, b), (want, err) = _qmm_case(M, N, K, bits, gs, dtype, seed)
     got = run(x, wq, s, b, gs, bits)
     assert_within(got, want, err, dtype, f"{what} M={M} N={N} K={K} bits={bits} gs={gs} {dtype}")
 
 
-def check_gate_up(run, M, N, K, bits, gs, dtype="float32", seed=0, what="gate_up_silu"):
-    """run(x, (wg, sg, bg), (wu, su, bu), gs, bits) -> silu(x Wg^T) * (x Wu^T)."""
+@functools.lru_cache(maxsize=128)
+def _gate_up_case(M, N, K, bits, gs, dtype, seed):
     dt = DTYPES[dtype]
     gate = make_quantized(N, K, bits, gs, seed, dt)
     up = make_quantized(N, K, bits, gs, seed + 1, dt)
@@ -106,11 +112,18 @@ def check_gate_up(run, M, N, K, bits, gs, dtype="float32", seed=0, what="gate_up
     want = silu * u
     # |d silu/dg| <= 1.1; one more rounding for silu and the product
     err = 1.1 * np.abs(u) * eg + np.abs(silu) * eu + 8 * U32 * np.abs(want) + 8 * U32 * np.abs(u) * np.abs(g)
+    return (x, gate, up), (want, err)
+
+
+def check_gate_up(run, M, N, K, bits, gs, dtype="float32", seed=0, what="gate_up_silu"):
+    """run(x, (wg, sg, bg), (wu, su, bu), gs, bits) -> silu(x Wg^T) * (x Wu^T)."""
+    (x, gate, up), (want, err) = _gate_up_case(M, N, K, bits, gs, dtype, seed)
     got = run(x, gate, up, gs, bits)
     assert_within(got, want, err, dtype, f"{what} M={M} N={N} K={K} bits={bits} gs={gs} {dtype}")
 
 
-def check_matmul(run, M, N, K, x_dtype="float32", w_dtype="float32", seed=0, what="matmul"):
+@functools.lru_cache(maxsize=256)
+def _matmul_case(M, N, K, x_dtype, w_dtype, seed):
     rng = np.random.default_rng(seed)
     w = mx.array(rng.standard_normal((N, K)).astype(np.float32)).astype(DTYPES[w_dtype])
     x = make_x(M, K, seed, DTYPES[x_dtype])
@@ -118,6 +131,11 @@ def check_matmul(run, M, N, K, x_dtype="float32", w_dtype="float32", seed=0, wha
     want = xd @ wd.T
     err = 2 * (K + 8) * U32 * (np.abs(xd) @ np.abs(wd).T)
     out_dtype = str((mx.array(0, x.dtype) + mx.array(0, w.dtype)).dtype).split(".")[-1]
+    return (x, w), (want, err, out_dtype)
+
+
+def check_matmul(run, M, N, K, x_dtype="float32", w_dtype="float32", seed=0, what="matmul"):
+    (x, w), (want, err, out_dtype) = _matmul_case(M, N, K, x_dtype, w_dtype, seed)
     got = run(x, w)
     assert_within(got, want, err, out_dtype, f"{what} M={M} N={N} K={K} x {x_dtype} w {w_dtype}")
 

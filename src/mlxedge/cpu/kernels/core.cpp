@@ -175,6 +175,17 @@ void to_f32(const void* src, int dt, int64_t n, float* dst) {
 
 // ---------------------------------------------------------------- thread pool
 
+// A job lives on the caller's stack. Workers join it through a hazard-style reference count, so the
+// caller waits only for the tasks and for workers already inside the job -- never for a worker the OS
+// has not scheduled yet (which on a loaded machine can take milliseconds).
+struct Job {
+  void (*fn)(void* ctx, int64_t task);
+  void* ctx;
+  int64_t ntasks;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
 class Pool {
  public:
   using Fn = void (*)(void* ctx, int64_t task);
@@ -201,22 +212,24 @@ class Pool {
       return;
     }
     std::lock_guard<std::mutex> job_lock(job_mu_);
-    fn_ = fn;
-    ctx_ = ctx;
-    ntasks_ = ntasks;
-    next_.store(0, std::memory_order_relaxed);
-    busy_.store(n_ - 1, std::memory_order_relaxed);
+    Job job;
+    job.fn = fn;
+    job.ctx = ctx;
+    job.ntasks = ntasks;
+    job_.store(&job, std::memory_order_release);
     {
       std::lock_guard<std::mutex> lk(mu_);
       gen_.fetch_add(1, std::memory_order_release);
       if (sleepers_ > 0) cv_.notify_all();
     }
-    work();
-    // wait for the workers to leave this job
-    for (int spin = 0; busy_.load(std::memory_order_acquire) != 0; spin++) {
-      if (spin > 2000) std::this_thread::yield();
+    work(job);
+    for (int spin = 0; job.done.load(std::memory_order_acquire) != ntasks; spin++) {
+      if (spin > 4000) std::this_thread::yield();
       else cpu_relax();
     }
+    job_.store(nullptr, std::memory_order_seq_cst);
+    // workers that took a reference before the store above may still be reading job.next
+    while (refs_.load(std::memory_order_seq_cst) != 0) std::this_thread::yield();
   }
 
  private:
@@ -228,12 +241,20 @@ class Pool {
 #endif
   }
 
-  void work() {
+  static void work(Job& job) {
     for (;;) {
-      int64_t t = next_.fetch_add(1, std::memory_order_relaxed);
-      if (t >= ntasks_) break;
-      fn_(ctx_, t);
+      int64_t t = job.next.fetch_add(1, std::memory_order_relaxed);
+      if (t >= job.ntasks) break;
+      job.fn(job.ctx, t);
+      job.done.fetch_add(1, std::memory_order_release);
     }
+  }
+
+  void join_current() {
+    refs_.fetch_add(1, std::memory_order_seq_cst);
+    Job* j = job_.load(std::memory_order_seq_cst);
+    if (j) work(*j);
+    refs_.fetch_sub(1, std::memory_order_seq_cst);
   }
 
   void loop() {
@@ -241,7 +262,7 @@ class Pool {
     for (;;) {
       // spin briefly (decode issues many small jobs back to back), then sleep
       bool woke = false;
-      for (int spin = 0; spin < 20000; spin++) {
+      for (int spin = 0; spin < 4000; spin++) {
         if (gen_.load(std::memory_order_acquire) != seen) {
           woke = true;
           break;
@@ -256,8 +277,7 @@ class Pool {
       }
       seen = gen_.load(std::memory_order_acquire);
       if (stop_) return;
-      work();
-      busy_.fetch_sub(1, std::memory_order_acq_rel);
+      join_current();
     }
   }
 
@@ -266,13 +286,10 @@ class Pool {
   std::mutex mu_, job_mu_;
   std::condition_variable cv_;
   std::atomic<uint64_t> gen_{0};
-  std::atomic<int64_t> next_{0};
-  std::atomic<int> busy_{0};
+  std::atomic<Job*> job_{nullptr};
+  std::atomic<int> refs_{0};
   int sleepers_ = 0;
-  bool stop_ = false;
-  Fn fn_ = nullptr;
-  void* ctx_ = nullptr;
-  int64_t ntasks_ = 0;
+  std::atomic<bool> stop_{false};
 };
 
 // ---------------------------------------------------------------- global state
