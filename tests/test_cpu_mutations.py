@@ -193,3 +193,13 @@ def test_planted_bug_is_caught(libs, plant):
     failures = run_suite(core, stop_at_first=True)
     assert failures, f"planted bug {plant!r} passed every correctness check"
     print(f"{plant}: caught by {failures[0]}")
+
+
+def test_core_used_before_init_is_consistent(libs, tmp_path):
+    """The first kernel call initialises the ISA and pool before preparing its inputs (a fresh load of
+    the clean core, never configured: it once permuted inputs for one path and ran another)."""
+    fresh = tmp_path / "core-uninitialised.so"
+    shutil.copy(libs[None], fresh)
+    core = Core(fresh)
+    check_qmm(core.qmm, 1, 77, 192, 4, 32, "float32", what="qmm[uninitialised]")
+    check_qmm(core.qmm, 2, 77, 96, 8, 32, "float32", what="qmm[uninitialised]")

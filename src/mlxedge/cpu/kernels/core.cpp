@@ -297,7 +297,8 @@ class Pool {
 int g_isa = MLXE_ISA_SCALAR;
 int g_gemv_max_rows = 4;
 Pool* g_pool = nullptr;
-std::mutex g_init_mu;
+// Held by every kernel call and by mlxe_init: the ISA and the pool never change under a running kernel.
+std::mutex g_call_mu;
 
 using sgemm_fn = void (*)(int order, int ta, int tb, int M, int N, int K, float alpha,
                           const float* A, int lda, const float* B, int ldb, float beta, float* C,
@@ -307,9 +308,14 @@ sgemm_fn g_sgemm = nullptr;
 bool g_use_blas = false;
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 
-Pool& pool() {
-  if (!g_pool) mlxe_init(MLXE_ISA_AUTO, 0);
-  return *g_pool;
+void init_locked(int isa, int nthreads);
+
+Pool& pool() { return *g_pool; }  // kernels run under g_call_mu after enter_kernel()
+
+std::unique_lock<std::mutex> enter_kernel() {
+  std::unique_lock<std::mutex> lk(g_call_mu);
+  if (!g_pool) init_locked(MLXE_ISA_AUTO, 0);
+  return lk;
 }
 
 template <class F>
@@ -833,7 +839,15 @@ inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
 extern "C" {
 
 int mlxe_init(int isa, int nthreads) {
-  std::lock_guard<std::mutex> lk(g_init_mu);
+  std::lock_guard<std::mutex> lk(g_call_mu);
+  init_locked(isa, nthreads);
+  return g_isa;
+}
+
+}  // extern "C"
+
+namespace {
+void init_locked(int isa, int nthreads) {
   int chosen = MLXE_ISA_SCALAR;
 #ifdef MLXE_X86
   bool has = cpu_has_avx2();
@@ -852,15 +866,21 @@ int mlxe_init(int isa, int nthreads) {
     delete g_pool;
     g_pool = new Pool(nthreads);
   }
-  return g_isa;
 }
+}  // namespace
+
+extern "C" {
 
 int mlxe_isa(void) { return g_isa; }
 int mlxe_threads(void) { return g_pool ? g_pool->size() : 0; }
-void mlxe_set_gemv_max_rows(int rows) { g_gemv_max_rows = std::max(1, rows); }
+void mlxe_set_gemv_max_rows(int rows) {
+  std::lock_guard<std::mutex> lk(g_call_mu);
+  g_gemv_max_rows = std::max(1, rows);
+}
 const char* mlxe_plant(void) { return PLANT_NAME; }
 
 int mlxe_set_blas(const char* path) {
+  std::lock_guard<std::mutex> lk(g_call_mu);
   void* h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
   if (!h) return 0;
   auto f = reinterpret_cast<sgemm_fn>(dlsym(h, "scipy_cblas_sgemm"));
@@ -873,6 +893,7 @@ int mlxe_set_blas(const char* path) {
 }
 
 int mlxe_use_blas(int on) {
+  std::lock_guard<std::mutex> lk(g_call_mu);
   g_use_blas = on && g_sgemm;
   return g_use_blas ? 1 : 0;
 }
@@ -881,6 +902,7 @@ int mlxe_has_blas(void) { return g_sgemm ? 1 : 0; }
 void mlxe_qmm(const void* x, int xdt, const uint32_t* w, const void* scales, const void* biases,
               int sdt, void* out, int odt, int64_t M, int64_t N, int64_t K, int bits,
               int group_size) {
+  auto lock = enter_kernel();
   QW q{w, scales, biases, sdt, N, K, bits, group_size};
   XPrep xp;
   prep_x(xp, x, xdt, M, K, group_size, bits, M <= g_gemv_max_rows);
@@ -897,6 +919,7 @@ void mlxe_qmm(const void* x, int xdt, const uint32_t* w, const void* scales, con
 void mlxe_gate_up_silu(const void* x, int xdt, const uint32_t* wg, const void* sg, const void* bg,
                        const uint32_t* wu, const void* su, const void* bu, int sdt, void* out,
                        int odt, int64_t M, int64_t N, int64_t K, int bits, int group_size) {
+  auto lock = enter_kernel();
   QW qg{wg, sg, bg, sdt, N, K, bits, group_size};
   QW qu{wu, su, bu, sdt, N, K, bits, group_size};
   const bool gemv = M <= g_gemv_max_rows;
@@ -937,6 +960,7 @@ void mlxe_gate_up_silu(const void* x, int xdt, const uint32_t* wg, const void* s
 
 void mlxe_matmul(const void* x, int xdt, const void* w, int wdt, void* out, int odt, int64_t M,
                  int64_t N, int64_t K) {
+  auto lock = enter_kernel();
   std::vector<float> xf(size_t(M * K));
   convert_f32(x, xdt, M * K, xf.data());
   std::vector<float> ybuf;
