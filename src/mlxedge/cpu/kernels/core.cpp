@@ -86,16 +86,22 @@ namespace {
 
 // ---------------------------------------------------------------- dtype conversions (portable)
 
-inline float bf16_to_f32(uint16_t h) {
-  uint32_t u = uint32_t(h) << 16;
+inline float from_bits(uint32_t u) {
   float f;
   std::memcpy(&f, &u, 4);
   return f;
 }
 
-inline uint16_t f32_to_bf16(float f) {
+inline uint32_t to_bits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
+  return u;
+}
+
+inline float bf16_to_f32(uint16_t h) { return from_bits(uint32_t(h) << 16); }
+
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u = to_bits(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // NaN stays NaN
   u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
   return uint16_t(u >> 16);
@@ -122,14 +128,11 @@ inline float f16_to_f32(uint16_t h) {
   } else {
     u = sign | (exp + 112) << 23 | man << 13;
   }
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
+  return from_bits(u);
 }
 
 inline uint16_t f32_to_f16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
+  uint32_t u = to_bits(f);
   uint32_t sign = (u >> 16) & 0x8000u;
   uint32_t a = u & 0x7fffffffu;
   if (a > 0x7f800000u) return uint16_t(sign | 0x7e00u);      // NaN
