@@ -21,7 +21,8 @@
 
 #include <dlfcn.h>
 
-#if defined(__x86_64__) || defined(_M_X64)
+// -DMLXEDGE_NO_X86_SIMD builds only the portable path on x86-64 (it is what non-x86 targets compile)
+#if (defined(__x86_64__) || defined(_M_X64)) && !defined(MLXEDGE_NO_X86_SIMD)
 #define MLXE_X86 1
 #include <immintrin.h>
 #endif
@@ -851,6 +852,7 @@ int mlxe_init(int isa, int nthreads) {
 
 namespace {
 void init_locked(int isa, int nthreads) {
+  (void)isa;  // unused where only the portable path exists
   int chosen = MLXE_ISA_SCALAR;
 #ifdef MLXE_X86
   bool has = cpu_has_avx2();
