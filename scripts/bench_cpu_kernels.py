@@ -10,6 +10,7 @@ decode step reads them, so the figures are DRAM figures, not cache ones. Ours an
 interleaved per repetition so machine load affects both alike.
 
     python scripts/bench_cpu_kernels.py [--dtype float32|bfloat16|float16] [--reps 5] [--rows 1]
+    python scripts/bench_cpu_kernels.py --gemm   # prefill: OpenBLAS tiles vs the built-in micro-kernel vs MLX
 """
 
 from __future__ import annotations
@@ -75,17 +76,59 @@ def time_calls(fn, x, ws, calls: int) -> float:
     return (time.perf_counter() - t0) / calls
 
 
+GEMM_SHAPES = [(64, 49152, 576), (256, 1536, 576), (512, 576, 1536)]  # (rows, N, K): head, up, down
+
+
+def best_of(f, reps: int) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        mx.eval(f())
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def gemm_table(reps: int) -> None:
+    """Many-row matmuls: float (unquantized Linear / tied head) and 4-bit g64, per GEMM backend."""
+    print("| rows x K -> N | kind | openblas tiles ms | GFLOP/s | built-in kernel ms | GFLOP/s | mlx ms | openblas speed-up over built-in |")
+    print("|---|---|---|---|---|---|---|---|")
+    for M, N, K in GEMM_SHAPES:
+        x = mx.random.normal((M, K))
+        w = mx.random.normal((N, K))
+        wq, s, b = mx.quantize(w, group_size=64, bits=4)
+        mx.eval(x, w, wq, s, b)
+        gf = 2 * M * N * K / 1e9
+        kinds = [
+            ("float32", lambda: cpu.matmul(x, w), lambda: x @ w.T),
+            ("4-bit g64", lambda: cpu.quantized_matmul(x, wq, s, b, group_size=64, bits=4),
+             lambda: mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=64, bits=4)),
+        ]
+        for kind, ours, theirs in kinds:
+            cpu._configure(blas="openblas")
+            tb = best_of(ours, reps)
+            cpu._configure(blas="none")
+            to = best_of(ours, reps)
+            cpu._configure(blas="openblas")
+            tm = best_of(theirs, 1)
+            print(f"| {M} x {K} -> {N} | {kind} | {tb * 1e3:.1f} | {gf / tb:.0f} | {to * 1e3:.1f} | {gf / to:.0f} "
+                  f"| {tm * 1e3:.0f} | {to / tb:.2f}x |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--rows", type=int, default=1, help="activation rows (1 = decode)")
     ap.add_argument("--calls", type=int, default=40, help="calls per timed batch")
+    ap.add_argument("--gemm", action="store_true", help="prefill GEMMs per backend instead of decode GEMVs")
     args = ap.parse_args()
     if not cpu.available():
         raise SystemExit(f"native CPU kernels: {cpu.describe()}")
     dtype = getattr(mx, args.dtype)
     mx.set_default_device(mx.cpu)
+    if args.gemm:
+        print(f"backend: {cpu.describe()}\n")
+        return gemm_table(args.reps)
     threads = cpu._ext.threads()
     bw1 = read_bandwidth(threads=1)
     bwn = read_bandwidth(threads=threads) if threads > 1 else bw1
