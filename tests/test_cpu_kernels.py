@@ -299,3 +299,19 @@ def test_bad_input_is_one_clear_error(call, match):
     x = make_x(2, 96, 3)
     with pytest.raises(ValueError, match=match):
         call(x, wq, s, b)
+
+
+@needs_ext
+def test_environment_picks_the_path_once_at_import_and_never_raises():
+    import subprocess
+    import sys
+
+    code = "import mlxedge.cpu as c; print(c.available(), c.describe())"
+    run = lambda env: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=120
+    ).stdout
+    assert run({"MLXEDGE_CPU_ISA": "scalar", "MLXEDGE_CPU_THREADS": "3", "MLXEDGE_CPU_BLAS": "none"}).strip() == (
+        "True native cpu (portable scalar, 3 threads, built-in gemm)"
+    )
+    bad = run({"MLXEDGE_CPU_ISA": "sse9"})
+    assert bad.startswith("False unavailable: ValueError: MLXEDGE_CPU_ISA must be one of"), bad
