@@ -4,6 +4,8 @@
   it without Metal while exporting a function, and prints it with verbose=True).
 - simd_sum and threadgroup_barrier behave as on a GPU for correct code; threadgroup memory starts as NaN;
   writes and reads outside a buffer, and a barrier some threads skip, are reported as errors.
+- Address spaces are type-checked as Metal does: a `constant` pointer (MLX's declaration of an input under
+  8 elements) handed to a `device` parameter, or a `thread` pointer to a `device` one, fails to compile.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import pytest
 
 import mlx.core as mx
 
-from emulator import signature
+from emulator import harness, signature
 from emulator.harness import EmulatorError
 from emulator.runner import EmulatorRunner
 from mlxedge.metal import kernels
@@ -90,8 +92,9 @@ def test_generated_source_is_what_mlx_generates(index, mlx_sources):
     assert ours.strip() == theirs.strip()
 
 
-def toy(name: str, source: str, inputs=("x",)) -> kernels.KernelSource:
-    return kernels.KernelSource(name=name, input_names=tuple(inputs), output_names=("y",), source=source)
+def toy(name: str, source: str, inputs=("x",), header: str = "") -> kernels.KernelSource:
+    return kernels.KernelSource(name=name, input_names=tuple(inputs), output_names=("y",), source=source,
+                                header=header)
 
 
 def run_toy(kernel, x, n_out, threads=64, schedule="forward"):
@@ -153,3 +156,48 @@ def test_barrier_skipped_by_some_threads_is_reported():
     """)
     with pytest.raises(EmulatorError, match="barrier"):
         run_toy(kernel, mx.ones((64,)), 64)
+
+
+# ---- Address spaces: what Metal's compiler refuses, the emulator refuses. ----------------------------------
+
+DEVICE_HELPER = "inline float first(const device float* p) { return p[0]; }\n"
+GENERIC_HELPER = "template <typename P> inline float first(P p) { return p[0]; }\n"
+
+
+@pytest.mark.parametrize("size, location", [(64, "device"), (4, "constant")])
+def test_constant_pointer_passed_as_device_fails_to_compile(size, location):
+    """MLX declares an input under 8 elements `const constant`; a `const device` helper parameter rejects it."""
+    body = "y[thread_position_in_grid.x] = first(x);"
+    kernel = toy(f"emu_as_{location}", body, header=DEVICE_HELPER)
+    x = mx.ones((size,))
+    _, source, _ = EmulatorRunner().generated_source(kernel, [x], [], [mx.float32])
+    assert f"const {location} float* x" in source
+    if location == "device":
+        assert (np.array(run_toy(kernel, x, 64)) == 1).all()
+    else:
+        with pytest.raises(EmulatorError, match="address spaces"):
+            run_toy(kernel, x, 64)
+        # the same body with a helper generic over the pointer type compiles and runs
+        generic = toy("emu_as_generic", body, header=GENERIC_HELPER)
+        assert (np.array(run_toy(generic, x, 64)) == 1).all()
+
+
+@pytest.mark.parametrize("helper, body", [
+    (DEVICE_HELPER, "float local[4] = {0, 0, 0, 0}; y[thread_position_in_grid.x] = first(local);"),
+    (DEVICE_HELPER, "threadgroup float shared[4]; y[thread_position_in_grid.x] = first(shared);"),
+    ("inline float first(const thread float* p) { return p[0]; }\n", "y[thread_position_in_grid.x] = first(x);"),
+    ("inline float first(const constant float* p) { return p[0]; }\n", "y[thread_position_in_grid.x] = first(x);"),
+], ids=["thread-as-device", "threadgroup-as-device", "device-as-thread", "device-as-constant"])
+def test_every_other_address_space_mismatch_fails_to_compile(helper, body):
+    kernel = toy("emu_as_mismatch", body, header=helper)
+    _, source, _ = EmulatorRunner().generated_source(kernel, [mx.ones((64,))], [], [mx.float32])
+    with pytest.raises(EmulatorError, match="address spaces"):
+        harness.check_address_spaces(source)
+
+
+def test_missing_clang_is_a_clear_failure_not_a_skip(monkeypatch):
+    monkeypatch.setenv(harness.CLANG_ENV, "/nonexistent/clang++")
+    kernel = toy("emu_as_noclang", "y[thread_position_in_grid.x] = x[0] + 1.0f;")
+    _, source, _ = EmulatorRunner().generated_source(kernel, [mx.ones((64,))], [], [mx.float32])
+    with pytest.raises(EmulatorError, match="address-space check"):
+        harness.check_address_spaces(source)

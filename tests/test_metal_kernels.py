@@ -31,7 +31,8 @@ QMV_CASES = [
     Case(7, 24, 1536, 4, 32, f32),    # aligned, 48 groups per row
     Case(8, 9, 192, 4, 64, bf16),     # 8 rows, ragged both ways
     Case(8, 16, 512, 8, 64, f16),     # 8 rows, aligned 8-bit
-    Case(1, 1, 32, 4, 32, f32),       # one output, one group (scales land in `constant` memory)
+    Case(1, 1, 32, 4, 32, f32),       # one output, one group: w, scales and biases in `constant` memory
+    Case(2, 3, 64, 8, 32, bf16),      # 3 rows x 2 groups: scales and biases in `constant`, words in `device`
     Case(2, 7, 128, 8, 128, f32),     # fewer outputs than one threadgroup
     Case(3, 64, 4096, 4, 128, f32),   # long K
 ]
@@ -42,6 +43,7 @@ GATE_UP_CASES = [
     Case(4, 12, 256, 8, 32, bf16),    # aligned 8-bit
     Case(8, 7, 384, 8, 128, f16),     # 8 rows, ragged
     Case(3, 33, 640, 4, 64, bf16),    # ragged N, K = block + 2 groups
+    Case(1, 1, 32, 8, 32, f16),       # one output: w, scales, biases of both weights in `constant` memory
 ]
 
 
@@ -89,7 +91,8 @@ def test_gate_up_matches_silu_gate_times_up(runner, reverse_runner, case):
 MUTATIONS = [
     ("nibble mask wrong", "header", "q & 0x00f0", "q & 0x00f8"),
     ("nibble pre-scale wrong (a shift by 3, not 4)", "header", "c * (1.0f / 256.0f)", "c * (1.0f / 128.0f)"),
-    ("8-bit mask drops the top bit", "header", "float(wb[i])", "float(wb[i] & 0x7f)"),
+    ("8-bit mask drops the top bit", "header", "(word >> (8 * b)) & 0xffu", "(word >> (8 * b)) & 0x7fu"),
+    ("upper half-word misplaced", "header", "(word >> 16)", "(word >> 12)"),
     ("group index wrong", "header", "k / GS", "k / (2 * GS)"),
     ("bias term missing", "header", "s * dot[m] + b * xsum[m]", "s * dot[m]"),
     ("row clamp missing (reads past the last row)", "header", "metal::min(row0 + r, N - 1)", "row0 + r"),
@@ -100,6 +103,10 @@ MUTATIONS = [
     ("barrier dropped", "gate_up", "metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup);", ""),
     ("up sums written by every lane of the gate SIMD-group too", "gate_up", "if (is_up && lane == 0) {",
      "if (lane == 0) {"),
+    # MLX declares inputs under 8 elements `const constant`; Metal will not pass them as `const device`
+    ("weight words taken as device memory only (a one-row weight's are constant)", "header",
+     "template <int BITS, int VPT, int M, typename WPtr>\ninline void mlxe_qdot(WPtr w,",
+     "template <int BITS, int VPT, int M>\ninline void mlxe_qdot(const device uint32_t* w,"),
 ]
 
 # (kernel, case, schedule): the fused case runs under both thread orders, so a race either way shows.
@@ -108,6 +115,7 @@ MUTATION_CASES = [
     ("qmv", Case(2, 13, 320, 8, 32, f32), "forward"),      # 8-bit, ragged both ways
     ("gate_up", Case(2, 10, 192, 4, 64, f32), "forward"),  # fused, ragged both ways
     ("gate_up", Case(2, 10, 192, 4, 64, f32), "reverse"),
+    ("qmv", Case(1, 1, 32, 4, 32, f32), "forward"),        # one output, one group: scales in `constant`
 ]
 
 
