@@ -113,6 +113,7 @@ SIMD_AND_BARRIER = toy("emu_simd_barrier", """
 """)
 
 
+@pytest.mark.requires_emulator
 @pytest.mark.parametrize("schedule", ["forward", "reverse"])
 def test_simd_sum_and_barrier_match_gpu_semantics(schedule):
     x = mx.arange(128, dtype=mx.float32)
@@ -123,6 +124,7 @@ def test_simd_sum_and_barrier_match_gpu_semantics(schedule):
     np.testing.assert_array_equal(y, want)
 
 
+@pytest.mark.requires_emulator
 def test_threadgroup_memory_starts_as_nan():
     kernel = toy("emu_poison", """
         threadgroup float never_written[64];
@@ -131,12 +133,14 @@ def test_threadgroup_memory_starts_as_nan():
     assert np.isnan(np.array(run_toy(kernel, mx.zeros((64,)), 64))).all()
 
 
+@pytest.mark.requires_emulator
 def test_unwritten_outputs_read_as_nan():
     kernel = toy("emu_skip", "if (thread_position_in_grid.x % 2 == 0) { y[thread_position_in_grid.x] = x[0]; }")
     y = np.array(run_toy(kernel, mx.ones((64,)), 64))
     assert (y[0::2] == 1).all() and np.isnan(y[1::2]).all()
 
 
+@pytest.mark.requires_emulator
 @pytest.mark.parametrize("body, message", [
     ("y[thread_position_in_grid.x + 1] = x[0];", "outside"),          # writes one past the end
     ("if (thread_position_in_grid.x == 0) { y[-1] = x[0]; }", "before the start"),
@@ -147,6 +151,7 @@ def test_out_of_bounds_access_is_reported(body, message):
         run_toy(toy("emu_oob", body), mx.ones((64,)), 64)
 
 
+@pytest.mark.requires_emulator
 def test_barrier_skipped_by_some_threads_is_reported():
     kernel = toy("emu_divergent_barrier", """
         if (thread_index_in_simdgroup < 16) {
@@ -164,22 +169,31 @@ DEVICE_HELPER = "inline float first(const device float* p) { return p[0]; }\n"
 GENERIC_HELPER = "template <typename P> inline float first(P p) { return p[0]; }\n"
 
 
+def _source(kernel, size=64) -> str:
+    return EmulatorRunner().generated_source(kernel, [mx.ones((size,))], [], [mx.float32])[1]
+
+
 @pytest.mark.parametrize("size, location", [(64, "device"), (4, "constant")])
 def test_constant_pointer_passed_as_device_fails_to_compile(size, location):
     """MLX declares an input under 8 elements `const constant`; a `const device` helper parameter rejects it."""
     body = "y[thread_position_in_grid.x] = first(x);"
-    kernel = toy(f"emu_as_{location}", body, header=DEVICE_HELPER)
-    x = mx.ones((size,))
-    _, source, _ = EmulatorRunner().generated_source(kernel, [x], [], [mx.float32])
+    source = _source(toy(f"emu_as_{location}", body, header=DEVICE_HELPER), size)
     assert f"const {location} float* x" in source
     if location == "device":
-        assert (np.array(run_toy(kernel, x, 64)) == 1).all()
+        harness.check_address_spaces(source)
     else:
         with pytest.raises(EmulatorError, match="address spaces"):
-            run_toy(kernel, x, 64)
-        # the same body with a helper generic over the pointer type compiles and runs
-        generic = toy("emu_as_generic", body, header=GENERIC_HELPER)
-        assert (np.array(run_toy(generic, x, 64)) == 1).all()
+            harness.check_address_spaces(source)
+        # the same body with a helper generic over the pointer type is accepted
+        harness.check_address_spaces(_source(toy("emu_as_generic", body, header=GENERIC_HELPER), size))
+
+
+@pytest.mark.requires_emulator
+def test_address_space_check_runs_before_every_emulated_launch():
+    kernel = toy("emu_as_launch", "y[thread_position_in_grid.x] = first(x);", header=DEVICE_HELPER)
+    assert (np.array(run_toy(kernel, mx.ones((64,)), 64)) == 1).all()
+    with pytest.raises(EmulatorError, match="address spaces"):
+        run_toy(kernel, mx.ones((4,)), 64)
 
 
 @pytest.mark.parametrize("helper, body", [
@@ -189,15 +203,11 @@ def test_constant_pointer_passed_as_device_fails_to_compile(size, location):
     ("inline float first(const constant float* p) { return p[0]; }\n", "y[thread_position_in_grid.x] = first(x);"),
 ], ids=["thread-as-device", "threadgroup-as-device", "device-as-thread", "device-as-constant"])
 def test_every_other_address_space_mismatch_fails_to_compile(helper, body):
-    kernel = toy("emu_as_mismatch", body, header=helper)
-    _, source, _ = EmulatorRunner().generated_source(kernel, [mx.ones((64,))], [], [mx.float32])
     with pytest.raises(EmulatorError, match="address spaces"):
-        harness.check_address_spaces(source)
+        harness.check_address_spaces(_source(toy("emu_as_mismatch", body, header=helper)))
 
 
 def test_missing_clang_is_a_clear_failure_not_a_skip(monkeypatch):
     monkeypatch.setenv(harness.CLANG_ENV, "/nonexistent/clang++")
-    kernel = toy("emu_as_noclang", "y[thread_position_in_grid.x] = x[0] + 1.0f;")
-    _, source, _ = EmulatorRunner().generated_source(kernel, [mx.ones((64,))], [], [mx.float32])
     with pytest.raises(EmulatorError, match="address-space check"):
-        harness.check_address_spaces(source)
+        harness.check_address_spaces(_source(toy("emu_as_noclang", "y[thread_position_in_grid.x] = x[0] + 1.0f;")))

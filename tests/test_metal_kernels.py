@@ -1,4 +1,8 @@
-"""The custom Metal kernels, run in the g++ emulator, agree with mx.dequantize + matmul; planted bugs are caught.
+"""The custom Metal kernels agree with mx.dequantize + matmul; bugs planted in them are caught.
+
+Where Metal is present the kernels run on the GPU through `mx.fast.metal_kernel` (MetalRunner); elsewhere,
+and under --fake-metal, in the g++ emulator after the clang address-space check. The planted-bug tests need
+the emulator (faults on out-of-bounds access, two thread orders), so they run on Linux.
 
 Shapes cover 4 and 8 bits, groups 32/64/128, float16/bfloat16/float32, 1 to 8 activation rows, the aligned
 path and both ragged edges (N not a multiple of the rows per threadgroup; K a multiple of the group but not
@@ -16,7 +20,9 @@ import mlx.core as mx
 from emulator.cases import TOLERANCE, Case, max_relative_error, run_gate_up, run_qmv
 from emulator.harness import EmulatorError
 from emulator.runner import EmulatorRunner
+from emulator import fake_metal
 from mlxedge.metal import kernels
+from mlxedge.metal.runner import MetalRunner, metal_available
 
 f16, bf16, f32 = mx.float16, mx.bfloat16, mx.float32
 
@@ -47,15 +53,22 @@ GATE_UP_CASES = [
 ]
 
 
+def _real_metal() -> bool:
+    return metal_available() and not fake_metal.active()
+
+
 @pytest.fixture(scope="module")
 def runner():
+    """The GPU where there is one; the emulator otherwise (and under --fake-metal)."""
+    if _real_metal():
+        return MetalRunner()
     return EmulatorRunner()
 
 
 @pytest.fixture(scope="module")
-def reverse_runner():
-    """Runs each threadgroup's threads last-to-first: a second interleaving for the cross-SIMD-group exchange."""
-    return EmulatorRunner(schedule="reverse")
+def reverse_runner(runner):
+    """Emulator: threads run last-to-first, a second interleaving for the cross-SIMD-group exchange."""
+    return EmulatorRunner(schedule="reverse") if isinstance(runner, EmulatorRunner) else runner
 
 
 def test_cases_cover_every_supported_setting():
@@ -146,11 +159,13 @@ def _suite_passes(qmv_kernel, gate_up_kernel) -> bool:
     return True
 
 
+@pytest.mark.requires_emulator
 def test_mutation_suite_passes_on_the_real_kernels():
     assert _suite_passes(kernels.QMV, kernels.GATE_UP)
 
 
 @pytest.mark.slow
+@pytest.mark.requires_emulator
 @pytest.mark.parametrize("mutation", MUTATIONS, ids=[m[0] for m in MUTATIONS])
 def test_planted_bug_is_caught(mutation):
     _, where, find, replace = mutation
