@@ -171,3 +171,30 @@ def test_planted_bug_is_caught(mutation):
     _, where, find, replace = mutation
     qmv_kernel, gate_up_kernel = _mutated(where, find, replace)
     assert not _suite_passes(qmv_kernel, gate_up_kernel)
+
+
+# ---- Through the dispatch, custom mode forced, against MLX's built-in path (a Mac's GPU, or --fake-metal). ----
+
+DISPATCH_CASES = [Case(1, 64, 512, 4, 64, f16), Case(4, 24, 256, 8, 32, bf16), Case(1, 1, 32, 4, 32, f32)]
+
+
+@pytest.mark.requires_metal
+@pytest.mark.parametrize("case", DISPATCH_CASES, ids=str)
+def test_forced_custom_kernels_match_the_builtin_path(monkeypatch, case):
+    from emulator.cases import activations, quantized_weight
+    from mlxedge.metal import dispatch
+
+    monkeypatch.setenv("MLXEDGE_KERNELS", "custom")
+    gate = quantized_weight(case.n, case.k, case.bits, case.group_size, case.dtype, seed=5)
+    up = quantized_weight(case.n, case.k, case.bits, case.group_size, case.dtype, seed=6)
+    x = activations(case, seed=7)
+    kw = dict(group_size=case.group_size, bits=case.bits)
+    assert dispatch.choose_kernel("qmv", x, [gate], **kw) == "custom"
+    assert dispatch.choose_kernel("gate_up", x, [gate, up], **kw) == "custom"
+    y, h = dispatch.quantized_matmul(x, *gate, **kw), dispatch.gated_mlp(x, gate, up, **kw)
+    monkeypatch.setenv("MLXEDGE_KERNELS", "builtin")
+    y_ref, h_ref = dispatch.quantized_matmul(x, *gate, **kw), dispatch.gated_mlp(x, gate, up, **kw)
+    assert y.dtype == case.dtype and h.dtype == case.dtype
+    # both sides round to the same half dtype; twice the kernel tolerance leaves room for the built-in's own
+    assert max_relative_error(y, y_ref.astype(mx.float32)) <= 2 * TOLERANCE[case.dtype]
+    assert max_relative_error(h, h_ref.astype(mx.float32)) <= 4 * TOLERANCE[case.dtype]
