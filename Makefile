@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: chat test install clean
+.PHONY: chat test install clean mac-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ chat: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# On a Mac: suite + Metal kernel benchmark + `mlxedge bench --compare mlx-lm`, one JSON report (docs/mac-check.md)
+mac-check: $(STAMP)
+	$(BIN)/python scripts/mac_check.py --out mac-check.json
 
 clean:
 	rm -rf $(VENV)

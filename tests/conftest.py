@@ -23,6 +23,58 @@ SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+# ---- What each test needs of the platform (markers registered in pyproject.toml) ----------------------------
+# requires_metal: a Metal device (real, or faked with --fake-metal, the emulator standing in for the GPU);
+# requires_no_metal: checks behaviour where Metal is absent; requires_emulator: runs kernels in the g++ fiber
+# emulator (ELF sections, glibc ucontext: Linux); requires_linux: probes of a real Linux machine.
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fake-metal", action="store_true", default=False,
+                     help="report a Metal device and run custom kernels in the emulator (also MLXEDGE_FAKE_METAL=1)")
+
+
+def pytest_configure(config):
+    from emulator import fake_metal
+
+    config.mlxedge_fake_metal = None
+    if fake_metal.requested(config):
+        config.mlxedge_fake_metal = fake_metal.FakeMetal().install()
+
+
+def pytest_unconfigure(config):
+    fake = getattr(config, "mlxedge_fake_metal", None)
+    if fake is not None:
+        fake.uninstall()
+
+
+def pytest_report_header(config):
+    fake = getattr(config, "mlxedge_fake_metal", None)
+    if fake is not None:
+        return "mlxedge: Metal availability FAKED on; custom kernels run in the emulator"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    import mlx.core as mx
+
+    fake = getattr(config, "mlxedge_fake_metal", None)
+    metal = fake is not None or bool(mx.metal.is_available())
+    linux = sys.platform.startswith("linux")
+    needs = {
+        "requires_metal": (metal, "needs a Metal device (or --fake-metal)"),
+        "requires_no_metal": (not metal, "checks behaviour without Metal; Metal is present" +
+                              (" (faked)" if fake is not None else "")),
+        "requires_emulator": (linux, "the g++ kernel emulator builds on Linux (ELF sections, glibc ucontext); "
+                                     "on a Mac the kernel tests run the real kernels instead"),
+        "requires_linux": (linux, "probes a Linux machine"),
+    }
+    for item in items:
+        for name, (ok, why) in needs.items():
+            if not ok and item.get_closest_marker(name) is not None:
+                item.add_marker(pytest.mark.skip(reason=why))
+
+
 def test_cache_dir() -> Path:
     root = os.environ.get("MLXEDGE_TEST_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "mlxedge-tests")

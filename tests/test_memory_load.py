@@ -15,7 +15,10 @@ def test_plan_reads_headers_only_and_matches_the_loaded_bytes(smollm2_gguf):
                          "budget_bytes", "fits"}
     model = mlxedge.load(smollm2_gguf, bits=4, group_size=64, context_length=1024)
     assert plan["weight_bytes"] == model.info["bytes"]
-    assert plan["kv_cache_bytes"] == 30 * 2 * 3 * 64 * 1024 * 4  # layers x (k, v) x kv heads x head dim x ctx x fp32
+    # layers x (k, v) x kv heads x head dim x ctx x bytes of the compute dtype (float32 without Metal, the
+    # checkpoint's own on a Mac)
+    dtype_bytes = {"float32": 4, "float16": 2, "bfloat16": 2}[model.info["dtype"]]
+    assert plan["kv_cache_bytes"] == 30 * 2 * 3 * 64 * 1024 * dtype_bytes
 
 
 def test_refused_load_reads_no_weights_and_names_what_fits(smollm2_hf):

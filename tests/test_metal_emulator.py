@@ -4,6 +4,8 @@
   it without Metal while exporting a function, and prints it with verbose=True).
 - simd_sum and threadgroup_barrier behave as on a GPU for correct code; threadgroup memory starts as NaN;
   writes and reads outside a buffer, and a barrier some threads skip, are reported as errors.
+- Address spaces are type-checked as Metal does: a `constant` pointer (MLX's declaration of an input under
+  8 elements) handed to a `device` parameter, or a `thread` pointer to a `device` one, fails to compile.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import pytest
 
 import mlx.core as mx
 
-from emulator import signature
+from emulator import harness, signature
 from emulator.harness import EmulatorError
 from emulator.runner import EmulatorRunner
 from mlxedge.metal import kernels
@@ -90,8 +92,9 @@ def test_generated_source_is_what_mlx_generates(index, mlx_sources):
     assert ours.strip() == theirs.strip()
 
 
-def toy(name: str, source: str, inputs=("x",)) -> kernels.KernelSource:
-    return kernels.KernelSource(name=name, input_names=tuple(inputs), output_names=("y",), source=source)
+def toy(name: str, source: str, inputs=("x",), header: str = "") -> kernels.KernelSource:
+    return kernels.KernelSource(name=name, input_names=tuple(inputs), output_names=("y",), source=source,
+                                header=header)
 
 
 def run_toy(kernel, x, n_out, threads=64, schedule="forward"):
@@ -110,6 +113,7 @@ SIMD_AND_BARRIER = toy("emu_simd_barrier", """
 """)
 
 
+@pytest.mark.requires_emulator
 @pytest.mark.parametrize("schedule", ["forward", "reverse"])
 def test_simd_sum_and_barrier_match_gpu_semantics(schedule):
     x = mx.arange(128, dtype=mx.float32)
@@ -120,6 +124,7 @@ def test_simd_sum_and_barrier_match_gpu_semantics(schedule):
     np.testing.assert_array_equal(y, want)
 
 
+@pytest.mark.requires_emulator
 def test_threadgroup_memory_starts_as_nan():
     kernel = toy("emu_poison", """
         threadgroup float never_written[64];
@@ -128,12 +133,14 @@ def test_threadgroup_memory_starts_as_nan():
     assert np.isnan(np.array(run_toy(kernel, mx.zeros((64,)), 64))).all()
 
 
+@pytest.mark.requires_emulator
 def test_unwritten_outputs_read_as_nan():
     kernel = toy("emu_skip", "if (thread_position_in_grid.x % 2 == 0) { y[thread_position_in_grid.x] = x[0]; }")
     y = np.array(run_toy(kernel, mx.ones((64,)), 64))
     assert (y[0::2] == 1).all() and np.isnan(y[1::2]).all()
 
 
+@pytest.mark.requires_emulator
 @pytest.mark.parametrize("body, message", [
     ("y[thread_position_in_grid.x + 1] = x[0];", "outside"),          # writes one past the end
     ("if (thread_position_in_grid.x == 0) { y[-1] = x[0]; }", "before the start"),
@@ -144,6 +151,7 @@ def test_out_of_bounds_access_is_reported(body, message):
         run_toy(toy("emu_oob", body), mx.ones((64,)), 64)
 
 
+@pytest.mark.requires_emulator
 def test_barrier_skipped_by_some_threads_is_reported():
     kernel = toy("emu_divergent_barrier", """
         if (thread_index_in_simdgroup < 16) {
@@ -153,3 +161,53 @@ def test_barrier_skipped_by_some_threads_is_reported():
     """)
     with pytest.raises(EmulatorError, match="barrier"):
         run_toy(kernel, mx.ones((64,)), 64)
+
+
+# ---- Address spaces: what Metal's compiler refuses, the emulator refuses. ----------------------------------
+
+DEVICE_HELPER = "inline float first(const device float* p) { return p[0]; }\n"
+GENERIC_HELPER = "template <typename P> inline float first(P p) { return p[0]; }\n"
+
+
+def _source(kernel, size=64) -> str:
+    return EmulatorRunner().generated_source(kernel, [mx.ones((size,))], [], [mx.float32])[1]
+
+
+@pytest.mark.parametrize("size, location", [(64, "device"), (4, "constant")])
+def test_constant_pointer_passed_as_device_fails_to_compile(size, location):
+    """MLX declares an input under 8 elements `const constant`; a `const device` helper parameter rejects it."""
+    body = "y[thread_position_in_grid.x] = first(x);"
+    source = _source(toy(f"emu_as_{location}", body, header=DEVICE_HELPER), size)
+    assert f"const {location} float* x" in source
+    if location == "device":
+        harness.check_address_spaces(source)
+    else:
+        with pytest.raises(EmulatorError, match="address spaces"):
+            harness.check_address_spaces(source)
+        # the same body with a helper generic over the pointer type is accepted
+        harness.check_address_spaces(_source(toy("emu_as_generic", body, header=GENERIC_HELPER), size))
+
+
+@pytest.mark.requires_emulator
+def test_address_space_check_runs_before_every_emulated_launch():
+    kernel = toy("emu_as_launch", "y[thread_position_in_grid.x] = first(x);", header=DEVICE_HELPER)
+    assert (np.array(run_toy(kernel, mx.ones((64,)), 64)) == 1).all()
+    with pytest.raises(EmulatorError, match="address spaces"):
+        run_toy(kernel, mx.ones((4,)), 64)
+
+
+@pytest.mark.parametrize("helper, body", [
+    (DEVICE_HELPER, "float local[4] = {0, 0, 0, 0}; y[thread_position_in_grid.x] = first(local);"),
+    (DEVICE_HELPER, "threadgroup float shared[4]; y[thread_position_in_grid.x] = first(shared);"),
+    ("inline float first(const thread float* p) { return p[0]; }\n", "y[thread_position_in_grid.x] = first(x);"),
+    ("inline float first(const constant float* p) { return p[0]; }\n", "y[thread_position_in_grid.x] = first(x);"),
+], ids=["thread-as-device", "threadgroup-as-device", "device-as-thread", "device-as-constant"])
+def test_every_other_address_space_mismatch_fails_to_compile(helper, body):
+    with pytest.raises(EmulatorError, match="address spaces"):
+        harness.check_address_spaces(_source(toy("emu_as_mismatch", body, header=helper)))
+
+
+def test_missing_clang_is_a_clear_failure_not_a_skip(monkeypatch):
+    monkeypatch.setenv(harness.CLANG_ENV, "/nonexistent/clang++")
+    with pytest.raises(EmulatorError, match="address-space check"):
+        harness.check_address_spaces(_source(toy("emu_as_noclang", "y[thread_position_in_grid.x] = x[0] + 1.0f;")))

@@ -8,14 +8,23 @@ elements show; poisons threadgroup memory with NaN before each threadgroup; runs
 as fibers (32-lane SIMD-groups; each pass runs every runnable thread, first-to-last or last-to-first,
 until it blocks); writes outputs to stdout.
 Binaries are cached by a hash of their full source under the test cache directory.
+
+Before that, `check_address_spaces` compiles the same generated source with clang (-fsyntax-only) against
+the shim's MLXE_TYPECHECK mode, where device/constant/threadgroup/thread are distinct address spaces: a
+pointer passed where another address space is declared is a compile error here, as in Metal.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
+import re
+import shlex
+import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -27,6 +36,8 @@ INPUT_GUARD_BYTE = 0xFF   # NaN for float/half/bfloat, 0xffffffff for words
 OUTPUT_GUARD_BYTE = 0xA5
 CXX_FLAGS = ["-std=c++17", "-O1", "-w", "-fno-strict-aliasing", "-ffp-contract=off"]
 EXIT_GUARD, EXIT_DEADLOCK, EXIT_USAGE = 2, 3, 4
+TYPECHECK_FLAGS = ["-x", "c++", "-std=c++17", "-fsyntax-only", "-nostdinc", "-nostdinc++", "-w", "-DMLXE_TYPECHECK"]
+CLANG_ENV = "MLXEDGE_CLANG"
 
 
 class EmulatorError(RuntimeError):
@@ -281,6 +292,53 @@ def program(kernel_name: str, kernel_source: str, params: list[Parameter], templ
             .replace("@EXIT_USAGE@", str(EXIT_USAGE)).replace("@EXIT_DEADLOCK@", str(EXIT_DEADLOCK))
             .replace("@EXIT_GUARD@", str(EXIT_GUARD)))
     return '#include "metal_shim.h"\n' + kernel_source + main
+
+
+def clang_command() -> list[str]:
+    """The clang that type-checks address spaces: $MLXEDGE_CLANG, else the ziglang wheel's, else clang++.
+
+    `python -m ziglang clang` is the plain clang driver inside zig (no zig libc/libc++ set-up, which a
+    `zig c++` call would build first); the check includes no headers, so it needs nothing else.
+    """
+    explicit = os.environ.get(CLANG_ENV)
+    if explicit:
+        return shlex.split(explicit)
+    if importlib.util.find_spec("ziglang") is not None:
+        return [sys.executable, "-m", "ziglang", "clang"]
+    if shutil.which("clang++"):
+        return ["clang++"]
+    raise EmulatorError(
+        "no clang for the Metal address-space check: install the test extra (pip install -e '.[test]' brings "
+        f"the ziglang wheel, whose `python -m ziglang clang` is clang), put clang++ on PATH, or set {CLANG_ENV}")
+
+
+# MLX marks the explicit instantiation [[host_name(...)]] [[kernel]]; clang refuses attributes there outside
+# Metal, and they name nothing the type check needs, so that line loses them (the rest is checked verbatim).
+_INSTANTIATION_ATTRIBUTES = re.compile(r'^template \[\[host_name\("[^"]*"\)\]\] \[\[kernel\]\] ', re.M)
+
+
+def check_address_spaces(kernel_source: str) -> None:
+    """Compile the generated kernel source with distinct address spaces; EmulatorError on any error."""
+    shim = SHIM.read_text()
+    command = clang_command()
+    source = '#include "metal_shim.h"\n' + _INSTANTIATION_ATTRIBUTES.sub("template ", kernel_source)
+    key = hashlib.sha256("\0".join([source, shim, " ".join(command + TYPECHECK_FLAGS)]).encode()).hexdigest()[:24]
+    stamp = cache_dir() / f"typecheck-{key}.ok"
+    if stamp.exists():
+        return
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        cpp = Path(tmp) / "kernel.cpp"
+        cpp.write_text(source)
+        try:
+            proc = subprocess.run([*command, *TYPECHECK_FLAGS, "-I", str(SHIM.parent), str(cpp)],
+                                  capture_output=True, text=True, timeout=300)
+        except FileNotFoundError as e:
+            raise EmulatorError(f"cannot run the address-space check's compiler {command[0]!r} ({e}); "
+                                f"install the test extra or set {CLANG_ENV}") from None
+    if proc.returncode != 0:
+        errors = "\n".join(line for line in proc.stderr.splitlines() if "unused during compilation" not in line)
+        raise EmulatorError(f"clang rejected the kernel source with Metal's address spaces:\n{errors[-4000:]}")
+    stamp.touch()
 
 
 def compile_program(source: str) -> Path:

@@ -5,8 +5,25 @@
 // Threadgroup memory: `threadgroup T name[n];` becomes a static in the section "mlxe_tgmem"; the harness
 // poisons the whole section with 0xFF bytes (NaN for float and half) before every threadgroup.
 // Only array declarations at kernel scope are supported (no `threadgroup T*` pointers).
+//
+// With MLXE_TYPECHECK defined (clang, -fsyntax-only; harness.check_address_spaces) the shim declares instead
+// of runs: `device`, `constant` and `threadgroup` become clang address spaces 1, 2 and 3, and `thread` the
+// default one (Metal's address space of unqualified locals), so handing a pointer of one address space to
+// a parameter declared with another fails to compile, as it does in Metal; bfloat16_t is clang's scalar
+// __bf16 (Metal's bfloat is a scalar too, so it reads from any address space). That mode includes no header
+// at all (as the Metal standard library is not the C++ one), so any clang checks it without a C++ library.
 #pragma once
 
+#ifdef MLXE_TYPECHECK
+typedef __INT8_TYPE__ int8_t;
+typedef __INT16_TYPE__ int16_t;
+typedef __INT32_TYPE__ int32_t;
+typedef __INT64_TYPE__ int64_t;
+typedef __UINT8_TYPE__ uint8_t;
+typedef __UINT16_TYPE__ uint16_t;
+typedef __UINT32_TYPE__ uint32_t;
+typedef __UINT64_TYPE__ uint64_t;
+#else
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -15,12 +32,16 @@
 #include <cstring>
 #include <ucontext.h>
 #include <vector>
+#endif
 
 // ---- Scalar types ---------------------------------------------------------------------------------------
 typedef unsigned int uint;
 typedef _Float16 half;
 typedef _Float16 float16_t;
 
+#ifdef MLXE_TYPECHECK
+typedef __bf16 bfloat16_t;
+#else
 struct bfloat16_t {
   uint16_t bits_;
   bfloat16_t() = default;
@@ -40,6 +61,7 @@ struct bfloat16_t {
     return f;
   }
 };
+#endif
 
 // ---- Vector types (members only; no swizzles such as .xy) ----------------------------------------------
 struct uint3 {
@@ -47,6 +69,7 @@ struct uint3 {
 };
 
 // ---- The kernel-side runtime the scheduler provides ----------------------------------------------------
+#ifndef MLXE_TYPECHECK
 namespace mlxe_emu {
 
 struct Fiber {
@@ -106,11 +129,20 @@ inline void release_barrier(Threadgroup* tg) {
 }
 
 }  // namespace mlxe_emu
+#endif
 
 namespace metal {
 
 enum class mem_flags { mem_none = 0, mem_device = 1, mem_threadgroup = 2, mem_texture = 4 };
 
+#ifdef MLXE_TYPECHECK
+float simd_sum(float v);
+void threadgroup_barrier(mem_flags);
+float exp(float x);
+float abs(float x);
+float fma(float a, float b, float c);
+float rsqrt(float x);
+#else
 // Sum over the live lanes of the calling SIMD-group; lanes that already returned contribute nothing.
 inline float simd_sum(float v) {
   using namespace mlxe_emu;
@@ -145,21 +177,30 @@ inline void threadgroup_barrier(mem_flags) {
   }
 }
 
-template <typename T>
-inline T min(T a, T b) { return b < a ? b : a; }
-template <typename T>
-inline T max(T a, T b) { return a < b ? b : a; }
 inline float exp(float x) { return std::exp(x); }
 inline float abs(float x) { return std::fabs(x); }
 inline float fma(float a, float b, float c) { return std::fma(a, b, c); }
 inline float rsqrt(float x) { return 1.0f / std::sqrt(x); }
+#endif
+
+template <typename T>
+inline T min(T a, T b) { return b < a ? b : a; }
+template <typename T>
+inline T max(T a, T b) { return a < b ? b : a; }
 
 }  // namespace metal
 
 using namespace metal;
 
 // ---- Metal address spaces, defined after every standard include (`thread` would break <thread>) -------
+#ifdef MLXE_TYPECHECK
+#define device __attribute__((address_space(1)))
+#define constant __attribute__((address_space(2)))
+#define threadgroup static __attribute__((address_space(3)))
+#define thread
+#else
 #define device
 #define constant
 #define thread
 #define threadgroup static __attribute__((section("mlxe_tgmem")))
+#endif

@@ -77,6 +77,7 @@ class EmulatorRunner:
         arrays = [_to_array(v) for v in inputs]
         mx.eval(arrays)
         kname, source, params = self.generated_source(kernel, arrays, template, output_dtypes)
+        harness.check_address_spaces(source)  # what Metal's compiler would refuse, g++ below would not
         binary = harness.compile_program(harness.program(kname, source, params, list(template or []),
                                                          len(arrays), kernel.output_names))
         packed = []

@@ -1,13 +1,14 @@
 """Side-by-side timing of the custom kernels against MLX's built-ins on this device (`python -m mlxedge.metal.bench`).
 
 For typical decode shapes (Llama-style 1B/3B/8B projections) it times both paths in one process with
-`selection.measure` and prints the ratio and the effective weight bandwidth. Where Metal is absent it says so
-and measures nothing.
+`selection.measure` and prints the ratio and the effective weight bandwidth (`--json`: the same as JSON, what
+scripts/mac_check.py records). Where Metal is absent it says so and measures nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import mlx.core as mx
@@ -23,6 +24,9 @@ SHAPES = (
     ("3B q/o", 3072, 3072), ("3B gate/up", 8192, 3072), ("3B down", 3072, 8192),
     ("8B q/o", 4096, 4096), ("8B gate/up", 14336, 4096), ("8B down", 4096, 14336),
 )
+
+
+NO_METAL = "No Metal device here: the custom kernels only run on Apple GPUs (MLX built-ins are used)."
 
 
 def bench_rows(bits: int, group_size: int, rows: int, dtype) -> list:
@@ -46,22 +50,39 @@ def bench_rows(bits: int, group_size: int, rows: int, dtype) -> list:
     return results
 
 
+def bench_report(bits: int = 4, group_size: int = 64, rows: int = 1, dtype: str = "float16") -> dict:
+    """Plain-dict results (for JSON reports): one entry per shape, or available=False without Metal."""
+    settings = {"bits": bits, "group_size": group_size, "rows": rows, "dtype": dtype}
+    if not metal_available():
+        return {"available": False, "reason": NO_METAL, **settings}
+    shapes = []
+    for label, n, k, r, weight_bytes in bench_rows(bits, group_size, rows, getattr(mx, dtype)):
+        shapes.append({"shape": label, "n": n, "k": k, "custom_ms": r["custom_s"] * 1e3,
+                       "builtin_ms": r["builtin_s"] * 1e3, "speedup": r["builtin_s"] / r["custom_s"],
+                       "custom_gb_per_s": weight_bytes / r["custom_s"] / 1e9, "agree": r["agree"]})
+    return {"available": True, **settings, "shapes": shapes}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bits", type=int, default=4, choices=kernels.SUPPORTED_BITS)
     parser.add_argument("--group-size", type=int, default=64, choices=kernels.SUPPORTED_GROUP_SIZES)
     parser.add_argument("--rows", type=int, default=1, choices=range(1, kernels.MAX_ROWS + 1))
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(argv)
-    if not metal_available():
-        print("No Metal device here: the custom kernels only run on Apple GPUs (MLX built-ins are used).")
+    if not metal_available() and not args.json:
+        print(NO_METAL)
         return 0
-    dtype = getattr(mx, args.dtype)
+    report = bench_report(args.bits, args.group_size, args.rows, args.dtype)
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
     print(f"{'shape':<12} {'N':>6} {'K':>6} {'custom ms':>10} {'builtin ms':>10} {'speed-up':>8} "
           f"{'custom GB/s':>11} agree")
-    for label, n, k, r, weight_bytes in bench_rows(args.bits, args.group_size, args.rows, dtype):
-        print(f"{label:<12} {n:>6} {k:>6} {r['custom_s'] * 1e3:>10.3f} {r['builtin_s'] * 1e3:>10.3f} "
-              f"{r['builtin_s'] / r['custom_s']:>8.2f} {weight_bytes / r['custom_s'] / 1e9:>11.1f} {r['agree']}")
+    for r in report["shapes"]:
+        print(f"{r['shape']:<12} {r['n']:>6} {r['k']:>6} {r['custom_ms']:>10.3f} {r['builtin_ms']:>10.3f} "
+              f"{r['speedup']:>8.2f} {r['custom_gb_per_s']:>11.1f} {r['agree']}")
     return 0
 
 

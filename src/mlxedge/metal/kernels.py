@@ -15,6 +15,9 @@ bias through the activation sum: sum_i x_i (s q_i + b) = s * sum_i x_i q_i + b *
 activations are pre-divided by 1, 16, 256, 4096 so a 16-bit half-word's nibbles are masked in place, not
 shifted. Everything accumulates in float32 and each row ends in one ``simd_sum``. ``ALIGNED`` selects the
 path without bounds checks (N a multiple of the rows per threadgroup, K a multiple of the block).
+The helpers take their buffers as deduced pointer types: MLX declares an input of fewer than 8 elements
+(a one-row weight's scales, say) ``const constant T*`` and a larger one ``const device T*``, and Metal
+refuses to pass one address space where the other is declared.
 
 The fused kernel gives SIMD-group 0 the gate rows and SIMD-group 1 the up rows of the same outputs; the up
 sums cross through threadgroup memory behind a barrier and SIMD-group 0 writes silu(gate) * up.
@@ -55,10 +58,12 @@ def block_size(bits: int) -> int:
 
 HEADER = r"""
 // mlxedge quantized GEMV helpers (MLX affine layout: w = scale * q + bias, q packed lowest bits first).
+// Buffers are taken as deduced pointer types: MLX declares an input of fewer than 8 elements
+// `const constant T*` and a larger one `const device T*`, and Metal does not convert between address spaces.
 
 // Load VPT activations starting at x, pre-scaled for masked (unshifted) 4-bit nibbles; returns their sum.
-template <typename T, int BITS, int VPT>
-inline float mlxe_load_x(const device T* x, thread float* xs) {
+template <typename T, int BITS, int VPT, typename XPtr>
+inline float mlxe_load_x(XPtr x, thread float* xs) {
   float sum = 0.0f;
   if (BITS == 4) {
     for (int i = 0; i < VPT; i += 4) {
@@ -82,41 +87,43 @@ inline float mlxe_load_x(const device T* x, thread float* xs) {
   return sum;
 }
 
-// dot[m] = sum_i xs[m][i] * q_i over the VPT packed weights at w, for M activation rows (each weight read once).
-template <int BITS, int VPT, int M>
-inline void mlxe_qdot(const device uint32_t* w, const thread float* xs, thread float* dot) {
+// dot[m] = sum_i xs[m][i] * q_i over the VPT packed weights in the words at w, for M activation rows (each
+// weight read once). Words are read whole and split in registers (no pointer casts across types).
+template <int BITS, int VPT, int M, typename WPtr>
+inline void mlxe_qdot(WPtr w, const thread float* xs, thread float* dot) {
   for (int m = 0; m < M; m++) {
     dot[m] = 0.0f;
   }
-  if (BITS == 4) {
-    const device uint16_t* ws = (const device uint16_t*)w;
-    for (int i = 0; i < VPT / 4; i++) {
-      const uint16_t q = ws[i];
-      const float q0 = float(q & 0x000f);
-      const float q1 = float(q & 0x00f0);
-      const float q2 = float(q & 0x0f00);
-      const float q3 = float(q & 0xf000);
-      for (int m = 0; m < M; m++) {
-        const thread float* xm = xs + m * VPT + 4 * i;
-        dot[m] += xm[0] * q0 + xm[1] * q1 + xm[2] * q2 + xm[3] * q3;
+  for (int j = 0; j < VPT * BITS / 32; j++) {
+    const uint32_t word = w[j];
+    if (BITS == 4) {
+      for (int h = 0; h < 2; h++) {
+        const uint32_t q = h == 0 ? (word & 0xffffu) : (word >> 16);
+        const float q0 = float(q & 0x000f);
+        const float q1 = float(q & 0x00f0);
+        const float q2 = float(q & 0x0f00);
+        const float q3 = float(q & 0xf000);
+        for (int m = 0; m < M; m++) {
+          const thread float* xm = xs + m * VPT + 8 * j + 4 * h;
+          dot[m] += xm[0] * q0 + xm[1] * q1 + xm[2] * q2 + xm[3] * q3;
+        }
       }
-    }
-  } else {
-    const device uint8_t* wb = (const device uint8_t*)w;
-    for (int i = 0; i < VPT; i++) {
-      const float q = float(wb[i]);
-      for (int m = 0; m < M; m++) {
-        dot[m] += xs[m * VPT + i] * q;
+    } else {
+      for (int b = 0; b < 4; b++) {
+        const float q = float((word >> (8 * b)) & 0xffu);
+        for (int m = 0; m < M; m++) {
+          dot[m] += xs[m * VPT + 4 * j + b] * q;
+        }
       }
     }
   }
 }
 
 // Accumulate, for R consecutive rows starting at row0, the M row-dot-products of one lane over all of K.
-template <typename T, int BITS, int GS, int M, int R, bool ALIGNED>
-inline void mlxe_qmv_rows(
-    const device T* x, const device uint32_t* w, const device T* scales, const device T* biases,
-    int N, int K, int row0, uint lane, thread float* acc) {
+template <typename T, int BITS, int GS, int M, int R, bool ALIGNED, typename XPtr, typename WPtr, typename SPtr,
+          typename BPtr>
+inline void mlxe_qmv_rows(XPtr x, WPtr w, SPtr scales, BPtr biases, int N, int K, int row0, uint lane,
+                          thread float* acc) {
   constexpr int VPT = 2 * 32 / BITS;
   constexpr int BLOCK = 32 * VPT;
   const int words = K * BITS / 32;
