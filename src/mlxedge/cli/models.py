@@ -158,11 +158,21 @@ def info_command(model: str, as_json: bool) -> None:
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
               help="dtype of the tensors left unquantized (default: the checkpoint's).")
 @click.option("--force", is_flag=True, help="Replace DEST if it exists.")
+@click.option("--recipe", default=None, metavar="NAME",
+              help="Per-module mix: q4_k_m, q3_k_m or q6_k (llama.cpp's K-quant patterns).")
+@click.option("--target-bpw", type=float, default=None, metavar="X",
+              help="Bits per weight to reach, choosing bits per module by measured sensitivity.")
+@click.option("--calibration", default=None, metavar="FILE",
+              help="Calibration text for --target-bpw/--data-aware (default: Python's pydoc topics).")
+@click.option("--data-aware", is_flag=True,
+              help="Choose scales by activation-weighted error on the calibration text (imatrix-style).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @handles_errors
 def convert_command(src: str, dest: Path, bits: str, group_size: str, dtype: Optional[str], force: bool,
+                    recipe: Optional[str], target_bpw: Optional[float], calibration: Optional[str], data_aware: bool,
                     as_json: bool) -> None:
-    """Convert SRC (HF directory, .gguf file or alias) to an mlx-lm directory at DEST.
+    """Convert SRC (HF directory, .gguf file or alias) to an mlx-lm directory at DEST (or a GGUF file when
+    DEST ends in .gguf: --bits 16 F16, 8 Q8_0, 4 Q4_0, --recipe q4_k_m the K-quant mix).
 
     The write is atomic: on failure or Ctrl-C nothing is left at DEST.
     """
@@ -173,11 +183,20 @@ def convert_command(src: str, dest: Path, bits: str, group_size: str, dtype: Opt
     path = resolve_source(src, quiet=as_json)
     with progress_bar(f"Converting {src}", unit="tensors", enabled=not as_json) as progress:
         summary = mlxedge.convert(path, dest, bits=None if bits == "16" else int(bits), group_size=int(group_size),
-                                  dtype=dtype, force=force, progress=progress)
+                                  dtype=dtype, force=force, progress=progress, recipe=recipe,
+                                  target_bpw=target_bpw, calibration=calibration, data_aware=data_aware)
     summary["disk_bytes"] = bytes_on_disk(dest)
     if as_json:
         emit_json(summary)
         return
-    quant = f"{summary['bits']}-bit, group size {summary['group_size']}" if summary.get("bits") else "float"
+    if "gguf_type" in summary:
+        types = ", ".join(f"{n} {t}" for t, n in sorted(summary["tensor_types"].items()))
+        click.echo(f"wrote {dest}: {summary['architecture']}, GGUF {summary['gguf_type']} ({types}), "
+                   f"{format_bytes(summary['disk_bytes'])} on disk")
+        return
+    if summary.get("recipe"):
+        quant = f"recipe {summary['recipe']}, {summary['bits_per_weight']:.2f} bits per weight"
+    else:
+        quant = f"{summary['bits']}-bit, group size {summary['group_size']}" if summary.get("bits") else "float"
     click.echo(f"wrote {dest}: {summary['architecture']}, {quant}, {summary['quantized_modules']} quantized "
                f"modules, {format_bytes(summary['disk_bytes'])} on disk")
