@@ -8,7 +8,10 @@ from . import memory
 from .adapters import read_adapter
 from .loading import load_checkpoint, resolve_dtype
 from .model import Model
+from .errors import QuantizationError
 from .quant.affine import validate_settings
+from .quant.recipes import Recipe
+from .recipe_search import resolve_quantization
 from .sources import open_source
 
 KV_OVERFLOW = ("error", "rotate")
@@ -37,20 +40,29 @@ def plan(source, bits: Optional[int] = None, group_size: int = 64, dtype: Option
 def load(source, bits: Optional[int] = None, group_size: int = 64, dtype: Optional[str] = None,
          memory_budget=None, context_length: Optional[int] = None, auto_fit: bool = False,
          kv_overflow: str = "error", progress: Optional[Callable[[int, int], None]] = None,
-         adapter=None) -> Model:
+         adapter=None, recipe: Optional[str] = None, target_bpw: Optional[float] = None, calibration=None,
+         data_aware: bool = False) -> Model:
     """Load a model (directory, .gguf file, alias or hub id); bits=4|8 quantizes group-wise while loading.
 
     The memory plan is checked before any weight is read: a load that would not fit the budget raises
     MemoryBudgetError naming settings that would; auto_fit=True picks the best of those instead.
     context_length bounds the KV cache; past it generation fails, or keeps a rotating window when
     kv_overflow="rotate". adapter: an mlx-lm or PEFT LoRA/DoRA adapter directory, applied unfused.
+    recipe/target_bpw/calibration/data_aware: per-module quantization as in convert.
     """
     if kv_overflow not in KV_OVERFLOW:
         raise ValueError(f"kv_overflow must be one of {KV_OVERFLOW}")
-    requested = validate_settings(bits, group_size)
     lora = read_adapter(adapter) if adapter is not None else None
     checkpoint = open_source(source)
-    memory_plan = _plan_checkpoint(checkpoint, requested.bits if requested else None, group_size, dtype,
+    requested = resolve_quantization(checkpoint, bits, group_size, recipe=recipe, target_bpw=target_bpw,
+                                     calibration=calibration, data_aware=data_aware)
+    if isinstance(requested, Recipe):
+        if auto_fit:
+            raise QuantizationError("auto_fit picks one bits setting; it cannot be combined with a recipe or target_bpw.")
+        planned_bits = requested.max_bits()  # the plan's conservative bound for a mix
+    else:
+        planned_bits = requested.bits if requested else None
+    memory_plan = _plan_checkpoint(checkpoint, planned_bits, group_size, dtype,
                                    memory_budget, context_length, auto_fit=auto_fit)
     if auto_fit:
         requested = validate_settings(memory_plan.settings["bits"], group_size)

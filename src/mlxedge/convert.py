@@ -25,6 +25,9 @@ from .errors import MlxedgeError
 from .loading import load_checkpoint, resolve_dtype
 from .memory import weight_plan
 from .quant.affine import validate_settings
+from .quant.recipes import Recipe
+from .quant.sensitivity import save_sensitivities
+from .recipe_search import resolve_quantization
 from .sources import open_source
 
 MAX_SHARD_BYTES = 5 << 30  # mlx-lm's shard size
@@ -32,26 +35,38 @@ EXTRA_BYTES = 4 << 20  # room asked beyond the weights: config, tokenizer files,
 
 
 def convert(source, dest, bits: Optional[int] = 4, group_size: int = 64, dtype: Optional[str] = None,
-            force: bool = False, progress: Optional[Callable[[int, int], None]] = None, adapter=None) -> dict:
+            force: bool = False, progress: Optional[Callable[[int, int], None]] = None, adapter=None,
+            recipe: Optional[str] = None, target_bpw: Optional[float] = None, calibration=None,
+            data_aware: bool = False) -> dict:
     """Convert `source` to an mlx-lm directory at `dest`; returns a summary dict (path, bytes, bits, ...).
 
     adapter: a LoRA/DoRA adapter directory fused into the weights before they are quantized.
+    recipe: a preset mix (q4_k_m, q3_k_m, q6_k); target_bpw: bits per weight to reach with the mix that
+    measured sensitivities favour (written to quant_sensitivity.json); data_aware: choose each group's scale
+    and bias by activation-weighted error on the calibration text (a UTF-8 file; default: pydoc's topics).
+    A DEST ending in .gguf is written as a GGUF file for llama.cpp and Ollama instead (export/gguf.py).
     """
     dest = fsutil.absolute(dest)
+    if dest.suffix.lower() == ".gguf":
+        return _convert_to_gguf(source, dest, bits, recipe, target_bpw, data_aware, force, progress)
     sources = [source] + ([adapter] if adapter is not None else [])
     fsutil.refuse_existing(dest, force, sources, flag="force=True (--force)")
-    requested = validate_settings(bits, group_size)
+    if recipe is None and target_bpw is None:
+        validate_settings(bits, group_size)  # a bad setting fails before anything is read
     lora = read_adapter(adapter) if adapter is not None else None
     checkpoint = open_source(source)
     sources.append(checkpoint.path)
     fsutil.refuse_existing(dest, force, sources, flag="force=True (--force)")
     fsutil.clean_stale_temps(dest.parent)
-    needed = EXTRA_BYTES + weight_plan(
-        checkpoint.config, checkpoint.tensor_infos, bits=requested.bits if requested else None, group_size=group_size,
-        dtype_bytes=resolve_dtype(dtype, checkpoint, for_compute=False).size, quantized=checkpoint.quantization)["bytes"]
-    fsutil.check_free_space(dest.parent, needed, dest)
     if lora is not None:
         checkpoint = fused_checkpoint(checkpoint, lora)
+    requested = resolve_quantization(checkpoint, bits, group_size, recipe=recipe, target_bpw=target_bpw,
+                                     calibration=calibration, data_aware=data_aware)
+    planned_bits = requested.max_bits() if isinstance(requested, Recipe) else (requested.bits if requested else None)
+    needed = EXTRA_BYTES + weight_plan(
+        checkpoint.config, checkpoint.tensor_infos, bits=planned_bits, group_size=group_size,
+        dtype_bytes=resolve_dtype(dtype, checkpoint, for_compute=False).size, quantized=checkpoint.quantization)["bytes"]
+    fsutil.check_free_space(dest.parent, needed, dest)
     loaded = load_checkpoint(checkpoint, requested, dtype=dtype, progress=progress, for_compute=False)
     tmp = fsutil.make_temp_dir(dest.parent, "convert")
     try:
@@ -59,8 +74,13 @@ def convert(source, dest, bits: Optional[int] = 4, group_size: int = 64, dtype: 
             total = _write_weights(tmp, dict(tree_flatten(loaded.model.parameters())))
             _write_config(tmp, loaded, checkpoint)
             _write_tokenizer(tmp, checkpoint)
-            fsutil.write_marker(tmp, checkpoint.path, {"bits": requested.bits if requested else None,
-                                                       "group_size": requested.group_size if requested else None})
+            if isinstance(requested, Recipe) and "sensitivity" in requested.notes:
+                save_sensitivities(tmp / "quant_sensitivity.json", requested.notes["sensitivity"], loaded.quantized,
+                                   target_bpw, group_size)
+            fsutil.write_marker(tmp, checkpoint.path, {"bits": _summary_bits(requested),
+                                                       "group_size": group_size if requested else None,
+                                                       "recipe": requested.name if isinstance(requested, Recipe)
+                                                       else None})
         except (OSError, RuntimeError) as exc:
             if not fsutil.is_no_space(exc):
                 raise
@@ -74,7 +94,30 @@ def convert(source, dest, bits: Optional[int] = 4, group_size: int = 64, dtype: 
         raise
     return {"path": str(dest), "bytes": total, "architecture": loaded.config["model_type"],
             "quantized_modules": len(loaded.quantized), "unquantized_modules": loaded.unquantized,
-            "bits": requested.bits if requested else None, "group_size": requested.group_size if requested else None}
+            "bits": _summary_bits(requested), "group_size": group_size if requested else None,
+            "recipe": requested.name if isinstance(requested, Recipe) else None,
+            "bits_per_weight": 8 * total / max(loaded.parameters, 1)}
+
+
+def _convert_to_gguf(source, dest: Path, bits, recipe, target_bpw, data_aware, force, progress) -> dict:
+    """DEST ending in .gguf: a GGUF file for llama.cpp/Ollama (F16, Q8_0, Q4_0 or the q4_k_m mix)."""
+    from .export.gguf import export_gguf, export_type
+
+    if target_bpw is not None or data_aware:
+        raise MlxedgeError("GGUF export writes llama.cpp's own block types; target_bpw and data-aware search "
+                           "apply to mlx-lm directories only (give a DEST directory).")
+    if dest.exists():
+        if not force:
+            raise MlxedgeError(f"{dest} already exists; choose another destination or pass force=True (--force).")
+        if dest.is_symlink() or not dest.is_file() or dest.open("rb").read(4) != b"GGUF":
+            raise MlxedgeError(f"refusing to replace {dest}: it is not a GGUF file; --force only replaces those.")
+    return export_gguf(source, dest, export_type(bits, recipe), progress=progress)
+
+
+def _summary_bits(requested):
+    if isinstance(requested, Recipe):
+        return None
+    return requested.bits if requested else None
 
 
 def _write_weights(directory: Path, weights: dict) -> int:

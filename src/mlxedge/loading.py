@@ -17,6 +17,7 @@ from .adapters import Adapter, attach_adapter
 from .configs import model_classes, normalize_config
 from .errors import MlxedgeError, SourceError, UnsupportedError
 from .quant.affine import QuantSpec, can_quantize
+from .quant.recipes import Recipe
 from .quant.fused_mlp import fuse_gated_mlps
 from .quant.layers import QuantizedEmbedding, QuantizedLinear
 from .sources.checkpoint import Checkpoint
@@ -86,17 +87,27 @@ def _quantizable_modules(model: nn.Module) -> dict:
             if isinstance(m, (nn.Linear, nn.Embedding)) and not isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
 
 
-def _target_specs(modules: dict, source_specs: dict, requested: Optional[QuantSpec]):
-    """Which modules end up quantized, and which stay float because the group does not divide them."""
+def _target_specs(modules: dict, source_specs: dict, requested, n_layers: int = 0):
+    """Which modules end up quantized, and which stay float because the group does not divide them.
+
+    requested: None (keep the checkpoint's precision), one QuantSpec for every module, or a Recipe
+    (quant/recipes.py) that decides per module.
+    """
+    if isinstance(requested, Recipe):
+        chosen = requested.assign(modules, n_layers, tied=not any(p.endswith("lm_head") for p in modules))
+    else:
+        chosen = {path: requested for path in modules} if requested is not None else None
     targets, unquantized = {}, []
     for path, module in modules.items():
-        if requested is None:
+        if chosen is None:
             if path in source_specs:
                 targets[path] = source_specs[path]
             continue
-        input_dims = module.weight.shape[1]
-        if can_quantize(input_dims, requested):
-            targets[path] = requested
+        spec = chosen[path]
+        if spec is None:
+            continue
+        if can_quantize(module.weight.shape[1], spec):
+            targets[path] = spec
         else:
             unquantized.append(path)
     return targets, unquantized
@@ -159,7 +170,8 @@ def load_checkpoint(checkpoint: Checkpoint, requested: Optional[QuantSpec], dtyp
 
     modules = _quantizable_modules(model)
     source_specs = source_quant_specs(checkpoint, modules)
-    targets, unquantized = _target_specs(modules, source_specs, requested)
+    targets, unquantized = _target_specs(modules, source_specs, requested, int(config.get("num_hidden_layers", 0)))
+    quantizer = getattr(requested, "quantizer", None)
     _replace_with_quantized(model, modules, targets, compute_dtype)
 
     expected = dict(tree_flatten(model.parameters()))
@@ -181,10 +193,10 @@ def load_checkpoint(checkpoint: Checkpoint, requested: Optional[QuantSpec], dtyp
                 continue
             del pending[module_path]
             tensors = _convert_quantized(module_path, triplet, source_specs[module_path], targets.get(module_path),
-                                         compute_dtype)
+                                         compute_dtype, quantizer)
         else:
             tensors = _convert_float(name, array, targets.get(module_path) if part == "weight" else None,
-                                     compute_dtype)
+                                     compute_dtype, quantizer)
         for tensor_name, tensor in tensors.items():
             _assign_checked(model, expected, tensor_name, tensor)
             assigned.add(tensor_name)
@@ -210,19 +222,25 @@ def load_checkpoint(checkpoint: Checkpoint, requested: Optional[QuantSpec], dtyp
     )
 
 
-def _convert_float(name: str, array: mx.array, target: Optional[QuantSpec], dtype) -> dict:
-    if mx.issubdtype(array.dtype, mx.floating):
-        array = array.astype(dtype)
+def _convert_float(name: str, array: mx.array, target: Optional[QuantSpec], dtype, quantizer=None) -> dict:
+    """Cast a float tensor to dtype, or quantize it (quantizer(module_path, array, spec), default mx.quantize)."""
     if target is None:
+        if mx.issubdtype(array.dtype, mx.floating):
+            array = array.astype(dtype)
         mx.eval(array)
         return {name: array}
-    w, scales, biases = mx.quantize(array, group_size=target.group_size, bits=target.bits)
-    mx.eval(w, scales, biases)
     base = name.rpartition(".")[0]
+    if quantizer is not None:
+        w, scales, biases = quantizer(base, array, target)
+    else:
+        w, scales, biases = mx.quantize(array.astype(dtype), group_size=target.group_size, bits=target.bits)
+    scales, biases = scales.astype(dtype), biases.astype(dtype)
+    mx.eval(w, scales, biases)
     return {f"{base}.weight": w, f"{base}.scales": scales, f"{base}.biases": biases}
 
 
-def _convert_quantized(path: str, triplet: dict, source: QuantSpec, target: Optional[QuantSpec], dtype) -> dict:
+def _convert_quantized(path: str, triplet: dict, source: QuantSpec, target: Optional[QuantSpec], dtype,
+                       quantizer=None) -> dict:
     if target == source:
         out = {f"{path}.weight": triplet["weight"],
                f"{path}.scales": triplet["scales"].astype(dtype),
@@ -231,7 +249,7 @@ def _convert_quantized(path: str, triplet: dict, source: QuantSpec, target: Opti
         return out
     dense = mx.dequantize(triplet["weight"], triplet["scales"].astype(mx.float32),
                           triplet["biases"].astype(mx.float32), group_size=source.group_size, bits=source.bits)
-    return _convert_float(f"{path}.weight", dense, target, dtype)
+    return _convert_float(f"{path}.weight", dense, target, dtype, quantizer)
 
 
 def _assign_checked(model: nn.Module, expected: dict, name: str, tensor: mx.array) -> None:

@@ -158,29 +158,50 @@ def info_command(model: str, as_json: bool) -> None:
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
               help="dtype of the tensors left unquantized (default: the checkpoint's).")
 @click.option("--force", is_flag=True,
-              help="Replace DEST if it is a model directory (one mlxedge wrote, or config.json + *.safetensors).")
+              help="Replace DEST if it is a model directory (one mlxedge wrote, or config.json + *.safetensors) "
+                   "or a GGUF file.")
 @click.option("--adapter", default=None, metavar="DIR",
               help="Fuse a LoRA/DoRA adapter directory (mlx-lm or PEFT) into the weights.")
+@click.option("--recipe", default=None, metavar="NAME",
+              help="Per-module mix: q4_k_m, q3_k_m or q6_k (llama.cpp's K-quant patterns).")
+@click.option("--target-bpw", type=float, default=None, metavar="X",
+              help="Bits per weight to reach, choosing bits per module by measured sensitivity.")
+@click.option("--calibration", default=None, metavar="FILE",
+              help="Calibration text for --target-bpw/--data-aware (default: Python's pydoc topics).")
+@click.option("--data-aware", is_flag=True,
+              help="Choose scales by activation-weighted error on the calibration text (imatrix-style).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @handles_errors
 def convert_command(src: str, dest: Path, bits: str, group_size: str, dtype: Optional[str], force: bool,
-                    adapter: Optional[str], as_json: bool) -> None:
-    """Convert SRC (HF directory, .gguf file or alias) to an mlx-lm directory at DEST.
+                    adapter: Optional[str], recipe: Optional[str], target_bpw: Optional[float],
+                    calibration: Optional[str], data_aware: bool, as_json: bool) -> None:
+    """Convert SRC (HF directory, .gguf file or alias) to an mlx-lm directory at DEST (or a GGUF file when
+    DEST ends in .gguf: --bits 16 F16, 8 Q8_0, 4 Q4_0, --recipe q4_k_m the K-quant mix).
 
     The write is atomic: on failure or Ctrl-C nothing is left at DEST.
     """
     import mlxedge
     from ..fsutil import refuse_existing
 
-    refuse_existing(dest, force, [src])  # say so before pulling or converting (the API checks again)
+    if dest.suffix.lower() != ".gguf":  # say so before pulling or converting (the API checks again)
+        refuse_existing(dest, force, [src])
     path = resolve_source(src, quiet=as_json)
     with progress_bar(f"Converting {src}", unit="tensors", enabled=not as_json) as progress:
         summary = mlxedge.convert(path, dest, bits=None if bits == "16" else int(bits), group_size=int(group_size),
-                                  dtype=dtype, force=force, progress=progress, adapter=adapter)
+                                  dtype=dtype, force=force, progress=progress, adapter=adapter, recipe=recipe,
+                                  target_bpw=target_bpw, calibration=calibration, data_aware=data_aware)
     summary["disk_bytes"] = bytes_on_disk(dest)
     if as_json:
         emit_json(summary)
         return
-    quant = f"{summary['bits']}-bit, group size {summary['group_size']}" if summary.get("bits") else "float"
+    if "gguf_type" in summary:
+        types = ", ".join(f"{n} {t}" for t, n in sorted(summary["tensor_types"].items()))
+        click.echo(f"wrote {dest}: {summary['architecture']}, GGUF {summary['gguf_type']} ({types}), "
+                   f"{format_bytes(summary['disk_bytes'])} on disk")
+        return
+    if summary.get("recipe"):
+        quant = f"recipe {summary['recipe']}, {summary['bits_per_weight']:.2f} bits per weight"
+    else:
+        quant = f"{summary['bits']}-bit, group size {summary['group_size']}" if summary.get("bits") else "float"
     click.echo(f"wrote {dest}: {summary['architecture']}, {quant}, {summary['quantized_modules']} quantized "
                f"modules, {format_bytes(summary['disk_bytes'])} on disk")

@@ -1,0 +1,1 @@
+"""Writers for other runtimes' formats (GGUF for llama.cpp and Ollama)."""

@@ -1,0 +1,107 @@
+"""Turn quantization requests (bits, a preset recipe, a target size, data-aware search) into what the loader
+applies: one QuantSpec, or a per-module Recipe.
+
+The only module that loads a float model to measure it: a target bits-per-weight needs per-module
+sensitivities (quant/sensitivity.py) and data-aware quantization needs activation statistics
+(quant/weighted.py), both on a calibration text. The default calibration text is one every Python has —
+pydoc's topic texts, taken from the end of the alphabet, while `mlxedge eval` scores from its start.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from .errors import QuantizationError
+from .loading import load_checkpoint
+from .quant.affine import GROUP_SIZES, QuantSpec, validate_settings
+from .quant.recipes import Recipe, preset
+from .quant.sensitivity import allocate, fisher_diagonal, impacts, mean_bpw, quantizable_weights
+from .quant.weighted import DataAwareQuantizer, collect_importance
+
+CALIBRATION_CHUNKS = 8
+CALIBRATION_CTX = 256
+
+
+def default_calibration_text() -> str:
+    """pydoc's topics in reverse key order (evaluation reads them in key order from the start)."""
+    from pydoc_data.topics import topics
+
+    return "\n".join(topics[k] for k in sorted(topics, reverse=True))
+
+
+def calibration_chunks(tokenizer, text: Optional[str], n_chunks: int = CALIBRATION_CHUNKS,
+                       ctx: int = CALIBRATION_CTX) -> list:
+    text = text if text is not None else default_calibration_text()
+    ids = list(tokenizer.encode(text[: n_chunks * ctx * 8]))
+    chunks = [ids[i:i + ctx] for i in range(0, len(ids) - ctx + 1, ctx)][:n_chunks]
+    if not chunks:
+        raise QuantizationError(f"the calibration text has {len(ids)} tokens; give at least {ctx}.")
+    return chunks
+
+
+def _read_calibration(calibration) -> Optional[str]:
+    if calibration is None:
+        return None
+    from pathlib import Path
+
+    path = Path(calibration).expanduser()
+    if not path.is_file():
+        raise QuantizationError(f"calibration file {path} does not exist; give a UTF-8 text file.")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise QuantizationError(f"calibration file {path} is not UTF-8 text.") from None
+
+
+def resolve_quantization(checkpoint, bits, group_size: int, *, recipe: Optional[str] = None,
+                         target_bpw: Optional[float] = None, calibration=None, data_aware: bool = False,
+                         progress: Optional[Callable[[int, int], None]] = None):
+    """None (keep as stored), a QuantSpec for every module, or a Recipe; measures the model when needed."""
+    if recipe is None and target_bpw is None and not data_aware:
+        return validate_settings(bits, group_size)
+    if group_size not in GROUP_SIZES:
+        raise QuantizationError(f"group_size={group_size} is not supported; use 32, 64 or 128.")
+    if recipe is not None and target_bpw is not None:
+        raise QuantizationError("give either a recipe or target_bpw, not both.")
+    if checkpoint.quantization:
+        raise QuantizationError(f"{checkpoint.source} is stored quantized; recipes, target_bpw and data-aware "
+                                "quantization start from float weights — use the float checkpoint.")
+    if recipe is not None:
+        chosen = preset(recipe, group_size)
+        needs_model = data_aware
+    else:
+        base = validate_settings(bits if bits not in (None, 16, 32) else 4, group_size)
+        chosen = Recipe(f"{base.bits}bit-g{group_size}", rule=lambda p, n, t, spec=base: spec,
+                        notes={"bits_used": (base.bits,)})
+        needs_model = True
+    if not needs_model:
+        return chosen
+    text = _read_calibration(calibration)
+    float_model = load_checkpoint(checkpoint, None, dtype="float32").model
+    chunks = calibration_chunks(checkpoint.load_tokenizer(), text)
+    quantizer = DataAwareQuantizer(collect_importance(float_model, chunks)) if data_aware else None
+    if target_bpw is not None:
+        weights = quantizable_weights(float_model, group_size)
+        fisher = fisher_diagonal(float_model, chunks, list(weights), progress=progress)
+        impact = impacts(weights, fisher, group_size, quantize=quantizer)
+        shapes = {p: tuple(w.shape) for p, w in weights.items()}
+        specs = allocate(shapes, impact, float(target_bpw), group_size)
+        all_modules = {p for p, _ in _linear_paths(float_model)}
+        full = {p: specs.get(p) for p in all_modules}
+        chosen = Recipe(f"target-{target_bpw}bpw", specs=full,
+                        notes={"sensitivity": impact, "bpw": mean_bpw(shapes, specs),
+                               "bits_used": tuple(sorted({s.bits for s in specs.values()}))})
+    chosen.quantizer = quantizer
+    if data_aware:
+        chosen.name += "+data-aware"
+    return chosen
+
+
+def _linear_paths(model):
+    import mlx.nn as nn
+
+    return [(p, m) for p, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Embedding)) and not isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+
+
+__all__ = ["resolve_quantization", "calibration_chunks", "default_calibration_text", "QuantSpec"]
