@@ -6,7 +6,6 @@ from typing import Callable, Optional
 
 from . import memory
 from .loading import load_checkpoint, resolve_dtype
-from .model import Model
 from .quant.affine import validate_settings
 from .sources import open_source
 
@@ -35,7 +34,7 @@ def plan(source, bits: Optional[int] = None, group_size: int = 64, dtype: Option
 
 def load(source, bits: Optional[int] = None, group_size: int = 64, dtype: Optional[str] = None,
          memory_budget=None, context_length: Optional[int] = None, auto_fit: bool = False,
-         kv_overflow: str = "error", progress: Optional[Callable[[int, int], None]] = None) -> Model:
+         kv_overflow: str = "error", progress: Optional[Callable[[int, int], None]] = None) -> "Model":
     """Load a model (directory, .gguf file, alias or hub id); bits=4|8 quantizes group-wise while loading.
 
     The memory plan is checked before any weight is read: a load that would not fit the budget raises
@@ -51,6 +50,8 @@ def load(source, bits: Optional[int] = None, group_size: int = 64, dtype: Option
                                    memory_budget, context_length, auto_fit=auto_fit)
     if auto_fit:
         requested = validate_settings(memory_plan.settings["bits"], group_size)
+    from .model import Model  # imports the generation loop (mlx-lm); plan() does not need it
+
     loaded = load_checkpoint(checkpoint, requested, dtype=dtype, progress=progress)
     info = model_info(checkpoint, loaded)
     info["context_length"] = memory_plan.settings["context_length"]

@@ -9,6 +9,7 @@ from .evaluation import bench_command, eval_command
 from .generate import generate_command
 from .models import convert_command, info_command, list_command, pull_command
 from .plan import plan_command
+from .startup import keep_torch_out
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -22,6 +23,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 
     Start with `mlxedge chat` (pulls the default model, smollm2, on first use).
     """
+    keep_torch_out()
     ctx.obj = {"debug": debug}
 
 

@@ -8,11 +8,17 @@ from typing import Optional
 
 import click
 
-from .. import bench as B
 from ..errors import MlxedgeError
 from .common import emit_json, format_bytes, handles_errors, load_model, progress_bar, resolve_source
 
 DTYPE_CHOICE = click.Choice(["float32", "float16", "bfloat16"])
+
+
+def _bench_module():
+    """mlxedge.bench, imported when a command runs (it imports MLX; `--help` should not)."""
+    from .. import bench
+
+    return bench
 
 
 def _stderr(message: str) -> None:
@@ -65,6 +71,8 @@ def variant_options(fn):
 def bench_command(model, bits, group_size, dtype, n_prompt, n_gen, repetitions, compare, as_json, as_md,
                   plot_path, remeasure_bandwidth):
     """Prompt-processing and generation speed of MODEL, per precision (llama-bench's pp/tg conventions)."""
+    B = _bench_module()
+
 
     if as_json and as_md:
         raise MlxedgeError("choose one of --json and --md.")
@@ -103,6 +111,8 @@ def _eval_rows(result: dict) -> tuple:
 
 
 def format_eval(result: dict, markdown: bool = False) -> str:
+    """The eval result as the table `mlxedge eval` prints."""
+    B = _bench_module()
     s = result["settings"]
     lines = [f"model: {result['model']}",
              f"text: {result['text']} ({s['text_tokens']} tokens); ctx {s['ctx']}, {s['chunks']} chunks, "
@@ -171,6 +181,8 @@ def run_eval(model: str, variants, reference: Optional[str], text: str, text_lab
 def eval_command(model, bits, group_size, dtype, reference, no_reference, text_path, ctx, chunks, as_json,
                  as_md):
     """Perplexity of MODEL (llama-perplexity's way) and KL divergence / top-1 agreement against a reference."""
+    B = _bench_module()
+
     from ..evaluate import builtin_text
 
     if as_json and as_md:
