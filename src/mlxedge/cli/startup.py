@@ -29,6 +29,7 @@ def keep_torch_out() -> None:
     """Make torch look absent to the libraries imported from now on (no-op if it is already imported)."""
     if os.environ.get("MLXEDGE_ALLOW_TORCH", "").strip() not in ("", "0") or not running_as_program():
         return
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # its "PyTorch was not found" advice
     for name in BLOCKED:
         if name not in sys.modules:
             sys.modules[name] = None  # type: ignore[assignment]
