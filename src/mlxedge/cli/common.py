@@ -97,19 +97,23 @@ def handles_errors(fn):
 # ------------------------------------------------------------------------------------------------ flags
 
 def sampling_options(fn):
-    """Decorator: the sampling flags, handed to the command as one `sampling` dict (Model.stream keywords)."""
+    """Decorator: the sampling flags, handed to the command as one `sampling` dict (Model.stream keywords).
+
+    Unset flags are None in the dict; `cli.sampling.resolve_sampling` fills them in per command (chat
+    samples with the model's recommended settings, generate is greedy).
+    """
     names = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
 
-    @click.option("--temperature", "--temp", "temperature", type=click.FloatRange(min=0.0), default=0.0,
-                  show_default=True, help="Sampling temperature; 0 is greedy (deterministic).")
-    @click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True,
+    @click.option("--temperature", "--temp", "temperature", type=click.FloatRange(min=0.0), default=None,
+                  help="Sampling temperature; 0 is greedy (deterministic).")
+    @click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
                   help="Nucleus sampling probability mass (1.0 = off).")
-    @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
+    @click.option("--top-k", type=click.IntRange(min=0), default=None,
                   help="Sample from the k most likely tokens (0 = off).")
-    @click.option("--min-p", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+    @click.option("--min-p", type=click.FloatRange(0.0, 1.0), default=None,
                   help="Drop tokens below this fraction of the top token's probability (0 = off).")
-    @click.option("--repetition-penalty", type=click.FloatRange(min=0.0, min_open=True), default=1.0,
-                  show_default=True, help="Penalty on tokens already generated (1.0 = off).")
+    @click.option("--repetition-penalty", type=click.FloatRange(min=0.0, min_open=True), default=None,
+                  help="Penalty on tokens already generated (1.0 = off).")
     @click.option("--seed", type=int, default=None, help="Random seed (sampling with temperature > 0).")
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -178,14 +182,31 @@ def resolve_source(source: str, quiet: bool = False) -> str:
     return str(path) if path is not None else source
 
 
-def load_model(source: str, quiet: bool = False, **load):
-    """Pull (aliases) and load a model through the public API, drawing progress on stderr."""
+def load_model(source: str, quiet: bool = False, warm_up: bool = False, **load):
+    """Pull (aliases) and load a model through the public API, with one progress bar on stderr.
+
+    The bar covers everything until the model can answer: the weights (one step per tensor), then the
+    tokenizer (built from a GGUF on first use, cached after), then with `warm_up` one forward pass so
+    the first reply does not pay MLX's first-call costs.
+    """
     import mlxedge
 
     path = resolve_source(source, quiet=quiet)
-    with progress_bar(f"Loading {source}", unit="tensors", enabled=not quiet) as progress:
-        model = mlxedge.load(path, progress=progress, **load)
+    stages = 2 if warm_up else 1
+    with progress_bar(f"Loading {source}", unit="steps", enabled=not quiet) as progress:
+        tensors = [1]
+
+        def weights(done, total):
+            tensors[0] = total
+            progress(done, total + stages, note="weights")
+
+        model = mlxedge.load(path, progress=weights, **load)
+        progress(tensors[0], tensors[0] + stages, note="tokenizer")
         model.tokenizer  # build the tokenizer now, so the first reply does not pay for it
+        if warm_up:
+            progress(tensors[0] + 1, tensors[0] + stages, note="warm-up")
+            model.logits(model.tokenizer.encode("Hi")[:1] or [0])
+        progress(tensors[0] + stages, tensors[0] + stages, note="ready")
     return model
 
 
@@ -203,17 +224,23 @@ class _Bar:
         self.last_draw = 0.0
         self.drawn = False
         self.done = self.total = 0
+        self.note = ""
 
-    def update(self, done: int, total: int) -> None:
+    def update(self, done: int, total: int, note: Optional[str] = None) -> None:
         self.done, self.total = int(done), int(total)
+        changed = note is not None and note != self.note
+        if note is not None:
+            self.note = note
         now = time.monotonic()
-        if self.enabled and (now - self.last_draw >= 0.1 or done >= total):
+        if self.enabled and (changed or now - self.last_draw >= 0.1 or done >= total):
             self.last_draw = now
             self._draw()
 
     def _amount(self) -> str:
         if self.unit == "bytes":
             return f"{format_bytes(self.done)}/{format_bytes(self.total)}"
+        if self.note:
+            return self.note
         return f"{self.done}/{self.total} {self.unit}"
 
     def _draw(self) -> None:
@@ -288,6 +315,8 @@ def stats_footer(stats: dict, finish_reason: Optional[str] = None) -> str:
              f"{stats.get('ttft_s', 0.0):.2f}s to first token"]
     if finish_reason == "length":
         parts.append("stopped at --max-tokens")
+    elif finish_reason == "repeating":
+        parts.append("stopped: repeating")
     return " · ".join(parts)
 
 
