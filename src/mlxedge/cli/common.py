@@ -169,7 +169,7 @@ def load_options(fn):
 # ------------------------------------------------------------------------------------------------ loading
 
 def resolve_source(source: str, quiet: bool = False) -> str:
-    """A local path for `source`: aliases are pulled on first use with a progress bar; anything else as is."""
+    """A local path for `source`: aliases are pulled on first use with a byte progress bar; anything else as is."""
     if Path(source).expanduser().exists():
         return source
     from ..sources.registry import ALIASES, cached_path, resolve_alias

@@ -61,22 +61,15 @@ def _header_bits(path: str) -> Optional[int]:
 @handles_errors
 def pull_command(name: str, as_json: bool) -> None:
     """Fetch model NAME (an alias, see `mlxedge list --available`) into the local cache."""
-    from ..sources.registry import ALIASES, cached_path
+    import mlxedge
 
-    alias = ALIASES.get(name.strip().lower())
-    if alias is None:
-        known = ", ".join(sorted(ALIASES))
-        raise MlxedgeError(f"no model alias {name!r}; known aliases: {known} (a .gguf file or checkpoint "
-                           "directory needs no pull: pass its path to chat/generate)")
-    was_cached = cached_path(alias).is_file()
-    path = Path(resolve_source(alias.name, quiet=as_json))
-    result = {"name": alias.name, "path": str(path), "bytes": path.stat().st_size, "source": alias.requirement,
-              "already_cached": was_cached}
+    with progress_bar(f"Pulling {name}", unit="bytes", enabled=not as_json) as progress:
+        result = mlxedge.pull(name, progress=progress)
     if as_json:
         emit_json(result)
     else:
-        state = "already cached" if was_cached else "pulled"
-        click.echo(f"{alias.name}: {state} at {path} ({format_bytes(result['bytes'])})")
+        state = "already cached" if result["already_cached"] else "pulled"
+        click.echo(f"{result['name']}: {state} at {result['path']} ({format_bytes(result['bytes'])})")
 
 
 # ------------------------------------------------------------------------------------------------ list
@@ -87,19 +80,12 @@ def pull_command(name: str, as_json: bool) -> None:
 @handles_errors
 def list_command(available: bool, as_json: bool) -> None:
     """List the models in the local cache: name, source, size, bits."""
-    from ..sources.registry import ALIASES, cache_dir, cached_path, list_cached
+    import mlxedge
+    from ..sources.registry import cache_dir
 
-    cached = {entry["name"]: entry for entry in list_cached()}
-    models = []
-    for alias in ALIASES.values():
-        entry = cached.get(alias.name)
-        if entry is None and not available:
-            continue
-        models.append({"name": alias.name, "cached": entry is not None, "source": f"pypi:{alias.requirement}",
-                       "bytes": entry["bytes"] if entry else None,
-                       "bits": _header_bits(entry["path"]) if entry else None,
-                       "path": entry["path"] if entry else str(cached_path(alias)),
-                       "description": alias.description, "default": alias.default})
+    models = mlxedge.list_models(available=available)
+    for m in models:
+        m["bits"] = _header_bits(m["path"]) if m["cached"] else None
     if as_json:
         emit_json({"cache_dir": str(cache_dir()), "models": models})
         return
