@@ -7,6 +7,7 @@ from typing import Callable, Optional
 from . import memory
 from .loading import load_checkpoint, resolve_dtype
 from .quant.affine import validate_settings
+from .quant.requantize import default_group_size
 from .sources import open_source
 
 KV_OVERFLOW = ("error", "rotate")
@@ -22,37 +23,48 @@ def _plan_checkpoint(checkpoint, bits, group_size, dtype, memory_budget, context
     return memory.make_plan(checkpoint.config, checkpoint.tensor_infos, **kwargs)
 
 
-def plan(source, bits: Optional[int] = None, group_size: int = 64, dtype: Optional[str] = None,
+def plan(source, bits: Optional[int] = None, group_size: Optional[int] = None, dtype: Optional[str] = None,
          context_length: Optional[int] = None, memory_budget=None) -> dict:
-    """The memory plan for loading `source` at these settings, from config and tensor headers alone."""
-    spec = validate_settings(bits, group_size)
+    """The memory plan for loading `source` at these settings, from config and tensor headers alone.
+
+    group_size None: the source's own for a quantized source, else 64.
+    """
     checkpoint = open_source(source)
+    group_size = default_group_size(group_size, checkpoint.quantization)
+    spec = validate_settings(bits, group_size)
     result = _plan_checkpoint(checkpoint, spec.bits if spec else None, group_size, dtype, memory_budget,
                               context_length, check=False)
     return result.to_dict()
 
 
-def load(source, bits: Optional[int] = None, group_size: int = 64, dtype: Optional[str] = None,
+def load(source, bits: Optional[int] = None, group_size: Optional[int] = None, dtype: Optional[str] = None,
          memory_budget=None, context_length: Optional[int] = None, auto_fit: bool = False,
-         kv_overflow: str = "error", progress: Optional[Callable[[int, int], None]] = None) -> "Model":
+         kv_overflow: str = "error", progress: Optional[Callable[[int, int], None]] = None,
+         allow_requantize: bool = False) -> "Model":
     """Load a model (directory, .gguf file, alias or hub id); bits=4|8 quantizes group-wise while loading.
 
     The memory plan is checked before any weight is read: a load that would not fit the budget raises
     MemoryBudgetError naming settings that would; auto_fit=True picks the best of those instead.
     context_length bounds the KV cache; past it generation fails, or keeps a rotating window when
     kv_overflow="rotate".
+
+    A source stored quantized keeps its precision unless `bits` is given; a grid coarser than the stored
+    one is refused unless allow_requantize=True (quant.requantize). group_size None: the source's own
+    for a quantized source, else 64.
     """
     if kv_overflow not in KV_OVERFLOW:
         raise ValueError(f"kv_overflow must be one of {KV_OVERFLOW}")
-    requested = validate_settings(bits, group_size)
+    validate_settings(bits, group_size or 64)  # bad settings fail before the source is opened
     checkpoint = open_source(source)
+    group_size = default_group_size(group_size, checkpoint.quantization)
+    requested = validate_settings(bits, group_size)
     memory_plan = _plan_checkpoint(checkpoint, requested.bits if requested else None, group_size, dtype,
                                    memory_budget, context_length, auto_fit=auto_fit)
     if auto_fit:
         requested = validate_settings(memory_plan.settings["bits"], group_size)
     from .model import Model  # imports the generation loop (mlx-lm); plan() does not need it
 
-    loaded = load_checkpoint(checkpoint, requested, dtype=dtype, progress=progress)
+    loaded = load_checkpoint(checkpoint, requested, dtype=dtype, progress=progress, allow_requantize=allow_requantize)
     info = model_info(checkpoint, loaded)
     info["context_length"] = memory_plan.settings["context_length"]
     info["memory_plan"] = memory_plan.to_dict()

@@ -154,7 +154,7 @@ class Variant:
     """One precision to benchmark: bits None = unquantized (as stored when dtype is None too)."""
 
     bits: Optional[int]
-    group_size: int
+    group_size: Optional[int]  # None: the source's own when it is quantized, else 64 (mlxedge.load's rule)
     dtype: Optional[str]
 
     @property
@@ -162,7 +162,7 @@ class Variant:
         if self.bits is None:
             return {None: "as stored", "float32": "f32", "float16": "f16", "bfloat16": "bf16"}.get(self.dtype,
                                                                                                   str(self.dtype))
-        return f"q{self.bits} g{self.group_size}"
+        return f"q{self.bits} g{self.group_size}" if self.group_size else f"q{self.bits}"
 
     def load_kwargs(self) -> dict:
         return {"bits": self.bits, "group_size": self.group_size, "dtype": self.dtype}
@@ -171,7 +171,7 @@ class Variant:
 DTYPES = ("float32", "float16", "bfloat16")
 
 
-def parse_variants(bits: Optional[str], group_size: int = 64, dtype: Optional[str] = None) -> List[Variant]:
+def parse_variants(bits: Optional[str], group_size: Optional[int] = None, dtype: Optional[str] = None) -> List[Variant]:
     """"16,8,4" → variants. 16 = unquantized in `dtype` (default bfloat16), 32 = float32; 4/8 quantize with
     `group_size`, computing in `dtype` (default: the loader's, float32 without Metal where half-precision
     quantized matmuls are 4-18x slower). None/"" → the model as stored."""
@@ -192,7 +192,7 @@ def parse_variants(bits: Optional[str], group_size: int = 64, dtype: Optional[st
         elif item.isdigit():
             from .quant.affine import validate_settings
 
-            validate_settings(int(item), group_size)  # raises a QuantizationError naming what is allowed
+            validate_settings(int(item), group_size or 64)  # raises a QuantizationError naming what is allowed
             out.append(Variant(int(item), group_size, dtype))
         else:
             raise MlxedgeError(f"--bits {item!r} is not a precision; use a list such as 16,8,4 (32 = float32).")

@@ -20,22 +20,36 @@ from mlx.utils import tree_flatten
 from .errors import MlxedgeError
 from .loading import load_checkpoint
 from .quant.affine import validate_settings
+from .quant.requantize import default_group_size
 from .sources import open_source
 
 MAX_SHARD_BYTES = 5 << 30  # mlx-lm's shard size
+AUTO_FLOAT_BITS = 4  # bits="auto" on a float source: mlx-lm's default
 
 
-def convert(source, dest, bits: Optional[int] = 4, group_size: int = 64, dtype: Optional[str] = None,
-            force: bool = False, progress: Optional[Callable[[int, int], None]] = None) -> dict:
-    """Convert `source` to an mlx-lm directory at `dest`; returns a summary dict (path, bytes, bits, ...)."""
+def convert(source, dest, bits="auto", group_size: Optional[int] = None, dtype: Optional[str] = None,
+            force: bool = False, progress: Optional[Callable[[int, int], None]] = None,
+            allow_requantize: bool = False) -> dict:
+    """Convert `source` to an mlx-lm directory at `dest`; returns a summary dict (path, bytes, bits, ...).
+
+    bits "auto": a source stored quantized keeps its precision, a float one becomes 4-bit; None keeps
+    float. group_size None: the source's own for a quantized source, else 64. A grid coarser than the
+    stored one is refused unless allow_requantize=True (see quant.requantize).
+    """
     dest = Path(dest).expanduser()
     if dest.exists() and not force:
         raise MlxedgeError(f"{dest} already exists; choose another destination or pass force=True (--force).")
-    requested = validate_settings(bits, group_size)
+    if bits != "auto":
+        validate_settings(bits, group_size or 64)  # bad settings fail before the source is opened
     checkpoint = open_source(source)
-    loaded = load_checkpoint(checkpoint, requested, dtype=dtype, progress=progress, for_compute=False)
+    if bits == "auto":
+        bits = None if checkpoint.quantization else AUTO_FLOAT_BITS
+    requested = validate_settings(bits, default_group_size(group_size, checkpoint.quantization))
+    loaded = load_checkpoint(checkpoint, requested, dtype=dtype, progress=progress, for_compute=False,
+                             allow_requantize=allow_requantize)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700); the result is an ordinary directory
     try:
         total = _write_weights(tmp, dict(tree_flatten(loaded.model.parameters())))
         _write_config(tmp, loaded, checkpoint)
@@ -46,9 +60,13 @@ def convert(source, dest, bits: Optional[int] = 4, group_size: int = 64, dtype: 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    specs = Counter(loaded.quantized.values())
+    main = specs.most_common(1)[0][0] if specs else None
     return {"path": str(dest), "bytes": total, "architecture": loaded.config["model_type"],
             "quantized_modules": len(loaded.quantized), "unquantized_modules": loaded.unquantized,
-            "bits": requested.bits if requested else None, "group_size": requested.group_size if requested else None}
+            "bits": main.bits if main else None, "group_size": main.group_size if main else None,
+            "kept_stored_precision": loaded.extra["kept_stored_precision"],
+            "requantized_coarser": loaded.extra["requantized_coarser"]}
 
 
 def _write_weights(directory: Path, weights: dict) -> int:
@@ -98,3 +116,9 @@ def _write_tokenizer(directory: Path, checkpoint) -> None:
         src = Path(checkpoint.path) / name
         if Path(checkpoint.path).is_dir() and src.exists():
             shutil.copy(src, directory / name)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -15,9 +15,10 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .configs import model_classes, normalize_config
 from .errors import MlxedgeError, SourceError, UnsupportedError
-from .quant.affine import QuantSpec, can_quantize
+from .quant.affine import QuantSpec
 from .quant.fused_mlp import fuse_gated_mlps
 from .quant.layers import QuantizedEmbedding, QuantizedLinear
+from .quant.requantize import choose_targets
 from .sources.checkpoint import Checkpoint
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -85,20 +86,14 @@ def _quantizable_modules(model: nn.Module) -> dict:
             if isinstance(m, (nn.Linear, nn.Embedding)) and not isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
 
 
-def _target_specs(modules: dict, source_specs: dict, requested: Optional[QuantSpec]):
-    """Which modules end up quantized, and which stay float because the group does not divide them."""
-    targets, unquantized = {}, []
-    for path, module in modules.items():
-        if requested is None:
-            if path in source_specs:
-                targets[path] = source_specs[path]
-            continue
-        input_dims = module.weight.shape[1]
-        if can_quantize(input_dims, requested):
-            targets[path] = requested
-        else:
-            unquantized.append(path)
-    return targets, unquantized
+def _target_specs(modules: dict, source_specs: dict, requested: Optional[QuantSpec], allow_requantize: bool = False):
+    """Which modules end up quantized, and which stay float because the group does not divide them.
+
+    The policy for modules stored quantized already (refuse a coarser grid, keep embeddings/heads) is
+    quant.requantize's.
+    """
+    shapes = {path: (m.weight.shape[1], isinstance(m, nn.Embedding)) for path, m in modules.items()}
+    return choose_targets(shapes, source_specs, requested, allow_requantize)
 
 
 def _replace_with_quantized(model: nn.Module, modules: dict, targets: dict, dtype) -> None:
@@ -141,7 +136,8 @@ def _surviving_names(model: nn.Module, checkpoint: Checkpoint) -> set:
 
 
 def load_checkpoint(checkpoint: Checkpoint, requested: Optional[QuantSpec], dtype=None,
-                    progress: Optional[Callable[[int, int], None]] = None, for_compute: bool = True) -> LoadedModel:
+                    progress: Optional[Callable[[int, int], None]] = None, for_compute: bool = True,
+                    allow_requantize: bool = False) -> LoadedModel:
     """Build the architecture and stream every tensor of `checkpoint` into it (see resolve_dtype for for_compute)."""
     config = normalize_config(checkpoint.config)
     model_class, args_class = model_classes(config)
@@ -154,7 +150,8 @@ def load_checkpoint(checkpoint: Checkpoint, requested: Optional[QuantSpec], dtyp
 
     modules = _quantizable_modules(model)
     source_specs = source_quant_specs(checkpoint, modules)
-    targets, unquantized = _target_specs(modules, source_specs, requested)
+    chosen = _target_specs(modules, source_specs, requested, allow_requantize)
+    targets, unquantized = chosen.specs, chosen.unquantized
     _replace_with_quantized(model, modules, targets, compute_dtype)
 
     expected = dict(tree_flatten(model.parameters()))
@@ -197,7 +194,8 @@ def load_checkpoint(checkpoint: Checkpoint, requested: Optional[QuantSpec], dtyp
     return LoadedModel(
         model=model, config=config, dtype=compute_dtype, quantized=targets, unquantized=unquantized,
         parameters=_count_parameters(params, targets), nbytes=sum(v.nbytes for v in params.values()),
-        extra={"fused_mlps": fused},
+        extra={"fused_mlps": fused, "kept_stored_precision": chosen.kept_stored,
+               "requantized_coarser": chosen.requantized_coarser},
     )
 
 

@@ -123,6 +123,38 @@ def sampling_options(fn):
     return wrapper
 
 
+GROUP_SIZE_HELP = "Quantization group size (with --bits). Default: a quantized source's own, else 64."
+ALLOW_REQUANTIZE_HELP = ("Allow re-quantizing weights stored quantized onto a coarser grid (fewer bits or a larger "
+                         "group); refused by default, since it loses quality a second time.")
+
+
+def quantization_options(bits_help: str, bits_callback=None, bits_choices=("4", "8", "16"), bits_default=None):
+    """The one declaration of --bits / --group-size / --allow-requantize (load, convert and plan use it)."""
+    return [
+        click.option("--bits", type=click.Choice(list(bits_choices)), default=bits_default, callback=bits_callback,
+                     help=bits_help),
+        click.option("--group-size", type=click.Choice(["32", "64", "128"]), default=None,
+                     callback=lambda c, p, v: None if v is None else int(v), help=GROUP_SIZE_HELP),
+        click.option("--allow-requantize", is_flag=True, help=ALLOW_REQUANTIZE_HELP),
+    ]
+
+
+def dtype_option(help_text: str):
+    return click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None, help=help_text)
+
+
+def apply_options(fn, options):
+    """Decorate fn with click options, in the order they are listed (as stacked decorators would)."""
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def apply_options_of(options):
+    """apply_options as a decorator: `@apply_options_of([...])`."""
+    return lambda fn: apply_options(fn, options)
+
+
 def load_options(fn):
     """Decorator: --bits/--group-size/--dtype/--context-length/--rotating-kv/--memory-budget/--auto-fit, as `load`."""
 
@@ -130,13 +162,10 @@ def load_options(fn):
         return None if value is None or value == "16" else int(value)
 
     options = [
-        click.option("--bits", type=click.Choice(["4", "8", "16"]), default=None, callback=bits_value,
-                     help="Quantize while loading (16 = keep float). Default: as stored."),
-        click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
-                     callback=lambda c, p, v: int(v), help="Quantization group size (with --bits)."),
-        click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
-                     help="dtype of unquantized tensors and activations (default: float32 without Metal, "
-                          "else the checkpoint's)."),
+        *quantization_options(bits_help="Quantize while loading (16 = keep float). Default: as stored.",
+                              bits_callback=bits_value),
+        dtype_option("dtype of unquantized tensors and activations (default: float32 without Metal, "
+                     "else the checkpoint's)."),
         click.option("--context-length", type=click.IntRange(min=1), default=None,
                      help="Most tokens of context (bounds the KV cache; default: the model's, capped at 4096)."),
         click.option("--rotating-kv", is_flag=True,
@@ -146,24 +175,24 @@ def load_options(fn):
         click.option("--auto-fit", is_flag=True,
                      help="Lower bits/context as needed to fit the budget instead of refusing."),
     ]
-    names = ["bits", "group_size", "dtype", "context_length", "rotating_kv", "memory_budget", "auto_fit"]
+    names = ["bits", "group_size", "allow_requantize", "dtype", "context_length", "rotating_kv", "memory_budget",
+             "auto_fit"]
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         load = {name: kwargs.pop(name) for name in names}
         if load.pop("rotating_kv"):
             load["kv_overflow"] = "rotate"
-        if not load.get("auto_fit"):
-            load.pop("auto_fit", None)  # only pass what the user asked for
+        for flag in ("auto_fit", "allow_requantize"):
+            if not load.get(flag):
+                load.pop(flag, None)  # only pass what the user asked for
         for name in ("memory_budget", "dtype", "context_length"):
             if load.get(name) is None:
                 load.pop(name, None)
         kwargs["load"] = load
         return fn(*args, **kwargs)
 
-    for option in reversed(options):
-        wrapper = option(wrapper)
-    return wrapper
+    return apply_options(wrapper, options)
 
 
 # ------------------------------------------------------------------------------------------------ loading

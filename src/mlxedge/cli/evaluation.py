@@ -3,13 +3,16 @@ style): parse flags, call mlxedge.bench / mlxedge.evaluate, print a table, JSON 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
 import click
 
 from ..errors import MlxedgeError
-from .common import emit_json, format_bytes, handles_errors, load_model, progress_bar, resolve_source
+from ..evaluate import DEFAULT_CTX, QUICK_CHUNKS, QUICK_CTX
+from .common import (GROUP_SIZE_HELP, _isatty, emit_json, format_bytes, handles_errors, load_model, progress_bar,
+                     resolve_source)
 
 DTYPE_CHOICE = click.Choice(["float32", "float16", "bfloat16"])
 
@@ -40,8 +43,8 @@ def variant_options(fn):
         click.option("--bits", default=None, metavar="LIST",
                      help="Precisions, e.g. 16,8,4 (16 = unquantized in --dtype, 32 = float32). "
                           "Default: the model as stored."),
-        click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
-                     callback=lambda c, p, v: int(v), help="Quantization group size for 4/8-bit variants."),
+        click.option("--group-size", type=click.Choice(["32", "64", "128"]), default=None,
+                     callback=lambda c, p, v: None if v is None else int(v), help=GROUP_SIZE_HELP),
         click.option("--dtype", type=DTYPE_CHOICE, default=None,
                      help="compute dtype (16 = bfloat16 unless set; quantized variants default to float32 "
                           "without Metal)."),
@@ -55,10 +58,11 @@ def variant_options(fn):
 @handles_errors
 @click.argument("model")
 @variant_options
-@click.option("-p", "--n-prompt", "n_prompt", type=click.IntRange(min=1), default=512, show_default=True,
+@click.option("--n-prompt", "--pp", "n_prompt", type=click.IntRange(min=1), default=512, show_default=True,
               help="Prompt tokens of the prompt-processing test (ppN).")
-@click.option("-n", "--n-gen", "n_gen", type=click.IntRange(min=2), default=128, show_default=True,
-              help="Tokens of the generation test (tgN).")
+@click.option("--n-gen", "--tg", "n_gen", type=click.IntRange(min=2), default=128, show_default=True,
+              help="Tokens generated in the generation test (tgN; EOS ignored). Not -n: elsewhere -n is "
+                   "--max-tokens.")
 @click.option("-r", "--repetitions", type=click.IntRange(min=1), default=5, show_default=True,
               help="Repetitions after the warm-up.")
 @click.option("--compare", type=click.Choice(["mlx-lm"]), default=None,
@@ -79,8 +83,11 @@ def bench_command(model, bits, group_size, dtype, n_prompt, n_gen, repetitions, 
     _check_plot_available(plot_path)
     variants = B.parse_variants(bits, group_size, dtype)
     source = resolve_source(model, quiet=as_json)
-    result = B.bench(source, variants, p=n_prompt, n=n_gen, reps=repetitions, compare=compare,
-                     remeasure_bandwidth=remeasure_bandwidth, log=_stderr)
+    steps = len(variants) * repetitions
+    with progress_bar("Benchmarking", unit="repetitions", enabled=not as_json) as progress:
+        result = B.bench(source, variants, p=n_prompt, n=n_gen, reps=repetitions, compare=compare,
+                         remeasure_bandwidth=remeasure_bandwidth,
+                         log=None if as_json else _bench_log(progress, steps))
     result["model"] = model
     if plot_path:
         result["plot"] = str(B.plot(result, plot_path))
@@ -90,6 +97,22 @@ def bench_command(model, bits, group_size, dtype, n_prompt, n_gen, repetitions, 
         click.echo(B.format_table(result, markdown=as_md))
         if plot_path:
             _stderr(f"plot written to {plot_path}")
+
+
+def _bench_log(progress, steps: int):
+    """bench's log lines: "[label] repetition i/n" advance the bar (on a terminal); others are printed."""
+    done = [0]
+
+    def log(message: str) -> None:
+        if " repetition " in message:
+            done[0] += 1
+            progress(done[0], steps, note=message)
+            if not _isatty(sys.stderr):
+                _stderr(message)
+        else:
+            _stderr(message)
+
+    return log
 
 
 def _eval_rows(result: dict) -> tuple:
@@ -172,13 +195,17 @@ def run_eval(model: str, variants, reference: Optional[str], text: str, text_lab
 @click.option("--no-reference", is_flag=True, help="Perplexity only, no KL divergence.")
 @click.option("--text", "text_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="UTF-8 text file to evaluate on (default: Python's built-in pydoc topic texts).")
-@click.option("--ctx", type=click.IntRange(min=4), default=512, show_default=True,
-              help="Tokens per chunk; the second half of each chunk is scored.")
+@click.option("--ctx", type=click.IntRange(min=4), default=None,
+              help=f"Tokens per chunk; the second half of each chunk is scored (default {QUICK_CTX}; --full: "
+                   f"{DEFAULT_CTX}).")
 @click.option("--chunks", type=click.IntRange(min=1), default=None,
-              help="Evaluate at most this many chunks (default: all of the text).")
+              help=f"Evaluate at most this many chunks (default {QUICK_CHUNKS}, about a minute for a small model "
+                   "on a CPU; --full: all of the text).")
+@click.option("--full", is_flag=True,
+              help=f"llama-perplexity's setting: ctx {DEFAULT_CTX} over the whole text (hours on a slow CPU).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--md", "as_md", is_flag=True, help="Print a markdown table.")
-def eval_command(model, bits, group_size, dtype, reference, no_reference, text_path, ctx, chunks, as_json,
+def eval_command(model, bits, group_size, dtype, reference, no_reference, text_path, ctx, chunks, full, as_json,
                  as_md):
     """Perplexity of MODEL (llama-perplexity's way) and KL divergence / top-1 agreement against a reference."""
     B = _bench_module()
@@ -188,6 +215,8 @@ def eval_command(model, bits, group_size, dtype, reference, no_reference, text_p
     if as_json and as_md:
         raise MlxedgeError("choose one of --json and --md.")
     variants = B.parse_variants(bits, group_size, dtype)
+    ctx = ctx or (DEFAULT_CTX if full else QUICK_CTX)
+    chunks = chunks or (None if full else QUICK_CHUNKS)
     if no_reference:
         reference = None
     elif reference is None and bits:

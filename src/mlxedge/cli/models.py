@@ -8,7 +8,8 @@ from typing import Optional
 import click
 
 from ..errors import MlxedgeError
-from .common import emit_json, format_bytes, format_count, handles_errors, load_model, progress_bar, resolve_source
+from .common import (apply_options_of, dtype_option, emit_json, format_bytes, format_count, handles_errors,
+                     load_model, progress_bar, quantization_options, resolve_source)
 
 
 def bytes_on_disk(path: Path) -> Optional[int]:
@@ -137,19 +138,19 @@ def info_command(model: str, as_json: bool) -> None:
 @click.command("convert")
 @click.argument("src")
 @click.argument("dest", type=click.Path(dir_okay=True, file_okay=True, path_type=Path))
-@click.option("--bits", type=click.Choice(["4", "8", "16"]), default="4", show_default=True,
-              help="Quantization bits (16 = keep float).")
-@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
-              help="Quantization group size.")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
-              help="dtype of the tensors left unquantized (default: the checkpoint's).")
+@apply_options_of(quantization_options(
+    bits_help="Quantization bits (16 = keep float). Default: as stored for a quantized source, else 4.",
+    bits_choices=("4", "8", "16")))
+@dtype_option("dtype of the tensors left unquantized (default: the checkpoint's).")
 @click.option("--force", is_flag=True, help="Replace DEST if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @handles_errors
-def convert_command(src: str, dest: Path, bits: str, group_size: str, dtype: Optional[str], force: bool,
-                    as_json: bool) -> None:
+def convert_command(src: str, dest: Path, bits: Optional[str], group_size: Optional[int], allow_requantize: bool,
+                    dtype: Optional[str], force: bool, as_json: bool) -> None:
     """Convert SRC (HF directory, .gguf file or alias) to an mlx-lm directory at DEST.
 
+    A source stored quantized keeps its precision unless --bits says otherwise; a coarser grid than the
+    stored one is refused unless --allow-requantize, which also measures and prints what it cost.
     The write is atomic: on failure or Ctrl-C nothing is left at DEST.
     """
     import mlxedge
@@ -158,12 +159,33 @@ def convert_command(src: str, dest: Path, bits: str, group_size: str, dtype: Opt
         raise MlxedgeError(f"{dest} already exists; choose another destination or pass --force to replace it")
     path = resolve_source(src, quiet=as_json)
     with progress_bar(f"Converting {src}", unit="tensors", enabled=not as_json) as progress:
-        summary = mlxedge.convert(path, dest, bits=None if bits == "16" else int(bits), group_size=int(group_size),
-                                  dtype=dtype, force=force, progress=progress)
+        summary = mlxedge.convert(path, dest, bits="auto" if bits is None else None if bits == "16" else int(bits),
+                                  group_size=group_size, dtype=dtype, force=force, progress=progress,
+                                  allow_requantize=allow_requantize)
     summary["disk_bytes"] = bytes_on_disk(dest)
+    if summary["requantized_coarser"]:
+        summary["requantization_cost"] = _requantization_cost(path, dest, quiet=as_json)
     if as_json:
         emit_json(summary)
         return
     quant = f"{summary['bits']}-bit, group size {summary['group_size']}" if summary.get("bits") else "float"
     click.echo(f"wrote {dest}: {summary['architecture']}, {quant}, {summary['quantized_modules']} quantized "
                f"modules, {format_bytes(summary['disk_bytes'])} on disk")
+    if summary["kept_stored_precision"]:
+        click.echo(f"kept at their stored precision (embeddings/heads are never re-quantized coarser unless "
+                   f"--allow-requantize): {', '.join(summary['kept_stored_precision'])}")
+    cost = summary.get("requantization_cost")
+    if cost:
+        click.echo(f"re-quantized {len(summary['requantized_coarser'])} modules onto a coarser grid; measured cost "
+                   f"against the source on {cost['tokens_scored']} tokens of built-in text: mean KLD "
+                   f"{cost['kld_mean']:.4f}, top-1 agreement {100 * cost['top1_agreement']:.1f}%")
+
+
+def _requantization_cost(source: str, dest: Path, quiet: bool) -> dict:
+    """KLD and top-1 agreement of the converted model against the source as stored, on a short text."""
+    from ..evaluate import requantization_cost
+
+    reference = load_model(source, quiet=quiet)
+    converted = load_model(str(dest), quiet=quiet)
+    with progress_bar("Measuring the cost", unit="forward passes", enabled=not quiet) as progress:
+        return requantization_cost(reference, converted, progress=progress)
