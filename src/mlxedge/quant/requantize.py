@@ -25,6 +25,7 @@ from .affine import QuantSpec, can_quantize
 
 DEFAULT_GROUP_SIZE = 64
 HEAD_NAMES = ("lm_head", "output")
+EMBEDDING_NAMES = ("embed_tokens", "wte", "tok_embeddings")
 
 
 def default_group_size(group_size: Optional[int], stored_quantization: Optional[dict]) -> int:
@@ -37,11 +38,26 @@ def default_group_size(group_size: Optional[int], stored_quantization: Optional[
 
 
 def is_coarser(requested: QuantSpec, stored: QuantSpec) -> bool:
-    return requested.bits < stored.bits or requested.group_size > stored.group_size
+    """Fewer bits, or a larger group at no more bits. (More bits over a larger group, e.g. 8-bit g64 over
+    4-bit g32, is not: the 8-bit grid's step is ~1/17 of the 4-bit one, so every stored value lands within
+    a few percent of a 4-bit step.)"""
+    if requested.bits < stored.bits:
+        return True
+    return requested.group_size > stored.group_size and requested.bits <= stored.bits
 
 
 def is_embedding_or_head(path: str, is_embedding: bool) -> bool:
-    return is_embedding or path.rsplit(".", 1)[-1] in HEAD_NAMES
+    return is_embedding or path.rsplit(".", 1)[-1] in HEAD_NAMES + EMBEDDING_NAMES
+
+
+def planned_target(stored: tuple, bits: Optional[int], group_size: int, path: str) -> tuple:
+    """(bits, group) a module stored at `stored` ends up with at these settings, for the memory plan
+    (the loader's choose_targets decides the same, by module class rather than by name)."""
+    if bits is None:
+        return stored
+    if is_coarser(QuantSpec(bits, group_size), QuantSpec(*stored)) and is_embedding_or_head(path, False):
+        return stored
+    return bits, group_size
 
 
 @dataclass
