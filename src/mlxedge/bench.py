@@ -468,14 +468,18 @@ def table_rows(result: dict) -> tuple:
     return header, rows
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def format_table(result: dict, markdown: bool = False) -> str:
     """The result as text: the device line, then a table (aligned columns, or a markdown pipe table)."""
     d = result["device"]
     bw = d.get("bandwidth_bytes_per_s")
     lines = [f"model: {result['model']}",
              f"device: {d['line']} · measured bandwidth {bw / 1e9:.1f} GB/s" if bw else f"device: {d['line']}",
-             f"tests: {result['settings']['tests']}, {result['settings']['repetitions']} repetitions after a "
-             "warm-up, mean ± stdev", ""]
+             f"tests: {result['settings']['tests']}, {_plural(result['settings']['repetitions'], 'repetition')} "
+             "after a warm-up, mean ± stdev", ""]
     header, rows = table_rows(result)
     return "\n".join(lines + render_table(header, rows, markdown))
 

@@ -18,8 +18,8 @@ from typing import List, Optional
 import click
 
 from ..errors import MlxedgeError
-from .common import (EXIT_INTERRUPTED, echo_footer, format_bytes, format_count, handles_errors, load_model,
-                     load_options, sampling_options)
+from .common import (EXIT_INTERRUPTED, echo_footer, format_bytes, format_count, format_quantization, handles_errors,
+                     load_model, load_options, sampling_options)
 from .reply import Interrupt, stream_reply  # noqa: F401  (Interrupt: kept importable from here)
 from .sampling import DEFAULTS_HELP, describe, resolve_sampling
 
@@ -207,10 +207,7 @@ def interactive(session: ChatSession, name: str) -> None:
 
 
 def _size(info: dict) -> str:
-    bits = info.get("bits")
-    bits = "/".join(str(b) for b in bits) if isinstance(bits, list) else bits
-    quant = f"{bits}-bit" if bits else info.get("dtype", "float")
-    return f"{format_count(info.get('parameters'))} params, {quant}"
+    return f"{format_count(info.get('parameters'))} params, {format_quantization(info, short=True)}"
 
 
 def one_shot(session: ChatSession, text: str) -> None:

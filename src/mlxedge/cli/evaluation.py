@@ -11,8 +11,8 @@ import click
 
 from ..errors import MlxedgeError
 from ..evaluate import DEFAULT_CTX, QUICK_CHUNKS, QUICK_CTX
-from .common import (GROUP_SIZE_HELP, _isatty, emit_json, format_bytes, handles_errors, load_model, progress_bar,
-                     resolve_source)
+from .common import (GROUP_SIZE_HELP, _isatty, emit_json, format_bytes, format_quantization, handles_errors, load_model,
+                     progress_bar, resolve_source)
 
 DTYPE_CHOICE = click.Choice(["float32", "float16", "bfloat16"])
 
@@ -180,8 +180,7 @@ def run_eval(model: str, variants, reference: Optional[str], text: str, text_lab
         rows.append(row)
     ref = None
     if out["reference"] is not None:
-        ref = {"source": reference, "label": ref_info.get("dtype") if not ref_info.get("bits")
-               else f"q{ref_info['bits']} g{ref_info['group_size']}", "bytes": ref_info.get("bytes"),
+        ref = {"source": reference, "label": format_quantization(ref_info, short=True), "bytes": ref_info.get("bytes"),
                **out["reference"]}
     return {"model": model, "text": text_label, "settings": out["settings"], "reference": ref, "variants": rows}
 

@@ -9,7 +9,7 @@ import click
 
 from ..errors import MlxedgeError
 from .common import (apply_options_of, dtype_option, emit_json, format_bytes, format_count, handles_errors,
-                     load_model, progress_bar, quantization_options, resolve_source)
+                     format_quantization, load_model, progress_bar, quantization_options, resolve_source)
 
 
 def bytes_on_disk(path: Path) -> Optional[int]:
@@ -24,13 +24,7 @@ def bytes_on_disk(path: Path) -> Optional[int]:
 
 def quantization_text(info: dict) -> str:
     """E.g. "4-bit g32 (8-bit where stored so); GGUF Q4_1 ×210, Q8_0 ×1, F32 ×61" or "none (float16)"."""
-    bits, group = info.get("bits"), info.get("group_size")
-    if not bits:
-        text = f"none ({info.get('dtype')})"
-    else:
-        bits = "/".join(str(b) for b in bits) if isinstance(bits, list) else str(bits)
-        group = "/".join(str(g) for g in group) if isinstance(group, list) else str(group)
-        text = f"{bits}-bit affine, group size {group}"
+    text = format_quantization(info) if info.get("bits") else f"none ({info.get('dtype')})"
     blocks = (info.get("gguf") or {}).get("block_types")
     if blocks:
         text += "; GGUF " + ", ".join(f"{name} ×{b.get('tensors')}" for name, b in blocks.items())
