@@ -62,9 +62,9 @@ def load(source, bits: Optional[int] = None, group_size: Optional[int] = None, d
                                    memory_budget, context_length, auto_fit=auto_fit)
     if auto_fit:
         requested = validate_settings(memory_plan.settings["bits"], group_size)
-    from .model import Model  # imports the generation loop (mlx-lm); plan() does not need it
-
     loaded = load_checkpoint(checkpoint, requested, dtype=dtype, progress=progress, allow_requantize=allow_requantize)
+    from .model import Model  # the generation loop: after the architecture import (see architectures.py)
+
     info = model_info(checkpoint, loaded)
     info["context_length"] = memory_plan.settings["context_length"]
     info["memory_plan"] = memory_plan.to_dict()
