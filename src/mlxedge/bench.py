@@ -33,6 +33,7 @@ from typing import Callable, Iterable, List, Optional
 import mlx.core as mx
 
 from .errors import MlxedgeError
+from .table import render_table
 
 Log = Callable[[str], None]
 
@@ -482,15 +483,6 @@ def format_table(result: dict, markdown: bool = False) -> str:
              "after a warm-up, mean ± stdev", ""]
     header, rows = table_rows(result)
     return "\n".join(lines + render_table(header, rows, markdown))
-
-
-def render_table(header: list, rows: list, markdown: bool = False) -> list:
-    """Table lines: aligned plain-text columns, or a markdown pipe table."""
-    if markdown:
-        return (["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-                + ["| " + " | ".join(r) + " |" for r in rows])
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    return ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
 
 
 def plot(result: dict, path) -> Path:

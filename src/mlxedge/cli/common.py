@@ -312,6 +312,14 @@ def _isatty(stream) -> bool:
 
 # ------------------------------------------------------------------------------------------------ output
 
+def echo_table(rows, header=None) -> None:
+    """Print rows as aligned columns (a header line first when given); key/value listings pass no header."""
+    from ..table import render_table
+
+    for line in render_table(header, rows):
+        click.echo(line)
+
+
 def emit_json(obj) -> None:
     """Print `obj` as indented JSON on stdout (plain types; anything else as its str)."""
     click.echo(json.dumps(obj, indent=2, default=str))

@@ -11,6 +11,7 @@ import click
 
 from ..errors import MlxedgeError
 from ..evaluate import DEFAULT_CTX, QUICK_CHUNKS, QUICK_CTX
+from ..table import render_table
 from .common import (GROUP_SIZE_HELP, _isatty, emit_json, format_bytes, format_quantization, handles_errors, load_model,
                      progress_bar, resolve_source)
 
@@ -135,7 +136,6 @@ def _eval_rows(result: dict) -> tuple:
 
 def format_eval(result: dict, markdown: bool = False) -> str:
     """The eval result as the table `mlxedge eval` prints."""
-    B = _bench_module()
     s = result["settings"]
     lines = [f"model: {result['model']}",
              f"text: {result['text']} ({s['text_tokens']} tokens); ctx {s['ctx']}, {s['chunks']} chunks, "
@@ -147,7 +147,7 @@ def format_eval(result: dict, markdown: bool = False) -> str:
                      f"{ref['perplexity_error']:.4f}")
     lines.append("")
     header, rows = _eval_rows(result)
-    return "\n".join(lines + B.render_table(header, rows, markdown))
+    return "\n".join(lines + render_table(header, rows, markdown))
 
 
 def run_eval(model: str, variants, reference: Optional[str], text: str, text_label: str, ctx: int,

@@ -8,7 +8,7 @@ from typing import Optional
 import click
 
 from ..errors import MlxedgeError
-from .common import (apply_options_of, dtype_option, emit_json, format_bytes, format_count, handles_errors,
+from .common import (apply_options_of, dtype_option, echo_table, emit_json, format_bytes, format_count, handles_errors,
                      format_quantization, load_model, progress_bar, quantization_options, resolve_source)
 
 
@@ -29,12 +29,6 @@ def quantization_text(info: dict) -> str:
     if blocks:
         text += "; GGUF " + ", ".join(f"{name} ×{b.get('tensors')}" for name, b in blocks.items())
     return text
-
-
-def _table(rows, header) -> None:
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    for row in [header] + rows:
-        click.echo("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
 
 
 def _header_bits(path: str) -> Optional[int]:
@@ -91,7 +85,7 @@ def list_command(available: bool, as_json: bool) -> None:
     rows = [(m["name"] + (" (default)" if m["default"] else ""), m["source"],
              format_bytes(m["bytes"]) if m["cached"] else "not pulled",
              m["bits"] if m["bits"] is not None else "-", m["description"]) for m in models]
-    _table(rows, ("NAME", "SOURCE", "SIZE", "BITS", "DESCRIPTION"))
+    echo_table(rows, ("NAME", "SOURCE", "SIZE", "BITS", "DESCRIPTION"))
 
 
 # ------------------------------------------------------------------------------------------------ info
@@ -122,9 +116,7 @@ def info_command(model: str, as_json: bool) -> None:
         ("on disk", format_bytes(info["disk_bytes"])),
         ("in memory", f"{format_bytes(info['memory_bytes'])} (weights)"),
     ]
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        click.echo(f"{key.ljust(width)}  {value}")
+    echo_table(rows)
 
 
 # ------------------------------------------------------------------------------------------------ convert

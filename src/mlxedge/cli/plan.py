@@ -6,7 +6,7 @@ from typing import Optional
 
 import click
 
-from .common import apply_options_of, dtype_option, emit_json, format_bytes, handles_errors, quantization_options, resolve_source
+from .common import apply_options_of, dtype_option, echo_table, emit_json, format_bytes, handles_errors, quantization_options, resolve_source
 
 
 def plan_rows(plan: dict) -> list:
@@ -54,7 +54,4 @@ def plan_command(model: str, bits: Optional[str], group_size: Optional[int], dty
     if as_json:
         emit_json(plan)
         return
-    rows = plan_rows(plan)
-    width = max(len(label) for label, _ in rows)
-    for label, value in rows:
-        click.echo(f"{label.ljust(width)}  {value}")
+    echo_table(plan_rows(plan))
