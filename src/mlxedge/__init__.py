@@ -1,35 +1,52 @@
 """mlxedge: on-device LLM runtime on MLX. The public API and nothing else (see DESIGN.md's contract).
 
-Names are imported on first use (module `__getattr__`), so `import mlxedge` and the CLI's `--help`
-stay instant: MLX, mlx-lm and transformers load only when a model is planned, built or converted.
+The names below are imported on first use (PEP 562), so `import mlxedge` (and the CLI's start-up, where a
+Ctrl-C must stay one line) does not load MLX, mlx-lm and transformers before they are needed.
 """
 
-from __future__ import annotations
+import sys as _sys
+import types as _types
+from importlib import import_module as _import_module
+from typing import TYPE_CHECKING
 
-import importlib
+from .errors import GenerationError, MemoryBudgetError, MlxedgeError, QuantizationError, SourceError, UnsupportedError
 
-# public name -> the module that defines it
-_EXPORTS = {
-    "load": ".api", "plan": ".api",
-    "convert": ".convert",
-    "pull": ".sources.registry", "list_models": ".sources.registry",
-    "Model": ".model",
-    "GenerationResult": ".generate.stats", "GenerationStats": ".generate.stats", "StreamEvent": ".generate.stats",
-    "MlxedgeError": ".errors", "SourceError": ".errors", "UnsupportedError": ".errors",
-    "QuantizationError": ".errors", "MemoryBudgetError": ".errors", "GenerationError": ".errors",
-}
+_LAZY = {"load": ".api", "plan": ".api", "convert": ".convert", "Model": ".model",
+         "pull": ".sources.registry", "list_models": ".sources.registry",
+         "GenerationResult": ".generate.stats", "GenerationStats": ".generate.stats", "StreamEvent": ".generate.stats"}
 
-__all__ = list(_EXPORTS)
+__all__ = [
+    "load", "plan", "convert", "pull", "list_models", "Model", "GenerationResult", "GenerationStats", "StreamEvent",
+    "MlxedgeError", "SourceError", "UnsupportedError", "QuantizationError", "MemoryBudgetError", "GenerationError",
+]
+
+if TYPE_CHECKING:  # static tools see the eager imports
+    from .api import load, plan
+    from .convert import convert
+    from .generate.stats import GenerationResult, GenerationStats, StreamEvent
+    from .model import Model
+    from .sources.registry import list_models, pull
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
+def __getattr__(name):
+    if name not in _LAZY:
         raise AttributeError(f"module 'mlxedge' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value  # later look-ups skip this function
+    value = getattr(_import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
     return value
 
 
 def __dir__():
     return sorted(set(globals()) | set(__all__))
+
+
+class _Package(_types.ModuleType):
+    """Keeps `mlxedge.convert` the function: importing the submodule of the same name must not rebind it."""
+
+    def __setattr__(self, name, value):
+        if name == "convert" and isinstance(value, _types.ModuleType):
+            return  # the module stays reachable as sys.modules["mlxedge.convert"]
+        super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Package

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from . import memory
+from .adapters import read_adapter
 from .loading import load_checkpoint, resolve_dtype
 from .quant.affine import validate_settings
 from .quant.requantize import default_group_size
@@ -40,13 +41,13 @@ def plan(source, bits: Optional[int] = None, group_size: Optional[int] = None, d
 def load(source, bits: Optional[int] = None, group_size: Optional[int] = None, dtype: Optional[str] = None,
          memory_budget=None, context_length: Optional[int] = None, auto_fit: bool = False,
          kv_overflow: str = "error", progress: Optional[Callable[[int, int], None]] = None,
-         allow_requantize: bool = False) -> "Model":
+         adapter=None, allow_requantize: bool = False) -> "Model":
     """Load a model (directory, .gguf file, alias or hub id); bits=4|8 quantizes group-wise while loading.
 
     The memory plan is checked before any weight is read: a load that would not fit the budget raises
     MemoryBudgetError naming settings that would; auto_fit=True picks the best of those instead.
     context_length bounds the KV cache; past it generation fails, or keeps a rotating window when
-    kv_overflow="rotate".
+    kv_overflow="rotate". adapter: an mlx-lm or PEFT LoRA/DoRA adapter directory, applied unfused.
 
     A source stored quantized keeps its precision unless `bits` is given; a grid coarser than the stored
     one is refused unless allow_requantize=True (quant.requantize). group_size None: the source's own
@@ -55,6 +56,7 @@ def load(source, bits: Optional[int] = None, group_size: Optional[int] = None, d
     if kv_overflow not in KV_OVERFLOW:
         raise ValueError(f"kv_overflow must be one of {KV_OVERFLOW}")
     validate_settings(bits, group_size or 64)  # bad settings fail before the source is opened
+    lora = read_adapter(adapter) if adapter is not None else None
     checkpoint = open_source(source)
     group_size = default_group_size(group_size, checkpoint.quantization)
     requested = validate_settings(bits, group_size)
@@ -62,7 +64,8 @@ def load(source, bits: Optional[int] = None, group_size: Optional[int] = None, d
                                    memory_budget, context_length, auto_fit=auto_fit)
     if auto_fit:
         requested = validate_settings(memory_plan.settings["bits"], group_size)
-    loaded = load_checkpoint(checkpoint, requested, dtype=dtype, progress=progress, allow_requantize=allow_requantize)
+    loaded = load_checkpoint(checkpoint, requested, dtype=dtype, progress=progress, adapter=lora,
+                             allow_requantize=allow_requantize)
     from .model import Model  # the generation loop: after the architecture import (see architectures.py)
 
     info = model_info(checkpoint, loaded)

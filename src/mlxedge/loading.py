@@ -13,6 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .adapters import Adapter, attach_adapter
 from .configs import model_classes, normalize_config
 from .errors import MlxedgeError, SourceError, UnsupportedError
 from .quant.affine import QuantSpec
@@ -137,8 +138,12 @@ def _surviving_names(model: nn.Module, checkpoint: Checkpoint) -> set:
 
 def load_checkpoint(checkpoint: Checkpoint, requested: Optional[QuantSpec], dtype=None,
                     progress: Optional[Callable[[int, int], None]] = None, for_compute: bool = True,
-                    allow_requantize: bool = False) -> LoadedModel:
-    """Build the architecture and stream every tensor of `checkpoint` into it (see resolve_dtype for for_compute)."""
+                    adapter: Optional[Adapter] = None, allow_requantize: bool = False) -> LoadedModel:
+    """Build the architecture and stream every tensor of `checkpoint` into it (see resolve_dtype for for_compute).
+
+    adapter: a LoRA/DoRA adapter attached, unfused, on top of the loaded layers (see adapters.py).
+    allow_requantize: let already-quantized modules go onto a coarser grid (see quant.requantize).
+    """
     config = normalize_config(checkpoint.config)
     model_class, args_class = model_classes(config)
     try:
@@ -189,13 +194,17 @@ def load_checkpoint(checkpoint: Checkpoint, requested: Optional[QuantSpec], dtyp
         raise SourceError(f"the checkpoint lacks {len(missing)} tensor(s) the {config['model_type']} architecture "
                           f"needs (e.g. {missing[0]}); it is incomplete or of another architecture.")
     model.eval()
+    extra = {}
+    if adapter is not None:  # before MLP fusion: a fused gate·up would bypass the adapter's layers
+        attach_adapter(model, adapter, compute_dtype)
+        extra["adapter"] = adapter.describe()
     fused = fuse_gated_mlps(model)  # gate·up in one kernel where the metal dispatch picks the custom path
     params = dict(tree_flatten(model.parameters()))
     return LoadedModel(
         model=model, config=config, dtype=compute_dtype, quantized=targets, unquantized=unquantized,
         parameters=_count_parameters(params, targets), nbytes=sum(v.nbytes for v in params.values()),
         extra={"fused_mlps": fused, "kept_stored_precision": chosen.kept_stored,
-               "requantized_coarser": chosen.requantized_coarser},
+               "requantized_coarser": chosen.requantized_coarser, **extra},
     )
 
 

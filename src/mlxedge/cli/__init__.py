@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-import click
+import sys
 
-from .chat import chat_command, run_command
-from .evaluation import bench_command, eval_command
-from .generate import generate_command
-from .models import convert_command, info_command, list_command, pull_command
-from .plan import plan_command
-from .startup import keep_torch_out
+try:  # a Ctrl-C while the commands (and what they import) load: one line, not a traceback
+    import click
+
+    from .chat import chat_command, run_command
+    from .evaluation import bench_command, eval_command
+    from .generate import generate_command
+    from .models import convert_command, info_command, list_command, pull_command
+    from .plan import plan_command
+    from .startup import keep_torch_out
+except KeyboardInterrupt:
+    sys.stderr.write("interrupted\n")
+    raise SystemExit(130) from None
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 

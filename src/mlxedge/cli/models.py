@@ -128,11 +128,14 @@ def info_command(model: str, as_json: bool) -> None:
     bits_help="Quantization bits (16 = keep float). Default: as stored for a quantized source, else 4.",
     bits_choices=("4", "8", "16")))
 @dtype_option("dtype of the tensors left unquantized (default: the checkpoint's).")
-@click.option("--force", is_flag=True, help="Replace DEST if it exists.")
+@click.option("--force", is_flag=True,
+              help="Replace DEST if it is a model directory (one mlxedge wrote, or config.json + *.safetensors).")
+@click.option("--adapter", default=None, metavar="DIR",
+              help="Fuse a LoRA/DoRA adapter directory (mlx-lm or PEFT) into the weights.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @handles_errors
 def convert_command(src: str, dest: Path, bits: Optional[str], group_size: Optional[int], allow_requantize: bool,
-                    dtype: Optional[str], force: bool, as_json: bool) -> None:
+                    dtype: Optional[str], force: bool, adapter: Optional[str], as_json: bool) -> None:
     """Convert SRC (HF directory, .gguf file or alias) to an mlx-lm directory at DEST.
 
     A source stored quantized keeps its precision unless --bits says otherwise; a coarser grid than the
@@ -140,14 +143,14 @@ def convert_command(src: str, dest: Path, bits: Optional[str], group_size: Optio
     The write is atomic: on failure or Ctrl-C nothing is left at DEST.
     """
     import mlxedge
+    from ..fsutil import refuse_existing
 
-    if dest.exists() and not force:  # say so before spending minutes converting
-        raise MlxedgeError(f"{dest} already exists; choose another destination or pass --force to replace it")
+    refuse_existing(dest, force, [src])  # say so before pulling or converting (the API checks again)
     path = resolve_source(src, quiet=as_json)
     with progress_bar(f"Converting {src}", unit="tensors", enabled=not as_json) as progress:
         summary = mlxedge.convert(path, dest, bits="auto" if bits is None else None if bits == "16" else int(bits),
                                   group_size=group_size, dtype=dtype, force=force, progress=progress,
-                                  allow_requantize=allow_requantize)
+                                  adapter=adapter, allow_requantize=allow_requantize)
     summary["disk_bytes"] = bytes_on_disk(dest)
     if summary["requantized_coarser"]:
         summary["requantization_cost"] = _requantization_cost(path, dest, quiet=as_json)

