@@ -31,7 +31,7 @@ def small_probe(monkeypatch, tmp_path):
 def test_parse_variants():
     labels = [v.label for v in B.parse_variants("16,8,4", 32)]
     assert labels == ["bf16", "q8 g32", "q4 g32"]
-    assert B.parse_variants(None)[0].load_kwargs() == {"bits": None, "group_size": 64, "dtype": None}
+    assert B.parse_variants(None)[0].load_kwargs() == {"bits": None, "group_size": None, "dtype": None}
     assert B.parse_variants("32,16", dtype="float16")[1].dtype == "float16"
     for bad in ("7", "four", ","):
         with pytest.raises(MlxedgeError):
@@ -109,7 +109,7 @@ def test_bench_json_schema_with_mlx_lm_compare(tiny_llama_tok, small_probe):
     from mlxedge.cli.evaluation import bench_command
 
     result = CliRunner().invoke(bench_command, [str(tiny_llama_tok), "--bits", "16,4", "--group-size", "32",
-                                                "-p", "8", "-n", "4", "-r", "2", "--compare", "mlx-lm", "--json"])
+                                                "--n-prompt", "8", "--n-gen", "4", "-r", "2", "--compare", "mlx-lm", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert set(data) == {"model", "device", "settings", "variants"}

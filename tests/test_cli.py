@@ -52,11 +52,12 @@ def invoke(*args):
 
 @pytest.mark.slow
 def test_generate_json_reads_stdin_and_carries_the_stats(env):
-    proc = run(["generate", "smollm2", "-p", "-", "--max-tokens", "12", "--json", *FAST], env,
+    # no MODEL (the default alias) and no -p: a piped stdin is the prompt
+    proc = run(["generate", "--max-tokens", "12", "--json", *FAST], env,
                stdin="The password is tulip. What is the password?")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)  # stdout is exactly one JSON document
-    assert set(out) >= {"text", "tokens", "finish_reason", "stats"}
+    assert set(out) >= {"text", "tokens", "finish_reason", "stats"} and out["model"] == "smollm2"
     assert out["finish_reason"] in ("stop", "length") and out["text"].strip()
     assert STATS_FIELDS <= set(out["stats"])
     assert out["stats"]["generation_tokens"] == len(out["tokens"]) > 0
@@ -89,6 +90,55 @@ def test_chat_with_empty_stdin_exits_cleanly_without_loading(env):
     assert proc.stdout == "" and "nothing on stdin" in proc.stderr
 
 
+@pytest.mark.slow
+def test_run_with_a_prompt_answers_once_and_exits(env):
+    proc = run(["run", "smollm2", "What is 2+2?", "--max-tokens", "16", "--seed", "0", *FAST], env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() and ">>>" not in proc.stdout  # one answer, no REPL
+    assert "tok/s" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------ start-up
+
+STARTUP = r"""
+import runpy, sys, time
+start = time.perf_counter()
+sys.argv = ["mlxedge", *sys.argv[1:]]  # as the console script sees it
+try:
+    runpy.run_module("mlxedge.cli", run_name="__main__")
+except SystemExit as exc:
+    code = exc.code
+heavy = sorted(m for m in ("transformers", "torch", "mlx_lm") if sys.modules.get(m) is not None)
+print("STARTUP", time.perf_counter() - start, ",".join(heavy) or "-", file=sys.stderr)
+"""
+
+
+def _startup(env, args, timeout=120):
+    """Run the program in-process under a wrapper; (seconds, heavy modules imported, stdout)."""
+    env = dict(env, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run([sys.executable, "-c", STARTUP, *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("STARTUP")][-1]
+    _, seconds, heavy = line.split()
+    return float(seconds), heavy, proc.stdout
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["list"], ["pull", "smollm2"], ["plan", "smollm2"]])
+def test_start_up_imports_no_transformers_torch_or_mlx_lm(env, args):
+    seconds, heavy, stdout = _startup(env, args)
+    assert heavy == "-", f"mlxedge {' '.join(args)} imported {heavy}"
+    assert stdout.strip()
+    print(f"mlxedge {' '.join(args)}: {seconds:.2f}s in-process")  # shown with -s; never asserted
+
+
+@pytest.mark.slow
+def test_a_generation_never_imports_torch(env):
+    """torch is installed here (the test extra), yet the program answering a prompt never imports it."""
+    seconds, heavy, stdout = _startup(env, ["generate", "-p", "Hi", "-n", "2", *FAST], timeout=600)
+    assert stdout.strip()
+    assert "torch" not in heavy.split(",") and "transformers" in heavy.split(",")  # the tokenizer needs it
+
+
 # ------------------------------------------------------------------------------------------------ errors
 
 def test_errors_are_one_line_with_status_1_and_traceback_only_with_debug(env):
@@ -104,7 +154,7 @@ def test_errors_are_one_line_with_status_1_and_traceback_only_with_debug(env):
 
 
 def test_usage_errors_exit_2():
-    assert invoke("generate", "smollm2").exit_code == 2  # no -p
+    assert invoke("generate", "smollm2", "--max-tokens", "-1").exit_code == 2
     assert invoke("convert", "a", "b", "--bits", "3").exit_code == 2
     assert invoke("chat", "--temperature", "-1").exit_code == 2
     assert invoke("frobnicate").exit_code == 2
@@ -113,8 +163,12 @@ def test_usage_errors_exit_2():
 def test_empty_prompt_and_unknown_alias_are_errors(env):
     result = invoke("generate", "smollm2", "-p", "   ")
     assert result.exit_code == 1 and "prompt is empty" in result.output
+    result = invoke("generate", "smollm2")  # no -p, and stdin (not a terminal here) is empty
+    assert result.exit_code == 1 and "prompt is empty" in result.output
     result = invoke("pull", "no-such-alias")
-    assert result.exit_code == 1 and "known aliases: smollm2" in result.output
+    assert result.exit_code == 1 and "smollm2" in result.output and "mlxedge list --available" in result.output
+    result = invoke("generate", "no-such-alias", "-p", "hi")
+    assert result.exit_code == 1 and "mlxedge list --available" in result.output  # where the aliases are listed
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -166,8 +220,9 @@ def test_convert_writes_once_refuses_an_existing_dest_and_leaves_nothing_on_fail
     assert again.exit_code == 1 and "--force" in again.output
     assert sorted(p.name for p in dest.iterdir()) == before
 
+    assert summary["kept_stored_precision"] == ["model.embed_tokens"]  # 8-bit g32 in the GGUF: g64 is coarser
     converted = json.loads(invoke("info", str(dest), "--json").stdout)
-    assert converted["bits"] == 8 and converted["group_size"] == 64
+    assert converted["bits"] == 8 and converted["group_size"] == [32, 64]
 
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + b"\x00" * 64)
@@ -181,7 +236,8 @@ def test_ctrl_c_during_convert_leaves_nothing_at_dest(env, smollm2_gguf, tmp_pat
     pexpect = pytest.importorskip("pexpect")
     out = tmp_path / "out"
     out.mkdir()
-    child = pexpect.spawn(MLXEDGE, ["convert", str(smollm2_gguf), str(out / "smol"), "--bits", "4"],
+    # 8-bit re-grids every module (4-bit g32 as stored would be a quick copy, done before the Ctrl-C)
+    child = pexpect.spawn(MLXEDGE, ["convert", str(smollm2_gguf), str(out / "smol"), "--bits", "8"],
                           env=env, encoding="utf-8", timeout=300)
     child.expect_exact("Converting")  # the progress bar is up: the conversion is under way
     child.sendintr()

@@ -1,7 +1,8 @@
 """`mlxedge chat` driven like a person, through a real pseudo-terminal (pexpect), on the real default model.
 
 The default alias `smollm2` is served from a cache directory (MLXEDGE_HOME) that holds the test fixture's
-GGUF, so nothing is downloaded. Decoding is greedy, so the replies are deterministic; the asserts are on
+GGUF, so nothing is downloaded. The conversation test decodes greedily (chat samples by default), so its
+replies are deterministic; the poem test keeps the default sampling with a fixed seed. The asserts are on
 what a person would check on the screen (the reply uses what the first turn said, /reset forgets it,
 Ctrl-C stops a long reply and gives the prompt back) and on the exit status.
 """
@@ -20,7 +21,8 @@ pexpect = pytest.importorskip("pexpect")
 MLXEDGE = str(Path(sys.executable).with_name("mlxedge"))
 PROMPT = ">>> "
 # float32 activations: MLX's CPU build runs float16 quantized matmuls far slower (see the issue note)
-CHAT_ARGS = ["chat", "--dtype", "float32", "--max-tokens", "40"]
+CHAT_ARGS = ["chat", "--dtype", "float32", "--max-tokens", "40", "--temperature", "0", "--repetition-penalty", "1"]
+CONTEXT = re.compile(r"context:\s+(\d+) of")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 pytestmark = pytest.mark.slow
@@ -68,6 +70,8 @@ def test_chat_like_a_person(mlxedge_home):
     assert "tulip" not in forgotten.lower()
     assert "tok/s" in forgotten
 
+    context_before = CONTEXT.search(reply_to(child, "/stats")).group(1)
+
     # a long reply, stopped with Ctrl-C once some of it is on the screen
     story = "Tell me a very long story about a dragon who learns to bake bread."
     child.sendline(story)
@@ -79,6 +83,8 @@ def test_chat_like_a_person(mlxedge_home):
     # the interrupted exchange is not in the history: only the post-/reset question and answer are
     stats = reply_to(child, "/stats")
     assert "exchanges in history: 1;" in stats
+    assert "dropped from the conversation" in stats
+    assert CONTEXT.search(stats).group(1) == context_before  # the dropped reply's tokens are not counted
 
     child.sendline("/exit")
     child.expect(pexpect.EOF)
@@ -100,3 +106,19 @@ def test_ctrl_c_at_the_prompt_stays_and_ctrl_d_leaves_with_status_0(mlxedge_home
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_a_poem_ends_by_itself_with_the_default_settings(mlxedge_home):
+    """Default sampling and limit (only a seed, for a repeatable run): the reply ends without looping."""
+    child = spawn_chat(mlxedge_home, ["chat", "--seed", "0"])
+    child.expect_exact(PROMPT)
+    assert "temperature 0.8" in child.before  # the banner states the sampling settings in use
+    child.timeout = 900
+    reply = reply_to(child, "Write a short poem about the sea.")
+    footer = [line for line in reply.splitlines() if "tok/s" in line]
+    assert footer and "--max-tokens" not in footer[-1]  # it ended by itself, well within 1024 tokens
+    lines = [line.strip().lower() for line in reply.splitlines() if line.strip() and "tok/s" not in line]
+    assert lines, reply
+    assert max(lines.count(line) for line in lines) <= 2, reply
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)

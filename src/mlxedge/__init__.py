@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING
 from .errors import GenerationError, MemoryBudgetError, MlxedgeError, QuantizationError, SourceError, UnsupportedError
 
 _LAZY = {"load": ".api", "plan": ".api", "convert": ".convert", "Model": ".model",
+         "pull": ".sources.registry", "list_models": ".sources.registry",
          "GenerationResult": ".generate.stats", "GenerationStats": ".generate.stats", "StreamEvent": ".generate.stats"}
 
 __all__ = [
-    "load", "plan", "convert", "Model", "GenerationResult", "GenerationStats", "StreamEvent",
+    "load", "plan", "convert", "pull", "list_models", "Model", "GenerationResult", "GenerationStats", "StreamEvent",
     "MlxedgeError", "SourceError", "UnsupportedError", "QuantizationError", "MemoryBudgetError", "GenerationError",
 ]
 
@@ -24,6 +25,7 @@ if TYPE_CHECKING:  # static tools see the eager imports
     from .convert import convert
     from .generate.stats import GenerationResult, GenerationStats, StreamEvent
     from .model import Model
+    from .sources.registry import list_models, pull
 
 
 def __getattr__(name):

@@ -7,10 +7,10 @@ from typing import Callable, Optional
 from . import memory
 from .adapters import read_adapter
 from .loading import load_checkpoint, resolve_dtype
-from .model import Model
 from .errors import QuantizationError
 from .quant.affine import validate_settings
 from .quant.recipes import Recipe
+from .quant.requantize import default_group_size
 from .recipe_search import resolve_quantization
 from .sources import open_source
 
@@ -27,21 +27,25 @@ def _plan_checkpoint(checkpoint, bits, group_size, dtype, memory_budget, context
     return memory.make_plan(checkpoint.config, checkpoint.tensor_infos, **kwargs)
 
 
-def plan(source, bits: Optional[int] = None, group_size: int = 64, dtype: Optional[str] = None,
+def plan(source, bits: Optional[int] = None, group_size: Optional[int] = None, dtype: Optional[str] = None,
          context_length: Optional[int] = None, memory_budget=None) -> dict:
-    """The memory plan for loading `source` at these settings, from config and tensor headers alone."""
-    spec = validate_settings(bits, group_size)
+    """The memory plan for loading `source` at these settings, from config and tensor headers alone.
+
+    group_size None: the source's own for a quantized source, else 64.
+    """
     checkpoint = open_source(source)
+    group_size = default_group_size(group_size, checkpoint.quantization)
+    spec = validate_settings(bits, group_size)
     result = _plan_checkpoint(checkpoint, spec.bits if spec else None, group_size, dtype, memory_budget,
                               context_length, check=False)
     return result.to_dict()
 
 
-def load(source, bits: Optional[int] = None, group_size: int = 64, dtype: Optional[str] = None,
+def load(source, bits: Optional[int] = None, group_size: Optional[int] = None, dtype: Optional[str] = None,
          memory_budget=None, context_length: Optional[int] = None, auto_fit: bool = False,
          kv_overflow: str = "error", progress: Optional[Callable[[int, int], None]] = None,
-         adapter=None, recipe: Optional[str] = None, target_bpw: Optional[float] = None, calibration=None,
-         data_aware: bool = False) -> Model:
+         adapter=None, allow_requantize: bool = False, recipe: Optional[str] = None,
+         target_bpw: Optional[float] = None, calibration=None, data_aware: bool = False) -> "Model":
     """Load a model (directory, .gguf file, alias or hub id); bits=4|8 quantizes group-wise while loading.
 
     The memory plan is checked before any weight is read: a load that would not fit the budget raises
@@ -49,11 +53,18 @@ def load(source, bits: Optional[int] = None, group_size: int = 64, dtype: Option
     context_length bounds the KV cache; past it generation fails, or keeps a rotating window when
     kv_overflow="rotate". adapter: an mlx-lm or PEFT LoRA/DoRA adapter directory, applied unfused.
     recipe/target_bpw/calibration/data_aware: per-module quantization as in convert.
+
+    A source stored quantized keeps its precision unless `bits` is given; a grid coarser than the stored
+    one is refused unless allow_requantize=True (quant.requantize). group_size None: the source's own
+    for a quantized source, else 64.
     """
     if kv_overflow not in KV_OVERFLOW:
         raise ValueError(f"kv_overflow must be one of {KV_OVERFLOW}")
+    if recipe is None and target_bpw is None:
+        validate_settings(bits, group_size or 64)  # bad settings fail before the source is opened
     lora = read_adapter(adapter) if adapter is not None else None
     checkpoint = open_source(source)
+    group_size = default_group_size(group_size, checkpoint.quantization)
     requested = resolve_quantization(checkpoint, bits, group_size, recipe=recipe, target_bpw=target_bpw,
                                      calibration=calibration, data_aware=data_aware)
     if isinstance(requested, Recipe):
@@ -66,7 +77,10 @@ def load(source, bits: Optional[int] = None, group_size: int = 64, dtype: Option
                                    memory_budget, context_length, auto_fit=auto_fit)
     if auto_fit:
         requested = validate_settings(memory_plan.settings["bits"], group_size)
-    loaded = load_checkpoint(checkpoint, requested, dtype=dtype, progress=progress, adapter=lora)
+    loaded = load_checkpoint(checkpoint, requested, dtype=dtype, progress=progress, adapter=lora,
+                             allow_requantize=allow_requantize)
+    from .model import Model  # the generation loop: after the architecture import (see architectures.py)
+
     info = model_info(checkpoint, loaded)
     info["context_length"] = memory_plan.settings["context_length"]
     info["memory_plan"] = memory_plan.to_dict()

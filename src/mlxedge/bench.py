@@ -33,6 +33,7 @@ from typing import Callable, Iterable, List, Optional
 import mlx.core as mx
 
 from .errors import MlxedgeError
+from .table import render_table
 
 Log = Callable[[str], None]
 
@@ -154,7 +155,7 @@ class Variant:
     """One precision to benchmark: bits None = unquantized (as stored when dtype is None too)."""
 
     bits: Optional[int]
-    group_size: int
+    group_size: Optional[int]  # None: the source's own when it is quantized, else 64 (mlxedge.load's rule)
     dtype: Optional[str]
 
     @property
@@ -162,7 +163,7 @@ class Variant:
         if self.bits is None:
             return {None: "as stored", "float32": "f32", "float16": "f16", "bfloat16": "bf16"}.get(self.dtype,
                                                                                                   str(self.dtype))
-        return f"q{self.bits} g{self.group_size}"
+        return f"q{self.bits} g{self.group_size}" if self.group_size else f"q{self.bits}"
 
     def load_kwargs(self) -> dict:
         return {"bits": self.bits, "group_size": self.group_size, "dtype": self.dtype}
@@ -171,7 +172,7 @@ class Variant:
 DTYPES = ("float32", "float16", "bfloat16")
 
 
-def parse_variants(bits: Optional[str], group_size: int = 64, dtype: Optional[str] = None) -> List[Variant]:
+def parse_variants(bits: Optional[str], group_size: Optional[int] = None, dtype: Optional[str] = None) -> List[Variant]:
     """"16,8,4" → variants. 16 = unquantized in `dtype` (default bfloat16), 32 = float32; 4/8 quantize with
     `group_size`, computing in `dtype` (default: the loader's, float32 without Metal where half-precision
     quantized matmuls are 4-18x slower). None/"" → the model as stored."""
@@ -192,7 +193,7 @@ def parse_variants(bits: Optional[str], group_size: int = 64, dtype: Optional[st
         elif item.isdigit():
             from .quant.affine import validate_settings
 
-            validate_settings(int(item), group_size)  # raises a QuantizationError naming what is allowed
+            validate_settings(int(item), group_size or 64)  # raises a QuantizationError naming what is allowed
             out.append(Variant(int(item), group_size, dtype))
         else:
             raise MlxedgeError(f"--bits {item!r} is not a precision; use a list such as 16,8,4 (32 = float32).")
@@ -468,25 +469,20 @@ def table_rows(result: dict) -> tuple:
     return header, rows
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def format_table(result: dict, markdown: bool = False) -> str:
     """The result as text: the device line, then a table (aligned columns, or a markdown pipe table)."""
     d = result["device"]
     bw = d.get("bandwidth_bytes_per_s")
     lines = [f"model: {result['model']}",
              f"device: {d['line']} · measured bandwidth {bw / 1e9:.1f} GB/s" if bw else f"device: {d['line']}",
-             f"tests: {result['settings']['tests']}, {result['settings']['repetitions']} repetitions after a "
-             "warm-up, mean ± stdev", ""]
+             f"tests: {result['settings']['tests']}, {_plural(result['settings']['repetitions'], 'repetition')} "
+             "after a warm-up, mean ± stdev", ""]
     header, rows = table_rows(result)
     return "\n".join(lines + render_table(header, rows, markdown))
-
-
-def render_table(header: list, rows: list, markdown: bool = False) -> list:
-    """Table lines: aligned plain-text columns, or a markdown pipe table."""
-    if markdown:
-        return (["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-                + ["| " + " | ".join(r) + " |" for r in rows])
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    return ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
 
 
 def plot(result: dict, path) -> Path:

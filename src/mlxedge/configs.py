@@ -13,6 +13,8 @@ from .errors import UnsupportedError
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
 ALIASES = {"gemma3": "gemma3_text"}  # text-only use of a gemma3 config
+# mlx-lm's MODEL_REMAPPING for the supported types (read from mlx_lm.utils it would import transformers)
+ARCHITECTURE_MODULES = {"mistral": "llama"}
 
 
 def normalize_config(config: dict) -> dict:
@@ -72,8 +74,7 @@ def _sliding_pattern(layer_types: list) -> int:
 
 def model_classes(cfg: dict):
     """mlx-lm's (Model, ModelArgs) for a normalised config."""
-    from mlx_lm.utils import MODEL_REMAPPING
+    from .architectures import import_architecture
 
-    model_type = MODEL_REMAPPING.get(cfg["model_type"], cfg["model_type"])
-    module = importlib.import_module(f"mlx_lm.models.{model_type}")
+    module = import_architecture(ARCHITECTURE_MODULES.get(cfg["model_type"], cfg["model_type"]))
     return module.Model, module.ModelArgs

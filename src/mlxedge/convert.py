@@ -24,22 +24,27 @@ from .adapters import fused_checkpoint, read_adapter
 from .errors import MlxedgeError
 from .loading import load_checkpoint, resolve_dtype
 from .memory import weight_plan
-from .quant.affine import validate_settings
+from .quant.affine import QuantSpec, validate_settings
 from .quant.recipes import Recipe
+from .quant.requantize import default_group_size
 from .quant.sensitivity import save_sensitivities
 from .recipe_search import resolve_quantization
 from .sources import open_source
 
 MAX_SHARD_BYTES = 5 << 30  # mlx-lm's shard size
+AUTO_FLOAT_BITS = 4  # bits="auto" on a float source: mlx-lm's default
 EXTRA_BYTES = 4 << 20  # room asked beyond the weights: config, tokenizer files, marker
 
 
-def convert(source, dest, bits: Optional[int] = 4, group_size: int = 64, dtype: Optional[str] = None,
+def convert(source, dest, bits="auto", group_size: Optional[int] = None, dtype: Optional[str] = None,
             force: bool = False, progress: Optional[Callable[[int, int], None]] = None, adapter=None,
-            recipe: Optional[str] = None, target_bpw: Optional[float] = None, calibration=None,
-            data_aware: bool = False) -> dict:
+            allow_requantize: bool = False, recipe: Optional[str] = None, target_bpw: Optional[float] = None,
+            calibration=None, data_aware: bool = False) -> dict:
     """Convert `source` to an mlx-lm directory at `dest`; returns a summary dict (path, bytes, bits, ...).
 
+    bits "auto": a source stored quantized keeps its precision, a float one becomes 4-bit; None keeps
+    float. group_size None: the source's own for a quantized source, else 64. A grid coarser than the
+    stored one is refused unless allow_requantize=True (see quant.requantize).
     adapter: a LoRA/DoRA adapter directory fused into the weights before they are quantized.
     recipe: a preset mix (q4_k_m, q3_k_m, q6_k); target_bpw: bits per weight to reach with the mix that
     measured sensitivities favour (written to quant_sensitivity.json); data_aware: choose each group's scale
@@ -51,10 +56,13 @@ def convert(source, dest, bits: Optional[int] = 4, group_size: int = 64, dtype: 
         return _convert_to_gguf(source, dest, bits, recipe, target_bpw, data_aware, force, progress)
     sources = [source] + ([adapter] if adapter is not None else [])
     fsutil.refuse_existing(dest, force, sources, flag="force=True (--force)")
-    if recipe is None and target_bpw is None:
-        validate_settings(bits, group_size)  # a bad setting fails before anything is read
+    if bits != "auto" and recipe is None and target_bpw is None:
+        validate_settings(bits, group_size or 64)  # bad settings fail before the source is opened
     lora = read_adapter(adapter) if adapter is not None else None
     checkpoint = open_source(source)
+    if bits == "auto":
+        bits = None if checkpoint.quantization else AUTO_FLOAT_BITS
+    group_size = default_group_size(group_size, checkpoint.quantization)
     sources.append(checkpoint.path)
     fsutil.refuse_existing(dest, force, sources, flag="force=True (--force)")
     fsutil.clean_stale_temps(dest.parent)
@@ -67,8 +75,10 @@ def convert(source, dest, bits: Optional[int] = 4, group_size: int = 64, dtype: 
         checkpoint.config, checkpoint.tensor_infos, bits=planned_bits, group_size=group_size,
         dtype_bytes=resolve_dtype(dtype, checkpoint, for_compute=False).size, quantized=checkpoint.quantization)["bytes"]
     fsutil.check_free_space(dest.parent, needed, dest)
-    loaded = load_checkpoint(checkpoint, requested, dtype=dtype, progress=progress, for_compute=False)
+    loaded = load_checkpoint(checkpoint, requested, dtype=dtype, progress=progress, for_compute=False,
+                             allow_requantize=allow_requantize)
     tmp = fsutil.make_temp_dir(dest.parent, "convert")
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700); the result is an ordinary directory
     try:
         try:
             total = _write_weights(tmp, dict(tree_flatten(loaded.model.parameters())))
@@ -77,7 +87,7 @@ def convert(source, dest, bits: Optional[int] = 4, group_size: int = 64, dtype: 
             if isinstance(requested, Recipe) and "sensitivity" in requested.notes:
                 save_sensitivities(tmp / "quant_sensitivity.json", requested.notes["sensitivity"], loaded.quantized,
                                    target_bpw, group_size)
-            fsutil.write_marker(tmp, checkpoint.path, {"bits": _summary_bits(requested),
+            fsutil.write_marker(tmp, checkpoint.path, {"bits": requested.bits if isinstance(requested, QuantSpec) else None,
                                                        "group_size": group_size if requested else None,
                                                        "recipe": requested.name if isinstance(requested, Recipe)
                                                        else None})
@@ -92,9 +102,13 @@ def convert(source, dest, bits: Optional[int] = 4, group_size: int = 64, dtype: 
     except BaseException:
         fsutil.remove_path(tmp)
         raise
+    specs = Counter(loaded.quantized.values())
+    main = specs.most_common(1)[0][0] if specs else None
     return {"path": str(dest), "bytes": total, "architecture": loaded.config["model_type"],
             "quantized_modules": len(loaded.quantized), "unquantized_modules": loaded.unquantized,
-            "bits": _summary_bits(requested), "group_size": group_size if requested else None,
+            "bits": main.bits if main else None, "group_size": main.group_size if main else None,
+            "kept_stored_precision": loaded.extra["kept_stored_precision"],
+            "requantized_coarser": loaded.extra["requantized_coarser"],
             "recipe": requested.name if isinstance(requested, Recipe) else None,
             "bits_per_weight": 8 * total / max(loaded.parameters, 1)}
 
@@ -112,12 +126,6 @@ def _convert_to_gguf(source, dest: Path, bits, recipe, target_bpw, data_aware, f
         if dest.is_symlink() or not dest.is_file() or dest.open("rb").read(4) != b"GGUF":
             raise MlxedgeError(f"refusing to replace {dest}: it is not a GGUF file; --force only replaces those.")
     return export_gguf(source, dest, export_type(bits, recipe), progress=progress)
-
-
-def _summary_bits(requested):
-    if isinstance(requested, Recipe):
-        return None
-    return requested.bits if requested else None
 
 
 def _write_weights(directory: Path, weights: dict) -> int:
@@ -167,3 +175,9 @@ def _write_tokenizer(directory: Path, checkpoint) -> None:
         src = Path(checkpoint.path) / name
         if Path(checkpoint.path).is_dir() and src.exists():
             shutil.copy(src, directory / name)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

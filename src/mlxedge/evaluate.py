@@ -25,7 +25,10 @@ import numpy as np
 
 from .errors import MlxedgeError
 
-DEFAULT_CTX = 512
+DEFAULT_CTX = 512  # llama-perplexity's (`mlxedge eval --full`)
+QUICK_CTX = 256    # `mlxedge eval`'s default: about a minute for a small model on a CPU
+QUICK_CHUNKS = 4
+COST_CTX = 256     # the short text a coarser re-quantization is measured on (one chunk)
 ROW_BLOCK = 64  # rows of [rows, V] float64 worked on at once (64 × 128k vocab × 8 B = 64 MB)
 
 Progress = Callable[[int, int], None]
@@ -253,3 +256,14 @@ def evaluate_text(models: dict, text: str, ctx: int = DEFAULT_CTX, reference=Non
     settings = {"ctx": ctx, "chunks": len(chunks), "text_tokens": len(tokens), "text_characters": len(text),
                 "bos_per_chunk": bos is not None, "scored_per_chunk": ctx - 1 - first_scored(ctx)}
     return {"settings": settings, "results": results, "reference": ref}
+
+
+def requantization_cost(reference, model, ctx: int = COST_CTX, chunks: int = 1,
+                        progress: Optional[Progress] = None) -> dict:
+    """How far `model` (re-quantized) strays from `reference` (its source as stored) on the built-in text:
+    {"kld_mean", "top1_agreement", "tokens_scored", "ctx"}."""
+    out = evaluate_text({"model": model}, builtin_text(), ctx=ctx, reference=reference, max_chunks=chunks,
+                        progress=progress)
+    r = out["results"]["model"]
+    return {"kld_mean": r["kld_mean"], "top1_agreement": r["top1_agreement"], "tokens_scored": r["tokens_scored"],
+            "ctx": ctx}

@@ -20,6 +20,7 @@ from .quant.affine import QuantSpec, can_quantize
 from .quant.recipes import Recipe
 from .quant.fused_mlp import fuse_gated_mlps
 from .quant.layers import QuantizedEmbedding, QuantizedLinear
+from .quant.requantize import Targets, choose_targets
 from .sources.checkpoint import Checkpoint
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -87,30 +88,27 @@ def _quantizable_modules(model: nn.Module) -> dict:
             if isinstance(m, (nn.Linear, nn.Embedding)) and not isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
 
 
-def _target_specs(modules: dict, source_specs: dict, requested, n_layers: int = 0):
+def _target_specs(modules: dict, source_specs: dict, requested, allow_requantize: bool = False,
+                  n_layers: int = 0) -> Targets:
     """Which modules end up quantized, and which stay float because the group does not divide them.
 
-    requested: None (keep the checkpoint's precision), one QuantSpec for every module, or a Recipe
-    (quant/recipes.py) that decides per module.
+    requested: None (keep the checkpoint's precision), one QuantSpec, or a Recipe (quant/recipes.py) that
+    decides per module (recipes start from float weights; recipe_search refuses stored-quantized sources).
+    The policy for modules stored quantized already (refuse a coarser grid, keep embeddings/heads) is
+    quant.requantize's.
     """
     if isinstance(requested, Recipe):
         chosen = requested.assign(modules, n_layers, tied=not any(p.endswith("lm_head") for p in modules))
-    else:
-        chosen = {path: requested for path in modules} if requested is not None else None
-    targets, unquantized = {}, []
-    for path, module in modules.items():
-        if chosen is None:
-            if path in source_specs:
-                targets[path] = source_specs[path]
-            continue
-        spec = chosen[path]
-        if spec is None:
-            continue
-        if can_quantize(module.weight.shape[1], spec):
-            targets[path] = spec
-        else:
-            unquantized.append(path)
-    return targets, unquantized
+        out = Targets()
+        for path, module in modules.items():
+            spec = chosen[path]
+            if spec is not None and can_quantize(module.weight.shape[1], spec):
+                out.specs[path] = spec
+            elif spec is not None:
+                out.unquantized.append(path)
+        return out
+    shapes = {path: (m.weight.shape[1], isinstance(m, nn.Embedding)) for path, m in modules.items()}
+    return choose_targets(shapes, source_specs, requested, allow_requantize)
 
 
 def _replace_with_quantized(model: nn.Module, modules: dict, targets: dict, dtype) -> None:
@@ -154,10 +152,11 @@ def _surviving_names(model: nn.Module, checkpoint: Checkpoint) -> set:
 
 def load_checkpoint(checkpoint: Checkpoint, requested: Optional[QuantSpec], dtype=None,
                     progress: Optional[Callable[[int, int], None]] = None, for_compute: bool = True,
-                    adapter: Optional[Adapter] = None) -> LoadedModel:
+                    adapter: Optional[Adapter] = None, allow_requantize: bool = False) -> LoadedModel:
     """Build the architecture and stream every tensor of `checkpoint` into it (see resolve_dtype for for_compute).
 
     adapter: a LoRA/DoRA adapter attached, unfused, on top of the loaded layers (see adapters.py).
+    allow_requantize: let already-quantized modules go onto a coarser grid (see quant.requantize).
     """
     config = normalize_config(checkpoint.config)
     model_class, args_class = model_classes(config)
@@ -170,7 +169,9 @@ def load_checkpoint(checkpoint: Checkpoint, requested: Optional[QuantSpec], dtyp
 
     modules = _quantizable_modules(model)
     source_specs = source_quant_specs(checkpoint, modules)
-    targets, unquantized = _target_specs(modules, source_specs, requested, int(config.get("num_hidden_layers", 0)))
+    chosen = _target_specs(modules, source_specs, requested, allow_requantize,
+                           int(config.get("num_hidden_layers", 0)))
+    targets, unquantized = chosen.specs, chosen.unquantized
     quantizer = getattr(requested, "quantizer", None)
     _replace_with_quantized(model, modules, targets, compute_dtype)
 
@@ -218,7 +219,8 @@ def load_checkpoint(checkpoint: Checkpoint, requested: Optional[QuantSpec], dtyp
     return LoadedModel(
         model=model, config=config, dtype=compute_dtype, quantized=targets, unquantized=unquantized,
         parameters=_count_parameters(params, targets), nbytes=sum(v.nbytes for v in params.values()),
-        extra={"fused_mlps": fused, **extra},
+        extra={"fused_mlps": fused, "kept_stored_precision": chosen.kept_stored,
+               "requantized_coarser": chosen.requantized_coarser, **extra},
     )
 
 

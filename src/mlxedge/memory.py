@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 
 from .errors import GenerationError, MemoryBudgetError, MlxedgeError
 from .quant.affine import LOAD_BITS, QuantSpec, can_quantize
+from .quant.requantize import planned_target
 
 # ---------------------------------------------------------------------------------------------- sizes
 
@@ -472,7 +473,7 @@ def weight_plan(config: dict, tensor_infos: Mapping, *, bits: Optional[int], gro
             src = _source_bits(module, quantized) or _guess_source_bits(info, tensor_infos[module + ".scales"])
             src_bits, src_group = src
             shape = tuple(info.shape[:-1]) + (info.shape[-1] * 32 // src_bits,)
-            target = (bits, group_size) if bits is not None else (src_bits, src_group)
+            target = planned_target((src_bits, src_group), bits, group_size, module)  # quant.requantize
             if shape[-1] % target[1] == 0:
                 nbytes = quantized_bytes(shape, target[0], target[1], dtype_bytes)
                 out["quantized_bytes"] += nbytes

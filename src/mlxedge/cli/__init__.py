@@ -7,11 +7,12 @@ import sys
 try:  # a Ctrl-C while the commands (and what they import) load: one line, not a traceback
     import click
 
-    from .chat import chat_command
+    from .chat import chat_command, run_command
     from .evaluation import bench_command, eval_command
     from .generate import generate_command
     from .models import convert_command, info_command, list_command, pull_command
     from .plan import plan_command
+    from .startup import keep_torch_out
 except KeyboardInterrupt:
     sys.stderr.write("interrupted\n")
     raise SystemExit(130) from None
@@ -26,12 +27,14 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 def main(ctx: click.Context, debug: bool) -> None:
     """mlxedge: run LLMs on this machine with MLX.
 
-    Start with `mlxedge chat` (pulls the default model, smollm2, on first use).
+    Start with `mlxedge run` (chats with the default model, smollm2, pulled on first use), or
+    `mlxedge run MODEL "PROMPT"` for one answer.
     """
+    keep_torch_out()
     ctx.obj = {"debug": debug}
 
 
-for _command in (chat_command, generate_command, pull_command, list_command, info_command, convert_command,
+for _command in (run_command, chat_command, generate_command, pull_command, list_command, info_command, convert_command,
                  plan_command, bench_command, eval_command):
     main.add_command(_command)
 

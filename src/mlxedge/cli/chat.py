@@ -11,7 +11,6 @@ Decisions a user can rely on:
 
 from __future__ import annotations
 
-import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -19,8 +18,10 @@ from typing import List, Optional
 import click
 
 from ..errors import MlxedgeError
-from .common import (EXIT_INTERRUPTED, echo_footer, format_bytes, format_count, handles_errors, load_model,
-                     load_options, sampling_options)
+from .common import (EXIT_INTERRUPTED, echo_footer, format_bytes, format_count, format_quantization, handles_errors,
+                     load_model, load_options, sampling_options)
+from .reply import Interrupt, stream_reply  # noqa: F401  (Interrupt: kept importable from here)
+from .sampling import DEFAULTS_HELP, describe, resolve_sampling
 
 PROMPT = ">>> "
 CONTINUATION = "... "
@@ -38,28 +39,6 @@ Commands:
 Ctrl-C stops a reply that is being generated. Start and end a multi-line message with \"\"\"."""
 
 
-class Interrupt:
-    """While a reply streams: the first Ctrl-C asks the stream to stop at the next token; a second forces it."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self._previous)
-        return False
-
-
 class ChatSession:
     """The conversation: system prompt, message history, and the statistics of the last reply."""
 
@@ -74,48 +53,37 @@ class ChatSession:
         self.last_finish: Optional[str] = None
         self.replies = 0
         self.generated_tokens = 0
+        self.context_tokens = 0  # prompt + reply tokens of the last exchange kept in the history
 
     def messages(self, user_text: str) -> List[dict]:
         system = [{"role": "system", "content": self.system}] if self.system else []
         return system + self.history + [{"role": "user", "content": user_text}]
 
     def reply(self, user_text: str) -> str:
-        """Stream the reply to stdout; returns the finish reason ("stop", "length" or "cancelled")."""
+        """Stream the reply to stdout; returns the finish reason ("stop", "length", "repeating" or "cancelled")."""
         out = sys.stdout
-        parts: List[str] = []
-        finish, stats = "cancelled", None
-        with Interrupt() as interrupt:
-            try:
-                stream = self.model.stream(self.messages(user_text), max_tokens=self.max_tokens,
-                                           cancel=lambda: interrupt.requested, **self.sampling)
-                for event in stream:
-                    if event.text:
-                        parts.append(event.text)
-                        out.write(event.text)
-                        out.flush()
-                    if event.finish_reason is not None:
-                        finish, stats = event.finish_reason, event.stats
-            except KeyboardInterrupt:  # forced by a second Ctrl-C
-                finish = "cancelled"
-        if interrupt.requested:
-            finish = "cancelled"
-        text = "".join(parts)
-        if finish == "cancelled":
-            out.write(("\n" if text else "") + "[interrupted]\n")
+        reply = stream_reply(self.model, self.messages(user_text), max_tokens=self.max_tokens,
+                             sampling=self.sampling)
+        if reply.finish_reason == "cancelled":
+            out.write(("\n" if reply.text else "") + "[interrupted]\n")
         else:
             out.write("\n")
-            self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": text}]
+            self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": reply.text}]
         out.flush()
+        stats = reply.stats
         if stats is not None:
-            self.last_stats, self.last_finish = stats, finish
+            self.last_stats, self.last_finish = stats, reply.finish_reason
             self.replies += 1
             self.generated_tokens += stats.get("generation_tokens", 0)
+            if reply.finish_reason != "cancelled":  # a dropped reply is not in the context any more
+                self.context_tokens = stats["prompt_tokens"] + stats["generation_tokens"]
             if self.show_stats:
-                echo_footer(stats, finish)
-        return finish
+                echo_footer(stats, reply.finish_reason)
+        return reply.finish_reason
 
     def reset(self) -> None:
         self.history = []
+        self.context_tokens = 0
 
     def stats_text(self) -> str:
         lines = []
@@ -125,8 +93,10 @@ class ChatSession:
                       f"{s['ttft_s']:.2f}s to first token",
                       f"prompt:       {s['prompt_tokens']} tokens at {s['prompt_tps']:.1f} tok/s",
                       f"peak memory:  {format_bytes(s['peak_memory_bytes'])}"]
+            if self.last_finish == "cancelled":
+                lines[0] += " (interrupted, dropped from the conversation)"
             context = self.model.info.get("context_length")
-            used = s["prompt_tokens"] + s["generation_tokens"]
+            used = self.context_tokens
             lines.append(f"context:      {used} of {context} tokens" if context else f"context: {used} tokens")
         else:
             lines.append("no reply yet")
@@ -210,7 +180,7 @@ def interactive(session: ChatSession, name: str) -> None:
     history_path = _setup_readline()
     info = session.model.info
     click.echo(f"mlxedge chat · {name} ({info.get('architecture')}, {_size(info)}) · "
-               "/help for commands, Ctrl-D to leave")
+               f"{describe(session.sampling)} · /help for commands, Ctrl-D to leave")
     try:
         while True:
             try:
@@ -237,10 +207,7 @@ def interactive(session: ChatSession, name: str) -> None:
 
 
 def _size(info: dict) -> str:
-    bits = info.get("bits")
-    bits = "/".join(str(b) for b in bits) if isinstance(bits, list) else bits
-    quant = f"{bits}-bit" if bits else info.get("dtype", "float")
-    return f"{format_count(info.get('parameters'))} params, {quant}"
+    return f"{format_count(info.get('parameters'))} params, {format_quantization(info, short=True)}"
 
 
 def one_shot(session: ChatSession, text: str) -> None:
@@ -249,33 +216,65 @@ def one_shot(session: ChatSession, text: str) -> None:
         sys.exit(EXIT_INTERRUPTED)
 
 
-@click.command("chat")
+def conversation_options(fn):
+    """The flags `chat` and `run` share: --system, --max-tokens/-n, --no-stats, sampling and load flags."""
+    options = [click.option("--system", "-s", default=None, help="System prompt for the conversation."),
+               click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=1024, show_default=True,
+                            help="Most tokens per reply."),
+               click.option("--no-stats", is_flag=True, help="Hide the footer (tokens, tok/s, time to first token).")]
+    fn = load_options(sampling_options(fn))
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def converse(model: Optional[str], prompt: Optional[str], system: Optional[str], max_tokens: int, no_stats: bool,
+             sampling: dict, load: dict) -> None:
+    """Chat with the model, or answer `prompt` (or piped stdin) once and exit."""
+    from ..sources.registry import DEFAULT_ALIAS
+
+    name = model or DEFAULT_ALIAS
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+        if not prompt.strip():
+            click.echo("mlxedge: nothing on stdin to answer", err=True)
+            return
+    if prompt is not None and not prompt.strip():
+        raise MlxedgeError("the prompt is empty; give some text, or leave it out to chat")
+    loaded = load_model(name, warm_up=True, **load)
+    settings = resolve_sampling(sampling, loaded.info.get("source"), sample=True)
+    session = ChatSession(loaded, system, max_tokens, settings, show_stats=not no_stats)
+    if prompt is not None:
+        one_shot(session, prompt.strip())
+    else:
+        interactive(session, name)
+
+
+@click.command("chat", epilog=DEFAULTS_HELP)
 @click.argument("model", required=False)
-@click.option("--system", "-s", default=None, help="System prompt for the conversation.")
-@click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=1024, show_default=True,
-              help="Most tokens per reply.")
-@click.option("--no-stats", is_flag=True, help="Hide the footer (tokens, tok/s, time to first token).")
-@sampling_options
-@load_options
+@conversation_options
 @handles_errors
 def chat_command(model: Optional[str], system: Optional[str], max_tokens: int, no_stats: bool, sampling: dict,
                  load: dict) -> None:
     """Chat with MODEL (default: smollm2, pulled on first use).
 
-    MODEL is an alias (see `mlxedge list`), a .gguf file, a Hugging Face or mlx-lm directory, or a hub id.
+    MODEL is an alias (see `mlxedge list --available`), a .gguf file, a Hugging Face or mlx-lm directory, or
+    a hub id. Replies are sampled (see below); a reply that loops ends with "stopped: repeating".
     With stdin from a pipe, the whole input is answered as one message and the program exits.
     """
-    from ..sources.registry import DEFAULT_ALIAS
+    converse(model, None, system, max_tokens, no_stats, sampling, load)
 
-    name = model or DEFAULT_ALIAS
-    piped = not sys.stdin.isatty()
-    text = sys.stdin.read() if piped else None
-    if piped and not text.strip():
-        click.echo("mlxedge chat: nothing on stdin to answer", err=True)
-        return
-    loaded = load_model(name, **load)
-    session = ChatSession(loaded, system, max_tokens, sampling, show_stats=not no_stats)
-    if piped:
-        one_shot(session, text.strip())
-    else:
-        interactive(session, name)
+
+@click.command("run", epilog=DEFAULTS_HELP)
+@click.argument("model", required=False)
+@click.argument("prompt", required=False)
+@conversation_options
+@handles_errors
+def run_command(model: Optional[str], prompt: Optional[str], system: Optional[str], max_tokens: int,
+                no_stats: bool, sampling: dict, load: dict) -> None:
+    """Like `ollama run`: chat with MODEL, or answer PROMPT once and exit.
+
+    MODEL defaults to smollm2 (pulled on first use); see `mlxedge list --available`. Without PROMPT (and
+    without piped stdin) this is `mlxedge chat MODEL`.
+    """
+    converse(model, prompt, system, max_tokens, no_stats, sampling, load)

@@ -159,19 +159,23 @@ def handles_errors(fn):
 # ------------------------------------------------------------------------------------------------ flags
 
 def sampling_options(fn):
-    """Decorator: the sampling flags, handed to the command as one `sampling` dict (Model.stream keywords)."""
+    """Decorator: the sampling flags, handed to the command as one `sampling` dict (Model.stream keywords).
+
+    Unset flags are None in the dict; `cli.sampling.resolve_sampling` fills them in per command (chat
+    samples with the model's recommended settings, generate is greedy).
+    """
     names = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
 
-    @click.option("--temperature", "--temp", "temperature", type=click.FloatRange(min=0.0), default=0.0,
-                  show_default=True, help="Sampling temperature; 0 is greedy (deterministic).")
-    @click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True,
+    @click.option("--temperature", "--temp", "temperature", type=click.FloatRange(min=0.0), default=None,
+                  help="Sampling temperature; 0 is greedy (deterministic).")
+    @click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
                   help="Nucleus sampling probability mass (1.0 = off).")
-    @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
+    @click.option("--top-k", type=click.IntRange(min=0), default=None,
                   help="Sample from the k most likely tokens (0 = off).")
-    @click.option("--min-p", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+    @click.option("--min-p", type=click.FloatRange(0.0, 1.0), default=None,
                   help="Drop tokens below this fraction of the top token's probability (0 = off).")
-    @click.option("--repetition-penalty", type=click.FloatRange(min=0.0, min_open=True), default=1.0,
-                  show_default=True, help="Penalty on tokens already generated (1.0 = off).")
+    @click.option("--repetition-penalty", type=click.FloatRange(min=0.0, min_open=True), default=None,
+                  help="Penalty on tokens already generated (1.0 = off).")
     @click.option("--seed", type=int, default=None, help="Random seed (sampling with temperature > 0).")
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -181,6 +185,38 @@ def sampling_options(fn):
     return wrapper
 
 
+GROUP_SIZE_HELP = "Quantization group size (with --bits). Default: a quantized source's own, else 64."
+ALLOW_REQUANTIZE_HELP = ("Allow re-quantizing weights stored quantized onto a coarser grid (fewer bits or a larger "
+                         "group); refused by default, since it loses quality a second time.")
+
+
+def quantization_options(bits_help: str, bits_callback=None, bits_choices=("4", "8", "16"), bits_default=None):
+    """The one declaration of --bits / --group-size / --allow-requantize (load, convert and plan use it)."""
+    return [
+        click.option("--bits", type=click.Choice(list(bits_choices)), default=bits_default, callback=bits_callback,
+                     help=bits_help),
+        click.option("--group-size", type=click.Choice(["32", "64", "128"]), default=None,
+                     callback=lambda c, p, v: None if v is None else int(v), help=GROUP_SIZE_HELP),
+        click.option("--allow-requantize", is_flag=True, help=ALLOW_REQUANTIZE_HELP),
+    ]
+
+
+def dtype_option(help_text: str):
+    return click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None, help=help_text)
+
+
+def apply_options(fn, options):
+    """Decorate fn with click options, in the order they are listed (as stacked decorators would)."""
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def apply_options_of(options):
+    """apply_options as a decorator: `@apply_options_of([...])`."""
+    return lambda fn: apply_options(fn, options)
+
+
 def load_options(fn):
     """Decorator: --bits/--group-size/--dtype/--context-length/--rotating-kv/--memory-budget/--auto-fit, as `load`."""
 
@@ -188,13 +224,10 @@ def load_options(fn):
         return None if value is None or value == "16" else int(value)
 
     options = [
-        click.option("--bits", type=click.Choice(["4", "8", "16"]), default=None, callback=bits_value,
-                     help="Quantize while loading (16 = keep float). Default: as stored."),
-        click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
-                     callback=lambda c, p, v: int(v), help="Quantization group size (with --bits)."),
-        click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
-                     help="dtype of unquantized tensors and activations (default: float32 without Metal, "
-                          "else the checkpoint's)."),
+        *quantization_options(bits_help="Quantize while loading (16 = keep float). Default: as stored.",
+                              bits_callback=bits_value),
+        dtype_option("dtype of unquantized tensors and activations (default: float32 without Metal, "
+                     "else the checkpoint's)."),
         click.option("--context-length", type=click.IntRange(min=1), default=None,
                      help="Most tokens of context (bounds the KV cache; default: the model's, capped at 4096)."),
         click.option("--rotating-kv", is_flag=True,
@@ -206,30 +239,30 @@ def load_options(fn):
         click.option("--adapter", default=None, metavar="DIR",
                      help="Apply a LoRA/DoRA adapter directory (mlx-lm or PEFT format)."),
     ]
-    names = ["bits", "group_size", "dtype", "context_length", "rotating_kv", "memory_budget", "auto_fit", "adapter"]
+    names = ["bits", "group_size", "allow_requantize", "dtype", "context_length", "rotating_kv", "memory_budget",
+             "auto_fit", "adapter"]
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         load = {name: kwargs.pop(name) for name in names}
         if load.pop("rotating_kv"):
             load["kv_overflow"] = "rotate"
-        if not load.get("auto_fit"):
-            load.pop("auto_fit", None)  # only pass what the user asked for
+        for flag in ("auto_fit", "allow_requantize"):
+            if not load.get(flag):
+                load.pop(flag, None)  # only pass what the user asked for
         for name in ("memory_budget", "dtype", "context_length", "adapter"):
             if load.get(name) is None:
                 load.pop(name, None)
         kwargs["load"] = load
         return fn(*args, **kwargs)
 
-    for option in reversed(options):
-        wrapper = option(wrapper)
-    return wrapper
+    return apply_options(wrapper, options)
 
 
 # ------------------------------------------------------------------------------------------------ loading
 
 def resolve_source(source: str, quiet: bool = False) -> str:
-    """A local path for `source`: aliases are pulled on first use with a progress bar; anything else as is."""
+    """A local path for `source`: aliases are pulled on first use with a byte progress bar; anything else as is."""
     if Path(source).expanduser().exists():
         return source
     from ..sources.registry import ALIASES, cached_path, resolve_alias
@@ -242,14 +275,31 @@ def resolve_source(source: str, quiet: bool = False) -> str:
     return str(path) if path is not None else source
 
 
-def load_model(source: str, quiet: bool = False, **load):
-    """Pull (aliases) and load a model through the public API, drawing progress on stderr."""
+def load_model(source: str, quiet: bool = False, warm_up: bool = False, **load):
+    """Pull (aliases) and load a model through the public API, with one progress bar on stderr.
+
+    The bar covers everything until the model can answer: the weights (one step per tensor), then the
+    tokenizer (built from a GGUF on first use, cached after), then with `warm_up` one forward pass so
+    the first reply does not pay MLX's first-call costs.
+    """
     import mlxedge
 
     path = resolve_source(source, quiet=quiet)
-    with progress_bar(f"Loading {source}", unit="tensors", enabled=not quiet) as progress:
-        model = mlxedge.load(path, progress=progress, **load)
+    stages = 2 if warm_up else 1
+    with progress_bar(f"Loading {source}", unit="steps", enabled=not quiet) as progress:
+        tensors = [1]
+
+        def weights(done, total):
+            tensors[0] = total
+            progress(done, total + stages, note="weights")
+
+        model = mlxedge.load(path, progress=weights, **load)
+        progress(tensors[0], tensors[0] + stages, note="tokenizer")
         model.tokenizer  # build the tokenizer now, so the first reply does not pay for it
+        if warm_up:
+            progress(tensors[0] + 1, tensors[0] + stages, note="warm-up")
+            model.logits(model.tokenizer.encode("Hi")[:1] or [0])
+        progress(tensors[0] + stages, tensors[0] + stages, note="ready")
     return model
 
 
@@ -267,17 +317,23 @@ class _Bar:
         self.last_draw = 0.0
         self.drawn = False
         self.done = self.total = 0
+        self.note = ""
 
-    def update(self, done: int, total: int) -> None:
+    def update(self, done: int, total: int, note: Optional[str] = None) -> None:
         self.done, self.total = int(done), int(total)
+        changed = note is not None and note != self.note
+        if note is not None:
+            self.note = note
         now = time.monotonic()
-        if self.enabled and (now - self.last_draw >= 0.1 or done >= total):
+        if self.enabled and (changed or now - self.last_draw >= 0.1 or done >= total):
             self.last_draw = now
             self._draw()
 
     def _amount(self) -> str:
         if self.unit == "bytes":
             return f"{format_bytes(self.done)}/{format_bytes(self.total)}"
+        if self.note:
+            return self.note
         return f"{self.done}/{self.total} {self.unit}"
 
     def _draw(self) -> None:
@@ -320,6 +376,14 @@ def _isatty(stream) -> bool:
 
 # ------------------------------------------------------------------------------------------------ output
 
+def echo_table(rows, header=None) -> None:
+    """Print rows as aligned columns (a header line first when given); key/value listings pass no header."""
+    from ..table import render_table
+
+    for line in render_table(header, rows):
+        click.echo(line)
+
+
 def emit_json(obj) -> None:
     """Print `obj` as indented JSON on stdout (plain types; anything else as its str)."""
     click.echo(json.dumps(obj, indent=2, default=str))
@@ -333,6 +397,19 @@ def format_bytes(n: Optional[int]) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}" if unit == "GB" else f"{n / scale:.1f} {unit}"
     return f"{n} B"
+
+
+def format_values(value) -> str:
+    """One value or several (a model mixing 4- and 8-bit modules): 4 → "4", [4, 8] → "4/8"."""
+    return "/".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+
+
+def format_quantization(info: dict, short: bool = False) -> str:
+    """A model's precision from its info: "4/8-bit g32" (short) or "4/8-bit affine, group size 32"; float: dtype."""
+    if not info.get("bits"):
+        return info.get("dtype") or "float"
+    bits, group = format_values(info["bits"]), format_values(info.get("group_size"))
+    return f"{bits}-bit g{group}" if short else f"{bits}-bit affine, group size {group}"
 
 
 def format_count(n: Optional[int]) -> str:
@@ -352,6 +429,8 @@ def stats_footer(stats: dict, finish_reason: Optional[str] = None) -> str:
              f"{stats.get('ttft_s', 0.0):.2f}s to first token"]
     if finish_reason == "length":
         parts.append("stopped at --max-tokens")
+    elif finish_reason == "repeating":
+        parts.append("stopped: repeating")
     return " · ".join(parts)
 
 

@@ -3,16 +3,26 @@ style): parse flags, call mlxedge.bench / mlxedge.evaluate, print a table, JSON 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
 import click
 
-from .. import bench as B
 from ..errors import MlxedgeError
-from .common import emit_json, format_bytes, handles_errors, load_model, progress_bar, resolve_source
+from ..evaluate import DEFAULT_CTX, QUICK_CHUNKS, QUICK_CTX
+from ..table import render_table
+from .common import (GROUP_SIZE_HELP, _isatty, emit_json, format_bytes, format_quantization, handles_errors, load_model,
+                     progress_bar, resolve_source)
 
 DTYPE_CHOICE = click.Choice(["float32", "float16", "bfloat16"])
+
+
+def _bench_module():
+    """mlxedge.bench, imported when a command runs (it imports MLX; `--help` should not)."""
+    from .. import bench
+
+    return bench
 
 
 def _stderr(message: str) -> None:
@@ -34,8 +44,8 @@ def variant_options(fn):
         click.option("--bits", default=None, metavar="LIST",
                      help="Precisions, e.g. 16,8,4 (16 = unquantized in --dtype, 32 = float32). "
                           "Default: the model as stored."),
-        click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
-                     callback=lambda c, p, v: int(v), help="Quantization group size for 4/8-bit variants."),
+        click.option("--group-size", type=click.Choice(["32", "64", "128"]), default=None,
+                     callback=lambda c, p, v: None if v is None else int(v), help=GROUP_SIZE_HELP),
         click.option("--dtype", type=DTYPE_CHOICE, default=None,
                      help="compute dtype (16 = bfloat16 unless set; quantized variants default to float32 "
                           "without Metal)."),
@@ -49,10 +59,11 @@ def variant_options(fn):
 @handles_errors
 @click.argument("model")
 @variant_options
-@click.option("-p", "--n-prompt", "n_prompt", type=click.IntRange(min=1), default=512, show_default=True,
+@click.option("--n-prompt", "--pp", "n_prompt", type=click.IntRange(min=1), default=512, show_default=True,
               help="Prompt tokens of the prompt-processing test (ppN).")
-@click.option("-n", "--n-gen", "n_gen", type=click.IntRange(min=2), default=128, show_default=True,
-              help="Tokens of the generation test (tgN).")
+@click.option("--n-gen", "--tg", "n_gen", type=click.IntRange(min=2), default=128, show_default=True,
+              help="Tokens generated in the generation test (tgN; EOS ignored). Not -n: elsewhere -n is "
+                   "--max-tokens.")
 @click.option("-r", "--repetitions", type=click.IntRange(min=1), default=5, show_default=True,
               help="Repetitions after the warm-up.")
 @click.option("--compare", type=click.Choice(["mlx-lm"]), default=None,
@@ -65,14 +76,19 @@ def variant_options(fn):
 def bench_command(model, bits, group_size, dtype, n_prompt, n_gen, repetitions, compare, as_json, as_md,
                   plot_path, remeasure_bandwidth):
     """Prompt-processing and generation speed of MODEL, per precision (llama-bench's pp/tg conventions)."""
+    B = _bench_module()
+
 
     if as_json and as_md:
         raise MlxedgeError("choose one of --json and --md.")
     _check_plot_available(plot_path)
     variants = B.parse_variants(bits, group_size, dtype)
     source = resolve_source(model, quiet=as_json)
-    result = B.bench(source, variants, p=n_prompt, n=n_gen, reps=repetitions, compare=compare,
-                     remeasure_bandwidth=remeasure_bandwidth, log=_stderr)
+    steps = len(variants) * repetitions
+    with progress_bar("Benchmarking", unit="repetitions", enabled=not as_json) as progress:
+        result = B.bench(source, variants, p=n_prompt, n=n_gen, reps=repetitions, compare=compare,
+                         remeasure_bandwidth=remeasure_bandwidth,
+                         log=None if as_json else _bench_log(progress, steps))
     result["model"] = model
     if plot_path:
         result["plot"] = str(B.plot(result, plot_path))
@@ -82,6 +98,22 @@ def bench_command(model, bits, group_size, dtype, n_prompt, n_gen, repetitions, 
         click.echo(B.format_table(result, markdown=as_md))
         if plot_path:
             _stderr(f"plot written to {plot_path}")
+
+
+def _bench_log(progress, steps: int):
+    """bench's log lines: "[label] repetition i/n" advance the bar (on a terminal); others are printed."""
+    done = [0]
+
+    def log(message: str) -> None:
+        if " repetition " in message:
+            done[0] += 1
+            progress(done[0], steps, note=message)
+            if not _isatty(sys.stderr):
+                _stderr(message)
+        else:
+            _stderr(message)
+
+    return log
 
 
 def _eval_rows(result: dict) -> tuple:
@@ -103,6 +135,7 @@ def _eval_rows(result: dict) -> tuple:
 
 
 def format_eval(result: dict, markdown: bool = False) -> str:
+    """The eval result as the table `mlxedge eval` prints."""
     s = result["settings"]
     lines = [f"model: {result['model']}",
              f"text: {result['text']} ({s['text_tokens']} tokens); ctx {s['ctx']}, {s['chunks']} chunks, "
@@ -114,7 +147,7 @@ def format_eval(result: dict, markdown: bool = False) -> str:
                      f"{ref['perplexity_error']:.4f}")
     lines.append("")
     header, rows = _eval_rows(result)
-    return "\n".join(lines + B.render_table(header, rows, markdown))
+    return "\n".join(lines + render_table(header, rows, markdown))
 
 
 def run_eval(model: str, variants, reference: Optional[str], text: str, text_label: str, ctx: int,
@@ -147,8 +180,7 @@ def run_eval(model: str, variants, reference: Optional[str], text: str, text_lab
         rows.append(row)
     ref = None
     if out["reference"] is not None:
-        ref = {"source": reference, "label": ref_info.get("dtype") if not ref_info.get("bits")
-               else f"q{ref_info['bits']} g{ref_info['group_size']}", "bytes": ref_info.get("bytes"),
+        ref = {"source": reference, "label": format_quantization(ref_info, short=True), "bytes": ref_info.get("bytes"),
                **out["reference"]}
     return {"model": model, "text": text_label, "settings": out["settings"], "reference": ref, "variants": rows}
 
@@ -162,20 +194,28 @@ def run_eval(model: str, variants, reference: Optional[str], text: str, text_lab
 @click.option("--no-reference", is_flag=True, help="Perplexity only, no KL divergence.")
 @click.option("--text", "text_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="UTF-8 text file to evaluate on (default: Python's built-in pydoc topic texts).")
-@click.option("--ctx", type=click.IntRange(min=4), default=512, show_default=True,
-              help="Tokens per chunk; the second half of each chunk is scored.")
+@click.option("--ctx", type=click.IntRange(min=4), default=None,
+              help=f"Tokens per chunk; the second half of each chunk is scored (default {QUICK_CTX}; --full: "
+                   f"{DEFAULT_CTX}).")
 @click.option("--chunks", type=click.IntRange(min=1), default=None,
-              help="Evaluate at most this many chunks (default: all of the text).")
+              help=f"Evaluate at most this many chunks (default {QUICK_CHUNKS}, about a minute for a small model "
+                   "on a CPU; --full: all of the text).")
+@click.option("--full", is_flag=True,
+              help=f"llama-perplexity's setting: ctx {DEFAULT_CTX} over the whole text (hours on a slow CPU).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--md", "as_md", is_flag=True, help="Print a markdown table.")
-def eval_command(model, bits, group_size, dtype, reference, no_reference, text_path, ctx, chunks, as_json,
+def eval_command(model, bits, group_size, dtype, reference, no_reference, text_path, ctx, chunks, full, as_json,
                  as_md):
     """Perplexity of MODEL (llama-perplexity's way) and KL divergence / top-1 agreement against a reference."""
+    B = _bench_module()
+
     from ..evaluate import builtin_text
 
     if as_json and as_md:
         raise MlxedgeError("choose one of --json and --md.")
     variants = B.parse_variants(bits, group_size, dtype)
+    ctx = ctx or (DEFAULT_CTX if full else QUICK_CTX)
+    chunks = chunks or (None if full else QUICK_CHUNKS)
     if no_reference:
         reference = None
     elif reference is None and bits:

@@ -8,13 +8,15 @@ from typing import Optional, Tuple
 import click
 
 from ..errors import MlxedgeError
-from .chat import Interrupt
 from .common import EXIT_INTERRUPTED, echo_footer, emit_json, handles_errors, load_model, load_options, sampling_options
+from .reply import stream_reply
+from .sampling import DEFAULTS_HELP, resolve_sampling
 
 
-@click.command("generate")
-@click.argument("model")
-@click.option("--prompt", "-p", required=True, help="The prompt; '-' reads it from stdin.")
+@click.command("generate", epilog=DEFAULTS_HELP)
+@click.argument("model", required=False)
+@click.option("--prompt", "-p", default=None,
+              help="The prompt (default: stdin when it is a pipe; '-' reads stdin explicitly).")
 @click.option("--system", "-s", default=None, help="System prompt (with the chat template).")
 @click.option("--max-tokens", "-n", type=click.IntRange(min=0), default=256, show_default=True,
               help="Most tokens to generate.")
@@ -26,36 +28,30 @@ from .common import EXIT_INTERRUPTED, echo_footer, emit_json, handles_errors, lo
 @sampling_options
 @load_options
 @handles_errors
-def generate_command(model: str, prompt: str, system: Optional[str], max_tokens: int, stop: Tuple[str, ...],
-                     raw: bool, as_json: bool, no_stats: bool, sampling: dict, load: dict) -> None:
-    """Generate a reply to one prompt with MODEL (alias, .gguf file, checkpoint directory or hub id)."""
-    if prompt == "-":
+def generate_command(model: Optional[str], prompt: Optional[str], system: Optional[str], max_tokens: int,
+                     stop: Tuple[str, ...], raw: bool, as_json: bool, no_stats: bool, sampling: dict,
+                     load: dict) -> None:
+    """Generate a reply to one prompt with MODEL (default: smollm2; an alias, .gguf file, checkpoint
+    directory or hub id). Greedy unless sampling flags are given, so the same prompt gives the same text."""
+    from ..sources.registry import DEFAULT_ALIAS
+
+    if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
         prompt = sys.stdin.read()
+    if prompt is None:
+        raise click.UsageError("give the prompt with -p TEXT, or pipe it in")
     if not prompt.strip():
-        raise MlxedgeError("the prompt is empty; pass text with -p, or pipe some into -p -")
+        raise MlxedgeError("the prompt is empty; pass text with -p, or pipe some in")
     if raw and system:
         raise click.UsageError("--system needs the chat template; drop --raw or --system")
+    model = model or DEFAULT_ALIAS
     source = [{"role": "system", "content": system}, {"role": "user", "content": prompt}] if system else prompt
-    loaded = load_model(model, **load)
-    text, tokens, finish, stats = [], [], "cancelled", {}
-    with Interrupt() as interrupt:
-        try:
-            for event in loaded.stream(source, max_tokens=max_tokens, stop=list(stop) or None, raw=raw,
-                                       cancel=lambda: interrupt.requested, **sampling):
-                text.append(event.text)
-                if event.token is not None:
-                    tokens.append(event.token)
-                if not as_json and event.text:
-                    sys.stdout.write(event.text)
-                    sys.stdout.flush()
-                if event.finish_reason is not None:
-                    finish, stats = event.finish_reason, event.stats
-        except KeyboardInterrupt:  # a second Ctrl-C
-            finish = "cancelled"
-    if interrupt.requested:
-        finish = "cancelled"
+    loaded = load_model(model, quiet=as_json, **load)
+    settings = resolve_sampling(sampling, loaded.info.get("source"), sample=False)
+    reply = stream_reply(loaded, source, max_tokens=max_tokens, sampling=settings, echo=not as_json,
+                         stop=list(stop) or None, raw=raw)
+    finish, stats = reply.finish_reason, reply.stats or {}
     if as_json:
-        emit_json({"model": model, "text": "".join(text), "tokens": tokens, "finish_reason": finish,
+        emit_json({"model": model, "text": reply.text, "tokens": reply.tokens, "finish_reason": finish,
                    "stats": stats})
     else:
         sys.stdout.write("\n")

@@ -8,7 +8,8 @@ from typing import Optional
 import click
 
 from ..errors import MlxedgeError
-from .common import emit_json, format_bytes, format_count, handles_errors, load_model, progress_bar, resolve_source
+from .common import (apply_options_of, dtype_option, echo_table, emit_json, format_bytes, format_count, handles_errors,
+                     format_quantization, load_model, progress_bar, quantization_options, resolve_source)
 
 
 def bytes_on_disk(path: Path) -> Optional[int]:
@@ -23,23 +24,11 @@ def bytes_on_disk(path: Path) -> Optional[int]:
 
 def quantization_text(info: dict) -> str:
     """E.g. "4-bit g32 (8-bit where stored so); GGUF Q4_1 ×210, Q8_0 ×1, F32 ×61" or "none (float16)"."""
-    bits, group = info.get("bits"), info.get("group_size")
-    if not bits:
-        text = f"none ({info.get('dtype')})"
-    else:
-        bits = "/".join(str(b) for b in bits) if isinstance(bits, list) else str(bits)
-        group = "/".join(str(g) for g in group) if isinstance(group, list) else str(group)
-        text = f"{bits}-bit affine, group size {group}"
+    text = format_quantization(info) if info.get("bits") else f"none ({info.get('dtype')})"
     blocks = (info.get("gguf") or {}).get("block_types")
     if blocks:
         text += "; GGUF " + ", ".join(f"{name} ×{b.get('tensors')}" for name, b in blocks.items())
     return text
-
-
-def _table(rows, header) -> None:
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    for row in [header] + rows:
-        click.echo("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
 
 
 def _header_bits(path: str) -> Optional[int]:
@@ -61,22 +50,15 @@ def _header_bits(path: str) -> Optional[int]:
 @handles_errors
 def pull_command(name: str, as_json: bool) -> None:
     """Fetch model NAME (an alias, see `mlxedge list --available`) into the local cache."""
-    from ..sources.registry import ALIASES, cached_path
+    import mlxedge
 
-    alias = ALIASES.get(name.strip().lower())
-    if alias is None:
-        known = ", ".join(sorted(ALIASES))
-        raise MlxedgeError(f"no model alias {name!r}; known aliases: {known} (a .gguf file or checkpoint "
-                           "directory needs no pull: pass its path to chat/generate)")
-    was_cached = cached_path(alias).is_file()
-    path = Path(resolve_source(alias.name, quiet=as_json))
-    result = {"name": alias.name, "path": str(path), "bytes": path.stat().st_size, "source": alias.requirement,
-              "already_cached": was_cached}
+    with progress_bar(f"Pulling {name}", unit="bytes", enabled=not as_json) as progress:
+        result = mlxedge.pull(name, progress=progress)
     if as_json:
         emit_json(result)
     else:
-        state = "already cached" if was_cached else "pulled"
-        click.echo(f"{alias.name}: {state} at {path} ({format_bytes(result['bytes'])})")
+        state = "already cached" if result["already_cached"] else "pulled"
+        click.echo(f"{result['name']}: {state} at {result['path']} ({format_bytes(result['bytes'])})")
 
 
 # ------------------------------------------------------------------------------------------------ list
@@ -87,19 +69,12 @@ def pull_command(name: str, as_json: bool) -> None:
 @handles_errors
 def list_command(available: bool, as_json: bool) -> None:
     """List the models in the local cache: name, source, size, bits."""
-    from ..sources.registry import ALIASES, cache_dir, cached_path, list_cached
+    import mlxedge
+    from ..sources.registry import cache_dir
 
-    cached = {entry["name"]: entry for entry in list_cached()}
-    models = []
-    for alias in ALIASES.values():
-        entry = cached.get(alias.name)
-        if entry is None and not available:
-            continue
-        models.append({"name": alias.name, "cached": entry is not None, "source": f"pypi:{alias.requirement}",
-                       "bytes": entry["bytes"] if entry else None,
-                       "bits": _header_bits(entry["path"]) if entry else None,
-                       "path": entry["path"] if entry else str(cached_path(alias)),
-                       "description": alias.description, "default": alias.default})
+    models = mlxedge.list_models(available=available)
+    for m in models:
+        m["bits"] = _header_bits(m["path"]) if m["cached"] else None
     if as_json:
         emit_json({"cache_dir": str(cache_dir()), "models": models})
         return
@@ -110,7 +85,7 @@ def list_command(available: bool, as_json: bool) -> None:
     rows = [(m["name"] + (" (default)" if m["default"] else ""), m["source"],
              format_bytes(m["bytes"]) if m["cached"] else "not pulled",
              m["bits"] if m["bits"] is not None else "-", m["description"]) for m in models]
-    _table(rows, ("NAME", "SOURCE", "SIZE", "BITS", "DESCRIPTION"))
+    echo_table(rows, ("NAME", "SOURCE", "SIZE", "BITS", "DESCRIPTION"))
 
 
 # ------------------------------------------------------------------------------------------------ info
@@ -141,9 +116,7 @@ def info_command(model: str, as_json: bool) -> None:
         ("on disk", format_bytes(info["disk_bytes"])),
         ("in memory", f"{format_bytes(info['memory_bytes'])} (weights)"),
     ]
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        click.echo(f"{key.ljust(width)}  {value}")
+    echo_table(rows)
 
 
 # ------------------------------------------------------------------------------------------------ convert
@@ -151,12 +124,10 @@ def info_command(model: str, as_json: bool) -> None:
 @click.command("convert")
 @click.argument("src")
 @click.argument("dest", type=click.Path(dir_okay=True, file_okay=True, path_type=Path))
-@click.option("--bits", type=click.Choice(["4", "8", "16"]), default="4", show_default=True,
-              help="Quantization bits (16 = keep float).")
-@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
-              help="Quantization group size.")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
-              help="dtype of the tensors left unquantized (default: the checkpoint's).")
+@apply_options_of(quantization_options(
+    bits_help="Quantization bits (16 = keep float). Default: as stored for a quantized source, else 4.",
+    bits_choices=("4", "8", "16")))
+@dtype_option("dtype of the tensors left unquantized (default: the checkpoint's).")
 @click.option("--force", is_flag=True,
               help="Replace DEST if it is a model directory (one mlxedge wrote, or config.json + *.safetensors) "
                    "or a GGUF file.")
@@ -172,12 +143,14 @@ def info_command(model: str, as_json: bool) -> None:
               help="Choose scales by activation-weighted error on the calibration text (imatrix-style).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @handles_errors
-def convert_command(src: str, dest: Path, bits: str, group_size: str, dtype: Optional[str], force: bool,
-                    adapter: Optional[str], recipe: Optional[str], target_bpw: Optional[float],
-                    calibration: Optional[str], data_aware: bool, as_json: bool) -> None:
+def convert_command(src: str, dest: Path, bits: Optional[str], group_size: Optional[int], allow_requantize: bool,
+                    dtype: Optional[str], force: bool, adapter: Optional[str], recipe: Optional[str],
+                    target_bpw: Optional[float], calibration: Optional[str], data_aware: bool, as_json: bool) -> None:
     """Convert SRC (HF directory, .gguf file or alias) to an mlx-lm directory at DEST (or a GGUF file when
-    DEST ends in .gguf: --bits 16 F16, 8 Q8_0, 4 Q4_0, --recipe q4_k_m the K-quant mix).
+    DEST ends in .gguf: --bits 16 F16, 8 Q8_0 (the default), 4 Q4_0, --recipe q4_k_m the K-quant mix).
 
+    A source stored quantized keeps its precision unless --bits says otherwise; a coarser grid than the
+    stored one is refused unless --allow-requantize, which also measures and prints what it cost.
     The write is atomic: on failure or Ctrl-C nothing is left at DEST.
     """
     import mlxedge
@@ -187,10 +160,13 @@ def convert_command(src: str, dest: Path, bits: str, group_size: str, dtype: Opt
         refuse_existing(dest, force, [src])
     path = resolve_source(src, quiet=as_json)
     with progress_bar(f"Converting {src}", unit="tensors", enabled=not as_json) as progress:
-        summary = mlxedge.convert(path, dest, bits=None if bits == "16" else int(bits), group_size=int(group_size),
-                                  dtype=dtype, force=force, progress=progress, adapter=adapter, recipe=recipe,
+        summary = mlxedge.convert(path, dest, bits="auto" if bits is None else None if bits == "16" else int(bits),
+                                  group_size=group_size, dtype=dtype, force=force, progress=progress,
+                                  adapter=adapter, allow_requantize=allow_requantize, recipe=recipe,
                                   target_bpw=target_bpw, calibration=calibration, data_aware=data_aware)
     summary["disk_bytes"] = bytes_on_disk(dest)
+    if summary.get("requantized_coarser"):
+        summary["requantization_cost"] = _requantization_cost(path, dest, quiet=as_json)
     if as_json:
         emit_json(summary)
         return
@@ -205,3 +181,21 @@ def convert_command(src: str, dest: Path, bits: str, group_size: str, dtype: Opt
         quant = f"{summary['bits']}-bit, group size {summary['group_size']}" if summary.get("bits") else "float"
     click.echo(f"wrote {dest}: {summary['architecture']}, {quant}, {summary['quantized_modules']} quantized "
                f"modules, {format_bytes(summary['disk_bytes'])} on disk")
+    if summary["kept_stored_precision"]:
+        click.echo(f"kept at their stored precision (embeddings/heads are never re-quantized coarser unless "
+                   f"--allow-requantize): {', '.join(summary['kept_stored_precision'])}")
+    cost = summary.get("requantization_cost")
+    if cost:
+        click.echo(f"re-quantized {len(summary['requantized_coarser'])} modules onto a coarser grid; measured cost "
+                   f"against the source on {cost['tokens_scored']} tokens of built-in text: mean KLD "
+                   f"{cost['kld_mean']:.4f}, top-1 agreement {100 * cost['top1_agreement']:.1f}%")
+
+
+def _requantization_cost(source: str, dest: Path, quiet: bool) -> dict:
+    """KLD and top-1 agreement of the converted model against the source as stored, on a short text."""
+    from ..evaluate import requantization_cost
+
+    reference = load_model(source, quiet=quiet)
+    converted = load_model(str(dest), quiet=quiet)
+    with progress_bar("Measuring the cost", unit="forward passes", enabled=not quiet) as progress:
+        return requantization_cost(reference, converted, progress=progress)

@@ -6,7 +6,7 @@ from typing import Optional
 
 import click
 
-from .common import emit_json, format_bytes, handles_errors, resolve_source
+from .common import apply_options_of, dtype_option, echo_table, emit_json, format_bytes, handles_errors, quantization_options, resolve_source
 
 
 def plan_rows(plan: dict) -> list:
@@ -34,31 +34,24 @@ def plan_rows(plan: dict) -> list:
 
 @click.command("plan")
 @click.argument("model")
-@click.option("--bits", type=click.Choice(["4", "8", "16"]), default=None,
-              help="Quantize while loading (16 = keep float). Default: as stored.")
-@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
-              help="Quantization group size (with --bits).")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
-              help="dtype of unquantized tensors (default: the loader's for this device).")
+@apply_options_of(quantization_options(bits_help="Quantize while loading (16 = keep float). Default: as stored.")[:2])
+@dtype_option("dtype of unquantized tensors (default: the loader's for this device).")
 @click.option("--context-length", type=click.IntRange(min=1), default=None,
               help="Tokens of KV cache to plan for (default: the model's, capped by the runtime).")
 @click.option("--memory-budget", default=None, metavar="SIZE",
               help="Budget to check against, e.g. 6GB or 512MiB (default: what this device allows).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @handles_errors
-def plan_command(model: str, bits: Optional[str], group_size: str, dtype: Optional[str],
+def plan_command(model: str, bits: Optional[str], group_size: Optional[int], dtype: Optional[str],
                  context_length: Optional[int], memory_budget: Optional[str], as_json: bool) -> None:
     """Memory MODEL would need (weights, KV cache, activations) and whether it fits; reads headers only."""
     import mlxedge
 
     path = resolve_source(model, quiet=as_json)
-    plan = mlxedge.plan(path, bits=None if bits in (None, "16") else int(bits), group_size=int(group_size),
+    plan = mlxedge.plan(path, bits=None if bits in (None, "16") else int(bits), group_size=group_size,
                         dtype=dtype, context_length=context_length, memory_budget=memory_budget)
     plan = plan.to_dict() if hasattr(plan, "to_dict") else dict(plan)
     if as_json:
         emit_json(plan)
         return
-    rows = plan_rows(plan)
-    width = max(len(label) for label, _ in rows)
-    for label, value in rows:
-        click.echo(f"{label.ljust(width)}  {value}")
+    echo_table(plan_rows(plan))

@@ -35,7 +35,8 @@ _FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q6_K: Q.Q8_0}  # llama.cpp's choice when a row is
 
 
 def export_type(bits: Optional[int], recipe: Optional[str]) -> str:
-    """The GGUF file type for convert's settings: recipe q4_k_m, else bits 8 → q8_0, 4 → q4_0, none → f16."""
+    """The GGUF file type for convert's settings: recipe q4_k_m, else bits 8 (and the default "auto") → q8_0,
+    4 → q4_0, none/16 → f16, 32 → f32."""
     if recipe is not None:
         if recipe.lower().replace("-", "_") != "q4_k_m":
             raise MlxedgeError(f"GGUF export knows the recipe q4_k_m, not {recipe!r}; or give bits=8 (Q8_0), 4 "

@@ -13,6 +13,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from ..errors import GenerationError
 from .detokenizer import StreamingDetokenizer
+from .repetition import FINISH_REASON as REPEATING, RepetitionGuard
 from .sampler import SamplingParams, make_sampler
 from .stats import GenerationStats, StreamEvent
 from .stop import StopMatcher
@@ -86,6 +87,7 @@ def generate_stream(model, tokenizer, prompt_ids: Sequence[int], *, eos_ids: Seq
     tokens = decode_tokens(model, prompt_ids, sampling, prefill_chunk=prefill_chunk, max_tokens=max_tokens,
                            max_kv_size=max_kv_size)
     seen = 0
+    guard = RepetitionGuard()
     for token in tokens:
         now = time.perf_counter()
         if seen == 0:
@@ -100,6 +102,9 @@ def generate_stream(model, tokenizer, prompt_ids: Sequence[int], *, eos_ids: Seq
         yield StreamEvent(text=text, token=token)
         if hit:
             finish = "stop"
+            break
+        if guard.feed(token):  # the reply loops: end it ("repeating") rather than run to the limit
+            finish = REPEATING
             break
         if cancel is not None and cancel():
             finish = "cancelled"

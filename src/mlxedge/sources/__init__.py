@@ -36,7 +36,7 @@ def open_source(source) -> Checkpoint:
     if looks_like_repo_id(name):
         return open_hf_dir(download_snapshot(name), name)
     raise SourceError(f"model {name!r} not found: not a directory, a .gguf file, a known alias "
-                      "(run `mlxedge list`) or a hub repo id.")
+                      "(`mlxedge list --available` lists them) or a hub repo id.")
 
 
 def _has_gguf_magic(path: Path) -> bool:

@@ -472,9 +472,9 @@ def open_gguf(path: Path, source: str) -> Checkpoint:
             raise SourceError(f"{path.name} carries no tokenizer (no tokenizer.ggml.tokens metadata); "
                               "use a GGUF exported with its tokenizer")
         try:
-            from transformers import AutoTokenizer
+            from .tokenizer_cache import load_gguf_tokenizer
 
-            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            return load_gguf_tokenizer(path)  # cached after the first build; needs no torch
         except Exception as exc:
             raise UnsupportedError(f"transformers could not build a tokenizer from {path.name} "
                                    f"({type(exc).__name__}: {exc})") from None
