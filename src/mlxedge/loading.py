@@ -16,7 +16,6 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .configs import model_classes, normalize_config
 from .errors import MlxedgeError, SourceError, UnsupportedError
 from .quant.affine import QuantSpec, can_quantize
-from .quant.fused_mlp import fuse_gated_mlps
 from .quant.layers import QuantizedEmbedding, QuantizedLinear
 from .sources.checkpoint import Checkpoint
 
@@ -192,12 +191,10 @@ def load_checkpoint(checkpoint: Checkpoint, requested: Optional[QuantSpec], dtyp
         raise SourceError(f"the checkpoint lacks {len(missing)} tensor(s) the {config['model_type']} architecture "
                           f"needs (e.g. {missing[0]}); it is incomplete or of another architecture.")
     model.eval()
-    fused = fuse_gated_mlps(model)  # gate·up in one kernel where the metal dispatch picks the custom path
     params = dict(tree_flatten(model.parameters()))
     return LoadedModel(
         model=model, config=config, dtype=compute_dtype, quantized=targets, unquantized=unquantized,
         parameters=_count_parameters(params, targets), nbytes=sum(v.nbytes for v in params.values()),
-        extra={"fused_mlps": fused},
     )
 
 
