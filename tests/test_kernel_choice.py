@@ -231,3 +231,15 @@ def test_load_reports_the_backend_in_info(tiny_dir, monkeypatch):
     info = mlxedge.load(tiny_dir, bits=4, group_size=64, dtype="float32").info
     assert info["kernels"]["mode"] == "builtin" and info["kernels"]["backend"] == "mlx built-in"
     assert info["fused_mlps"] == 0
+
+
+def test_mlxedge_info_names_the_kernels(tiny_llama_tok, monkeypatch):
+    from click.testing import CliRunner
+
+    from mlxedge.cli.models import info_command
+
+    monkeypatch.setenv("MLXEDGE_KERNELS", "builtin")
+    result = CliRunner().invoke(info_command, [str(tiny_llama_tok)])
+    assert result.exit_code == 0, result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("kernels")]
+    assert line.split(None, 1)[1].startswith("mlx built-in; mode builtin; linear: builtin ")
