@@ -1,0 +1,193 @@
+// mlxedge native CPU kernels as MLX operations: one Primitive (eval_cpu only) per kernel kind,
+// scheduled on the CPU stream through MLX's CPU command encoder, and the nanobind module `_ext`.
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+
+#include "../kernels/core.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+namespace mx = mlx::core;
+
+namespace {
+
+enum class Kind { QMM, GATE_UP, MATMUL };
+
+int code_of(mx::Dtype dt) {
+  if (dt == mx::float32) return MLXE_F32;
+  if (dt == mx::float16) return MLXE_F16;
+  if (dt == mx::bfloat16) return MLXE_BF16;
+  return -1;
+}
+
+class CpuKernel : public mx::UnaryPrimitive {
+ public:
+  CpuKernel(mx::Stream s, Kind kind, int bits, int group_size)
+      : mx::UnaryPrimitive(s), kind_(kind), bits_(bits), gs_(group_size) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : inputs) enc.set_input_array(a);
+    enc.set_output_array(out);
+    const auto& x = inputs[0];
+    const int64_t K = x.shape(-1);
+    const int64_t M = K ? int64_t(x.size()) / K : 0;
+    const int64_t N = out.shape(-1);
+    // the task keeps its inputs alive until it has run
+    enc.dispatch([inputs, out = mx::array::unsafe_weak_copy(out), kind = kind_, bits = bits_,
+                  gs = gs_, M, N, K]() mutable {
+      const auto& x = inputs[0];
+      const int xdt = code_of(x.dtype()), odt = code_of(out.dtype());
+      if (M == 0 || N == 0) return;
+      switch (kind) {
+        case Kind::QMM:
+          mlxe_qmm(x.data<void>(), xdt, inputs[1].data<uint32_t>(), inputs[2].data<void>(),
+                   inputs[3].data<void>(), code_of(inputs[2].dtype()), out.data<void>(), odt, M,
+                   N, K, bits, gs);
+          break;
+        case Kind::GATE_UP:
+          mlxe_gate_up_silu(x.data<void>(), xdt, inputs[1].data<uint32_t>(),
+                            inputs[2].data<void>(), inputs[3].data<void>(),
+                            inputs[4].data<uint32_t>(), inputs[5].data<void>(),
+                            inputs[6].data<void>(), code_of(inputs[2].dtype()), out.data<void>(),
+                            odt, M, N, K, bits, gs);
+          break;
+        case Kind::MATMUL:
+          mlxe_matmul(x.data<void>(), xdt, inputs[1].data<void>(), code_of(inputs[1].dtype()),
+                      out.data<void>(), odt, M, N, K);
+          break;
+      }
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error(
+        "mlxedge native CPU kernels have no GPU implementation; schedule them on mx.cpu");
+  }
+
+  const char* name() const override {
+    switch (kind_) {
+      case Kind::QMM: return "MlxedgeCpuQuantizedMatmul";
+      case Kind::GATE_UP: return "MlxedgeCpuGateUpSilu";
+      default: return "MlxedgeCpuMatmul";
+    }
+  }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const CpuKernel&>(other);
+    return kind_ == o.kind_ && bits_ == o.bits_ && gs_ == o.gs_;
+  }
+
+ private:
+  Kind kind_;
+  int bits_, gs_;
+};
+
+[[noreturn]] void bad(const std::string& what) { throw std::invalid_argument(what); }
+
+void check_float(const mx::array& a, const char* name) {
+  if (code_of(a.dtype()) < 0) {
+    std::ostringstream os;
+    os << name << " must be float32, float16 or bfloat16, got " << a.dtype();
+    bad(os.str());
+  }
+}
+
+mx::Stream cpu_stream() { return mx::default_stream(mx::Device(mx::Device::cpu)); }
+
+// shape [..., K] x and quantized triplet for an [N, K] weight
+int64_t check_quantized(const mx::array& x, const mx::array& w, const mx::array& s,
+                        const mx::array& b, int group_size, int bits, const char* what) {
+  if (bits != 4 && bits != 8) bad("native CPU kernels support bits 4 and 8, got " + std::to_string(bits));
+  if (group_size != 32 && group_size != 64 && group_size != 128)
+    bad("native CPU kernels support group_size 32, 64 and 128, got " + std::to_string(group_size));
+  check_float(x, "x");
+  check_float(s, "scales");
+  if (b.dtype() != s.dtype()) bad(std::string(what) + ": biases must have the scales' dtype");
+  if (w.dtype() != mx::uint32) bad(std::string(what) + ": packed weights must be uint32");
+  if (x.ndim() < 1 || w.ndim() != 2 || s.ndim() != 2 || b.ndim() != 2)
+    bad(std::string(what) + ": expected x [..., K], w [N, K*bits/32], scales/biases [N, K/group_size]");
+  const int64_t K = x.shape(-1), N = w.shape(0);
+  if (K % group_size != 0 || w.shape(1) * 32 != K * bits || s.shape(0) != N ||
+      b.shape(0) != N || s.shape(1) * group_size != K || b.shape(1) != s.shape(1)) {
+    std::ostringstream os;
+    os << what << ": shapes do not match (x " << x.shape() << ", w " << w.shape() << ", scales "
+       << s.shape() << ", biases " << b.shape() << ", group_size " << group_size << ", bits "
+       << bits << ")";
+    bad(os.str());
+  }
+  return N;
+}
+
+mx::Shape out_shape(const mx::array& x, int64_t N) {
+  mx::Shape sh = x.shape();
+  sh.back() = int(N);
+  return sh;
+}
+
+mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& s,
+                           const mx::array& b, int group_size, int bits) {
+  const int64_t N = check_quantized(x, w, s, b, group_size, bits, "quantized_matmul");
+  auto st = cpu_stream();
+  auto dt = mx::promote_types(x.dtype(), s.dtype());
+  return mx::array(out_shape(x, N), dt, std::make_shared<CpuKernel>(st, Kind::QMM, bits, group_size),
+                   {mx::contiguous(x, false, st), mx::contiguous(w, false, st),
+                    mx::contiguous(s, false, st), mx::contiguous(b, false, st)});
+}
+
+mx::array gate_up_silu(const mx::array& x, const nb::tuple& gate, const nb::tuple& up,
+                       int group_size, int bits) {
+  if (nb::len(gate) != 3 || nb::len(up) != 3) bad("gate_up_silu: gate and up must be (w, scales, biases)");
+  auto wg = nb::cast<mx::array>(gate[0]), sg = nb::cast<mx::array>(gate[1]), bg = nb::cast<mx::array>(gate[2]);
+  auto wu = nb::cast<mx::array>(up[0]), su = nb::cast<mx::array>(up[1]), bu = nb::cast<mx::array>(up[2]);
+  const int64_t N = check_quantized(x, wg, sg, bg, group_size, bits, "gate_up_silu (gate)");
+  const int64_t Nu = check_quantized(x, wu, su, bu, group_size, bits, "gate_up_silu (up)");
+  if (N != Nu || su.dtype() != sg.dtype()) bad("gate_up_silu: gate and up must have the same shape and dtype");
+  auto st = cpu_stream();
+  auto dt = mx::promote_types(x.dtype(), sg.dtype());
+  auto c = [&](const mx::array& a) { return mx::contiguous(a, false, st); };
+  return mx::array(out_shape(x, N), dt, std::make_shared<CpuKernel>(st, Kind::GATE_UP, bits, group_size),
+                   {c(x), c(wg), c(sg), c(bg), c(wu), c(su), c(bu)});
+}
+
+mx::array matmul(const mx::array& x, const mx::array& w) {
+  check_float(x, "x");
+  check_float(w, "w");
+  if (x.ndim() < 1 || w.ndim() != 2 || w.shape(1) != x.shape(-1)) {
+    std::ostringstream os;
+    os << "matmul: expected x [..., K] and w [N, K], got x " << x.shape() << " and w " << w.shape();
+    bad(os.str());
+  }
+  auto st = cpu_stream();
+  auto dt = mx::promote_types(x.dtype(), w.dtype());
+  return mx::array(out_shape(x, w.shape(0)), dt, std::make_shared<CpuKernel>(st, Kind::MATMUL, 0, 0),
+                   {mx::contiguous(x, false, st), mx::contiguous(w, false, st)});
+}
+
+}  // namespace
+
+NB_MODULE(_ext, m) {
+  m.doc() = "mlxedge native CPU kernels (MLX extension)";
+  m.def("quantized_matmul", &quantized_matmul, "x"_a, "w"_a, "scales"_a, "biases"_a, nb::kw_only(),
+        "group_size"_a, "bits"_a);
+  m.def("gate_up_silu", &gate_up_silu, "x"_a, "gate"_a, "up"_a, nb::kw_only(), "group_size"_a, "bits"_a);
+  m.def("matmul", &matmul, "x"_a, "w"_a);
+  m.def("init", &mlxe_init, "isa"_a, "threads"_a);
+  m.def("isa", &mlxe_isa);
+  m.def("threads", &mlxe_threads);
+  m.def("set_blas", [](const std::string& path) { return mlxe_set_blas(path.c_str()) != 0; });
+  m.def("use_blas", [](bool on) { return mlxe_use_blas(on) != 0; });
+  m.def("has_blas", [] { return mlxe_has_blas() != 0; });
+  m.def("set_gemv_max_rows", &mlxe_set_gemv_max_rows);
+  m.def("plant", [] { return std::string(mlxe_plant()); });
+}

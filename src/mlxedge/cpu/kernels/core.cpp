@@ -1,0 +1,970 @@
+// mlxedge native CPU kernels: affine quantized GEMV/GEMM (4/8 bits), fused gate*up(silu), float GEMM.
+//
+// One translation unit, no MLX dependency, C ABI (core.h). Three ISA paths share one driver:
+//   scalar  portable C++ (the reference path; also what arm64 runs, where NEON is the compiler's
+//           baseline and -O3 vectorises the dequantise-then-dot loops)
+//   avx2    x86-64 AVX2+FMA+F16C through target attributes, chosen at run time from cpuid
+// Work is split over output rows (N) on a persistent thread pool; the caller thread takes part.
+//
+// Planted bugs for the mutation tests: compile with -DMLXEDGE_PLANT_<NAME> (see PLANT_NAME below).
+#include "core.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include <dlfcn.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define MLXE_X86 1
+#include <immintrin.h>
+#endif
+
+#if defined(MLXEDGE_PLANT_NIBBLE_SHIFT)
+#define PLANT_NAME "nibble_shift"
+#elif defined(MLXEDGE_PLANT_GROUP_INDEX)
+#define PLANT_NAME "group_index"
+#elif defined(MLXEDGE_PLANT_DROPPED_BIAS)
+#define PLANT_NAME "dropped_bias"
+#elif defined(MLXEDGE_PLANT_OFF_BY_ONE_ROW)
+#define PLANT_NAME "off_by_one_row"
+#elif defined(MLXEDGE_PLANT_OFF_BY_ONE_COL)
+#define PLANT_NAME "off_by_one_col"
+#elif defined(MLXEDGE_PLANT_MISSING_REMAINDER)
+#define PLANT_NAME "missing_remainder"
+#elif defined(MLXEDGE_PLANT_RACE_PARTITION)
+#define PLANT_NAME "race_partition"
+#else
+#define PLANT_NAME ""
+#endif
+
+// Which group holds element k of a row.
+#ifdef MLXEDGE_PLANT_GROUP_INDEX
+#define GROUP_OF(k, gs) ((k) / 64)  // planted: assumes the default group size
+#else
+#define GROUP_OF(k, gs) ((k) / (gs))
+#endif
+
+// Shift of the i-th 4-bit element inside its 32-bit word (little-endian bitstream).
+#ifdef MLXEDGE_PLANT_NIBBLE_SHIFT
+#define NIBBLE_SHIFT(i) (4 * (7 - (i)))  // planted: big-endian nibble order
+#else
+#define NIBBLE_SHIFT(i) (4 * (i))
+#endif
+
+#ifdef MLXEDGE_PLANT_DROPPED_BIAS
+#define BIAS_ON 0.0f
+#else
+#define BIAS_ON 1.0f
+#endif
+
+#ifdef MLXEDGE_PLANT_OFF_BY_ONE_ROW
+#define ROWS_END(M) ((M) > 1 ? (M) - 1 : (M))  // planted: the last activation row is skipped
+#else
+#define ROWS_END(M) (M)
+#endif
+
+#ifdef MLXEDGE_PLANT_OFF_BY_ONE_COL
+#define COLS_END(N) ((N) - 1)  // planted: the last output column (weight row) is skipped
+#else
+#define COLS_END(N) (N)
+#endif
+
+#ifdef MLXEDGE_PLANT_MISSING_REMAINDER
+#define REMAINDER_ON 0
+#else
+#define REMAINDER_ON 1
+#endif
+
+namespace {
+
+// ---------------------------------------------------------------- dtype conversions (portable)
+
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  return uint16_t(u >> 16);
+}
+
+inline float f16_to_f32(uint16_t h) {
+  uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t man = h & 0x3ffu;
+  uint32_t u;
+  if (exp == 0) {
+    if (man == 0) {
+      u = sign;
+    } else {  // subnormal: normalise
+      int e = -1;
+      do {
+        e++;
+        man <<= 1;
+      } while ((man & 0x400u) == 0);
+      u = sign | uint32_t(127 - 15 - e) << 23 | (man & 0x3ffu) << 13;
+    }
+  } else if (exp == 31) {
+    u = sign | 0x7f800000u | man << 13;
+  } else {
+    u = sign | (exp + 112) << 23 | man << 13;
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t f32_to_f16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  uint32_t sign = (u >> 16) & 0x8000u;
+  uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return uint16_t(sign | 0x7e00u);      // NaN
+  if (a >= 0x477ff000u) return uint16_t(sign | 0x7c00u);     // overflow (after rounding) -> inf
+  if (a < 0x38800000u) {                                      // subnormal or zero in f16
+    if (a < 0x33000000u) return uint16_t(sign);               // below half the smallest subnormal
+    uint32_t e = a >> 23;
+    uint32_t man = (a & 0x7fffffu) | 0x800000u;
+    uint32_t shift = 126 - e;                                 // 14..24
+    uint32_t r = man >> shift;
+    uint32_t rem = man & ((1u << shift) - 1);
+    uint32_t half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (r & 1u))) r++;
+    return uint16_t(sign | r);
+  }
+  uint32_t r = a + 0xfffu + ((a >> 13) & 1u);  // round to nearest even on bit 13
+  return uint16_t(sign | ((r - 0x38000000u) >> 13));
+}
+
+inline float load_as_f32(const void* p, int dt, int64_t i) {
+  switch (dt) {
+    case MLXE_F16: return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
+    case MLXE_BF16: return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+inline void store_from_f32(void* p, int dt, int64_t i, float v) {
+  switch (dt) {
+    case MLXE_F16: static_cast<uint16_t*>(p)[i] = f32_to_f16(v); break;
+    case MLXE_BF16: static_cast<uint16_t*>(p)[i] = f32_to_bf16(v); break;
+    default: static_cast<float*>(p)[i] = v;
+  }
+}
+
+void to_f32(const void* src, int dt, int64_t n, float* dst) {
+  if (dt == MLXE_F32) {
+    std::memcpy(dst, src, size_t(n) * 4);
+    return;
+  }
+  for (int64_t i = 0; i < n; i++) dst[i] = load_as_f32(src, dt, i);
+}
+
+// ---------------------------------------------------------------- thread pool
+
+class Pool {
+ public:
+  using Fn = void (*)(void* ctx, int64_t task);
+
+  explicit Pool(int n) : n_(std::max(1, n)) {
+    for (int i = 1; i < n_; i++) workers_.emplace_back([this] { loop(); });
+  }
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+      gen_.fetch_add(1);
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+  int size() const { return n_; }
+
+  // Run fn(ctx, t) for t in [0, ntasks); the calling thread takes part. One job at a time.
+  void run(int64_t ntasks, Fn fn, void* ctx) {
+    if (ntasks <= 0) return;
+    if (n_ == 1 || ntasks == 1) {
+      for (int64_t t = 0; t < ntasks; t++) fn(ctx, t);
+      return;
+    }
+    std::lock_guard<std::mutex> job_lock(job_mu_);
+    fn_ = fn;
+    ctx_ = ctx;
+    ntasks_ = ntasks;
+    next_.store(0, std::memory_order_relaxed);
+    busy_.store(n_ - 1, std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      gen_.fetch_add(1, std::memory_order_release);
+      if (sleepers_ > 0) cv_.notify_all();
+    }
+    work();
+    // wait for the workers to leave this job
+    for (int spin = 0; busy_.load(std::memory_order_acquire) != 0; spin++) {
+      if (spin > 2000) std::this_thread::yield();
+      else cpu_relax();
+    }
+  }
+
+ private:
+  static inline void cpu_relax() {
+#ifdef MLXE_X86
+    _mm_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+  }
+
+  void work() {
+    for (;;) {
+      int64_t t = next_.fetch_add(1, std::memory_order_relaxed);
+      if (t >= ntasks_) break;
+      fn_(ctx_, t);
+    }
+  }
+
+  void loop() {
+    uint64_t seen = gen_.load(std::memory_order_acquire);
+    for (;;) {
+      // spin briefly (decode issues many small jobs back to back), then sleep
+      bool woke = false;
+      for (int spin = 0; spin < 20000; spin++) {
+        if (gen_.load(std::memory_order_acquire) != seen) {
+          woke = true;
+          break;
+        }
+        cpu_relax();
+      }
+      if (!woke) {
+        std::unique_lock<std::mutex> lk(mu_);
+        sleepers_++;
+        cv_.wait(lk, [&] { return gen_.load(std::memory_order_acquire) != seen; });
+        sleepers_--;
+      }
+      seen = gen_.load(std::memory_order_acquire);
+      if (stop_) return;
+      work();
+      busy_.fetch_sub(1, std::memory_order_acq_rel);
+    }
+  }
+
+  int n_;
+  std::vector<std::thread> workers_;
+  std::mutex mu_, job_mu_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<int64_t> next_{0};
+  std::atomic<int> busy_{0};
+  int sleepers_ = 0;
+  bool stop_ = false;
+  Fn fn_ = nullptr;
+  void* ctx_ = nullptr;
+  int64_t ntasks_ = 0;
+};
+
+// ---------------------------------------------------------------- global state
+
+int g_isa = MLXE_ISA_SCALAR;
+int g_gemv_max_rows = 4;
+Pool* g_pool = nullptr;
+std::mutex g_init_mu;
+
+using sgemm_fn = void (*)(int order, int ta, int tb, int M, int N, int K, float alpha,
+                          const float* A, int lda, const float* B, int ldb, float beta, float* C,
+                          int ldc);
+using setthreads_fn = void (*)(int);
+sgemm_fn g_sgemm = nullptr;
+bool g_use_blas = false;
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+
+Pool& pool() {
+  if (!g_pool) mlxe_init(MLXE_ISA_AUTO, 0);
+  return *g_pool;
+}
+
+template <class F>
+void parallel_for(int64_t ntasks, F&& f) {
+  auto tramp = [](void* ctx, int64_t t) { (*static_cast<F*>(ctx))(t); };
+  pool().run(ntasks, tramp, &f);
+}
+
+// Per-thread GEMM tile buffer: size it with reserve_tiles(n) on the calling thread before the
+// parallel loop, then take it with tile_buffer() inside a task. The planted race hands every
+// thread the same buffer.
+#ifdef MLXEDGE_PLANT_RACE_PARTITION
+std::vector<float> g_shared_tile;
+void reserve_tiles(int64_t n) {
+  if (g_shared_tile.size() < size_t(n)) g_shared_tile.resize(size_t(n));
+}
+float* tile_buffer(int64_t) { return g_shared_tile.data(); }
+#else
+void reserve_tiles(int64_t) {}
+float* tile_buffer(int64_t n) {
+  thread_local std::vector<float> mine;
+  if (mine.size() < size_t(n)) mine.resize(size_t(n));
+  return mine.data();
+}
+#endif
+std::vector<float>& row_scratch() {
+  thread_local std::vector<float> mine;
+  return mine;
+}
+
+// ---------------------------------------------------------------- quantized operands
+
+struct QW {
+  const uint32_t* w;
+  const void* s;
+  const void* b;
+  int sdt;
+  int64_t N, K;
+  int bits, gs;
+  int64_t words_per_row() const { return K * bits / 32; }
+  int64_t groups() const { return K / gs; }
+};
+
+// Activations prepared once per call: float copy, per-group sums, and (avx2) a permuted copy
+// whose order matches the lanes the packed words unpack into.
+struct XPrep {
+  std::vector<float> xf, xp, xsum;
+  int64_t M, K;
+  int64_t G;
+};
+
+// scales/biases of one weight row as float
+void row_params(const QW& q, int64_t n, float* s, float* b) {
+  int64_t G = q.groups();
+  for (int64_t g = 0; g < G; g++) {
+    s[g] = load_as_f32(q.s, q.sdt, n * G + g);
+    b[g] = load_as_f32(q.b, q.sdt, n * G + g) * BIAS_ON;
+  }
+}
+
+// ---- scalar path
+
+// dot(x, deq(W[n])) for `mr` activation rows at once; res[i] for x row m0+i
+void qdot_scalar(const QW& q, int64_t n, const XPrep& xp, int64_t m0, int mr, const float* s,
+                 const float* b, float* res) {
+  const int64_t K = q.K, G = q.groups();
+  const uint32_t* wr = q.w + n * q.words_per_row();
+  float deq[32];
+  for (int i = 0; i < mr; i++) res[i] = 0.f;
+  // walk 32 elements at a time (one 32-element chunk lies inside one group since gs >= 32)
+  for (int64_t k0 = 0; k0 < K; k0 += 32) {
+    if (q.bits == 4) {
+      const uint32_t* wk = wr + k0 / 8;
+      for (int j = 0; j < 4; j++)
+        for (int i = 0; i < 8; i++) deq[j * 8 + i] = float((wk[j] >> NIBBLE_SHIFT(i)) & 0xFu);
+    } else {
+      const uint32_t* wk = wr + k0 / 4;
+      for (int j = 0; j < 8; j++)
+        for (int i = 0; i < 4; i++) deq[j * 4 + i] = float((wk[j] >> (8 * i)) & 0xFFu);
+    }
+    const int64_t g = GROUP_OF(k0, q.gs);
+    for (int i = 0; i < mr; i++) {
+      const float* x = xp.xf.data() + (m0 + i) * K + k0;
+      float a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+      for (int k = 0; k < 32; k += 4) {
+        a0 += deq[k] * x[k];
+        a1 += deq[k + 1] * x[k + 1];
+        a2 += deq[k + 2] * x[k + 2];
+        a3 += deq[k + 3] * x[k + 3];
+      }
+      res[i] += s[g] * ((a0 + a1) + (a2 + a3));
+    }
+  }
+  for (int i = 0; i < mr; i++) {
+    const float* xs = xp.xsum.data() + (m0 + i) * G;
+    float bt = 0;
+    for (int64_t g = 0; g < G; g++) bt += b[g] * xs[g];
+    res[i] += bt;
+  }
+}
+
+// dequantize rows [n0, n1) of W into dst (row-major, K floats per row)
+void dequant_scalar(const QW& q, int64_t n0, int64_t n1, float* dst) {
+  const int64_t K = q.K, G = q.groups(), wpr = q.words_per_row();
+  for (int64_t n = n0; n < n1; n++) {
+    const uint32_t* wr = q.w + n * wpr;
+    float* d = dst + (n - n0) * K;
+    for (int64_t k = 0; k < K; k++) {
+      uint32_t v;
+      if (q.bits == 4) v = (wr[k / 8] >> NIBBLE_SHIFT(k % 8)) & 0xFu;
+      else v = (wr[k / 4] >> (8 * (k % 4))) & 0xFFu;
+      const int64_t g = GROUP_OF(k, q.gs);
+      d[k] = load_as_f32(q.s, q.sdt, n * G + g) * float(v) +
+             load_as_f32(q.b, q.sdt, n * G + g) * BIAS_ON;
+    }
+  }
+}
+
+float fdot_scalar(const float* a, const float* b, int64_t K) {
+  float a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+  int64_t k = 0;
+  for (; k + 4 <= K; k += 4) {
+    a0 += a[k] * b[k];
+    a1 += a[k + 1] * b[k + 1];
+    a2 += a[k + 2] * b[k + 2];
+    a3 += a[k + 3] * b[k + 3];
+  }
+  if (REMAINDER_ON)
+    for (; k < K; k++) a0 += a[k] * b[k];
+  return (a0 + a1) + (a2 + a3);
+}
+
+// C[m, c] = sum_k A[m,k] B[c,k] for m < M, c < NB (A: lda=K, B: ldb=K, C: ldc)
+void gemm_nt_scalar(const float* A, const float* B, float* C, int64_t M, int64_t NB, int64_t K,
+                    int64_t ldc) {
+  for (int64_t m = 0; m < M; m++)
+    for (int64_t c = 0; c < NB; c++) C[m * ldc + c] = fdot_scalar(A + m * K, B + c * K, K);
+}
+
+// ---- avx2 path
+#ifdef MLXE_X86
+#define AVX2_FN __attribute__((target("avx2,fma,f16c")))
+
+AVX2_FN inline float hsum(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+  return _mm_cvtss_f32(lo);
+}
+
+AVX2_FN void row_params_avx2(const QW& q, int64_t n, float* s, float* b) {
+  const int64_t G = q.groups();
+  if (q.sdt != MLXE_F16) return row_params(q, n, s, b);
+  const uint16_t* sp = static_cast<const uint16_t*>(q.s) + n * G;
+  const uint16_t* bp = static_cast<const uint16_t*>(q.b) + n * G;
+  int64_t g = 0;
+  const __m256 bon = _mm256_set1_ps(BIAS_ON);
+  for (; g + 8 <= G; g += 8) {
+    _mm256_storeu_ps(s + g, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sp + g))));
+    _mm256_storeu_ps(b + g, _mm256_mul_ps(bon, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(bp + g)))));
+  }
+  for (; g < G; g++) {
+    s[g] = f16_to_f32(sp[g]);
+    b[g] = f16_to_f32(bp[g]) * BIAS_ON;
+  }
+}
+
+// Permuted activations for the avx2 GEMV: within each block of 8 words, lane j of the vector for
+// sub-element s must hold the x matching element s of word j.
+//   4 bits: 64-element blocks, xp[blk*64 + s*8 + j] = x[blk*64 + 8j + s]; a trailing 32-element
+//           block (K % 64 == 32) is kept in natural order for the remainder loop.
+//   8 bits: 32-element blocks, xp[blk*32 + s*8 + j] = x[blk*32 + 4j + s].
+void permute_x(XPrep& p, int bits) {
+  const int64_t M = p.M, K = p.K;
+  p.xp.resize(size_t(M * K));
+  for (int64_t m = 0; m < M; m++) {
+    const float* x = p.xf.data() + m * K;
+    float* y = p.xp.data() + m * K;
+    if (bits == 4) {
+      int64_t k0 = 0;
+      for (; k0 + 64 <= K; k0 += 64)
+        for (int s = 0; s < 8; s++)
+          for (int j = 0; j < 8; j++) y[k0 + s * 8 + j] = x[k0 + 8 * j + s];
+      for (; k0 < K; k0++) y[k0] = x[k0];
+    } else {
+      for (int64_t k0 = 0; k0 < K; k0 += 32)
+        for (int s = 0; s < 4; s++)
+          for (int j = 0; j < 8; j++) y[k0 + s * 8 + j] = x[k0 + 4 * j + s];
+    }
+  }
+}
+
+template <int MR>
+AVX2_FN void qdot_avx2_t(const QW& q, int64_t n, const XPrep& xp, int64_t m0, const float* s,
+                         const float* b, float* res) {
+  const int64_t K = q.K, G = q.groups();
+  const uint32_t* wr = q.w + n * q.words_per_row();
+  const float* xb[MR];
+  __m256 tot[MR];
+  for (int i = 0; i < MR; i++) {
+    xb[i] = xp.xp.data() + (m0 + i) * K;
+    tot[i] = _mm256_setzero_ps();
+  }
+  float tail[MR];
+  for (int i = 0; i < MR; i++) tail[i] = 0.f;
+  if (q.bits == 4) {
+    const __m256i mask = _mm256_set1_epi32(0xF);
+    int64_t k0 = 0;
+    for (; k0 + 64 <= K; k0 += 64) {
+      const __m256i wv = _mm256_loadu_si256((const __m256i*)(wr + k0 / 8));
+      __m256 acc0[MR], acc1[MR];
+      for (int i = 0; i < MR; i++) acc0[i] = acc1[i] = _mm256_setzero_ps();
+#define MLXE_Q4_STEP(S, ACC)                                                                    \
+  {                                                                                            \
+    const __m256 qf = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(wv, NIBBLE_SHIFT(S)), mask)); \
+    for (int i = 0; i < MR; i++) ACC[i] = _mm256_fmadd_ps(qf, _mm256_loadu_ps(xb[i] + k0 + (S) * 8), ACC[i]); \
+  }
+      MLXE_Q4_STEP(0, acc0) MLXE_Q4_STEP(1, acc1) MLXE_Q4_STEP(2, acc0) MLXE_Q4_STEP(3, acc1)
+      MLXE_Q4_STEP(4, acc0) MLXE_Q4_STEP(5, acc1) MLXE_Q4_STEP(6, acc0) MLXE_Q4_STEP(7, acc1)
+#undef MLXE_Q4_STEP
+      // words 0-3 belong to the group of element k0, words 4-7 to that of element k0+32
+      const __m256 sc = _mm256_insertf128_ps(
+          _mm256_castps128_ps256(_mm_set1_ps(s[GROUP_OF(k0, q.gs)])),
+          _mm_set1_ps(s[GROUP_OF(k0 + 32, q.gs)]), 1);
+      for (int i = 0; i < MR; i++) tot[i] = _mm256_fmadd_ps(_mm256_add_ps(acc0[i], acc1[i]), sc, tot[i]);
+    }
+    if (REMAINDER_ON && k0 < K) {  // one trailing 32-element chunk (K is a multiple of 32)
+      const uint32_t* wk = wr + k0 / 8;
+      const float sg = s[GROUP_OF(k0, q.gs)];
+      for (int i = 0; i < MR; i++) {
+        float a = 0;
+        for (int j = 0; j < 4; j++)
+          for (int e = 0; e < 8; e++)
+            a += float((wk[j] >> NIBBLE_SHIFT(e)) & 0xFu) * xb[i][k0 + 8 * j + e];
+        tail[i] = sg * a;
+      }
+    }
+  } else {
+    const __m256i mask = _mm256_set1_epi32(0xFF);
+    for (int64_t k0 = 0; k0 < K; k0 += 32) {
+      const __m256i wv = _mm256_loadu_si256((const __m256i*)(wr + k0 / 4));
+      __m256 acc0[MR], acc1[MR];
+      for (int i = 0; i < MR; i++) acc0[i] = acc1[i] = _mm256_setzero_ps();
+#define MLXE_Q8_STEP(S, ACC)                                                                    \
+  {                                                                                            \
+    const __m256 qf = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(wv, 8 * (S)), mask)); \
+    for (int i = 0; i < MR; i++) ACC[i] = _mm256_fmadd_ps(qf, _mm256_loadu_ps(xb[i] + k0 + (S) * 8), ACC[i]); \
+  }
+      MLXE_Q8_STEP(0, acc0) MLXE_Q8_STEP(1, acc1) MLXE_Q8_STEP(2, acc0) MLXE_Q8_STEP(3, acc1)
+#undef MLXE_Q8_STEP
+      const __m256 sc = _mm256_set1_ps(s[GROUP_OF(k0, q.gs)]);
+      for (int i = 0; i < MR; i++) tot[i] = _mm256_fmadd_ps(_mm256_add_ps(acc0[i], acc1[i]), sc, tot[i]);
+    }
+  }
+  for (int i = 0; i < MR; i++) {
+    const float* xs = xp.xsum.data() + (m0 + i) * G;
+    __m256 bt = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= G; g += 8) bt = _mm256_fmadd_ps(_mm256_loadu_ps(b + g), _mm256_loadu_ps(xs + g), bt);
+    float r = hsum(tot[i]) + hsum(bt) + tail[i];
+    for (; g < G; g++) r += b[g] * xs[g];
+    res[i] = r;
+  }
+}
+
+AVX2_FN void qdot_avx2(const QW& q, int64_t n, const XPrep& xp, int64_t m0, int mr,
+                       const float* s, const float* b, float* res) {
+  switch (mr) {
+    case 1: return qdot_avx2_t<1>(q, n, xp, m0, s, b, res);
+    case 2: return qdot_avx2_t<2>(q, n, xp, m0, s, b, res);
+    case 3: return qdot_avx2_t<3>(q, n, xp, m0, s, b, res);
+    default: return qdot_avx2_t<4>(q, n, xp, m0, s, b, res);
+  }
+}
+
+AVX2_FN void dequant_avx2(const QW& q, int64_t n0, int64_t n1, float* dst) {
+  const int64_t K = q.K, wpr = q.words_per_row(), G = q.groups();
+  float* s = row_scratch().data();
+  float* b = s + G;
+  const __m256i sh4 = _mm256_setr_epi32(NIBBLE_SHIFT(0), NIBBLE_SHIFT(1), NIBBLE_SHIFT(2), NIBBLE_SHIFT(3),
+                                        NIBBLE_SHIFT(4), NIBBLE_SHIFT(5), NIBBLE_SHIFT(6), NIBBLE_SHIFT(7));
+  const __m256i sh8 = _mm256_setr_epi32(0, 8, 16, 24, 0, 8, 16, 24);
+  const __m256i dup = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  for (int64_t n = n0; n < n1; n++) {
+    row_params_avx2(q, n, s, b);
+    const uint32_t* wr = q.w + n * wpr;
+    float* d = dst + (n - n0) * K;
+    if (q.bits == 4) {
+      const __m256i mask = _mm256_set1_epi32(0xF);
+      for (int64_t k = 0; k < K; k += 8) {
+        const int64_t g = GROUP_OF(k, q.gs);
+        __m256i v = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(wr[k / 8])), sh4), mask);
+        _mm256_storeu_ps(d + k, _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(s[g]), _mm256_set1_ps(b[g])));
+      }
+    } else {
+      const __m256i mask = _mm256_set1_epi32(0xFF);
+      for (int64_t k = 0; k < K; k += 8) {
+        const int64_t g = GROUP_OF(k, q.gs);
+        __m256i w2 = _mm256_castsi128_si256(_mm_loadl_epi64((const __m128i*)(wr + k / 4)));
+        __m256i v = _mm256_and_si256(_mm256_srlv_epi32(_mm256_permutevar8x32_epi32(w2, dup), sh8), mask);
+        _mm256_storeu_ps(d + k, _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(s[g]), _mm256_set1_ps(b[g])));
+      }
+    }
+  }
+}
+
+AVX2_FN float fdot_avx2(const float* a, const float* b, int64_t K) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), a1);
+  }
+  float r = 0;
+  if (REMAINDER_ON) {
+    for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), a0);
+    for (; k < K; k++) r += a[k] * b[k];
+  }
+  return hsum(_mm256_add_ps(a0, a1)) + r;
+}
+
+// 4x4 register-blocked C = A * B^T micro-kernel over K (vectorised along K).
+AVX2_FN void gemm_nt_avx2(const float* A, const float* B, float* C, int64_t M, int64_t NB,
+                          int64_t K, int64_t ldc) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) {
+    int64_t c = 0;
+    for (; c + 4 <= NB; c += 4) {
+      __m256 acc[4][4];
+      for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 4; j++) acc[i][j] = _mm256_setzero_ps();
+      int64_t k = 0;
+      for (; k + 8 <= K; k += 8) {
+        __m256 bv[4];
+        for (int j = 0; j < 4; j++) bv[j] = _mm256_loadu_ps(B + (c + j) * K + k);
+        for (int i = 0; i < 4; i++) {
+          __m256 av = _mm256_loadu_ps(A + (m + i) * K + k);
+          for (int j = 0; j < 4; j++) acc[i][j] = _mm256_fmadd_ps(av, bv[j], acc[i][j]);
+        }
+      }
+      for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 4; j++) {
+          float r = hsum(acc[i][j]);
+          if (REMAINDER_ON)
+            for (int64_t kk = k; kk < K; kk++) r += A[(m + i) * K + kk] * B[(c + j) * K + kk];
+          C[(m + i) * ldc + c + j] = r;
+        }
+    }
+    for (; c < NB; c++)
+      for (int i = 0; i < 4; i++) C[(m + i) * ldc + c] = fdot_avx2(A + (m + i) * K, B + c * K, K);
+  }
+  for (; m < M; m++)
+    for (int64_t c = 0; c < NB; c++) C[m * ldc + c] = fdot_avx2(A + m * K, B + c * K, K);
+}
+
+AVX2_FN void to_f32_avx2(const void* src, int dt, int64_t n, float* dst) {
+  if (dt != MLXE_F16) return to_f32(src, dt, n, dst);
+  const uint16_t* p = static_cast<const uint16_t*>(src);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + i))));
+  for (; i < n; i++) dst[i] = f16_to_f32(p[i]);
+}
+
+bool cpu_has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+}
+#endif  // MLXE_X86
+
+// ---------------------------------------------------------------- ISA dispatch helpers
+
+inline bool avx2() {
+#ifdef MLXE_X86
+  return g_isa == MLXE_ISA_AVX2;
+#else
+  return false;
+#endif
+}
+
+void qdot(const QW& q, int64_t n, const XPrep& xp, int64_t m0, int mr, const float* s,
+          const float* b, float* res) {
+#ifdef MLXE_X86
+  if (avx2()) return qdot_avx2(q, n, xp, m0, mr, s, b, res);
+#endif
+  qdot_scalar(q, n, xp, m0, mr, s, b, res);
+}
+
+void rparams(const QW& q, int64_t n, float* s, float* b) {
+#ifdef MLXE_X86
+  if (avx2()) return row_params_avx2(q, n, s, b);
+#endif
+  row_params(q, n, s, b);
+}
+
+void dequant(const QW& q, int64_t n0, int64_t n1, float* dst) {
+  auto& rs = row_scratch();
+  if (rs.size() < size_t(2 * q.groups())) rs.resize(size_t(2 * q.groups()));
+#ifdef MLXE_X86
+  if (avx2()) return dequant_avx2(q, n0, n1, dst);
+#endif
+  dequant_scalar(q, n0, n1, dst);
+}
+
+float fdot(const float* a, const float* b, int64_t K) {
+#ifdef MLXE_X86
+  if (avx2()) return fdot_avx2(a, b, K);
+#endif
+  return fdot_scalar(a, b, K);
+}
+
+void convert_f32(const void* src, int dt, int64_t n, float* dst) {
+#ifdef MLXE_X86
+  if (avx2()) return to_f32_avx2(src, dt, n, dst);
+#endif
+  to_f32(src, dt, n, dst);
+}
+
+// C[M, NB] (ldc) = A[M, K] * B[NB, K]^T
+void gemm_nt(const float* A, const float* B, float* C, int64_t M, int64_t NB, int64_t K, int64_t ldc) {
+  if (g_use_blas && g_sgemm) {
+    g_sgemm(kRowMajor, kNoTrans, kTrans, int(M), int(NB), int(K), 1.0f, A, int(K), B, int(K), 0.0f,
+            C, int(ldc));
+    return;
+  }
+#ifdef MLXE_X86
+  if (avx2()) return gemm_nt_avx2(A, B, C, M, NB, K, ldc);
+#endif
+  gemm_nt_scalar(A, B, C, M, NB, K, ldc);
+}
+
+void prep_x(XPrep& p, const void* x, int xdt, int64_t M, int64_t K, int gs, int bits, bool permute) {
+  p.M = M;
+  p.K = K;
+  p.G = K / gs;
+  p.xf.resize(size_t(M * K));
+  convert_f32(x, xdt, M * K, p.xf.data());
+  p.xsum.assign(size_t(M * p.G), 0.f);
+  for (int64_t m = 0; m < M; m++)
+    for (int64_t g = 0; g < p.G; g++) {
+      const float* xg = p.xf.data() + m * K + g * gs;
+      float a = 0;
+      for (int k = 0; k < gs; k++) a += xg[k];
+      p.xsum[size_t(m * p.G + g)] = a;
+    }
+#ifdef MLXE_X86
+  if (permute && avx2()) permute_x(p, bits);
+#else
+  (void)permute;
+  (void)bits;
+#endif
+}
+
+// rows of W per task: small enough to balance two or more threads, large enough to amortise
+int64_t gemv_chunk(int64_t N) {
+  int64_t T = pool().size();
+  int64_t c = (N + T * 8 - 1) / (T * 8);
+  c = (c + 7) / 8 * 8;
+  return std::max<int64_t>(c, 8);
+}
+
+constexpr int64_t kTileN = 64;  // weight rows dequantised per GEMM tile
+
+// y[M, N] f32 (ldy = N) = x @ deq(W).T through the GEMV path
+void qgemv(const QW& q, const XPrep& xp, float* y, int64_t M) {
+  const int64_t N = q.N, chunk = gemv_chunk(N), G = q.groups();
+  const int64_t ntasks = (COLS_END(N) + chunk - 1) / chunk;
+  const int64_t Mend = ROWS_END(M);
+  parallel_for(ntasks, [&](int64_t t) {
+    auto& rs = row_scratch();
+    if (rs.size() < size_t(2 * G)) rs.resize(size_t(2 * G));
+    float* s = rs.data();
+    float* b = s + G;
+    const int64_t n0 = t * chunk, n1 = std::min(n0 + chunk, COLS_END(N));
+    float res[4];
+    for (int64_t n = n0; n < n1; n++) {
+      rparams(q, n, s, b);
+      for (int64_t m0 = 0; m0 < Mend; m0 += 4) {
+        const int mr = int(std::min<int64_t>(4, Mend - m0));
+        qdot(q, n, xp, m0, mr, s, b, res);
+        for (int i = 0; i < mr; i++) y[(m0 + i) * N + n] = res[i];
+      }
+    }
+  });
+}
+
+// y[M, N] f32 = x @ deq(W).T through dequantised tiles and a GEMM
+void qgemm(const QW& q, const XPrep& xp, float* y, int64_t M) {
+  const int64_t N = q.N, K = q.K;
+  const int64_t ntasks = (COLS_END(N) + kTileN - 1) / kTileN;
+  const int64_t Mend = ROWS_END(M);
+  reserve_tiles(kTileN * K);
+  parallel_for(ntasks, [&](int64_t t) {
+    const int64_t n0 = t * kTileN, n1 = std::min(n0 + kTileN, COLS_END(N));
+    float* tile = tile_buffer(kTileN * K);
+    dequant(q, n0, n1, tile);
+    gemm_nt(xp.xf.data(), tile, y + n0, Mend, n1 - n0, K, N);
+  });
+}
+
+void qmm_f32(const QW& q, const XPrep& xp, float* y, int64_t M) {
+  if (M <= g_gemv_max_rows) qgemv(q, xp, y, M);
+  else qgemm(q, xp, y, M);
+}
+
+void store_out(const float* y, void* out, int odt, int64_t n) {
+  if (odt == MLXE_F32) {
+    if (y != out) std::memcpy(out, y, size_t(n) * 4);
+    return;
+  }
+  for (int64_t i = 0; i < n; i++) store_from_f32(out, odt, i, y[i]);
+}
+
+inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
+
+}  // namespace
+
+// ---------------------------------------------------------------- C ABI
+
+extern "C" {
+
+int mlxe_init(int isa, int nthreads) {
+  std::lock_guard<std::mutex> lk(g_init_mu);
+  int chosen = MLXE_ISA_SCALAR;
+#ifdef MLXE_X86
+  bool has = cpu_has_avx2();
+  if ((isa == MLXE_ISA_AUTO || isa == MLXE_ISA_AVX2) && has) chosen = MLXE_ISA_AVX2;
+#endif
+#if defined(__aarch64__)
+  // arm64: the portable path, compiled with NEON as the baseline ISA
+  if (isa == MLXE_ISA_AUTO || isa == MLXE_ISA_NEON) chosen = MLXE_ISA_NEON;
+#endif
+  g_isa = chosen;
+  if (nthreads <= 0) {
+    nthreads = int(std::thread::hardware_concurrency());
+    if (nthreads <= 0) nthreads = 1;
+  }
+  if (!g_pool || g_pool->size() != nthreads) {
+    delete g_pool;
+    g_pool = new Pool(nthreads);
+  }
+  return g_isa;
+}
+
+int mlxe_isa(void) { return g_isa; }
+int mlxe_threads(void) { return g_pool ? g_pool->size() : 0; }
+void mlxe_set_gemv_max_rows(int rows) { g_gemv_max_rows = std::max(1, rows); }
+const char* mlxe_plant(void) { return PLANT_NAME; }
+
+int mlxe_set_blas(const char* path) {
+  void* h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+  if (!h) return 0;
+  auto f = reinterpret_cast<sgemm_fn>(dlsym(h, "scipy_cblas_sgemm"));
+  auto nt = reinterpret_cast<setthreads_fn>(dlsym(h, "scipy_openblas_set_num_threads"));
+  if (!f) return 0;
+  if (nt) nt(1);  // our pool parallelises over tiles; each tile's GEMM runs on one thread
+  g_sgemm = f;
+  g_use_blas = true;
+  return 1;
+}
+
+int mlxe_use_blas(int on) {
+  g_use_blas = on && g_sgemm;
+  return g_use_blas ? 1 : 0;
+}
+int mlxe_has_blas(void) { return g_sgemm ? 1 : 0; }
+
+void mlxe_qmm(const void* x, int xdt, const uint32_t* w, const void* scales, const void* biases,
+              int sdt, void* out, int odt, int64_t M, int64_t N, int64_t K, int bits,
+              int group_size) {
+  QW q{w, scales, biases, sdt, N, K, bits, group_size};
+  XPrep xp;
+  prep_x(xp, x, xdt, M, K, group_size, bits, M <= g_gemv_max_rows);
+  std::vector<float> ybuf;
+  float* y = static_cast<float*>(out);
+  if (odt != MLXE_F32) {
+    ybuf.resize(size_t(M * N));
+    y = ybuf.data();
+  }
+  qmm_f32(q, xp, y, M);
+  store_out(y, out, odt, M * N);
+}
+
+void mlxe_gate_up_silu(const void* x, int xdt, const uint32_t* wg, const void* sg, const void* bg,
+                       const uint32_t* wu, const void* su, const void* bu, int sdt, void* out,
+                       int odt, int64_t M, int64_t N, int64_t K, int bits, int group_size) {
+  QW qg{wg, sg, bg, sdt, N, K, bits, group_size};
+  QW qu{wu, su, bu, sdt, N, K, bits, group_size};
+  const bool gemv = M <= g_gemv_max_rows;
+  XPrep xp;
+  prep_x(xp, x, xdt, M, K, group_size, bits, gemv);
+  std::vector<float> ybuf(size_t(M * N));
+  float* y = ybuf.data();
+  if (gemv) {
+    // fused: each task reads its rows of Wg and Wu once and writes silu(g) * u
+    const int64_t chunk = gemv_chunk(N), G = K / group_size;
+    const int64_t ntasks = (COLS_END(N) + chunk - 1) / chunk;
+    const int64_t Mend = ROWS_END(M);
+    parallel_for(ntasks, [&](int64_t t) {
+      auto& rs = row_scratch();
+      if (rs.size() < size_t(4 * G)) rs.resize(size_t(4 * G));
+      float *s1 = rs.data(), *b1 = s1 + G, *s2 = b1 + G, *b2 = s2 + G;
+      const int64_t n0 = t * chunk, n1 = std::min(n0 + chunk, COLS_END(N));
+      float rg[4], ru[4];
+      for (int64_t n = n0; n < n1; n++) {
+        rparams(qg, n, s1, b1);
+        rparams(qu, n, s2, b2);
+        for (int64_t m0 = 0; m0 < Mend; m0 += 4) {
+          const int mr = int(std::min<int64_t>(4, Mend - m0));
+          qdot(qg, n, xp, m0, mr, s1, b1, rg);
+          qdot(qu, n, xp, m0, mr, s2, b2, ru);
+          for (int i = 0; i < mr; i++) y[(m0 + i) * N + n] = silu(rg[i]) * ru[i];
+        }
+      }
+    });
+  } else {
+    std::vector<float> ubuf(size_t(M * N));
+    qgemm(qg, xp, y, M);
+    qgemm(qu, xp, ubuf.data(), M);
+    for (int64_t i = 0; i < M * N; i++) y[i] = silu(y[i]) * ubuf[size_t(i)];
+  }
+  store_out(y, out, odt, M * N);
+}
+
+void mlxe_matmul(const void* x, int xdt, const void* w, int wdt, void* out, int odt, int64_t M,
+                 int64_t N, int64_t K) {
+  std::vector<float> xf(size_t(M * K));
+  convert_f32(x, xdt, M * K, xf.data());
+  std::vector<float> ybuf;
+  float* y = static_cast<float*>(out);
+  if (odt != MLXE_F32) {
+    ybuf.resize(size_t(M * N));
+    y = ybuf.data();
+  }
+  const int64_t Mend = ROWS_END(M);
+  const size_t wsz = wdt == MLXE_F32 ? 4 : 2;
+  if (M <= g_gemv_max_rows) {
+    const int64_t chunk = gemv_chunk(N);
+    const int64_t ntasks = (COLS_END(N) + chunk - 1) / chunk;
+    parallel_for(ntasks, [&](int64_t t) {
+      const int64_t n0 = t * chunk, n1 = std::min(n0 + chunk, COLS_END(N));
+      auto& rs = row_scratch();
+      if (wdt != MLXE_F32 && rs.size() < size_t(K)) rs.resize(size_t(K));
+      for (int64_t n = n0; n < n1; n++) {
+        const float* wr;
+        if (wdt == MLXE_F32) {
+          wr = static_cast<const float*>(w) + n * K;
+        } else {
+          convert_f32(static_cast<const char*>(w) + size_t(n * K) * wsz, wdt, K, rs.data());
+          wr = rs.data();
+        }
+        for (int64_t m = 0; m < Mend; m++) y[m * N + n] = fdot(xf.data() + m * K, wr, K);
+      }
+    });
+  } else {
+    const int64_t ntasks = (COLS_END(N) + kTileN - 1) / kTileN;
+    reserve_tiles(kTileN * K);
+    parallel_for(ntasks, [&](int64_t t) {
+      const int64_t n0 = t * kTileN, n1 = std::min(n0 + kTileN, COLS_END(N));
+      const float* B;
+      if (wdt == MLXE_F32) {
+        B = static_cast<const float*>(w) + n0 * K;
+      } else {
+        float* tile = tile_buffer(kTileN * K);
+        convert_f32(static_cast<const char*>(w) + size_t(n0 * K) * wsz, wdt, (n1 - n0) * K, tile);
+        B = tile;
+      }
+      gemm_nt(xf.data(), B, y + n0, Mend, n1 - n0, K, N);
+    });
+  }
+  store_out(y, out, odt, M * N);
+}
+
+}  // extern "C"

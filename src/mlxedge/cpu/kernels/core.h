@@ -1,0 +1,52 @@
+// mlxedge native CPU kernels: the plain C ABI of the kernel core.
+//
+// The core knows nothing about MLX. The MLX extension (../ext) calls it from a Primitive's eval_cpu,
+// and the mutation tests load it directly through ctypes (built with -DMLXEDGE_PLANT=<name>).
+//
+// Layout (MLX affine quantization, transpose=True): W is [N, K] packed into uint32 words holding a
+// little-endian bitstream (element i at bits [i*b, (i+1)*b) of the row), scales and biases are
+// [N, K/group_size], w[n,k] = scale[n, k/gs] * q[n,k] + bias[n, k/gs]. Results y[m,n] = sum_k x[m,k] w[n,k].
+// All accumulation is float32. Arrays are dense row-major.
+#pragma once
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// dtype codes for x, scales/biases, float weights and outputs
+enum { MLXE_F32 = 0, MLXE_F16 = 1, MLXE_BF16 = 2 };
+// instruction-set paths
+enum { MLXE_ISA_AUTO = 0, MLXE_ISA_SCALAR = 1, MLXE_ISA_AVX2 = 2, MLXE_ISA_NEON = 3 };
+
+// Choose the ISA path (AUTO picks the best this CPU supports; a path the CPU lacks falls back to
+// scalar) and size the persistent thread pool (<= 0: the cores available). Returns the ISA in use.
+int mlxe_init(int isa, int nthreads);
+int mlxe_isa(void);
+int mlxe_threads(void);
+// Rows up to this count take the GEMV path; more take the blocked (dequantize tile + GEMM) path.
+void mlxe_set_gemv_max_rows(int rows);
+// Load an OpenBLAS with scipy_-prefixed symbols (scipy-openblas32) from `path`; 1 on success.
+int mlxe_set_blas(const char* path);
+// 1: use the loaded BLAS for GEMM tiles, 0: use the built-in micro-kernel. Returns whether BLAS is used.
+int mlxe_use_blas(int on);
+int mlxe_has_blas(void);
+// The name of the planted bug this build carries ("" for a clean build).
+const char* mlxe_plant(void);
+
+void mlxe_qmm(const void* x, int xdt, const uint32_t* w, const void* scales, const void* biases,
+              int sdt, void* out, int odt, int64_t M, int64_t N, int64_t K, int bits,
+              int group_size);
+
+// out = silu(x @ deq(Wg).T) * (x @ deq(Wu).T)
+void mlxe_gate_up_silu(const void* x, int xdt, const uint32_t* wg, const void* sg, const void* bg,
+                       const uint32_t* wu, const void* su, const void* bu, int sdt, void* out,
+                       int odt, int64_t M, int64_t N, int64_t K, int bits, int group_size);
+
+// out = x @ w.T for a float weight w [N, K]
+void mlxe_matmul(const void* x, int xdt, const void* w, int wdt, void* out, int odt, int64_t M,
+                 int64_t N, int64_t K);
+
+#ifdef __cplusplus
+}
+#endif
