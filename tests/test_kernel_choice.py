@@ -42,7 +42,10 @@ class FakeNative:
         return "fake, 2 threads"
 
     def supports(self, x_dtype, bits, group_size):
-        return x_dtype in self._dtypes and (bits is None or bits in self._bits)
+        return x_dtype in self._dtypes and bits in self._bits
+
+    def supports_matmul(self, dtype):
+        return dtype in self._dtypes
 
     def _rows(self, x):
         return x.size // x.shape[-1]

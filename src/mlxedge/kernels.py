@@ -33,6 +33,7 @@ ALIASES = {"cpu": "native"}
 BUILTIN, NATIVE, METAL = "builtin", "native", "metal"
 DECODE_ROWS = MAX_ROWS  # rows a decode-only kernel (Metal GEMV, fused gate·up) takes; more is prefill
 ALL_ROWS = 1 << 62      # "every row count": the kernel covers prefill too
+FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 _DEFAULT = object()
 
 
@@ -119,7 +120,8 @@ class KernelChoice:
     def backend(self) -> str:
         """What runs instead of MLX's built-in kernels, in words (e.g. 'native cpu (avx2+fma, 2 threads)')."""
         if self.candidate == NATIVE:
-            return f"native cpu ({_describe(self._cpu)})"
+            text = _describe(self._cpu)
+            return text if text.startswith("native") else f"native cpu ({text})"
         if self.candidate == METAL:
             return f"custom metal ({self._metal.device_key})"
         return "mlx built-in"
@@ -132,6 +134,16 @@ class KernelChoice:
     def _native_supports(self, dtype, bits, group_size) -> bool:
         try:
             return bool(self._cpu.supports(dtype, bits, group_size))
+        except Exception:
+            return False
+
+    def _native_supports_matmul(self, dtype) -> bool:
+        """Float matmul: `supports_matmul(dtype)` where the backend has it, else any of MLX's float dtypes."""
+        check = getattr(self._cpu, "supports_matmul", None)
+        if check is None:
+            return dtype in FLOAT_DTYPES
+        try:
+            return bool(check(dtype))
         except Exception:
             return False
 
@@ -178,7 +190,7 @@ class KernelChoice:
     def linear(self, w: mx.array) -> Binding:
         """x @ w.T for a float weight [N, K] (unquantized Linear, tied float head)."""
         n, k, dtype = w.shape[0], w.shape[1], w.dtype
-        if self.candidate == NATIVE and self._native_supports(dtype, None, None):
+        if self.candidate == NATIVE and self._native_supports_matmul(dtype):
             fn = self._cpu.matmul
             key = f"matmul:{self.candidate}:{_name(dtype)}:n{n}:k{k}"
             if self._wins(key, k, dtype, lambda x: fn(x, w), lambda x: _builtin_linear(x, w)):
