@@ -71,7 +71,7 @@ def selector(tmp_path):
         calls.append((run_custom, run_builtin))
         return dict(verdicts)
 
-    sel = selection.Selector(path=tmp_path / "selection.json", measure_fn=fake_measure)
+    sel = selection.Selector(path=tmp_path / "selection.json", measure_fn=fake_measure, quiet=lambda: True)
     sel.verdicts, sel.calls = verdicts, calls
     return sel
 
@@ -219,14 +219,28 @@ def test_auto_measures_once_per_device_and_shape_and_keeps_the_verdict(emulated,
     np.testing.assert_allclose(np.array(run_custom()), np.array(run_builtin()), rtol=1e-4, atol=1e-3)
 
     # A new load on the same device reads the file and does not measure again.
-    fresh = selection.Selector(path=selector.path, measure_fn=lambda *a: pytest.fail("measured again"))
+    fresh = selection.Selector(path=selector.path, measure_fn=lambda *a: pytest.fail("measured again"),
+                               quiet=lambda: True)
     again = KernelChoice("auto", metal_runner=emulated, cpu=None, selector=fresh)
     assert again.quantized(*weights, group_size=GROUP, bits=BITS).backend == "metal"
 
 
+def test_a_verdict_measured_on_a_busy_machine_is_not_kept_on_disk(tmp_path):
+    path = tmp_path / "s.json"
+    seen = []
+    busy = selection.Selector(path=path, quiet=lambda: False,
+                              measure_fn=lambda c, b: seen.append(1) or {"custom_s": 1, "builtin_s": 2, "agree": True})
+    assert busy.prefers_custom("cpu", "qmm:k", None, None) and busy.prefers_custom("cpu", "qmm:k", None, None)
+    assert len(seen) == 1 and not path.exists()  # kept for this process only
+    fresh = selection.Selector(path=path, quiet=lambda: True,
+                               measure_fn=lambda c, b: seen.append(1) or {"custom_s": 3, "builtin_s": 2, "agree": True})
+    assert fresh.prefers_custom("cpu", "qmm:k", None, None) is False and len(seen) == 2
+    assert json.loads(path.read_text())["cpu"]["qmm:k"]["custom"] is False
+
+
 def test_auto_keeps_verdicts_apart_per_device(tmp_path):
     seen = []
-    sel = selection.Selector(path=tmp_path / "s.json",
+    sel = selection.Selector(path=tmp_path / "s.json", quiet=lambda: True,
                              measure_fn=lambda c, b: seen.append(1) or {"custom_s": 1, "builtin_s": 2, "agree": True})
     assert sel.prefers_custom("Apple M1", "qmv:k", None, None)
     assert sel.prefers_custom("Apple M1", "qmv:k", None, None)

@@ -6,7 +6,9 @@ inputs, their outputs are compared (a kernel that disagrees with the built-in is
 is timed as a chain of launches evaluated at once — enough launches that the chain takes about
 CHAIN_TARGET_S, so the latency of one synchronisation does not swamp a kernel of a few microseconds. The
 candidate wins only if it was clearly faster. The verdict is written to a JSON file (MLXEDGE_KERNEL_CACHE,
-else the user cache directory), keyed by device, and reused by every later load on that device.
+else the user cache directory), keyed by device, and reused by every later load on that device — unless
+the machine was oversubscribed while it was measured (load average above the core count): such a verdict
+serves the current process only.
 Imports only mlx and the standard library, so the Metal and the native CPU kernels share it.
 """
 
@@ -74,13 +76,28 @@ def measure(run_custom, run_builtin, repetitions: int = REPETITIONS) -> dict:
             "chain": length}
 
 
-class Selector:
-    """Holds measured verdicts per device; `measure` is injectable so tests can decide the winner."""
+def machine_is_quiet() -> bool:
+    """No more runnable work than cores (1-minute load average): a timing taken now is worth keeping."""
+    try:
+        return os.getloadavg()[0] <= (os.cpu_count() or 1)
+    except (AttributeError, OSError):
+        return True
 
-    def __init__(self, path: Path | None = None, measure_fn=measure):
+
+class Selector:
+    """Holds measured verdicts per device; `measure_fn` and `quiet` are injectable so tests decide them.
+
+    A verdict measured while the machine is oversubscribed (`quiet()` False) serves this process only and
+    is not written to disk: timings of thread pools fighting other processes for cores would otherwise
+    decide every later load.
+    """
+
+    def __init__(self, path: Path | None = None, measure_fn=measure, quiet=machine_is_quiet):
         self.path = Path(path) if path is not None else default_cache_path()
         self.measure_fn = measure_fn
+        self.quiet = quiet
         self._data = None
+        self._session = {}  # (device, key) -> verdict kept in memory only
 
     def _load(self) -> dict:
         if self._data is None:
@@ -103,7 +120,7 @@ class Selector:
             warnings.warn(f"mlxedge: could not save kernel selection to {self.path}: {e}")
 
     def lookup(self, device: str, key: str):
-        entry = self._load().get(device, {}).get(key)
+        entry = self._load().get(device, {}).get(key) or self._session.get((device, key))
         return None if entry is None else bool(entry["custom"])
 
     def prefers_custom(self, device: str, key: str, run_custom, run_builtin) -> bool:
@@ -116,6 +133,9 @@ class Selector:
             warnings.warn(f"mlxedge: kernel measurement for {key} failed ({e}); using MLX's built-in")
             return False
         custom = bool(result["agree"]) and result["custom_s"] < WIN_MARGIN * result["builtin_s"]
-        self._load().setdefault(device, {})[key] = {**result, "custom": custom}
-        self._save()
+        if self.quiet():
+            self._load().setdefault(device, {})[key] = {**result, "custom": custom}
+            self._save()
+        else:
+            self._session[(device, key)] = {**result, "custom": custom}
         return custom
