@@ -83,7 +83,8 @@ class KernelChoice:
     """One decision per layer shape, made at load: candidate (native CPU or custom Metal) or MLX built-in.
 
     metal_runner: what runs Metal kernels (tests pass the emulator); cpu: the native-kernel module
-    (None: none; default: mlxedge.cpu); selector: auto mode's per-device verdict cache.
+    (None: none; default: mlxedge.cpu); selector: auto mode's per-device verdict cache (default: the
+    process's, so two loads in one process bind alike even when a busy machine keeps verdicts off disk).
     """
 
     def __init__(self, mode: Optional[str] = None, *, metal_runner=None, cpu=_DEFAULT,
@@ -209,7 +210,7 @@ class KernelChoice:
         if key not in self._verdicts:
             x = mx.random.normal((1, k), key=mx.random.key(0)).astype(dtype)
             if self._selector is None:
-                self._selector = Selector()
+                self._selector = default_selector()
             self._verdicts[key] = self._selector.prefers_custom(self._device_key(), key, lambda: run_candidate(x),
                                                                 lambda: run_builtin(x))
         return self._verdicts[key]
@@ -217,6 +218,17 @@ class KernelChoice:
     def summary(self, report: dict) -> dict:
         """info["kernels"]: the mode, what runs instead of the built-ins, and layer counts per backend."""
         return {"mode": self.mode, "backend": self.backend, "layers": report}
+
+
+_selector: Optional[Selector] = None
+
+
+def default_selector() -> Selector:
+    """The process's verdict cache (over the per-device file), so every load in a process decides alike."""
+    global _selector
+    if _selector is None:
+        _selector = Selector()
+    return _selector
 
 
 def _describe(cpu) -> str:
