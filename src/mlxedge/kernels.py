@@ -93,7 +93,8 @@ class KernelChoice:
         self._metal = metal_runner if metal_runner is not None else MetalRunner()
         self._cpu = _native_module() if cpu is _DEFAULT else cpu
         self._selector = selector
-        self._verdicts = {}  # shape key -> bool, so a shape is decided once per load
+        self._verdicts = {}  # shape key -> bool, so a shape is measured once per choice
+        self._bindings = {}  # layer shape -> Binding
         self.candidate = self._find_candidate()
 
     # ---------------------------------------------------------------------------------------- device
@@ -150,8 +151,18 @@ class KernelChoice:
 
     # ---------------------------------------------------------------------------------------- shapes
 
+    def _memo(self, key: tuple, make):
+        """One Binding per distinct layer shape (bindings hold no arrays: layers pass theirs per call)."""
+        if key not in self._bindings:
+            self._bindings[key] = make()
+        return self._bindings[key]
+
     def quantized(self, w: mx.array, scales: mx.array, biases, *, group_size: int, bits: int) -> Binding:
         """x @ dequantize(w).T for MLX's affine layout (w: [N, K*bits/32] uint32)."""
+        key = ("qmm", w.shape, w.dtype, scales.shape, scales.dtype, biases is None, group_size, bits)
+        return self._memo(key, lambda: self._quantized(w, scales, biases, group_size, bits))
+
+    def _quantized(self, w, scales, biases, group_size, bits) -> Binding:
         builtin = partial(mx.quantized_matmul, transpose=True, group_size=group_size, bits=bits)
         n, k, dtype = w.shape[0], w.shape[1] * 32 // bits, scales.dtype
         if self.candidate == METAL and metal.supported(bits, group_size, w, scales, biases):
@@ -168,6 +179,10 @@ class KernelChoice:
 
     def gate_up(self, gate: tuple, up: tuple, *, group_size: int, bits: int) -> Optional[Binding]:
         """silu(x @ Wg.T) * (x @ Wu.T) in one fused kernel, or None where no fused kernel runs (or wins)."""
+        key = ("gate_up", *((a.shape, a.dtype) if a is not None else None for a in (*gate, *up)), group_size, bits)
+        return self._memo(key, lambda: self._gate_up(gate, up, group_size, bits))
+
+    def _gate_up(self, gate, up, group_size, bits) -> Optional[Binding]:
         (wg, sg, bg), (wu, su, bu) = gate, up
         if wg.shape != wu.shape or sg.shape != su.shape or sg.dtype != su.dtype or bg is None or bu is None:
             return None
@@ -190,6 +205,9 @@ class KernelChoice:
 
     def linear(self, w: mx.array) -> Binding:
         """x @ w.T for a float weight [N, K] (unquantized Linear, tied float head)."""
+        return self._memo(("matmul", w.shape, w.dtype), lambda: self._linear(w))
+
+    def _linear(self, w) -> Binding:
         n, k, dtype = w.shape[0], w.shape[1], w.dtype
         if self.candidate == NATIVE and self._native_supports_matmul(dtype):
             fn = self._cpu.matmul
