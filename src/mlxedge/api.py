@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from . import memory
+from .adapters import read_adapter
 from .loading import load_checkpoint, resolve_dtype
 from .model import Model
 from .quant.affine import validate_settings
@@ -35,23 +36,25 @@ def plan(source, bits: Optional[int] = None, group_size: int = 64, dtype: Option
 
 def load(source, bits: Optional[int] = None, group_size: int = 64, dtype: Optional[str] = None,
          memory_budget=None, context_length: Optional[int] = None, auto_fit: bool = False,
-         kv_overflow: str = "error", progress: Optional[Callable[[int, int], None]] = None) -> Model:
+         kv_overflow: str = "error", progress: Optional[Callable[[int, int], None]] = None,
+         adapter=None) -> Model:
     """Load a model (directory, .gguf file, alias or hub id); bits=4|8 quantizes group-wise while loading.
 
     The memory plan is checked before any weight is read: a load that would not fit the budget raises
     MemoryBudgetError naming settings that would; auto_fit=True picks the best of those instead.
     context_length bounds the KV cache; past it generation fails, or keeps a rotating window when
-    kv_overflow="rotate".
+    kv_overflow="rotate". adapter: an mlx-lm or PEFT LoRA/DoRA adapter directory, applied unfused.
     """
     if kv_overflow not in KV_OVERFLOW:
         raise ValueError(f"kv_overflow must be one of {KV_OVERFLOW}")
     requested = validate_settings(bits, group_size)
+    lora = read_adapter(adapter) if adapter is not None else None
     checkpoint = open_source(source)
     memory_plan = _plan_checkpoint(checkpoint, requested.bits if requested else None, group_size, dtype,
                                    memory_budget, context_length, auto_fit=auto_fit)
     if auto_fit:
         requested = validate_settings(memory_plan.settings["bits"], group_size)
-    loaded = load_checkpoint(checkpoint, requested, dtype=dtype, progress=progress)
+    loaded = load_checkpoint(checkpoint, requested, dtype=dtype, progress=progress, adapter=lora)
     info = model_info(checkpoint, loaded)
     info["context_length"] = memory_plan.settings["context_length"]
     info["memory_plan"] = memory_plan.to_dict()

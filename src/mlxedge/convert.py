@@ -1,7 +1,10 @@
 """Write a model in mlx-lm's on-disk format (safetensors shards + config.json with "quantization").
 
 Any source goes in (HF dir, mlx dir, GGUF, alias); what comes out loads in mlx-lm and in mlxedge.
-The write is atomic: everything goes to a temporary sibling directory that is renamed at the end.
+The write is atomic: everything goes to a temporary sibling directory (fsutil's naming, so a killed run's
+leftovers are cleaned by the next one) that is renamed into place at the end; an existing DEST is replaced
+only with force=True, only when fsutil says it is a model directory, and only after the new one is complete.
+Free space is checked up front from the plan's weight bytes; a disk filling up mid-write is one line too.
 """
 
 from __future__ import annotations
@@ -9,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Optional
@@ -17,34 +19,58 @@ from typing import Callable, Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from . import fsutil
+from .adapters import fused_checkpoint, read_adapter
 from .errors import MlxedgeError
-from .loading import load_checkpoint
+from .loading import load_checkpoint, resolve_dtype
+from .memory import weight_plan
 from .quant.affine import validate_settings
 from .sources import open_source
 
 MAX_SHARD_BYTES = 5 << 30  # mlx-lm's shard size
+EXTRA_BYTES = 4 << 20  # room asked beyond the weights: config, tokenizer files, marker
 
 
 def convert(source, dest, bits: Optional[int] = 4, group_size: int = 64, dtype: Optional[str] = None,
-            force: bool = False, progress: Optional[Callable[[int, int], None]] = None) -> dict:
-    """Convert `source` to an mlx-lm directory at `dest`; returns a summary dict (path, bytes, bits, ...)."""
-    dest = Path(dest).expanduser()
-    if dest.exists() and not force:
-        raise MlxedgeError(f"{dest} already exists; choose another destination or pass force=True (--force).")
+            force: bool = False, progress: Optional[Callable[[int, int], None]] = None, adapter=None) -> dict:
+    """Convert `source` to an mlx-lm directory at `dest`; returns a summary dict (path, bytes, bits, ...).
+
+    adapter: a LoRA/DoRA adapter directory fused into the weights before they are quantized.
+    """
+    dest = fsutil.absolute(dest)
+    sources = [source] + ([adapter] if adapter is not None else [])
+    fsutil.refuse_existing(dest, force, sources, flag="force=True (--force)")
     requested = validate_settings(bits, group_size)
+    lora = read_adapter(adapter) if adapter is not None else None
     checkpoint = open_source(source)
+    sources.append(checkpoint.path)
+    fsutil.refuse_existing(dest, force, sources, flag="force=True (--force)")
+    fsutil.clean_stale_temps(dest.parent)
+    needed = EXTRA_BYTES + weight_plan(
+        checkpoint.config, checkpoint.tensor_infos, bits=requested.bits if requested else None, group_size=group_size,
+        dtype_bytes=resolve_dtype(dtype, checkpoint, for_compute=False).size, quantized=checkpoint.quantization)["bytes"]
+    fsutil.check_free_space(dest.parent, needed, dest)
+    if lora is not None:
+        checkpoint = fused_checkpoint(checkpoint, lora)
     loaded = load_checkpoint(checkpoint, requested, dtype=dtype, progress=progress, for_compute=False)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    tmp = fsutil.make_temp_dir(dest.parent, "convert")
     try:
-        total = _write_weights(tmp, dict(tree_flatten(loaded.model.parameters())))
-        _write_config(tmp, loaded, checkpoint)
-        _write_tokenizer(tmp, checkpoint)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+        try:
+            total = _write_weights(tmp, dict(tree_flatten(loaded.model.parameters())))
+            _write_config(tmp, loaded, checkpoint)
+            _write_tokenizer(tmp, checkpoint)
+            fsutil.write_marker(tmp, checkpoint.path, {"bits": requested.bits if requested else None,
+                                                       "group_size": requested.group_size if requested else None})
+        except (OSError, RuntimeError) as exc:
+            if not fsutil.is_no_space(exc):
+                raise
+            fsutil.remove_path(tmp)
+            if isinstance(exc, OSError) or fsutil.free_bytes(dest.parent) < needed:
+                raise fsutil.no_space_error(dest.parent, needed, dest) from exc
+            raise MlxedgeError(f"could not write {dest}: {exc}") from exc
+        fsutil.replace_dir(tmp, dest, sources)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        fsutil.remove_path(tmp)
         raise
     return {"path": str(dest), "bytes": total, "architecture": loaded.config["model_type"],
             "quantized_modules": len(loaded.quantized), "unquantized_modules": loaded.unquantized,

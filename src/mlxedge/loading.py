@@ -13,6 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .adapters import Adapter, attach_adapter
 from .configs import model_classes, normalize_config
 from .errors import MlxedgeError, SourceError, UnsupportedError
 from .quant.affine import QuantSpec, can_quantize
@@ -140,8 +141,12 @@ def _surviving_names(model: nn.Module, checkpoint: Checkpoint) -> set:
 
 
 def load_checkpoint(checkpoint: Checkpoint, requested: Optional[QuantSpec], dtype=None,
-                    progress: Optional[Callable[[int, int], None]] = None, for_compute: bool = True) -> LoadedModel:
-    """Build the architecture and stream every tensor of `checkpoint` into it (see resolve_dtype for for_compute)."""
+                    progress: Optional[Callable[[int, int], None]] = None, for_compute: bool = True,
+                    adapter: Optional[Adapter] = None) -> LoadedModel:
+    """Build the architecture and stream every tensor of `checkpoint` into it (see resolve_dtype for for_compute).
+
+    adapter: a LoRA/DoRA adapter attached, unfused, on top of the loaded layers (see adapters.py).
+    """
     config = normalize_config(checkpoint.config)
     model_class, args_class = model_classes(config)
     try:
@@ -191,10 +196,15 @@ def load_checkpoint(checkpoint: Checkpoint, requested: Optional[QuantSpec], dtyp
         raise SourceError(f"the checkpoint lacks {len(missing)} tensor(s) the {config['model_type']} architecture "
                           f"needs (e.g. {missing[0]}); it is incomplete or of another architecture.")
     model.eval()
+    extra = {}
+    if adapter is not None:  # the Model binds kernels after this: an adapted gate/up is never fused past it
+        attach_adapter(model, adapter, compute_dtype)
+        extra["adapter"] = adapter.describe()
     params = dict(tree_flatten(model.parameters()))
     return LoadedModel(
         model=model, config=config, dtype=compute_dtype, quantized=targets, unquantized=unquantized,
         parameters=_count_parameters(params, targets), nbytes=sum(v.nbytes for v in params.values()),
+        extra=extra,
     )
 
 

@@ -8,6 +8,20 @@ from .errors import GenerationError
 from .generate.chat_template import normalize_messages, render_chat
 
 
+def utf8_problem(text: str) -> Optional[str]:
+    """Why `text` cannot be encoded as UTF-8 (e.g. "byte 0xff at character 3"), or None when it can.
+
+    Python decodes argv, stdin and file names with surrogateescape: a byte that is not UTF-8 arrives as a
+    lone surrogate U+DC80..U+DCFF, which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+        return f"{what} at character {exc.start}"
+    return None
+
+
 class Tokenizer:
     def __init__(self, hf_tokenizer, chat_template: Optional[str]):
         self.hf = hf_tokenizer
@@ -22,6 +36,10 @@ class Tokenizer:
         return len(self.hf)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list:
+        problem = utf8_problem(text) if isinstance(text, str) else None
+        if problem:
+            raise GenerationError(f"the prompt is not valid UTF-8 text ({problem}); decode it as UTF-8 first "
+                                  "(a terminal or file in another encoding?)")
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:

