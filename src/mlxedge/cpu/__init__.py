@@ -15,6 +15,7 @@ and ``describe()`` says why. Environment, read once at import:
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 
@@ -39,9 +40,8 @@ def _load_extension():
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
-    from . import _ext as module
-
-    return module
+    # not `from . import _ext`: the package's own `_ext = None` would shadow the submodule
+    return importlib.import_module(__name__ + "._ext")
 
 
 def _threads_default() -> int:

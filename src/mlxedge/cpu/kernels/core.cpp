@@ -21,7 +21,8 @@
 
 #include <dlfcn.h>
 
-#if defined(__x86_64__) || defined(_M_X64)
+// -DMLXEDGE_NO_X86_SIMD builds only the portable path on x86-64 (it is what non-x86 targets compile)
+#if (defined(__x86_64__) || defined(_M_X64)) && !defined(MLXEDGE_NO_X86_SIMD)
 #define MLXE_X86 1
 #include <immintrin.h>
 #endif
@@ -86,16 +87,22 @@ namespace {
 
 // ---------------------------------------------------------------- dtype conversions (portable)
 
-inline float bf16_to_f32(uint16_t h) {
-  uint32_t u = uint32_t(h) << 16;
+inline float from_bits(uint32_t u) {
   float f;
   std::memcpy(&f, &u, 4);
   return f;
 }
 
-inline uint16_t f32_to_bf16(float f) {
+inline uint32_t to_bits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
+  return u;
+}
+
+inline float bf16_to_f32(uint16_t h) { return from_bits(uint32_t(h) << 16); }
+
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u = to_bits(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // NaN stays NaN
   u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
   return uint16_t(u >> 16);
@@ -122,14 +129,11 @@ inline float f16_to_f32(uint16_t h) {
   } else {
     u = sign | (exp + 112) << 23 | man << 13;
   }
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
+  return from_bits(u);
 }
 
 inline uint16_t f32_to_f16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
+  uint32_t u = to_bits(f);
   uint32_t sign = (u >> 16) & 0x8000u;
   uint32_t a = u & 0x7fffffffu;
   if (a > 0x7f800000u) return uint16_t(sign | 0x7e00u);      // NaN
@@ -175,6 +179,17 @@ void to_f32(const void* src, int dt, int64_t n, float* dst) {
 
 // ---------------------------------------------------------------- thread pool
 
+// A job lives on the caller's stack. Workers join it through a hazard-style reference count, so the
+// caller waits only for the tasks and for workers already inside the job -- never for a worker the OS
+// has not scheduled yet (which on a loaded machine can take milliseconds).
+struct Job {
+  void (*fn)(void* ctx, int64_t task);
+  void* ctx;
+  int64_t ntasks;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
 class Pool {
  public:
   using Fn = void (*)(void* ctx, int64_t task);
@@ -201,22 +216,24 @@ class Pool {
       return;
     }
     std::lock_guard<std::mutex> job_lock(job_mu_);
-    fn_ = fn;
-    ctx_ = ctx;
-    ntasks_ = ntasks;
-    next_.store(0, std::memory_order_relaxed);
-    busy_.store(n_ - 1, std::memory_order_relaxed);
+    Job job;
+    job.fn = fn;
+    job.ctx = ctx;
+    job.ntasks = ntasks;
+    job_.store(&job, std::memory_order_release);
     {
       std::lock_guard<std::mutex> lk(mu_);
       gen_.fetch_add(1, std::memory_order_release);
       if (sleepers_ > 0) cv_.notify_all();
     }
-    work();
-    // wait for the workers to leave this job
-    for (int spin = 0; busy_.load(std::memory_order_acquire) != 0; spin++) {
-      if (spin > 2000) std::this_thread::yield();
+    work(job);
+    for (int spin = 0; job.done.load(std::memory_order_acquire) != ntasks; spin++) {
+      if (spin > 4000) std::this_thread::yield();
       else cpu_relax();
     }
+    job_.store(nullptr, std::memory_order_seq_cst);
+    // workers that took a reference before the store above may still be reading job.next
+    while (refs_.load(std::memory_order_seq_cst) != 0) std::this_thread::yield();
   }
 
  private:
@@ -228,12 +245,20 @@ class Pool {
 #endif
   }
 
-  void work() {
+  static void work(Job& job) {
     for (;;) {
-      int64_t t = next_.fetch_add(1, std::memory_order_relaxed);
-      if (t >= ntasks_) break;
-      fn_(ctx_, t);
+      int64_t t = job.next.fetch_add(1, std::memory_order_relaxed);
+      if (t >= job.ntasks) break;
+      job.fn(job.ctx, t);
+      job.done.fetch_add(1, std::memory_order_release);
     }
+  }
+
+  void join_current() {
+    refs_.fetch_add(1, std::memory_order_seq_cst);
+    Job* j = job_.load(std::memory_order_seq_cst);
+    if (j) work(*j);
+    refs_.fetch_sub(1, std::memory_order_seq_cst);
   }
 
   void loop() {
@@ -241,7 +266,7 @@ class Pool {
     for (;;) {
       // spin briefly (decode issues many small jobs back to back), then sleep
       bool woke = false;
-      for (int spin = 0; spin < 20000; spin++) {
+      for (int spin = 0; spin < 4000; spin++) {
         if (gen_.load(std::memory_order_acquire) != seen) {
           woke = true;
           break;
@@ -256,8 +281,7 @@ class Pool {
       }
       seen = gen_.load(std::memory_order_acquire);
       if (stop_) return;
-      work();
-      busy_.fetch_sub(1, std::memory_order_acq_rel);
+      join_current();
     }
   }
 
@@ -266,21 +290,19 @@ class Pool {
   std::mutex mu_, job_mu_;
   std::condition_variable cv_;
   std::atomic<uint64_t> gen_{0};
-  std::atomic<int64_t> next_{0};
-  std::atomic<int> busy_{0};
+  std::atomic<Job*> job_{nullptr};
+  std::atomic<int> refs_{0};
   int sleepers_ = 0;
-  bool stop_ = false;
-  Fn fn_ = nullptr;
-  void* ctx_ = nullptr;
-  int64_t ntasks_ = 0;
+  std::atomic<bool> stop_{false};
 };
 
 // ---------------------------------------------------------------- global state
 
 int g_isa = MLXE_ISA_SCALAR;
-int g_gemv_max_rows = 4;
+int g_gemv_max_rows = 16;  // measured here: GEMV beats dequantise+GEMM up to ~16 rows
 Pool* g_pool = nullptr;
-std::mutex g_init_mu;
+// Held by every kernel call and by mlxe_init: the ISA and the pool never change under a running kernel.
+std::mutex g_call_mu;
 
 using sgemm_fn = void (*)(int order, int ta, int tb, int M, int N, int K, float alpha,
                           const float* A, int lda, const float* B, int ldb, float beta, float* C,
@@ -290,9 +312,14 @@ sgemm_fn g_sgemm = nullptr;
 bool g_use_blas = false;
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 
-Pool& pool() {
-  if (!g_pool) mlxe_init(MLXE_ISA_AUTO, 0);
-  return *g_pool;
+void init_locked(int isa, int nthreads);
+
+Pool& pool() { return *g_pool; }  // kernels run under g_call_mu after enter_kernel()
+
+std::unique_lock<std::mutex> enter_kernel() {
+  std::unique_lock<std::mutex> lk(g_call_mu);
+  if (!g_pool) init_locked(MLXE_ISA_AUTO, 0);
+  return lk;
 }
 
 template <class F>
@@ -816,7 +843,16 @@ inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
 extern "C" {
 
 int mlxe_init(int isa, int nthreads) {
-  std::lock_guard<std::mutex> lk(g_init_mu);
+  std::lock_guard<std::mutex> lk(g_call_mu);
+  init_locked(isa, nthreads);
+  return g_isa;
+}
+
+}  // extern "C"
+
+namespace {
+void init_locked(int isa, int nthreads) {
+  (void)isa;  // unused where only the portable path exists
   int chosen = MLXE_ISA_SCALAR;
 #ifdef MLXE_X86
   bool has = cpu_has_avx2();
@@ -835,15 +871,21 @@ int mlxe_init(int isa, int nthreads) {
     delete g_pool;
     g_pool = new Pool(nthreads);
   }
-  return g_isa;
 }
+}  // namespace
+
+extern "C" {
 
 int mlxe_isa(void) { return g_isa; }
 int mlxe_threads(void) { return g_pool ? g_pool->size() : 0; }
-void mlxe_set_gemv_max_rows(int rows) { g_gemv_max_rows = std::max(1, rows); }
+void mlxe_set_gemv_max_rows(int rows) {
+  std::lock_guard<std::mutex> lk(g_call_mu);
+  g_gemv_max_rows = std::max(1, rows);
+}
 const char* mlxe_plant(void) { return PLANT_NAME; }
 
 int mlxe_set_blas(const char* path) {
+  std::lock_guard<std::mutex> lk(g_call_mu);
   void* h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
   if (!h) return 0;
   auto f = reinterpret_cast<sgemm_fn>(dlsym(h, "scipy_cblas_sgemm"));
@@ -856,6 +898,7 @@ int mlxe_set_blas(const char* path) {
 }
 
 int mlxe_use_blas(int on) {
+  std::lock_guard<std::mutex> lk(g_call_mu);
   g_use_blas = on && g_sgemm;
   return g_use_blas ? 1 : 0;
 }
@@ -864,6 +907,7 @@ int mlxe_has_blas(void) { return g_sgemm ? 1 : 0; }
 void mlxe_qmm(const void* x, int xdt, const uint32_t* w, const void* scales, const void* biases,
               int sdt, void* out, int odt, int64_t M, int64_t N, int64_t K, int bits,
               int group_size) {
+  auto lock = enter_kernel();
   QW q{w, scales, biases, sdt, N, K, bits, group_size};
   XPrep xp;
   prep_x(xp, x, xdt, M, K, group_size, bits, M <= g_gemv_max_rows);
@@ -880,6 +924,7 @@ void mlxe_qmm(const void* x, int xdt, const uint32_t* w, const void* scales, con
 void mlxe_gate_up_silu(const void* x, int xdt, const uint32_t* wg, const void* sg, const void* bg,
                        const uint32_t* wu, const void* su, const void* bu, int sdt, void* out,
                        int odt, int64_t M, int64_t N, int64_t K, int bits, int group_size) {
+  auto lock = enter_kernel();
   QW qg{wg, sg, bg, sdt, N, K, bits, group_size};
   QW qu{wu, su, bu, sdt, N, K, bits, group_size};
   const bool gemv = M <= g_gemv_max_rows;
@@ -920,6 +965,7 @@ void mlxe_gate_up_silu(const void* x, int xdt, const uint32_t* wg, const void* s
 
 void mlxe_matmul(const void* x, int xdt, const void* w, int wdt, void* out, int odt, int64_t M,
                  int64_t N, int64_t K) {
+  auto lock = enter_kernel();
   std::vector<float> xf(size_t(M * K));
   convert_f32(x, xdt, M * K, xf.data());
   std::vector<float> ybuf;

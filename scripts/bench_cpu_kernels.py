@@ -1,0 +1,170 @@
+#!/usr/bin/env python
+"""Per-kernel GEMV speed of mlxedge's native CPU kernels vs MLX's built-ins, side by side in one process.
+
+For SmolLM2-135M's decode shapes (one activation row) at 4-bit g32, 4-bit g64 and 8-bit g32 (and the
+49152x576 8-bit g32 head), reports time per call, the bandwidth it implies (bytes of W + scales + biases
+read / time) and that bandwidth as a percentage of this machine's measured read bandwidth (a numpy
+reduction over a large array, on one thread and on as many threads as the kernels use; the larger is
+the reference). Weights are rotated over copies totalling more than the last-level cache, as a real
+decode step reads them, so the figures are DRAM figures, not cache ones. Ours and MLX's calls are
+interleaved per repetition so machine load affects both alike.
+
+    python scripts/bench_cpu_kernels.py [--dtype float32|bfloat16|float16] [--reps 5] [--rows 1]
+    python scripts/bench_cpu_kernels.py --gemm   # prefill: OpenBLAS tiles vs the built-in micro-kernel vs MLX
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+
+import mlx.core as mx
+import numpy as np
+
+import mlxedge.cpu as cpu
+
+SHAPES = [  # (name, N, K): out x in, nn.Linear layout
+    ("up/gate 576->1536", 1536, 576),
+    ("down 1536->576", 576, 1536),
+    ("q/o 576->576", 576, 576),
+    ("k/v 576->192", 192, 576),
+]
+HEAD = ("head 576->49152", 49152, 576)
+CONFIGS = [(4, 32), (4, 64), (8, 32)]
+LLC_BYTES = 64 << 20  # rotate weights over more than this (2x a 32 MiB L3)
+
+
+def read_bandwidth(nbytes: int = 512 << 20, threads: int = 1, reps: int = 5) -> float:
+    """Best GB/s of summing a float32 array that does not fit any cache, split over `threads`."""
+    a = np.ones(nbytes // 4, dtype=np.float32)
+    parts = np.array_split(a, threads)
+    best = 0.0
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        if threads == 1:
+            a.sum()
+        else:
+            ts = [threading.Thread(target=p.sum) for p in parts]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+        best = max(best, nbytes / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def weights(N, K, bits, gs, dtype, copies, seed=0):
+    out = []
+    for i in range(copies):
+        w = mx.random.normal((N, K), key=mx.random.key(seed + i))
+        wq, s, b = mx.quantize(w, group_size=gs, bits=bits)
+        out.append((wq, s.astype(dtype), b.astype(dtype)))
+    mx.eval(out)
+    return out
+
+
+def nbytes(triplet) -> int:
+    return sum(a.nbytes for a in triplet)
+
+
+def time_calls(fn, x, ws, calls: int) -> float:
+    """Seconds per call over `calls` independent calls rotating through `ws`, evaluated together."""
+    outs = [fn(x, *ws[i % len(ws)]) for i in range(calls)]
+    t0 = time.perf_counter()
+    mx.eval(outs)
+    return (time.perf_counter() - t0) / calls
+
+
+GEMM_SHAPES = [(64, 49152, 576), (256, 1536, 576), (512, 576, 1536)]  # (rows, N, K): head, up, down
+
+
+def best_of(f, reps: int) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        mx.eval(f())
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def gemm_table(reps: int) -> None:
+    """Many-row matmuls: float (unquantized Linear / tied head) and 4-bit g64, per GEMM backend."""
+    print("| rows x K -> N | kind | openblas tiles ms | GFLOP/s | built-in kernel ms | GFLOP/s | mlx ms | openblas speed-up over built-in |")
+    print("|---|---|---|---|---|---|---|---|")
+    for M, N, K in GEMM_SHAPES:
+        x = mx.random.normal((M, K))
+        w = mx.random.normal((N, K))
+        wq, s, b = mx.quantize(w, group_size=64, bits=4)
+        mx.eval(x, w, wq, s, b)
+        gf = 2 * M * N * K / 1e9
+        kinds = [
+            ("float32", lambda: cpu.matmul(x, w), lambda: x @ w.T),
+            ("4-bit g64", lambda: cpu.quantized_matmul(x, wq, s, b, group_size=64, bits=4),
+             lambda: mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=64, bits=4)),
+        ]
+        for kind, ours, theirs in kinds:
+            cpu._configure(blas="openblas")
+            tb = best_of(ours, reps)
+            cpu._configure(blas="none")
+            to = best_of(ours, reps)
+            cpu._configure(blas="openblas")
+            tm = best_of(theirs, 1)
+            print(f"| {M} x {K} -> {N} | {kind} | {tb * 1e3:.1f} | {gf / tb:.0f} | {to * 1e3:.1f} | {gf / to:.0f} "
+                  f"| {tm * 1e3:.0f} | {to / tb:.2f}x |")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--rows", type=int, default=1, help="activation rows (1 = decode)")
+    ap.add_argument("--calls", type=int, default=40, help="calls per timed batch")
+    ap.add_argument("--gemm", action="store_true", help="prefill GEMMs per backend instead of decode GEMVs")
+    args = ap.parse_args()
+    if not cpu.available():
+        raise SystemExit(f"native CPU kernels: {cpu.describe()}")
+    dtype = getattr(mx, args.dtype)
+    mx.set_default_device(mx.cpu)
+    if args.gemm:
+        print(f"backend: {cpu.describe()}\n")
+        return gemm_table(args.reps)
+    threads = cpu._ext.threads()
+    bw1 = read_bandwidth(threads=1)
+    bwn = read_bandwidth(threads=threads) if threads > 1 else bw1
+    bw = max(bw1, bwn)
+    print(f"backend: {cpu.describe()}; activations {args.dtype}, rows {args.rows}")
+    print(f"read bandwidth (numpy sum over 512 MiB): 1 thread {bw1:.1f} GB/s, {threads} threads {bwn:.1f} GB/s -> reference {bw:.1f} GB/s\n")
+    print("| shape | bits/gs | bytes | mlxedge µs | GB/s | % of read bw | mlx µs | GB/s | speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    rows = [(name, N, K, bits, gs) for name, N, K in SHAPES for bits, gs in CONFIGS]
+    rows.append((*HEAD, 8, 32))
+    ours_fn = lambda x, wq, s, b, gs, bits: cpu.quantized_matmul(x, wq, s, b, group_size=gs, bits=bits)  # noqa: E731
+    mlx_fn = lambda x, wq, s, b, gs, bits: mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=gs, bits=bits)  # noqa: E731
+    for name, N, K, bits, gs in rows:
+        probe = weights(N, K, bits, gs, dtype, 1)
+        size = nbytes(probe[0])
+        copies = max(1, -(-LLC_BYTES // size))
+        ws = probe + weights(N, K, bits, gs, dtype, copies - 1, seed=1) if copies > 1 else probe
+        x = mx.random.normal((args.rows, K)).astype(dtype)
+        calls = max(args.calls, copies)  # touch every copy: nothing is served from cache
+        t_ours, t_mlx = [], []
+        f_ours = lambda x, wq, s, b: ours_fn(x, wq, s, b, gs, bits)  # noqa: E731
+        f_mlx = lambda x, wq, s, b: mlx_fn(x, wq, s, b, gs, bits)  # noqa: E731
+        time_calls(f_ours, x, ws, 2)
+        time_calls(f_mlx, x, ws, 2)
+        for _ in range(args.reps):
+            t_ours.append(time_calls(f_ours, x, ws, calls))
+            t_mlx.append(time_calls(f_mlx, x, ws, max(2, calls // 4)))
+        # the best repetition is the kernel's speed; the machine may be shared (say so with the numbers)
+        o, m = min(t_ours), min(t_mlx)
+        go, gm = size / o / 1e9, size / m / 1e9
+        print(
+            f"| {name} | {bits}/{gs} | {size / 1e6:.2f} MB | {o * 1e6:.1f} | {go:.1f} | {100 * go / bw:.0f}% "
+            f"| {m * 1e6:.0f} | {gm:.2f} | {m / o:.1f}x |"
+        )
+        del ws
+
+
+if __name__ == "__main__":
+    main()

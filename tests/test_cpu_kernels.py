@@ -1,0 +1,317 @@
+"""Native CPU kernels (mlxedge.cpu) against mx.dequantize + a float64 numpy matmul, on every ISA path.
+
+Error bound (float32 accumulation, Higham): a dot product of length K accumulated in float32 is within
+K*u*sum|x_k||w_k| of the exact one (u = 2^-24). The kernels accumulate scale*sum(q x) + bias*sum(x) per
+group, so the magnitude that bounds the error is sum_k |x_k| (|s q_k| + |b|), and the reference's own
+dequantisation (one float32 rounding of s*q+b) adds u*|x||w| more. We allow 2*(K+8)*u*that, plus one
+rounding of the result to the output dtype (u_out*|y|). A planted bug (see test_cpu_mutations.py)
+misses this bound by orders of magnitude.
+
+The same checks (check_qmm, check_gate_up, check_matmul) drive the ctypes builds of the core in the
+mutation tests: `run` callables take float32 numpy inputs.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlxedge.cpu as cpu
+
+U32 = 2.0**-24
+U_OUT = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+TINY_OUT = {"float32": 2.0**-150, "float16": 2.0**-25, "bfloat16": 2.0**-134}  # half the smallest subnormal
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+ISAS = ["scalar", "avx2"] if os.uname().machine in ("x86_64", "AMD64") else ["scalar"]
+
+
+# ------------------------------------------------------------------ cases and references (shared)
+
+
+def make_quantized(N: int, K: int, bits: int, gs: int, seed: int, dtype=mx.float32):
+    """A random [N, K] weight quantized by MLX; scales/biases cast to `dtype`."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    # a few rows with a large offset so the bias term matters (Q4_1-like: bias far from zero)
+    w[::5] += 3.0
+    wq, s, b = mx.quantize(mx.array(w), group_size=gs, bits=bits)
+    return wq, s.astype(dtype), b.astype(dtype)
+
+
+def make_x(M: int, K: int, seed: int, dtype=mx.float32, lead=None):
+    rng = np.random.default_rng(seed + 1000)
+    x = (rng.standard_normal((M, K)).astype(np.float32) + 0.25) / np.float32(np.sqrt(K))  # keeps |y| ~ 1..30
+    x = mx.array(x).astype(dtype)
+    return x.reshape(*lead, K) if lead else x
+
+
+def _f64(a) -> np.ndarray:
+    return np.array(a.astype(mx.float32), dtype=np.float64)
+
+
+def dequant_parts(wq, s, b, gs, bits):
+    """(w, |s q| + |b|) in float64: w from mx.dequantize (float32 scales), and the magnitude."""
+    s32, b32 = s.astype(mx.float32), b.astype(mx.float32)
+    w = _f64(mx.dequantize(wq, s32, b32, group_size=gs, bits=bits))
+    q = _f64(mx.dequantize(wq, mx.ones_like(s32), mx.zeros_like(b32), group_size=gs, bits=bits))
+    rep = lambda a: np.repeat(_f64(a), gs, axis=1)  # noqa: E731
+    mag = np.abs(rep(s32) * q) + np.abs(rep(b32))
+    return w, mag
+
+
+def qmm_reference(x, wq, s, b, gs, bits):
+    """(y, bound) for x @ deq(W).T: float64 result and the float32-accumulation error bound."""
+    xd = _f64(x).reshape(-1, x.shape[-1])
+    w, mag = dequant_parts(wq, s, b, gs, bits)
+    K = xd.shape[1]
+    y = xd @ w.T
+    err = 2 * (K + 8) * U32 * (np.abs(xd) @ mag.T)
+    return y, err
+
+
+def assert_within(got: np.ndarray, want: np.ndarray, err: np.ndarray, out_dtype: str, what: str):
+    got = np.asarray(got, dtype=np.float64).reshape(want.shape)
+    bound = err + U_OUT[out_dtype] * np.abs(want) + TINY_OUT[out_dtype]
+    bad = ~(np.abs(got - want) <= bound)  # NaN counts as bad
+    if bad.any():
+        i = np.argwhere(bad)[0]
+        raise AssertionError(
+            f"{what}: {int(bad.sum())}/{bad.size} outputs outside the float32 bound; first at {tuple(i)}: "
+            f"got {got[tuple(i)]!r}, want {want[tuple(i)]!r}, bound {bound[tuple(i)]:.3g}"
+        )
+
+
+@functools.lru_cache(maxsize=512)
+def _qmm_case(M, N, K, bits, gs, dtype, seed):
+    wq, s, b = make_quantized(N, K, bits, gs, seed, DTYPES[dtype])
+    x = make_x(M, K, seed, DTYPES[dtype])
+    return (x, wq, s, b), qmm_reference(x, wq, s, b, gs, bits)
+
+
+def check_qmm(run, M, N, K, bits, gs, dtype="float32", seed=0, what="qmm"):
+    """run(x, wq, s, b, gs, bits) -> y; x/s/b in `dtype` (mx arrays)."""
+    (x, wq, s, b), (want, err) = _qmm_case(M, N, K, bits, gs, dtype, seed)
+    got = run(x, wq, s, b, gs, bits)
+    assert_within(got, want, err, dtype, f"{what} M={M} N={N} K={K} bits={bits} gs={gs} {dtype}")
+
+
+@functools.lru_cache(maxsize=128)
+def _gate_up_case(M, N, K, bits, gs, dtype, seed):
+    dt = DTYPES[dtype]
+    gate = make_quantized(N, K, bits, gs, seed, dt)
+    up = make_quantized(N, K, bits, gs, seed + 1, dt)
+    x = make_x(M, K, seed, dt)
+    g, eg = qmm_reference(x, *gate, gs, bits)
+    u, eu = qmm_reference(x, *up, gs, bits)
+    sig = 1 / (1 + np.exp(-g))
+    silu = g * sig
+    want = silu * u
+    # |d silu/dg| <= 1.1; one more rounding for silu and the product
+    err = 1.1 * np.abs(u) * eg + np.abs(silu) * eu + 8 * U32 * np.abs(want) + 8 * U32 * np.abs(u) * np.abs(g)
+    return (x, gate, up), (want, err)
+
+
+def check_gate_up(run, M, N, K, bits, gs, dtype="float32", seed=0, what="gate_up_silu"):
+    """run(x, (wg, sg, bg), (wu, su, bu), gs, bits) -> silu(x Wg^T) * (x Wu^T)."""
+    (x, gate, up), (want, err) = _gate_up_case(M, N, K, bits, gs, dtype, seed)
+    got = run(x, gate, up, gs, bits)
+    assert_within(got, want, err, dtype, f"{what} M={M} N={N} K={K} bits={bits} gs={gs} {dtype}")
+
+
+@functools.lru_cache(maxsize=256)
+def _matmul_case(M, N, K, x_dtype, w_dtype, seed):
+    rng = np.random.default_rng(seed)
+    w = mx.array(rng.standard_normal((N, K)).astype(np.float32)).astype(DTYPES[w_dtype])
+    x = make_x(M, K, seed, DTYPES[x_dtype])
+    xd, wd = _f64(x), _f64(w)
+    want = xd @ wd.T
+    err = 2 * (K + 8) * U32 * (np.abs(xd) @ np.abs(wd).T)
+    out_dtype = str((mx.array(0, x.dtype) + mx.array(0, w.dtype)).dtype).split(".")[-1]
+    return (x, w), (want, err, out_dtype)
+
+
+def check_matmul(run, M, N, K, x_dtype="float32", w_dtype="float32", seed=0, what="matmul"):
+    (x, w), (want, err, out_dtype) = _matmul_case(M, N, K, x_dtype, w_dtype, seed)
+    got = run(x, w)
+    assert_within(got, want, err, out_dtype, f"{what} M={M} N={N} K={K} x {x_dtype} w {w_dtype}")
+
+
+# ------------------------------------------------------------------ the MLX extension
+
+needs_ext = pytest.mark.skipif(not cpu.available(), reason=f"native CPU kernels: {cpu.describe()}")
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    cpu._configure(isa=request.param)
+    yield request.param
+    cpu._configure(isa=os.environ.get("MLXEDGE_CPU_ISA", "auto"))
+
+
+@pytest.fixture(params=["openblas", "none"])
+def gemm_backend(request):
+    cpu._configure(blas=request.param)
+    yield request.param
+    cpu._configure(blas=os.environ.get("MLXEDGE_CPU_BLAS", "openblas"))
+
+
+def ext_qmm(x, wq, s, b, gs, bits):
+    y = cpu.quantized_matmul(x, wq, s, b, group_size=gs, bits=bits)
+    assert y.dtype == mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=gs, bits=bits).dtype
+    return _f64(y)
+
+
+def ext_gate_up(x, gate, up, gs, bits):
+    return _f64(cpu.gate_up_silu(x, gate, up, group_size=gs, bits=bits))
+
+
+def ext_matmul(x, w):
+    y = cpu.matmul(x, w)
+    assert y.dtype == (x @ w.T).dtype
+    return _f64(y)
+
+
+def test_extension_builds_and_loads_here():
+    """`pip install` builds the extension; on a machine with a compiler it must load and self-check."""
+    if os.environ.get("MLXEDGE_SKIP_CPU_EXT") == "1":
+        pytest.skip("installed with MLXEDGE_SKIP_CPU_EXT=1")
+    assert cpu.available(), cpu.describe()
+    assert cpu.describe().startswith("native cpu")
+
+
+def test_supports_is_a_cheap_predicate():
+    assert cpu.supports(mx.float32, 4, 64) and cpu.supports(mx.bfloat16, 8, 32) and cpu.supports(mx.float16, 4, 128)
+    assert not cpu.supports(mx.float32, 3, 64)
+    assert not cpu.supports(mx.float32, 4, 16)
+    assert not cpu.supports(mx.int32, 4, 64)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("gs", [32, 64, 128])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_matmul_ragged_shapes(isa, bits, gs, dtype):
+    # N=77 is no multiple of any row chunk or tile; K=gs is one group; K=3*gs leaves a 32-element
+    # tail after the 64-element AVX2 blocks (4-bit g32) and odd group counts elsewhere
+    for K in (gs, 3 * gs):
+        for M in (1, 2, 7, 8, 33):
+            check_qmm(ext_qmm, M, 77, K, bits, gs, dtype, seed=M + K, what=f"qmm[{isa}]")
+
+
+@needs_ext
+@pytest.mark.parametrize("bits,gs", [(4, 32), (8, 64)])
+def test_quantized_matmul_prefill_rows(isa, gemm_backend, bits, gs):
+    check_qmm(ext_qmm, 512, 200, 5 * gs, bits, gs, "float32", seed=7, what=f"qmm[{isa},{gemm_backend}]")
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_quantized_matmul_blocked_path_each_gemm(isa, gemm_backend, dtype):
+    for M in (17, 33):  # above the GEMV row limit (16)
+        check_qmm(ext_qmm, M, 130, 192, 4, 64, dtype, seed=M, what=f"qmm[{isa},{gemm_backend}]")
+        check_qmm(ext_qmm, M, 130, 96, 8, 32, dtype, seed=M, what=f"qmm[{isa},{gemm_backend}]")
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("bits,gs", [(4, 32), (4, 64), (8, 32), (4, 128)])
+def test_gate_up_silu(isa, bits, gs, dtype):
+    for M in (1, 2, 7, 33):
+        for K in (gs, 3 * gs):
+            check_gate_up(ext_gate_up, M, 45, K, bits, gs, dtype, seed=M + K, what=f"gate_up[{isa}]")
+
+
+@needs_ext
+@pytest.mark.parametrize("w_dtype", list(DTYPES))
+@pytest.mark.parametrize("x_dtype", list(DTYPES))
+def test_float_matmul(isa, x_dtype, w_dtype):
+    for M in (1, 2, 7, 8, 33):
+        for K in (1, 13, 100):
+            check_matmul(ext_matmul, M, 77, K, x_dtype, w_dtype, seed=M + K, what=f"matmul[{isa}]")
+
+
+@needs_ext
+def test_float_matmul_prefill_rows(isa, gemm_backend):
+    check_matmul(ext_matmul, 512, 150, 100, "float32", "float32", seed=3, what=f"matmul[{isa},{gemm_backend}]")
+    check_matmul(ext_matmul, 33, 150, 100, "float32", "bfloat16", seed=4, what=f"matmul[{isa},{gemm_backend}]")
+
+
+@needs_ext
+def test_mixed_dtypes_promote_like_mlx():
+    wq, s, b = make_quantized(40, 128, 4, 64, 0, mx.bfloat16)
+    x = make_x(3, 128, 0, mx.float32)
+    want, err = qmm_reference(x, wq, s, b, 64, 4)
+    y = cpu.quantized_matmul(x, wq, s, b, group_size=64, bits=4)
+    assert y.dtype == mx.float32
+    assert_within(_f64(y), want, err, "float32", "x float32, scales bfloat16")
+
+
+@needs_ext
+def test_leading_dims_views_and_lazy_graphs():
+    wq, s, b = make_quantized(50, 128, 4, 32, 1)
+    x = make_x(6, 128, 1, lead=(2, 3))
+    want = mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=32, bits=4)
+    got = cpu.quantized_matmul(x, wq, s, b, group_size=32, bits=4)
+    assert got.shape == (2, 3, 50)
+    # a transposed (non-contiguous) view of x, consumed inside a larger lazy graph and async_eval
+    xt = mx.swapaxes(mx.swapaxes(x, 0, 1), 0, 1) * 1.0
+    xv = mx.swapaxes(mx.array(np.array(x).transpose(1, 0, 2)), 0, 1)
+    out = mx.tanh(cpu.quantized_matmul(xv, wq, s, b, group_size=32, bits=4)) + cpu.quantized_matmul(
+        xt, wq, s, b, group_size=32, bits=4
+    )
+    mx.async_eval(out)
+    np.testing.assert_allclose(np.array(out), np.array(mx.tanh(want) + want), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-4)
+    # inside mx.compile too
+    f = mx.compile(lambda a: cpu.quantized_matmul(a, wq, s, b, group_size=32, bits=4) * 2)
+    np.testing.assert_allclose(np.array(f(x)), 2 * np.array(want), rtol=1e-4, atol=1e-4)
+
+
+@needs_ext
+def test_runs_on_the_cpu_stream_even_when_asked_for_another():
+    wq, s, b = make_quantized(16, 64, 4, 32, 2)
+    x = make_x(1, 64, 2)
+    with mx.stream(mx.cpu):
+        y = cpu.quantized_matmul(x, wq, s, b, group_size=32, bits=4)
+    mx.eval(y)
+    if mx.metal.is_available():  # on a Mac the default device is the GPU: the op still runs on the CPU
+        with mx.stream(mx.gpu):
+            z = cpu.quantized_matmul(x, wq, s, b, group_size=32, bits=4)
+        np.testing.assert_allclose(np.array(z), np.array(y))
+
+
+@needs_ext
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda x, wq, s, b: cpu.quantized_matmul(x, wq, s, b, group_size=32, bits=3), "bits"),
+        (lambda x, wq, s, b: cpu.quantized_matmul(x, wq, s, b, group_size=64, bits=4), "shapes do not match"),
+        (lambda x, wq, s, b: cpu.quantized_matmul(x.astype(mx.int32), wq, s, b, group_size=32, bits=4), "float32"),
+        (lambda x, wq, s, b: cpu.matmul(x, x.T), "expected x"),
+    ],
+)
+def test_bad_input_is_one_clear_error(call, match):
+    wq, s, b = make_quantized(16, 96, 4, 32, 3)
+    x = make_x(2, 96, 3)
+    with pytest.raises(ValueError, match=match):
+        call(x, wq, s, b)
+
+
+@needs_ext
+def test_environment_picks_the_path_once_at_import_and_never_raises():
+    import subprocess
+    import sys
+
+    code = "import mlxedge.cpu as c; print(c.available(), c.describe())"
+    run = lambda env: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=120
+    ).stdout
+    assert run({"MLXEDGE_CPU_ISA": "scalar", "MLXEDGE_CPU_THREADS": "3", "MLXEDGE_CPU_BLAS": "none"}).strip() == (
+        "True native cpu (portable scalar, 3 threads, built-in gemm)"
+    )
+    bad = run({"MLXEDGE_CPU_ISA": "sse9"})
+    assert bad.startswith("False unavailable: ValueError: MLXEDGE_CPU_ISA must be one of"), bad

@@ -1,0 +1,205 @@
+"""Mutation check for the native CPU kernels: each planted bug must make the correctness checks fail.
+
+The kernel core (src/mlxedge/cpu/kernels/core.cpp) has no MLX dependency and a C ABI, so it is compiled
+here into small shared libraries, once clean and once per planted bug (-DMLXEDGE_PLANT_<NAME>), and
+driven through ctypes by the same checks test_cpu_kernels.py runs on the MLX extension (check_qmm,
+check_gate_up, check_matmul against mx.dequantize + float64 numpy). The clean build must pass them all;
+every planted build must fail at least one, on the ISA paths and GEMM backends the checks exercise.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from test_cpu_kernels import ISAS, check_gate_up, check_matmul, check_qmm
+
+CORE = Path(__file__).resolve().parents[1] / "src" / "mlxedge" / "cpu" / "kernels" / "core.cpp"
+PLANTS = [
+    "nibble_shift",
+    "group_index",
+    "dropped_bias",
+    "off_by_one_row",
+    "off_by_one_col",
+    "missing_remainder",
+    "race_partition",
+]
+CODES = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
+ISA_CODES = {"scalar": 1, "avx2": 2}
+
+pytestmark = pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "g++")) is None or sys.platform == "win32",
+    reason="needs a C++ compiler to build the kernel core",
+)
+
+
+def _build(out_dir: Path, plant: str | None) -> Path:
+    tag = hashlib.sha256(CORE.read_bytes()).hexdigest()[:12]
+    lib = out_dir / f"core-{plant or 'clean'}-{tag}.so"
+    if not lib.exists():
+        cmd = [os.environ.get("CXX", "g++"), "-O1", "-std=c++17", "-shared", "-fPIC", "-pthread", str(CORE), "-o", str(lib), "-ldl"]
+        if plant:
+            cmd.insert(1, f"-DMLXEDGE_PLANT_{plant.upper()}")
+        subprocess.run(cmd, check=True, capture_output=True)
+    return lib
+
+
+@pytest.fixture(scope="module")
+def libs(tmp_path_factory):
+    """All variants, compiled two at a time (the kernel core takes a few seconds at -O1)."""
+    out = Path(os.environ.get("MLXEDGE_MUTANT_DIR") or tmp_path_factory.mktemp("cpu-mutants"))
+    out.mkdir(parents=True, exist_ok=True)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as ex:
+        paths = dict(zip([None, *PLANTS], ex.map(lambda p: _build(out, p), [None, *PLANTS])))
+    return paths
+
+
+def _openblas() -> str | None:
+    import mlxedge.cpu as cpu
+
+    return cpu._openblas_path()
+
+
+class Core:
+    """ctypes view of one build of the kernel core."""
+
+    def __init__(self, path: Path, threads: int = 4):
+        lib = ctypes.CDLL(str(path))
+        i64, i32, vp = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+        lib.mlxe_init.argtypes = [i32, i32]
+        lib.mlxe_set_blas.argtypes = [ctypes.c_char_p]
+        lib.mlxe_use_blas.argtypes = [i32]
+        lib.mlxe_plant.restype = ctypes.c_char_p
+        lib.mlxe_qmm.argtypes = [vp, i32, vp, vp, vp, i32, vp, i32, i64, i64, i64, i32, i32]
+        lib.mlxe_gate_up_silu.argtypes = [vp, i32, vp, vp, vp, vp, vp, vp, i32, vp, i32, i64, i64, i64, i32, i32]
+        lib.mlxe_matmul.argtypes = [vp, i32, vp, i32, vp, i32, i64, i64, i64]
+        self.lib, self.threads = lib, threads
+
+    def configure(self, isa: str, blas: bool):
+        self.lib.mlxe_init(ISA_CODES[isa], self.threads)
+        path = _openblas()
+        if blas and path:
+            self.lib.mlxe_set_blas(path.encode())
+        self.lib.mlxe_use_blas(1 if blas else 0)
+
+    @staticmethod
+    def _np(a: mx.array) -> np.ndarray:
+        if a.dtype == mx.bfloat16:
+            return np.ascontiguousarray(np.array(a.view(mx.uint16)))
+        return np.ascontiguousarray(np.array(a))
+
+    def _out(self, shape, dtype):
+        out = np.empty(shape, dtype=np.uint16 if dtype != mx.float32 else np.float32)
+        out.fill(0x7E00 if dtype != mx.float32 else np.nan)  # NaN: rows a kernel skips stay visible
+        return out
+
+    @staticmethod
+    def _f64(out, dtype):
+        if dtype == mx.float32:
+            return out.astype(np.float64)
+        return np.array(mx.array(out).view(dtype).astype(mx.float32), dtype=np.float64)
+
+    def qmm(self, x, wq, s, b, gs, bits):
+        M, K, N = x.shape[0], x.shape[1], wq.shape[0]
+        xa, wa, sa, ba = self._np(x), self._np(wq), self._np(s), self._np(b)
+        odt = x.dtype
+        out = self._out((M, N), odt)
+        self.lib.mlxe_qmm(xa.ctypes.data, CODES[x.dtype], wa.ctypes.data, sa.ctypes.data, ba.ctypes.data,
+                          CODES[s.dtype], out.ctypes.data, CODES[odt], M, N, K, bits, gs)
+        return self._f64(out, odt)
+
+    def gate_up(self, x, gate, up, gs, bits):
+        M, K, N = x.shape[0], x.shape[1], gate[0].shape[0]
+        arrs = [self._np(a) for a in (x, *gate, *up)]
+        odt = x.dtype
+        out = self._out((M, N), odt)
+        p = [a.ctypes.data for a in arrs]
+        self.lib.mlxe_gate_up_silu(p[0], CODES[x.dtype], p[1], p[2], p[3], p[4], p[5], p[6], CODES[gate[1].dtype],
+                                   out.ctypes.data, CODES[odt], M, N, K, bits, gs)
+        return self._f64(out, odt)
+
+    def matmul(self, x, w):
+        M, K, N = x.shape[0], x.shape[1], w.shape[0]
+        xa, wa = self._np(x), self._np(w)
+        out = self._out((M, N), mx.float32)
+        self.lib.mlxe_matmul(xa.ctypes.data, CODES[x.dtype], wa.ctypes.data, CODES[w.dtype], out.ctypes.data, 0, M, N, K)
+        return out.astype(np.float64)
+
+
+class _Caught(Exception):
+    pass
+
+
+def run_suite(core: Core, stop_at_first: bool = False) -> list[str]:
+    """The correctness checks, on every ISA path and GEMM backend; returns the failures."""
+    failures = []
+
+    def attempt(fn, *args, **kw):
+        try:
+            fn(*args, **kw)
+        except AssertionError as e:
+            failures.append(str(e).split("\n")[0][:200])
+            if stop_at_first:
+                raise _Caught from None
+
+    try:
+        _suite(core, attempt)
+    except _Caught:
+        pass
+    return failures
+
+
+def _suite(core: Core, attempt) -> None:
+    for isa in ISAS:
+        for blas in (False, True):
+            core.configure(isa, blas)
+            tag = f"[{isa},{'openblas' if blas else 'builtin'}]"
+            rows = (1, 3, 33) if not blas else (33,)
+            for bits in (4, 8):
+                for gs in (32, 64, 128):
+                    for K in (gs, 3 * gs):
+                        for M in rows:
+                            attempt(check_qmm, core.qmm, M, 77, K, bits, gs, "float32", seed=M + K, what="qmm" + tag)
+            for M in rows:
+                attempt(check_gate_up, core.gate_up, M, 45, 96, 4, 32, "float32", seed=M, what="gate_up" + tag)
+                attempt(check_matmul, core.matmul, M, 77, 100, seed=M, what="matmul" + tag)
+            # many tiles over several threads: a shared tile buffer gets overwritten mid-GEMM
+            for rep in range(5):
+                attempt(check_qmm, core.qmm, 33, 64 * 24 + 5, 512, 4, 64, "float32", seed=rep, what="qmm-tiles" + tag)
+                attempt(check_matmul, core.matmul, 33, 64 * 24 + 5, 512, "float32", "bfloat16", seed=rep, what="matmul-tiles" + tag)
+
+
+def test_clean_core_passes_the_suite(libs):
+    core = Core(libs[None])
+    assert core.lib.mlxe_plant() == b""
+    assert run_suite(core) == []
+
+
+@pytest.mark.parametrize("plant", PLANTS)
+def test_planted_bug_is_caught(libs, plant):
+    core = Core(libs[plant])
+    assert core.lib.mlxe_plant().decode() == plant
+    failures = run_suite(core, stop_at_first=True)
+    assert failures, f"planted bug {plant!r} passed every correctness check"
+    print(f"{plant}: caught by {failures[0]}")
+
+
+def test_core_used_before_init_is_consistent(libs, tmp_path):
+    """The first kernel call initialises the ISA and pool before preparing its inputs (a fresh load of
+    the clean core, never configured: it once permuted inputs for one path and ran another)."""
+    fresh = tmp_path / "core-uninitialised.so"
+    shutil.copy(libs[None], fresh)
+    core = Core(fresh)
+    check_qmm(core.qmm, 1, 77, 192, 4, 32, "float32", what="qmm[uninitialised]")
+    check_qmm(core.qmm, 2, 77, 96, 8, 32, "float32", what="qmm[uninitialised]")
