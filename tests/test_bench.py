@@ -1,6 +1,6 @@
 """mlxedge.bench and `mlxedge bench`: bytes per token against the checkpoint's headers and mlx-lm's KV cache, the
-cached bandwidth probe, variant parsing, the JSON schema of `bench --json --compare mlx-lm`, and --plot's
-missing-extra error. Speeds are only checked for being positive numbers: no timed asserts."""
+cached bandwidth probe, variant parsing, the JSON schema of `bench --json --compare mlx-lm` (both sides in one
+compute dtype, the kernels named), and --plot's missing-extra error. Speeds are only checked for being positive numbers: no timed asserts."""
 
 from __future__ import annotations
 
@@ -131,6 +131,11 @@ def test_bench_json_schema_with_mlx_lm_compare(tiny_llama_tok, small_probe):
         assert {"pp_ratio", "tg_ratio", "tg_ratio_paired_median"} <= set(ratios)
         assert all(theirs[k] > 0 for k in ratios)
         assert len(theirs["tg_tps"]) == 2 and theirs["tg_tps_mean"] > 0
+        assert theirs["dtype"] == v["dtype"]  # like with like: mlx-lm computes in our dtype
+        assert isinstance(v["kernels"], str) and v["kernels"]
+    # the q4 row asked for no dtype: mlxedge picks its compute dtype, and mlx-lm's copy is written in it
+    assert data["variants"][0]["dtype"] == "bfloat16"
+    assert data["variants"][1]["mlx_lm"]["dtype"] == data["variants"][1]["dtype"]
     q4 = data["variants"][1]
     scale_bits = 32 if q4["dtype"] == "float32" else 16  # one scale and one bias per group of 32
     assert q4["bits"] == 4 and abs(q4["bits_per_weight"] - (4 + 2 * scale_bits / 32)) < 0.05
@@ -140,7 +145,8 @@ def test_bench_table_and_markdown(tiny_llama_tok, small_probe):
     result = B.bench(tiny_llama_tok, B.parse_variants(None), p=4, n=3, reps=1)
     text, md = B.format_table(result), B.format_table(result, markdown=True)
     assert "measured bandwidth" in text and "pp4 t/s" in text and "roofline %" in text
-    assert md.splitlines()[-1].startswith("| as stored | 25.5 MB | 32.00 |")
+    assert md.splitlines()[-1].startswith("| as stored | float32 | 25.5 MB | 32.00 |")
+    assert f"kernels: {result['variants'][0]['kernels']}" in text
 
 
 def test_plot_without_matplotlib_names_the_extra(tiny_llama_tok, monkeypatch, tmp_path):

@@ -1,10 +1,10 @@
 """A decode step of a small model through the emulated custom kernels gives the built-in path's logits.
 
-The model comes from `mlxedge.load` (a tiny random Llama saved by transformers, quantized while loading);
-its MLPs are fused by the loader (`fuse_gated_mlps`); MLXEDGE_KERNELS=custom and the emulator installed as the kernel
-runner send every quantized matmul of the prefill (6 rows) and of the decode step (1 row) through
-`mlxedge.metal.dispatch` into the emulated Metal kernels, the gate and up projections into the fused one.
-Both the prefill logits and the decode step's are compared with the built-in path's.
+The model comes from `mlxedge.load` (a tiny random Llama saved by transformers, quantized while loading).
+Given a `custom` KernelChoice whose Metal runner is the emulator, the Model binds every quantized layer's
+decode rows (1..8) to the emulated Metal kernels and fuses both MLPs' gate and up projections into the
+fused kernel; so the prefill (6 rows) and the decode step (1 row) run there. Both the prefill logits and
+the decode step's are compared with the built-in path's (the same Model given a `builtin` choice).
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from mlx_lm.models.cache import make_prompt_cache
 
 import mlxedge
 from emulator.runner import EmulatorRunner
-from mlxedge.metal import dispatch, kernels
-from mlxedge.quant.fused_mlp import fuse_gated_mlps
+from mlxedge.kernels import KernelChoice
+from mlxedge.metal import kernels
+from mlxedge.quant.fused_mlp import FusedGatedMLP
 from tiny_models import build_tiny
 
 PROMPT, NEXT = [1, 17, 42, 99, 7, 230], 64
@@ -45,20 +46,17 @@ def prefill_and_step(model):
 def test_decode_step_through_custom_and_fused_kernels_matches_builtin(tmp_path, monkeypatch, bits, group_size,
                                                                       dtype, overrides, tolerance):
     directory = build_tiny("llama", tmp_path / "llama", **overrides)
-    model = mlxedge.load(directory, bits=bits, group_size=group_size, dtype=dtype)
-    assert model.info["fused_mlps"] == 2  # the loader fused both layers' MLPs
-    assert fuse_gated_mlps(model.module) == 0  # and nothing is left to fuse
-
     monkeypatch.setenv("MLXEDGE_KERNELS", "builtin")
+    model = mlxedge.load(directory, bits=bits, group_size=group_size, dtype=dtype)
+    assert model.info["kernels"]["layers"] == {"quantized": {"builtin": 15}}  # 2 x 7 projections + lm_head
+    assert model.info["fused_mlps"] == 0  # the built-in path keeps mlx-lm's own MLP modules
     builtin_prefill, builtin_step = prefill_and_step(model)
 
     runner = EmulatorRunner()
-    previous = dispatch.set_kernel_runner(runner)
-    monkeypatch.setenv("MLXEDGE_KERNELS", "custom")
-    try:
-        custom_prefill, custom_step = prefill_and_step(model)
-    finally:
-        dispatch.set_kernel_runner(previous)
+    model.use_kernels(KernelChoice("custom", metal_runner=runner, cpu=None))
+    assert model.info["fused_mlps"] == 2 and model.info["kernels"]["backend"] == "custom metal (emulator)"
+    assert all(isinstance(layer.mlp, FusedGatedMLP) for layer in model.module.model.layers)
+    custom_prefill, custom_step = prefill_and_step(model)
 
     launched = {(name, dict(template)["M"]) for name, template in runner.calls}
     assert launched == {(kernels.QMV.name, len(PROMPT)), (kernels.QMV.name, 1),
@@ -66,6 +64,7 @@ def test_decode_step_through_custom_and_fused_kernels_matches_builtin(tmp_path, 
     # per layer q, k, v, o, down through QMV and gate·up fused, plus the quantized lm_head; twice (prefill, step)
     assert len(runner.calls) == 2 * (2 * 6 + 1)
     # the float32 logits of the very same quantized weights: neither path may be closer to them than the kernels
+    model.use_kernels(KernelChoice("builtin"))
     model.module.set_dtype(mx.float32)
     exact_prefill, exact_step = prefill_and_step(model)
 

@@ -1,8 +1,11 @@
-"""Dispatch: which path each call takes, per mode, shape and device; the per-device measurement cache.
+"""The Metal side of the kernel choice: which callable a quantized layer binds, per mode, shape and device,
+and the per-device measurement cache that `auto` keeps.
 
-Without Metal every mode ends on MLX's built-in and nothing raises. With the emulator installed as the
-kernel runner, `custom` routes decode shapes through the custom kernels (prefill shapes stay built-in), and
-`auto` follows a measurement taken once per device and shape and kept on disk.
+Platform-neutral: a runner that reports no Metal stands for a machine without it, and the g++ emulator of
+Metal (tests/emulator) stands for one with it, so these run alike on Linux and on a Mac. With the emulator,
+`custom` binds decode rows (1..8) to the custom kernels and leaves prefill rows on MLX's built-in; `auto`
+follows a chained measurement taken once per device and shape and kept on disk. Checks that only hold
+where Metal is absent are marked requires_no_metal.
 """
 
 from __future__ import annotations
@@ -20,10 +23,27 @@ import mlx.core as mx
 
 from emulator.cases import quantized_weight
 from emulator.runner import EmulatorRunner
+from mlxedge.kernels import KernelChoice, read_mode
 from mlxedge.metal import dispatch, kernels, selection
 from mlxedge.metal.runner import MetalRunner
+from mlxedge.quant.affine import QuantSpec
+from mlxedge.quant.fused_mlp import FusedGatedMLP
+from mlxedge.quant.layers import QuantizedLinear
 
 GROUP, BITS = 64, 4
+requires_no_metal = pytest.mark.skipif(mx.metal.is_available(), reason="checks a machine without Metal")
+
+
+class NoMetal:
+    """A runner on a machine without Metal."""
+
+    device_key = "none"
+
+    def available(self):
+        return False
+
+    def __call__(self, *args, **kwargs):
+        raise AssertionError("no kernel may launch without Metal")
 
 
 @pytest.fixture
@@ -38,11 +58,7 @@ def up_weights():
 
 @pytest.fixture
 def emulated():
-    """Install the emulator as the kernel runner (restored afterwards)."""
-    runner = EmulatorRunner()
-    previous = dispatch.set_kernel_runner(runner)
-    yield runner
-    dispatch.set_kernel_runner(previous)
+    return EmulatorRunner()
 
 
 @pytest.fixture
@@ -55,64 +71,80 @@ def selector(tmp_path):
         calls.append((run_custom, run_builtin))
         return dict(verdicts)
 
-    sel = selection.Selector(path=tmp_path / "selection.json", measure_fn=fake_measure)
+    sel = selection.Selector(path=tmp_path / "selection.json", measure_fn=fake_measure, quiet=lambda: True)
     sel.verdicts, sel.calls = verdicts, calls
-    previous = dispatch.set_selector(sel)
-    yield sel
-    dispatch.set_selector(previous)
+    return sel
 
 
-class _no_warning:
-    """Turn any warning into an error inside the block."""
-
-    def __enter__(self):
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
-        warnings.simplefilter("error")
-
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
+def layer(w, s, b, bits=BITS, group=GROUP):
+    q = QuantizedLinear(w.shape[1] * 32 // bits, w.shape[0], False, QuantSpec(bits, group), s.dtype)
+    q.weight, q.scales, q.biases = w, s, b
+    return q
 
 
-def builtin(x, w, s, b):
-    return mx.quantized_matmul(x, w, s, b, transpose=True, group_size=GROUP, bits=BITS)
+def bound(choice, w, s, b, bits=BITS, group=GROUP):
+    q = layer(w, s, b, bits, group)
+    q.bind(choice.quantized(w, s, b, group_size=group, bits=bits))
+    return q
+
+
+def builtin(x, w, s, b, bits=BITS, group=GROUP):
+    return mx.quantized_matmul(x, w, s, b, transpose=True, group_size=group, bits=bits)
 
 
 def x_rows(rows, k=256, dtype=mx.float32, seed=0):
     return mx.random.normal((rows, k), key=mx.random.key(seed)).astype(dtype)
 
 
-@pytest.mark.parametrize("mode", ["builtin", "custom", "auto", "nonsense"])
-def test_without_metal_every_mode_is_the_builtin_and_never_raises(monkeypatch, weights, up_weights, mode):
-    assert not mx.metal.is_available()  # this suite runs where Metal is absent
-    monkeypatch.setenv("MLXEDGE_KERNELS", mode)
-    monkeypatch.setattr(dispatch, "_warned_modes", set())
+@pytest.mark.parametrize("mode", ["builtin", "custom", "auto", "metal", "nonsense"])
+def test_without_metal_every_mode_binds_the_builtin_and_never_raises(weights, up_weights, mode):
+    expect_warning = mode in ("nonsense", "metal")  # unknown mode; Metal named but absent
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        choice = KernelChoice(mode, metal_runner=NoMetal(), cpu=None)
+    assert bool(caught) == expect_warning
+    assert choice.candidate is None and choice.backend == "mlx built-in"
+    binding = choice.quantized(*weights, group_size=GROUP, bits=BITS)
+    assert (binding.backend, binding.prefill_backend) == ("builtin", "builtin")
+    assert choice.gate_up(weights, up_weights, group_size=GROUP, bits=BITS) is None
     x = x_rows(1)
-    with pytest.warns(UserWarning) if mode == "nonsense" else _no_warning():
-        assert dispatch.choose_kernel("qmv", x, [weights], group_size=GROUP, bits=BITS) == "builtin"
-    y = dispatch.quantized_matmul(x, *weights, group_size=GROUP, bits=BITS)
-    assert mx.array_equal(y, builtin(x, *weights))
-    h = dispatch.gated_mlp(x, weights, up_weights, group_size=GROUP, bits=BITS)
-    g, u = builtin(x, *weights), builtin(x, *up_weights)
-    np.testing.assert_allclose(np.array(h), np.array(g * mx.sigmoid(g) * u), rtol=1e-5, atol=1e-5)
+    assert mx.array_equal(bound(choice, *weights)(x), builtin(x, *weights))
 
 
-def test_kernel_mode_reads_the_environment(monkeypatch):
-    for value, mode in [("builtin", "builtin"), (" CUSTOM ", "custom"), ("auto", "auto"), ("", "auto")]:
+@requires_no_metal
+def test_the_default_runner_reports_no_metal_here():
+    assert MetalRunner().available() is False
+    with pytest.warns(UserWarning, match="not available"):
+        assert KernelChoice("metal", cpu=None).candidate is None
+
+
+def test_read_mode_reads_the_environment_once_per_choice(monkeypatch):
+    for value, mode in [("builtin", "builtin"), (" CUSTOM ", "custom"), ("auto", "auto"), ("", "auto"),
+                        ("cpu", "native"), ("native", "native")]:
         monkeypatch.setenv("MLXEDGE_KERNELS", value)
-        assert dispatch.kernel_mode() == mode
+        assert read_mode() == mode
     monkeypatch.delenv("MLXEDGE_KERNELS")
-    assert dispatch.kernel_mode() == "auto"
+    assert read_mode() == "auto"
+    with pytest.warns(UserWarning, match="not one of"):
+        assert read_mode("fastest") == "auto"
 
 
-def test_custom_mode_routes_decode_shapes_through_the_kernel(monkeypatch, emulated, weights):
-    monkeypatch.setenv("MLXEDGE_KERNELS", "custom")
+def test_custom_binds_decode_rows_to_the_kernel(emulated, weights):
+    q = bound(KernelChoice("custom", metal_runner=emulated, cpu=None), *weights)
     x = x_rows(3).reshape(1, 3, 256)  # leading dims are flattened into kernel rows and restored
-    y = dispatch.quantized_matmul(x, *weights, group_size=GROUP, bits=BITS)
+    y = q(x)
     assert [name for name, _ in emulated.calls] == [kernels.QMV.name]
     assert y.shape == (1, 3, 40)
     want = builtin(x, *weights)
     assert float(mx.max(mx.abs(y - want))) <= 1e-4 * float(mx.max(mx.abs(want)))
+
+
+def test_the_choice_is_made_at_bind_time_not_per_call(monkeypatch, emulated, weights):
+    monkeypatch.setenv("MLXEDGE_KERNELS", "custom")
+    q = bound(KernelChoice(metal_runner=emulated, cpu=None), *weights)
+    monkeypatch.setenv("MLXEDGE_KERNELS", "builtin")  # read once, at bind: changing it now changes nothing
+    q(x_rows(1))
+    assert [name for name, _ in emulated.calls] == [kernels.QMV.name]
 
 
 @pytest.mark.parametrize("why, rows, dtype, bits, group", [
@@ -121,32 +153,58 @@ def test_custom_mode_routes_decode_shapes_through_the_kernel(monkeypatch, emulat
     ("bits the kernels do not have", 1, mx.float32, 3, GROUP),
     ("activations of another dtype than the scales", 1, mx.float16, BITS, GROUP),
 ])
-def test_custom_mode_leaves_unsupported_calls_on_the_builtin(monkeypatch, emulated, why, rows, dtype, bits, group):
-    monkeypatch.setenv("MLXEDGE_KERNELS", "custom")
+def test_custom_leaves_unsupported_calls_on_the_builtin(emulated, why, rows, dtype, bits, group):
     w, s, b = mx.quantize(mx.random.normal((16, 256), key=mx.random.key(1)), group_size=group, bits=bits)
+    q = bound(KernelChoice("custom", metal_runner=emulated, cpu=None), w, s, b, bits, group)
     x = x_rows(rows, dtype=dtype)
-    assert dispatch.choose_kernel("qmv", x, [(w, s, b)], group_size=group, bits=bits) == "builtin", why
-    y = dispatch.quantized_matmul(x, w, s, b, group_size=group, bits=bits)
-    assert mx.array_equal(y, mx.quantized_matmul(x, w, s, b, transpose=True, group_size=group, bits=bits))
+    y = q(x)
+    assert mx.array_equal(y, mx.quantized_matmul(x, w, s, b, transpose=True, group_size=group, bits=bits)), why
     assert emulated.calls == []
 
 
-def test_custom_mode_fuses_gate_and_up(monkeypatch, emulated, weights, up_weights):
-    monkeypatch.setenv("MLXEDGE_KERNELS", "custom")
+def test_custom_fuses_gate_and_up_for_decode_rows(emulated, weights, up_weights):
+    binding = KernelChoice("custom", metal_runner=emulated, cpu=None).gate_up(weights, up_weights,
+                                                                               group_size=GROUP, bits=BITS)
+    assert (binding.backend, binding.decode_rows) == ("metal", kernels.MAX_ROWS)
+    mlp = FusedGatedMLP(_mlp(weights, up_weights))
+    mlp.bind(binding)
     x = x_rows(2)
-    h = dispatch.gated_mlp(x, weights, up_weights, group_size=GROUP, bits=BITS)
+    h = mlp(x)
     assert [name for name, _ in emulated.calls] == [kernels.GATE_UP.name]
     g, u = builtin(x, *weights), builtin(x, *up_weights)
     want = g * mx.sigmoid(g) * u
     assert float(mx.max(mx.abs(h - want))) <= 1e-4 * float(mx.max(mx.abs(want)))
+    emulated.calls.clear()
+    mlp(x_rows(kernels.MAX_ROWS + 1))  # prefill: gate and up through their own (unbound: built-in) layers
+    assert emulated.calls == []
 
 
-def test_auto_measures_once_per_device_and_shape_and_keeps_the_verdict(monkeypatch, emulated, selector, weights):
-    monkeypatch.setenv("MLXEDGE_KERNELS", "auto")
+def _mlp(gate, up):
+    """A gated-silu MLP over two quantized layers whose down projection passes h through."""
+    import mlx.nn as nn
+
+    class PassThrough(nn.Module):
+        def __call__(self, h):
+            return h
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj = layer(*gate), layer(*up), PassThrough()
+
+        def __call__(self, x):
+            return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    return MLP()
+
+
+def test_auto_measures_once_per_device_and_shape_and_keeps_the_verdict(emulated, selector, weights):
+    choice = KernelChoice("auto", metal_runner=emulated, cpu=None, selector=selector)
+    layers = [bound(choice, *weights) for _ in range(3)]  # three layers of one shape: one measurement
+    assert len(selector.calls) == 1
     x = x_rows(1)
-    for _ in range(3):
-        dispatch.quantized_matmul(x, *weights, group_size=GROUP, bits=BITS)
-    assert len(selector.calls) == 1  # measured on first sight only
+    for q in layers:
+        q(x)
     assert [name for name, _ in emulated.calls] == [kernels.QMV.name] * 3
     saved = json.loads(selector.path.read_text())
     assert list(saved) == ["emulator"] and len(saved["emulator"]) == 1
@@ -154,22 +212,35 @@ def test_auto_measures_once_per_device_and_shape_and_keeps_the_verdict(monkeypat
     assert entry["custom"] is True
 
     # Another shape is another measurement; the measurement's two closures are the two real paths.
-    dispatch.quantized_matmul(x_rows(2), *weights, group_size=GROUP, bits=BITS)
+    other = quantized_weight(24, 128, BITS, GROUP, mx.float32, seed=5)
+    bound(choice, *other)
     assert len(selector.calls) == 2
     run_custom, run_builtin = selector.calls[-1]
     np.testing.assert_allclose(np.array(run_custom()), np.array(run_builtin()), rtol=1e-4, atol=1e-3)
 
-    # A new process on the same device reads the file and does not measure again.
-    fresh = selection.Selector(path=selector.path, measure_fn=lambda *a: pytest.fail("measured again"))
-    assert fresh.lookup("emulator", next(iter(saved["emulator"]))) is True
-    dispatch.set_selector(fresh)
-    dispatch.quantized_matmul(x, *weights, group_size=GROUP, bits=BITS)
-    dispatch.set_selector(selector)
+    # A new load on the same device reads the file and does not measure again.
+    fresh = selection.Selector(path=selector.path, measure_fn=lambda *a: pytest.fail("measured again"),
+                               quiet=lambda: True)
+    again = KernelChoice("auto", metal_runner=emulated, cpu=None, selector=fresh)
+    assert again.quantized(*weights, group_size=GROUP, bits=BITS).backend == "metal"
+
+
+def test_a_verdict_measured_on_a_busy_machine_is_not_kept_on_disk(tmp_path):
+    path = tmp_path / "s.json"
+    seen = []
+    busy = selection.Selector(path=path, quiet=lambda: False,
+                              measure_fn=lambda c, b: seen.append(1) or {"custom_s": 1, "builtin_s": 2, "agree": True})
+    assert busy.prefers_custom("cpu", "qmm:k", None, None) and busy.prefers_custom("cpu", "qmm:k", None, None)
+    assert len(seen) == 1 and not path.exists()  # kept for this process only
+    fresh = selection.Selector(path=path, quiet=lambda: True,
+                               measure_fn=lambda c, b: seen.append(1) or {"custom_s": 3, "builtin_s": 2, "agree": True})
+    assert fresh.prefers_custom("cpu", "qmm:k", None, None) is False and len(seen) == 2
+    assert json.loads(path.read_text())["cpu"]["qmm:k"]["custom"] is False
 
 
 def test_auto_keeps_verdicts_apart_per_device(tmp_path):
     seen = []
-    sel = selection.Selector(path=tmp_path / "s.json",
+    sel = selection.Selector(path=tmp_path / "s.json", quiet=lambda: True,
                              measure_fn=lambda c, b: seen.append(1) or {"custom_s": 1, "builtin_s": 2, "agree": True})
     assert sel.prefers_custom("Apple M1", "qmv:k", None, None)
     assert sel.prefers_custom("Apple M1", "qmv:k", None, None)
@@ -182,43 +253,50 @@ def test_auto_keeps_verdicts_apart_per_device(tmp_path):
     {"custom_s": 0.99, "builtin_s": 1.0, "agree": True},   # within noise: not clearly faster
     {"custom_s": 0.1, "builtin_s": 1.0, "agree": False},   # faster but wrong
 ])
-def test_auto_uses_the_builtin_unless_the_kernel_won(monkeypatch, emulated, selector, weights, verdict):
-    monkeypatch.setenv("MLXEDGE_KERNELS", "auto")
+def test_auto_binds_the_builtin_unless_the_kernel_won(emulated, selector, weights, up_weights, verdict):
     selector.verdicts.clear()
     selector.verdicts.update(verdict)
+    choice = KernelChoice("auto", metal_runner=emulated, cpu=None, selector=selector)
+    q = bound(choice, *weights)
+    assert choice.gate_up(weights, up_weights, group_size=GROUP, bits=BITS) is None
     x = x_rows(1)
-    y = dispatch.quantized_matmul(x, *weights, group_size=GROUP, bits=BITS)
+    assert mx.array_equal(q(x), builtin(x, *weights))
     assert emulated.calls == []
-    assert mx.array_equal(y, builtin(x, *weights))
 
 
-def test_auto_falls_back_when_measurement_fails(monkeypatch, emulated, tmp_path, weights):
-    monkeypatch.setenv("MLXEDGE_KERNELS", "auto")
-
+def test_auto_falls_back_when_measurement_fails(emulated, tmp_path, weights):
     def broken(run_custom, run_builtin):
         raise RuntimeError("device rejected the kernel")
 
-    previous = dispatch.set_selector(selection.Selector(path=tmp_path / "s.json", measure_fn=broken))
-    try:
-        with pytest.warns(UserWarning, match="measurement"):
-            y = dispatch.quantized_matmul(x_rows(1), *weights, group_size=GROUP, bits=BITS)
-    finally:
-        dispatch.set_selector(previous)
-    assert emulated.calls == [] and y.shape == (1, 40)
+    sel = selection.Selector(path=tmp_path / "s.json", measure_fn=broken)
+    with pytest.warns(UserWarning, match="measurement"):
+        q = bound(KernelChoice("auto", metal_runner=emulated, cpu=None, selector=sel), *weights)
+    assert q(x_rows(1)).shape == (1, 40) and emulated.calls == []
 
 
-def test_measure_compares_outputs_before_timing():
+def test_measure_compares_outputs_and_times_chains_of_launches():
     a = mx.ones((4,))
     assert selection.measure(lambda: a, lambda: a, repetitions=1)["agree"] is True
     assert selection.measure(lambda: a * 2, lambda: a, repetitions=1)["agree"] is False
     assert selection.measure(lambda: a * float("nan"), lambda: a, repetitions=1)["agree"] is False
+    launches = []
+
+    def counted():
+        launches.append(1)
+        return a + 1
+
+    result = selection.measure(counted, lambda: a + 1, repetitions=2)
+    # a warm-up, one sizing launch, then two chains of `chain` launches each, evaluated at once
+    assert launches == [1] * (2 + 2 * result["chain"])
+    assert selection.MIN_CHAIN <= result["chain"] <= selection.MAX_CHAIN
+    assert selection.chain_length(1e-6) == selection.MAX_CHAIN  # a few-µs kernel: a long chain
+    assert selection.chain_length(1.0) == selection.MIN_CHAIN   # a slow one: sync latency is negligible
 
 
-def test_metal_runner_builds_each_kernel_once_and_reports_no_metal_here():
+def test_metal_runner_builds_each_kernel_once():
     runner = MetalRunner()
     assert runner.build(kernels.QMV) is runner.build(kernels.QMV)
     assert runner.build(kernels.GATE_UP) is not runner.build(kernels.QMV)
-    assert runner.available() is False
 
 
 def test_metal_package_imports_only_mlx_and_the_standard_library():
@@ -235,6 +313,7 @@ def test_metal_package_imports_only_mlx_and_the_standard_library():
                 assert root == "mlx" or root in sys.stdlib_module_names, f"{path.name} imports {root}"
 
 
+@requires_no_metal
 def test_bench_says_there_is_no_metal_and_measures_nothing(capsys):
     from mlxedge.metal import bench
 
@@ -246,7 +325,7 @@ def test_bench_rows_compare_both_paths(monkeypatch, emulated):
     from mlxedge.metal import bench
 
     monkeypatch.setattr(bench, "SHAPES", (("tiny q", 16, 128), ("tiny gate/up", 16, 128)))
-    results = bench.bench_rows(4, 64, 2, mx.float32)
+    results = bench.bench_rows(4, 64, 2, mx.float32, runner=emulated)
     assert [label for label, *_ in results] == ["tiny q", "tiny gate/up"]
     assert all(r["agree"] for _, _, _, r, _ in results)
     assert {name for name, _ in emulated.calls} == {kernels.QMV.name, kernels.GATE_UP.name}

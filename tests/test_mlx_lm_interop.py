@@ -23,6 +23,12 @@ def _tiny(directory, tokenizer_dir, rope_theta):
     return path
 
 
+@pytest.fixture(autouse=True)
+def builtin_kernels(monkeypatch):
+    """Bit-identical logits are a property of the files on the same kernels: bind MLX's built-ins, as mlx-lm."""
+    monkeypatch.setenv("MLXEDGE_KERNELS", "builtin")
+
+
 @pytest.fixture(scope="module")
 def tiny_with_tokenizer(tmp_path_factory, smollm2_hf):
     """A tiny random llama carrying SmolLM2's real tokenizer (mlx-lm refuses a model without one).

@@ -10,8 +10,9 @@
   percentage of bandwidth ÷ bytes read per token (weights as read by a decode step + the KV cache at the
   mean context of the tg test).
 - `compare="mlx-lm"`: mlx-lm's own `load` + `stream_generate` on an mlx-lm copy of the same weights (written by
-  `mlxedge.convert`, so both read identical bytes), run interleaved with ours rep by rep (order alternating),
-  with ratios ours ÷ mlx-lm (`pp_ratio`, `tg_ratio`, ...).
+  `mlxedge.convert` in the dtype mlxedge computes in, so both read identical bytes and compute in the same
+  dtype — checked, and reported per side), run interleaved with ours rep by rep (order alternating), with
+  ratios ours ÷ mlx-lm (`pp_ratio`, `tg_ratio`, ...). Each row names the kernels that ran (info["kernels"]).
 - `format_table` / `plot`: the human and markdown views of a result, and a bar chart (matplotlib, optional).
 
 Results are plain dicts (JSON-ready). Speed is never asserted anywhere; it is measured here and reported.
@@ -230,13 +231,23 @@ def kv_bytes_per_position(config: dict, dtype_bytes: int) -> int:
     return 2 * layers * kv_heads * int(head_dim) * dtype_bytes
 
 
-def _kv_dtype_bytes(module) -> int:
+def compute_dtype(module):
+    """The dtype a model computes in: that of its floating-point parameters (norms, scales, float weights)."""
     from mlx.utils import tree_flatten
 
     for _, v in tree_flatten(module.parameters()):
         if mx.issubdtype(v.dtype, mx.floating):
-            return v.dtype.size
-    return 2
+            return v.dtype
+    return None
+
+
+def _kv_dtype_bytes(module) -> int:
+    dtype = compute_dtype(module)
+    return dtype.size if dtype is not None else 2
+
+
+def _dtype_name(dtype) -> Optional[str]:
+    return None if dtype is None else str(dtype).split(".")[-1]
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -362,12 +373,16 @@ def bench_variant(source, variant: Variant, p: int, n: int, reps: int, bandwidth
         import mlxedge as api
 
         target = Path(workdir or tempfile.mkdtemp()) / f"mlx-lm-{variant.label.replace(' ', '-')}"
-        say(f"[{variant.label}] writing the mlx-lm copy")
-        api.convert(source, target, bits=variant.bits, group_size=variant.group_size, dtype=variant.dtype,
+        say(f"[{variant.label}] writing the mlx-lm copy in {info['dtype']}")
+        # like with like: mlx-lm gets the same bytes in the dtype we compute in (not the checkpoint's own)
+        api.convert(source, target, bits=variant.bits, group_size=variant.group_size, dtype=info["dtype"],
                     force=True)
         t0 = time.perf_counter()
         theirs = MlxLmRunner(target)
         their_load_s = time.perf_counter() - t0
+        their_dtype = _dtype_name(compute_dtype(theirs.model))
+        if their_dtype != info["dtype"]:
+            raise MlxedgeError(f"mlx-lm computes in {their_dtype}, mlxedge in {info['dtype']}: not comparable.")
         run_pp(theirs, ids)
         run_tg(theirs, ids, max(2, min(n, WARMUP_TG_TOKENS)))
     elif compare is not None:
@@ -388,7 +403,7 @@ def bench_variant(source, variant: Variant, p: int, n: int, reps: int, bandwidth
     kv_pt = kv_pos * (n // 2 + 1)  # the tg test's mean context: 1 prompt token + n/2 generated
     row = {
         "label": variant.label, "bits": info.get("bits"), "group_size": info.get("group_size"),
-        "dtype": info.get("dtype"), "parameters": info.get("parameters"), "bytes": info.get("bytes"),
+        "dtype": info.get("dtype"), "kernels": info.get("kernels", {}).get("backend"), "parameters": info.get("parameters"), "bytes": info.get("bytes"),
         "bits_per_weight": (8.0 * info["bytes"] / info["parameters"]) if info.get("parameters") else None,
         "load_s": load_s, "peak_memory_bytes": peak, "prompt_tokens": p, "gen_tokens": n, "repetitions": reps,
         **_summarise(ours_runs),
@@ -400,7 +415,7 @@ def bench_variant(source, variant: Variant, p: int, n: int, reps: int, bandwidth
         paired = [a["tg_tps"] / b["tg_tps"] for a, b in zip(ours_runs, their_runs) if b["tg_tps"] > 0]
         paired_pp = [a["pp_tps"] / b["pp_tps"] for a, b in zip(ours_runs, their_runs) if b["pp_tps"] > 0]
         row["mlx_lm"] = {
-            "load_s": their_load_s, **mine,
+            "load_s": their_load_s, "dtype": their_dtype, **mine,
             "pp_ratio": row["pp_tps_mean"] / mine["pp_tps_mean"] if mine["pp_tps_mean"] else None,
             "tg_ratio": row["tg_tps_mean"] / mine["tg_tps_mean"] if mine["tg_tps_mean"] else None,
             "pp_ratio_paired_median": statistics.median(paired_pp) if paired_pp else None,
@@ -452,13 +467,13 @@ def table_rows(result: dict) -> tuple:
     s = result["settings"]
     p, n = s["prompt_tokens"], s["gen_tokens"]
     compare = s.get("compare")
-    header = ["variant", "size", "bpw", "load s", f"pp{p} t/s", f"tg{n} t/s", "TTFT ms", "peak mem",
+    header = ["variant", "dtype", "size", "bpw", "load s", f"pp{p} t/s", f"tg{n} t/s", "TTFT ms", "peak mem",
               "roofline %"]
     if compare:
         header += [f"{compare} pp t/s", f"{compare} tg t/s", "pp ratio", "tg ratio"]
     rows = []
     for v in result["variants"]:
-        row = [v["label"], f"{v['bytes'] / 1e6:.1f} MB", f"{v['bits_per_weight']:.2f}", f"{v['load_s']:.1f}",
+        row = [v["label"], str(v.get("dtype")), f"{v['bytes'] / 1e6:.1f} MB", f"{v['bits_per_weight']:.2f}", f"{v['load_s']:.1f}",
                _fmt_ms(v, "pp_tps"), _fmt_ms(v, "tg_tps"), f"{1000 * v['ttft_s_mean']:.0f}",
                f"{v['peak_memory_bytes'] / 1e6:.0f} MB",
                "-" if v["roofline_pct"] is None else f"{v['roofline_pct']:.1f}"]
@@ -480,7 +495,13 @@ def format_table(result: dict, markdown: bool = False) -> str:
     lines = [f"model: {result['model']}",
              f"device: {d['line']} · measured bandwidth {bw / 1e9:.1f} GB/s" if bw else f"device: {d['line']}",
              f"tests: {result['settings']['tests']}, {_plural(result['settings']['repetitions'], 'repetition')} "
-             "after a warm-up, mean ± stdev", ""]
+             "after a warm-up, mean ± stdev"]
+    backends = sorted({str(v.get("kernels")) for v in result["variants"] if v.get("kernels")})
+    if backends:
+        lines.append(f"kernels: {', '.join(backends)}")
+    if result["settings"].get("compare"):
+        lines.append(f"{result['settings']['compare']} runs the same bytes in the same compute dtype (column dtype)")
+    lines.append("")
     header, rows = table_rows(result)
     return "\n".join(lines + render_table(header, rows, markdown))
 
@@ -528,4 +549,4 @@ def as_json(result: dict) -> str:
 __all__ = ["device_info", "device_bandwidth", "measure_bandwidth", "Variant", "parse_variants", "bench",
            "bench_variant", "weight_bytes_per_token", "kv_bytes_per_position", "format_table", "plot",
            "table_rows", "prompt_ids", "time_tokens", "run_pp", "run_tg",
-           "mean_stdev", "OursRunner", "MlxLmRunner"]
+           "mean_stdev", "OursRunner", "MlxLmRunner", "compute_dtype"]

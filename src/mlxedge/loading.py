@@ -18,7 +18,6 @@ from .configs import model_classes, normalize_config
 from .errors import MlxedgeError, SourceError, UnsupportedError
 from .quant.affine import QuantSpec, can_quantize
 from .quant.recipes import Recipe
-from .quant.fused_mlp import fuse_gated_mlps
 from .quant.layers import QuantizedEmbedding, QuantizedLinear
 from .quant.requantize import Targets, choose_targets
 from .sources.checkpoint import Checkpoint
@@ -211,16 +210,15 @@ def load_checkpoint(checkpoint: Checkpoint, requested: Optional[QuantSpec], dtyp
                           f"needs (e.g. {missing[0]}); it is incomplete or of another architecture.")
     model.eval()
     extra = {}
-    if adapter is not None:  # before MLP fusion: a fused gate·up would bypass the adapter's layers
+    if adapter is not None:  # the Model binds kernels after this: an adapted gate/up is never fused past it
         attach_adapter(model, adapter, compute_dtype)
         extra["adapter"] = adapter.describe()
-    fused = fuse_gated_mlps(model)  # gate·up in one kernel where the metal dispatch picks the custom path
     params = dict(tree_flatten(model.parameters()))
     return LoadedModel(
         model=model, config=config, dtype=compute_dtype, quantized=targets, unquantized=unquantized,
         parameters=_count_parameters(params, targets), nbytes=sum(v.nbytes for v in params.values()),
-        extra={"fused_mlps": fused, "kept_stored_precision": chosen.kept_stored,
-               "requantized_coarser": chosen.requantized_coarser, **extra},
+        extra={"kept_stored_precision": chosen.kept_stored, "requantized_coarser": chosen.requantized_coarser,
+               **extra},
     )
 
 

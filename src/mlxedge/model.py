@@ -12,13 +12,15 @@ from .errors import GenerationError
 from .generate.loop import generate_stream
 from .generate.sampler import SamplingParams
 from .generate.stats import GenerationResult, StreamEvent
+from .kernels import KernelChoice
 from .loading import LoadedModel
+from .quant.binding import bind_kernels
 from .tokenizer import Tokenizer
 
 
 class Model:
     def __init__(self, loaded: LoadedModel, load_tokenizer: Callable, chat_template: Optional[str], info: dict,
-                 context_length: int, kv_overflow: str = "error", wired_bytes: int = 0):
+                 context_length: int, kv_overflow: str = "error", wired_bytes: int = 0, kernels=None):
         self._loaded = loaded
         self.context_length = context_length
         self._kv_overflow = kv_overflow
@@ -27,6 +29,15 @@ class Model:
         self._chat_template = chat_template
         self._tokenizer: Optional[Tokenizer] = None
         self.info = info
+        self.use_kernels(kernels)
+
+    def use_kernels(self, choice: Optional[KernelChoice] = None) -> dict:
+        """Bind every matmul layer to `choice`'s kernels (default: MLXEDGE_KERNELS, read now); info["kernels"]."""
+        self.kernels = choice if choice is not None else KernelChoice()
+        report = bind_kernels(self.module, self.kernels)
+        self.info["kernels"] = self.kernels.summary(report)
+        self.info["fused_mlps"] = sum(report.get("gate_up_fused", {}).values())
+        return self.info["kernels"]
 
     @property
     def module(self):

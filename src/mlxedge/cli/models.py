@@ -90,6 +90,14 @@ def list_command(available: bool, as_json: bool) -> None:
 
 # ------------------------------------------------------------------------------------------------ info
 
+def kernels_text(info: dict) -> str:
+    """'native cpu (avx2+fma, 2 threads); mode auto; quantized: native 211; gate_up_fused: native 30'."""
+    kernels = info.get("kernels") or {}
+    parts = [f"{kind}: " + ", ".join(f"{backend} {n}" for backend, n in counts.items())
+             for kind, counts in (kernels.get("layers") or {}).items()]
+    return "; ".join([str(kernels.get("backend")), f"mode {kernels.get('mode')}", *parts])
+
+
 @click.command("info")
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
@@ -112,6 +120,7 @@ def info_command(model: str, as_json: bool) -> None:
         ("parameters", f"{format_count(info.get('parameters'))} ({info.get('parameters'):,})"),
         ("quantization", quantization_text(info)),
         ("dtype", info.get("dtype")),
+        ("kernels", kernels_text(info)),
         ("context length", info.get("context_length")),
         ("on disk", format_bytes(info["disk_bytes"])),
         ("in memory", f"{format_bytes(info['memory_bytes'])} (weights)"),

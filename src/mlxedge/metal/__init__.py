@@ -1,10 +1,12 @@
-"""Quantized matmul dispatch: our custom Metal kernels where they run and win, MLX built-ins otherwise.
+"""Custom Metal kernels for quantized matmuls: their sources, runners and per-shape launchers.
 
-Imports only mlx. The rest of mlxedge calls `quantized_matmul` and `gated_mlp`; `choose_kernel` and
-`kernel_mode` say which path a call takes; `set_kernel_runner` is the seam tests use to run the kernels in
-an emulator.
+Imports only mlx and knows nothing about models. mlxedge.kernels decides, once per layer at load, whether
+a layer runs a launcher from here (`QMVLauncher`, `GateUpLauncher`) or MLX's built-in; `supported` says
+which weights the kernels handle. A runner (`MetalRunner`, or a test's emulator) executes the kernels.
 """
 
-from .dispatch import choose_kernel, gated_mlp, kernel_mode, quantized_matmul, set_kernel_runner
+from .dispatch import GateUpLauncher, QMVLauncher, builtin_qmv, supported, swiglu
+from .runner import MetalRunner, metal_available
 
-__all__ = ["quantized_matmul", "gated_mlp", "choose_kernel", "kernel_mode", "set_kernel_runner"]
+__all__ = ["QMVLauncher", "GateUpLauncher", "supported", "builtin_qmv", "swiglu", "MetalRunner",
+           "metal_available"]

@@ -14,8 +14,8 @@ import sys
 import mlx.core as mx
 
 from . import kernels
-from .dispatch import _builtin_qmv, _launch, _swiglu
-from .runner import metal_available
+from .dispatch import GateUpLauncher, QMVLauncher, builtin_qmv, swiglu
+from .runner import MetalRunner, metal_available
 from .selection import measure
 
 # (label, N, K): projection shapes of Llama-3.2-1B, Llama-3.2-3B and Llama-3.1-8B.
@@ -29,7 +29,8 @@ SHAPES = (
 NO_METAL = "No Metal device here: the custom kernels only run on Apple GPUs (MLX built-ins are used)."
 
 
-def bench_rows(bits: int, group_size: int, rows: int, dtype) -> list:
+def bench_rows(bits: int, group_size: int, rows: int, dtype, runner=None) -> list:
+    runner = runner if runner is not None else MetalRunner()
     results = []
     for label, n, k in SHAPES:
         w, s, b = mx.quantize(mx.random.normal((n, k), key=mx.random.key(1)).astype(dtype),
@@ -38,13 +39,13 @@ def bench_rows(bits: int, group_size: int, rows: int, dtype) -> list:
         mx.eval(w, s, b, x)
         if "gate/up" in label:
             u = tuple(a + 0 for a in (w, s, b))
-            r = measure(lambda: _launch(kernels.GATE_UP, x, [(w, s, b), u], group_size, bits),
-                        lambda: _swiglu(_builtin_qmv(x, w, s, b, group_size, bits),
-                                        _builtin_qmv(x, *u, group_size, bits)))
+            fused = GateUpLauncher(runner, n, k, bits, group_size, dtype)
+            r = measure(lambda: fused(x, (w, s, b), u),
+                        lambda: swiglu(builtin_qmv(x, w, s, b, group_size, bits), builtin_qmv(x, *u, group_size, bits)))
             weight_bytes = 2 * (w.nbytes + s.nbytes + b.nbytes)
         else:
-            r = measure(lambda: _launch(kernels.QMV, x, [(w, s, b)], group_size, bits),
-                        lambda: _builtin_qmv(x, w, s, b, group_size, bits))
+            qmv = QMVLauncher(runner, n, k, bits, group_size, dtype)
+            r = measure(lambda: qmv(x, w, s, b), lambda: builtin_qmv(x, w, s, b, group_size, bits))
             weight_bytes = w.nbytes + s.nbytes + b.nbytes
         results.append((label, n, k, r, weight_bytes))
     return results

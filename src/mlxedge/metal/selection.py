@@ -1,15 +1,21 @@
-"""Per-device choice between a custom kernel and MLX's built-in, measured once per shape and kept on disk.
+"""Per-device choice between a candidate kernel and MLX's built-in, measured once per shape and kept on disk.
 
-`auto` mode asks `Selector.prefers_custom(device, key, run_custom, run_builtin)`. The first time a (device,
-shape) pair is seen, both paths run a few times on the same inputs, their outputs are compared (a kernel
-that disagrees with the built-in is never chosen), and the custom kernel wins only if it was clearly
-faster. The verdict is written to a JSON file (MLXEDGE_KERNEL_CACHE, else the user cache directory),
-keyed by device, and reused by every later process on that device.
+The kernel choice (mlxedge.kernels) asks `Selector.prefers_custom(device, key, run_custom, run_builtin)` when a
+model is loaded in `auto` mode. The first time a (device, shape) pair is seen, both paths run on the same
+inputs, their outputs are compared (a kernel that disagrees with the built-in is never chosen), and then each
+is timed as a chain of launches evaluated at once — enough launches that the chain takes about
+CHAIN_TARGET_S, so the latency of one synchronisation does not swamp a kernel of a few microseconds. The
+candidate wins only if it was clearly faster. The verdict is written to a JSON file (MLXEDGE_KERNEL_CACHE,
+else the user cache directory), keyed by device, and reused by every later load on that device — unless
+the machine was oversubscribed while it was measured (load average above the core count): such a verdict
+serves the current process only.
+Imports only mlx and the standard library, so the Metal and the native CPU kernels share it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -19,8 +25,10 @@ from pathlib import Path
 import mlx.core as mx
 
 WIN_MARGIN = 0.95     # custom must take under 95% of the built-in's time
-REPETITIONS = 7
+REPETITIONS = 5
 AGREEMENT_RTOL = 2e-2
+CHAIN_TARGET_S = 0.02  # a timed chain lasts about this long...
+MIN_CHAIN, MAX_CHAIN = 3, 50  # ...within these many launches
 
 
 def default_cache_path() -> Path:
@@ -36,29 +44,60 @@ def _median(values):
     return values[len(values) // 2]
 
 
+def chain_length(seconds_per_call: float, target_s: float = CHAIN_TARGET_S) -> int:
+    """Launches per timed chain: about target_s of work, MIN_CHAIN..MAX_CHAIN launches."""
+    if seconds_per_call <= 0:
+        return MAX_CHAIN
+    return max(MIN_CHAIN, min(MAX_CHAIN, math.ceil(target_s / seconds_per_call)))
+
+
+def _time_chain(fn, length: int) -> float:
+    """Seconds per launch of `length` launches of fn built into one graph and evaluated at once."""
+    start = time.perf_counter()
+    mx.eval([fn() for _ in range(length)])
+    return (time.perf_counter() - start) / length
+
+
 def measure(run_custom, run_builtin, repetitions: int = REPETITIONS) -> dict:
-    """Time both paths (warm-up first, then alternating runs); report medians and whether outputs agree."""
+    """Time both paths as chains of launches (warm-up first, then alternating); medians per launch; agreement."""
     custom_out, builtin_out = run_custom(), run_builtin()
     mx.eval(custom_out, builtin_out)
     a, b = custom_out.astype(mx.float32), builtin_out.astype(mx.float32)
     scale = float(mx.max(mx.abs(b)).item()) or 1.0
     agree = bool(mx.all(mx.isfinite(a)).item()) and float(mx.max(mx.abs(a - b)).item()) <= AGREEMENT_RTOL * scale
+    # one launch each sizes the chain; both paths get the same length (that of the faster one)
+    single = min(_time_chain(run_custom, 1), _time_chain(run_builtin, 1))
+    length = chain_length(single)
     times = {"custom": [], "builtin": []}
     for _ in range(repetitions):
         for name, fn in (("custom", run_custom), ("builtin", run_builtin)):
-            start = time.perf_counter()
-            mx.eval(fn())
-            times[name].append(time.perf_counter() - start)
-    return {"custom_s": _median(times["custom"]), "builtin_s": _median(times["builtin"]), "agree": agree}
+            times[name].append(_time_chain(fn, length))
+    return {"custom_s": _median(times["custom"]), "builtin_s": _median(times["builtin"]), "agree": agree,
+            "chain": length}
+
+
+def machine_is_quiet() -> bool:
+    """No more runnable work than cores (1-minute load average): a timing taken now is worth keeping."""
+    try:
+        return os.getloadavg()[0] <= (os.cpu_count() or 1)
+    except (AttributeError, OSError):
+        return True
 
 
 class Selector:
-    """Holds measured verdicts per device; `measure` is injectable so tests can decide the winner."""
+    """Holds measured verdicts per device; `measure_fn` and `quiet` are injectable so tests decide them.
 
-    def __init__(self, path: Path | None = None, measure_fn=measure):
+    A verdict measured while the machine is oversubscribed (`quiet()` False) serves this process only and
+    is not written to disk: timings of thread pools fighting other processes for cores would otherwise
+    decide every later load.
+    """
+
+    def __init__(self, path: Path | None = None, measure_fn=measure, quiet=machine_is_quiet):
         self.path = Path(path) if path is not None else default_cache_path()
         self.measure_fn = measure_fn
+        self.quiet = quiet
         self._data = None
+        self._session = {}  # (device, key) -> verdict kept in memory only
 
     def _load(self) -> dict:
         if self._data is None:
@@ -81,7 +120,7 @@ class Selector:
             warnings.warn(f"mlxedge: could not save kernel selection to {self.path}: {e}")
 
     def lookup(self, device: str, key: str):
-        entry = self._load().get(device, {}).get(key)
+        entry = self._load().get(device, {}).get(key) or self._session.get((device, key))
         return None if entry is None else bool(entry["custom"])
 
     def prefers_custom(self, device: str, key: str, run_custom, run_builtin) -> bool:
@@ -94,6 +133,9 @@ class Selector:
             warnings.warn(f"mlxedge: kernel measurement for {key} failed ({e}); using MLX's built-in")
             return False
         custom = bool(result["agree"]) and result["custom_s"] < WIN_MARGIN * result["builtin_s"]
-        self._load().setdefault(device, {})[key] = {**result, "custom": custom}
-        self._save()
+        if self.quiet():
+            self._load().setdefault(device, {})[key] = {**result, "custom": custom}
+            self._save()
+        else:
+            self._session[(device, key)] = {**result, "custom": custom}
         return custom

@@ -1,0 +1,260 @@
+"""The kernel each matmul layer runs, chosen once when a model is loaded; the Model owns the choice.
+
+`KernelChoice` reads MLXEDGE_KERNELS once (auto | builtin | custom | native | metal; `cpu` = native;
+default auto) and finds the one candidate this device has besides MLX's built-in: the native CPU kernels
+(mlxedge.cpu) where the model runs on the CPU and the extension loads, else the custom Metal kernels
+(mlxedge.metal) where Metal runs. For each layer shape it hands out a `Binding`: the callable that runs up
+to `decode_rows` activation rows and the one for more. `custom` (and `native`/`metal`, which also name the
+backend) takes the candidate wherever it supports the shape; `auto` keeps it only where a chained
+measurement on this device showed it faster (metal.selection, kept on disk per device); `builtin` never
+takes it. quant/binding.py puts the bindings into the layers; a call then costs one integer compare and
+one call — no environment read, string key, closure or dict lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import warnings
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Optional
+
+import mlx.core as mx
+
+from .metal import dispatch as metal
+from .metal.kernels import MAX_ROWS
+from .metal.runner import MetalRunner
+from .metal.selection import Selector
+
+ENV_VAR = "MLXEDGE_KERNELS"
+MODES = ("auto", "builtin", "custom", "native", "metal")
+ALIASES = {"cpu": "native"}
+BUILTIN, NATIVE, METAL = "builtin", "native", "metal"
+DECODE_ROWS = MAX_ROWS  # rows a decode-only kernel (Metal GEMV, fused gate·up) takes; more is prefill
+ALL_ROWS = 1 << 62      # "every row count": the kernel covers prefill too
+FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+_DEFAULT = object()
+
+
+@dataclass(frozen=True)
+class Binding:
+    """What one layer calls: `decode` for up to `decode_rows` activation rows, `prefill` beyond."""
+
+    backend: str          # what runs the decode rows: builtin | native | metal
+    decode: Callable
+    prefill: Optional[Callable]
+    decode_rows: int
+    prefill_backend: str
+
+
+def read_mode(value: Optional[str] = None) -> str:
+    """The kernel mode from `value` or MLXEDGE_KERNELS; an unknown one warns and means auto."""
+    raw = os.environ.get(ENV_VAR, "auto") if value is None else value
+    mode = raw.strip().lower() or "auto"
+    mode = ALIASES.get(mode, mode)
+    if mode not in MODES:
+        warnings.warn(f"{ENV_VAR}={raw!r} is not one of {', '.join(MODES)}; using auto")
+        return "auto"
+    return mode
+
+
+def _native_module():
+    """mlxedge.cpu if it imports (it never raises on import, but it may be absent from this build)."""
+    try:
+        from . import cpu
+    except ImportError:
+        return None
+    return cpu
+
+
+def _true(fn) -> bool:
+    try:
+        return bool(fn())
+    except Exception:
+        return False
+
+
+def _builtin_linear(x: mx.array, w: mx.array) -> mx.array:
+    return x @ w.T
+
+
+class KernelChoice:
+    """One decision per layer shape, made at load: candidate (native CPU or custom Metal) or MLX built-in.
+
+    metal_runner: what runs Metal kernels (tests pass the emulator); cpu: the native-kernel module
+    (None: none; default: mlxedge.cpu); selector: auto mode's per-device verdict cache (default: the
+    process's, so two loads in one process bind alike even when a busy machine keeps verdicts off disk).
+    """
+
+    def __init__(self, mode: Optional[str] = None, *, metal_runner=None, cpu=_DEFAULT,
+                 selector: Optional[Selector] = None):
+        self.mode = read_mode(mode)
+        self._metal = metal_runner if metal_runner is not None else MetalRunner()
+        self._cpu = _native_module() if cpu is _DEFAULT else cpu
+        self._selector = selector
+        self._verdicts = {}  # shape key -> bool, so a shape is measured once per choice
+        self._bindings = {}  # layer shape -> Binding
+        self.candidate = self._find_candidate()
+
+    # ---------------------------------------------------------------------------------------- device
+
+    def _native_ok(self) -> bool:
+        return self._cpu is not None and _true(self._cpu.available)
+
+    def _find_candidate(self) -> Optional[str]:
+        if self.mode == BUILTIN:
+            return None
+        native, metal_ok = self._native_ok(), _true(self._metal.available)
+        if self.mode in (NATIVE, METAL):
+            if (native if self.mode == NATIVE else metal_ok):
+                return self.mode
+            warnings.warn(f"{ENV_VAR}={self.mode}: the {self.mode} kernels are not available here; "
+                          "using MLX's built-in kernels")
+            return None
+        if native and mx.default_device().type == mx.DeviceType.cpu:
+            return NATIVE
+        if metal_ok:
+            return METAL
+        return None
+
+    @property
+    def backend(self) -> str:
+        """What runs instead of MLX's built-in kernels, in words (e.g. 'native cpu (avx2+fma, 2 threads)')."""
+        if self.candidate == NATIVE:
+            text = _describe(self._cpu)
+            return text if text.startswith("native") else f"native cpu ({text})"
+        if self.candidate == METAL:
+            return f"custom metal ({self._metal.device_key})"
+        return "mlx built-in"
+
+    def _device_key(self) -> str:
+        if self.candidate == NATIVE:
+            return f"native {platform.machine()} {_describe(self._cpu)}"
+        return str(self._metal.device_key)
+
+    def _native_supports(self, dtype, bits, group_size) -> bool:
+        try:
+            return bool(self._cpu.supports(dtype, bits, group_size))
+        except Exception:
+            return False
+
+    def _native_supports_matmul(self, dtype) -> bool:
+        """Float matmul: `supports_matmul(dtype)` where the backend has it, else any of MLX's float dtypes."""
+        check = getattr(self._cpu, "supports_matmul", None)
+        if check is None:
+            return dtype in FLOAT_DTYPES
+        try:
+            return bool(check(dtype))
+        except Exception:
+            return False
+
+    # ---------------------------------------------------------------------------------------- shapes
+
+    def _memo(self, key: tuple, make):
+        """One Binding per distinct layer shape (bindings hold no arrays: layers pass theirs per call)."""
+        if key not in self._bindings:
+            self._bindings[key] = make()
+        return self._bindings[key]
+
+    def quantized(self, w: mx.array, scales: mx.array, biases, *, group_size: int, bits: int) -> Binding:
+        """x @ dequantize(w).T for MLX's affine layout (w: [N, K*bits/32] uint32)."""
+        key = ("qmm", w.shape, w.dtype, scales.shape, scales.dtype, biases is None, group_size, bits)
+        return self._memo(key, lambda: self._quantized(w, scales, biases, group_size, bits))
+
+    def _quantized(self, w, scales, biases, group_size, bits) -> Binding:
+        builtin = partial(mx.quantized_matmul, transpose=True, group_size=group_size, bits=bits)
+        n, k, dtype = w.shape[0], w.shape[1] * 32 // bits, scales.dtype
+        if self.candidate == METAL and metal.supported(bits, group_size, w, scales, biases):
+            fn, rows = metal.QMVLauncher(self._metal, n, k, bits, group_size, dtype), DECODE_ROWS
+        elif (self.candidate == NATIVE and biases is not None and w.dtype == mx.uint32
+              and self._native_supports(dtype, bits, group_size)):
+            fn, rows = partial(self._cpu.quantized_matmul, group_size=group_size, bits=bits), ALL_ROWS
+        else:
+            return Binding(BUILTIN, builtin, builtin, 0, BUILTIN)
+        key = f"qmm:{self.candidate}:bits{bits}:group{group_size}:{_name(dtype)}:n{n}:k{k}"
+        if not self._wins(key, k, dtype, lambda x: fn(x, w, scales, biases), lambda x: builtin(x, w, scales, biases)):
+            return Binding(BUILTIN, builtin, builtin, 0, BUILTIN)
+        return self._binding(fn, rows, builtin)
+
+    def gate_up(self, gate: tuple, up: tuple, *, group_size: int, bits: int) -> Optional[Binding]:
+        """silu(x @ Wg.T) * (x @ Wu.T) in one fused kernel, or None where no fused kernel runs (or wins)."""
+        key = ("gate_up", *((a.shape, a.dtype) if a is not None else None for a in (*gate, *up)), group_size, bits)
+        return self._memo(key, lambda: self._gate_up(gate, up, group_size, bits))
+
+    def _gate_up(self, gate, up, group_size, bits) -> Optional[Binding]:
+        (wg, sg, bg), (wu, su, bu) = gate, up
+        if wg.shape != wu.shape or sg.shape != su.shape or sg.dtype != su.dtype or bg is None or bu is None:
+            return None
+        n, k, dtype = wg.shape[0], wg.shape[1] * 32 // bits, sg.dtype
+        if (self.candidate == METAL and metal.supported(bits, group_size, wg, sg, bg)
+                and metal.supported(bits, group_size, wu, su, bu)):
+            fn = metal.GateUpLauncher(self._metal, n, k, bits, group_size, dtype)
+        elif self.candidate == NATIVE and wg.dtype == mx.uint32 and self._native_supports(dtype, bits, group_size):
+            fn = partial(self._cpu.gate_up_silu, group_size=group_size, bits=bits)
+        else:
+            return None
+        # the alternative is not fusing: each projection through its own binding, then silu(g) * u
+        g = self.quantized(wg, sg, bg, group_size=group_size, bits=bits).decode
+        u = self.quantized(wu, su, bu, group_size=group_size, bits=bits).decode
+        key = f"gate_up:{self.candidate}:bits{bits}:group{group_size}:{_name(dtype)}:n{n}:k{k}"
+        if not self._wins(key, k, dtype, lambda x: fn(x, gate, up),
+                          lambda x: metal.swiglu(g(x, wg, sg, bg), u(x, wu, su, bu))):
+            return None
+        return Binding(self.candidate, fn, None, DECODE_ROWS, BUILTIN)
+
+    def linear(self, w: mx.array) -> Binding:
+        """x @ w.T for a float weight [N, K] (unquantized Linear, tied float head)."""
+        return self._memo(("matmul", w.shape, w.dtype), lambda: self._linear(w))
+
+    def _linear(self, w) -> Binding:
+        n, k, dtype = w.shape[0], w.shape[1], w.dtype
+        if self.candidate == NATIVE and self._native_supports_matmul(dtype):
+            fn = self._cpu.matmul
+            key = f"matmul:{self.candidate}:{_name(dtype)}:n{n}:k{k}"
+            if self._wins(key, k, dtype, lambda x: fn(x, w), lambda x: _builtin_linear(x, w)):
+                return self._binding(fn, ALL_ROWS, _builtin_linear)
+        return Binding(BUILTIN, _builtin_linear, _builtin_linear, 0, BUILTIN)
+
+    def _binding(self, fn, rows: int, builtin) -> Binding:
+        if rows == ALL_ROWS:
+            return Binding(self.candidate, fn, fn, ALL_ROWS, self.candidate)
+        return Binding(self.candidate, fn, builtin, rows, BUILTIN)
+
+    def _wins(self, key: str, k: int, dtype, run_candidate, run_builtin) -> bool:
+        """custom/native/metal modes: always; auto: the measured verdict for this shape on this device."""
+        if self.mode != "auto":
+            return True
+        if key not in self._verdicts:
+            x = mx.random.normal((1, k), key=mx.random.key(0)).astype(dtype)
+            if self._selector is None:
+                self._selector = default_selector()
+            self._verdicts[key] = self._selector.prefers_custom(self._device_key(), key, lambda: run_candidate(x),
+                                                                lambda: run_builtin(x))
+        return self._verdicts[key]
+
+    def summary(self, report: dict) -> dict:
+        """info["kernels"]: the mode, what runs instead of the built-ins, and layer counts per backend."""
+        return {"mode": self.mode, "backend": self.backend, "layers": report}
+
+
+_selector: Optional[Selector] = None
+
+
+def default_selector() -> Selector:
+    """The process's verdict cache (over the per-device file), so every load in a process decides alike."""
+    global _selector
+    if _selector is None:
+        _selector = Selector()
+    return _selector
+
+
+def _describe(cpu) -> str:
+    try:
+        return str(cpu.describe())
+    except Exception:
+        return "native"
+
+
+def _name(dtype) -> str:
+    return str(dtype).split(".")[-1]

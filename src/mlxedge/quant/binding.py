@@ -1,0 +1,89 @@
+"""Put a KernelChoice's bindings into a model's layers: every matmul layer, and gate·up fusion.
+
+`bind_kernels(model, choice)` runs once at load (and again if the Model is given another choice):
+- quantized layers (QuantizedLinear, and QuantizedEmbedding when it serves as the tied head) get the
+  binding for their shape;
+- float nn.Linear / a tied nn.Embedding head become BoundLinear / BoundEmbedding where their binding is not
+  the built-in, and go back to the plain MLX classes where it is;
+- a gated-silu MLP with gate and up quantized alike becomes a FusedGatedMLP where the bound path runs a
+  fused kernel, and goes back to its original module where it does not (so the built-in path computes
+  exactly what mlx-lm computes).
+It returns the layer counts per kind and backend that `info["kernels"]["layers"]` reports.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import mlx.nn as nn
+from mlx.utils import tree_unflatten
+
+from .fused_mlp import FusedGatedMLP, fusable, known_activations, quantized_alike, triplet
+from .layers import BoundEmbedding, BoundLinear, QuantizedEmbedding, QuantizedLinear
+
+
+def _label(binding) -> str:
+    if binding.backend == binding.prefill_backend:
+        return binding.backend
+    return f"{binding.backend} ≤{binding.decode_rows} rows, else {binding.prefill_backend}"
+
+
+def _bind_float(path, module, binding, swaps, counts, kind) -> None:
+    counts[kind][_label(binding)] += 1
+    if binding.backend == "builtin" and binding.prefill_backend == "builtin":
+        if isinstance(module, (BoundLinear, BoundEmbedding)):
+            swaps.append((path, module.unbound()))
+        return
+    bound = module if isinstance(module, (BoundLinear, BoundEmbedding)) else (
+        BoundLinear if isinstance(module, nn.Linear) else BoundEmbedding).wrap(module)
+    bound.bind(binding)
+    if bound is not module:
+        swaps.append((path, bound))
+
+
+def _bind_layers(model: nn.Module, choice, counts: dict) -> None:
+    tied = "lm_head" not in model  # mlx-lm models without an lm_head use the embedding as the head
+    swaps = []
+    for path, m in model.named_modules():
+        if isinstance(m, QuantizedLinear) or (tied and isinstance(m, QuantizedEmbedding)):
+            binding = choice.quantized(*triplet(m), group_size=m.group_size, bits=m.bits)
+            m.bind(binding)
+            counts["quantized"][_label(binding)] += 1
+        elif type(m) in (nn.Linear, BoundLinear):
+            _bind_float(path, m, choice.linear(m["weight"]), swaps, counts, "linear")
+        elif tied and type(m) in (nn.Embedding, BoundEmbedding):
+            _bind_float(path, m, choice.linear(m["weight"]), swaps, counts, "tied_head")
+    if swaps:
+        model.update_modules(tree_unflatten(swaps))
+
+
+def _bind_mlps(model: nn.Module, choice, counts: dict) -> None:
+    known = known_activations()
+    swaps = []
+    for path, m in model.named_modules():
+        original = m.unfused() if isinstance(m, FusedGatedMLP) else m
+        if not quantized_alike(original):
+            continue
+        gate, up = original["gate_proj"], original["up_proj"]
+        binding = None
+        if choice.candidate is not None and fusable(original, known):
+            binding = choice.gate_up(triplet(gate), triplet(up), group_size=gate.group_size, bits=gate.bits)
+        if binding is None:
+            if original is not m:
+                swaps.append((path, original))
+            continue
+        fused = m if isinstance(m, FusedGatedMLP) else FusedGatedMLP(original)
+        fused.bind(binding)
+        counts["gate_up_fused"][binding.backend] += 1
+        if fused is not m:
+            swaps.append((path, fused))
+    if swaps:
+        model.update_modules(tree_unflatten(swaps))
+
+
+def bind_kernels(model: nn.Module, choice) -> dict:
+    """Bind every matmul layer of `model` to `choice`'s kernels; {kind: {backend: layer count}}."""
+    counts = {"quantized": Counter(), "linear": Counter(), "tied_head": Counter(), "gate_up_fused": Counter()}
+    _bind_layers(model, choice, counts)
+    _bind_mlps(model, choice, counts)
+    return {kind: dict(c) for kind, c in counts.items() if c}
