@@ -1,27 +1,37 @@
-# Two entry points for a fresh machine: `make chat` and `make test`. Both create .venv and install what they need.
+# Two entry points for a fresh machine: `make chat` (the runtime only) and `make test` (runtime + test tools).
+# Both create .venv; `pip install -e` compiles the native CPU kernels (src/mlxedge/cpu) from source.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+RUNTIME := $(VENV)/.installed-runtime
+TESTDEPS := $(VENV)/.installed-test
+NATIVE_SOURCES := setup.py pyproject.toml $(wildcard src/mlxedge/cpu/CMakeLists.txt src/mlxedge/cpu/kernels/* src/mlxedge/cpu/ext/*)
 
 .PHONY: chat test install clean mac-check
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --progress-bar on --upgrade pip
+
+$(RUNTIME): $(NATIVE_SOURCES) | $(BIN)/python
+	$(BIN)/pip install --progress-bar on -e .
+	touch $@
+
+$(TESTDEPS): $(NATIVE_SOURCES) | $(BIN)/python
 	$(BIN)/pip install --progress-bar on -e '.[test]'
-	touch $(STAMP)
+	touch $@ $(RUNTIME)
 
-install: $(STAMP)
+install: $(RUNTIME)
 
-chat: $(STAMP)
+chat: $(RUNTIME)
 	$(BIN)/mlxedge chat
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+# MLXEDGE_REQUIRE_NATIVE=1: the native kernels must have been built and must load (a test fails otherwise)
+test: $(TESTDEPS)
+	MLXEDGE_REQUIRE_NATIVE=1 $(BIN)/python -m pytest -q
 
 # On a Mac: suite + Metal kernel benchmark + `mlxedge bench --compare mlx-lm`, one JSON report (docs/mac-check.md)
-mac-check: $(STAMP)
+mac-check: $(TESTDEPS)
 	$(BIN)/python scripts/mac_check.py --out mac-check.json
 
 clean:
@@ -34,7 +44,7 @@ CXX ?= g++
 CMAKE ?= $(BIN)/cmake
 NINJA ?= $(BIN)/ninja
 .PHONY: test-sanitize
-test-sanitize: $(STAMP)
+test-sanitize: $(TESTDEPS)
 	$(CMAKE) -S src/mlxedge/cpu -B $(SAN_DIR) -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(NINJA)) \
 		-DMLXEDGE_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPython_EXECUTABLE=$(abspath $(BIN)/python) \
 		-DCMAKE_LIBRARY_OUTPUT_DIRECTORY=$(abspath $(SAN_DIR))/out
