@@ -18,6 +18,7 @@ from ..errors import SourceError
 REQUIRED_SIZES = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
 OPTIONAL_SIZES = ("head_dim", "max_position_embeddings", "intermediate_size", "num_key_value_heads",
                   "sliding_window", "sliding_window_pattern")
+NULLABLE = ("head_dim", "num_key_value_heads", "sliding_window", "sliding_window_pattern")  # null: "use the default"
 MAX_SIZE = 2**31 - 1  # MLX shapes are int32
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -38,7 +39,7 @@ def _bad(where: str, key: str, value: Any, expected: str) -> SourceError:
 
 
 def _positive(where: str, cfg: Mapping, key: str, required: bool) -> None:
-    if key not in cfg or cfg[key] is None:
+    if key not in cfg or (cfg[key] is None and key in NULLABLE):
         if required:
             raise SourceError(f"{where}: required key '{key}' is missing (expected a positive integer); "
                               "fix or re-download the config")

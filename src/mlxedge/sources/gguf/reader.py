@@ -9,7 +9,7 @@ so every field is checked before it is used, with Python integers (no fixed-widt
     innermost one a whole number of blocks of the tensor's type;
   * tensor data aligned, in file order and exactly contiguous (offset = previous end rounded up to the
     alignment), so no two tensors overlap and a type swapped for another changes the layout and is caught;
-  * every tensor inside the file.
+  * every tensor inside the file, and nothing after the last one but alignment padding.
 Errors are one-line `SourceError`s naming the file and the key or tensor.
 """
 
@@ -278,4 +278,9 @@ def _check_layout(path: Path, entries, data_offset: int, alignment: int, size: i
                               f"{size}; download the file again")
         out.append((name, dims, qtype, data_offset + offset, nbytes))
         expected = _pad(offset + nbytes, alignment)
+    # writers pad the last tensor to the alignment and stop: more is a tensor whose type or shape shrank
+    tail = size - (out[-1][3] + out[-1][4]) if out else 0
+    if out and tail >= alignment:
+        raise SourceError(f"{path}: {tail} bytes follow the last tensor '{out[-1][0]}', more than the alignment "
+                          f"padding ({alignment}); its type or shape does not match the data, the file is corrupt")
     return out

@@ -1,7 +1,6 @@
 """One GGUF tensor's route into the Checkpoint: its Hugging Face name, how it is converted, what it yields.
 
-Values are checked on the way: a scale, bias or float weight that is NaN or infinite is refused naming
-the tensor (a corrupt file otherwise loads and produces NaN logits).
+NaN or infinite scales, biases and float weights are refused by loading.py, for every source alike.
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ from typing import Any, List, Optional, Tuple
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from ...errors import SourceError, UnsupportedError
+from ...errors import UnsupportedError
 from ..checkpoint import TensorInfo
 from . import blocks as gb
 from .names import check_permutable, permuted_heads, unpermute_rows
@@ -23,12 +22,6 @@ def check_type(t: GGUFTensor, file_name: str) -> None:
     if t.qtype not in gb.SUPPORTED_TYPES:
         raise UnsupportedError(f"tensor '{t.name}' in {file_name} has block type {t.qtype.name}, which mlxedge "
                                f"cannot read; supported: {', '.join(x.name for x in gb.SUPPORTED_TYPES)}")
-
-
-def _check_finite(name: str, what: str, *arrays: np.ndarray) -> None:
-    for a in arrays:
-        if not np.isfinite(a).all():
-            raise SourceError(f"tensor '{name}' has NaN or infinite {what}; the file is corrupt")
 
 
 class TensorPlan:
@@ -83,7 +76,6 @@ class TensorPlan:
                 data = unpermute_rows(data, self.permute_heads)
             with np.errstate(all="ignore"):
                 a = gb.to_affine(data, self.qtype)
-            _check_finite(self.tensor.name, "scales or biases", a.scales, a.biases)
             return ([(f"{self.module}.weight", mx.array(a.weight)), (f"{self.module}.scales", mx.array(a.scales)),
                      (f"{self.module}.biases", mx.array(a.biases))], None if a.exact else a.max_abs_deviation)
         if self.qtype == T.BF16:
@@ -93,7 +85,6 @@ class TensorPlan:
         else:  # a quantized non-matrix (rare): gguf's own dequantizer, as float32
             with np.errstate(all="ignore"):
                 values = dequantize(np.asarray(data), self.qtype).reshape(self.rows_first)
-        _check_finite(self.tensor.name, "values", values)
         if self.permute_heads:
             values = unpermute_rows(values, self.permute_heads)
         if self.norm_shift:
