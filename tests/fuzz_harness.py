@@ -142,12 +142,14 @@ def mutate_gguf(data: bytes, fields: List[Field], header_end: int, rng) -> Tuple
         new = int(choices[int(rng.integers(len(choices)))]) & (2**64 - 1)
     elif f.kind == "version":
         new = int([0, 1, 4, 5, 2, 3 << 24, 2**32 - 1][int(rng.integers(7))])
+        if new == 2:  # v2 and v3 share one layout: a valid file
+            kind = "version_supported"
     else:
         new = _interesting(rng, f.value, f.size)
     buf[f.pos:f.pos + f.size] = new.to_bytes(f.size, "little")
     if bytes(buf) == data:
         return bytes(buf), "noop"
-    return bytes(buf), kind if kind == "t_type_same_size" else f.kind
+    return bytes(buf), kind if kind in ("t_type_same_size", "version_supported") else f.kind
 
 
 # ------------------------------------------------------------------------------------ safetensors layout
@@ -229,6 +231,15 @@ def mutate_safetensors(data: bytes, rng) -> Tuple[bytes, str]:
     return _st_join(header, body, raw[:-1] + ", " + dup + "}"), kind
 
 
+def _same_header(a: bytes, b: bytes) -> bool:
+    """Whether two safetensors files differ only in how the same header JSON is spelled."""
+    try:
+        (na,), (nb,) = struct.unpack_from("<Q", a), struct.unpack_from("<Q", b)
+        return json.loads(a[8:8 + na]) == json.loads(b[8:8 + nb]) and a[8 + na:] == b[8 + nb:]
+    except (ValueError, struct.error):
+        return False
+
+
 def mutate_config(config: dict, rng) -> Tuple[dict, str]:
     """A config.json with one key set to a value of the wrong kind or size."""
     cfg = json.loads(json.dumps(config))
@@ -280,7 +291,7 @@ def make_case(target: Target, seed: int, index: int, workdir: Path) -> Tuple[str
         (out / "model.safetensors").write_bytes(weights)
         return str(out), kind
     mutated, kind = mutate_safetensors(weights, rng)
-    if mutated == weights:
+    if mutated == weights or _same_header(mutated, weights):
         kind = "noop"
     (out / "model.safetensors").write_bytes(mutated)
     return str(out), kind

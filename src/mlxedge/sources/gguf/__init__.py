@@ -24,7 +24,7 @@ from ..checkpoint import Checkpoint, TensorInfo
 from . import blocks as gb
 from .config import GUESSES, Meta, gguf_config, llama3_factors, llama3_rope_scaling
 from .names import ARCHITECTURES, CONFIG_TENSORS, VISION_PREFIXES, hf_name, unpermute_rows
-from .reader import GGUFFile, read_gguf
+from .reader import GGUFFile, quote, read_gguf
 from .tensors import TensorPlan, check_type
 
 __all__ = ["ARCHITECTURES", "GUESSES", "GGUFFile", "hf_name", "llama3_factors", "llama3_rope_scaling", "open_gguf",
@@ -94,10 +94,10 @@ def open_gguf(path: Path, source: str) -> Checkpoint:
             continue
         name = hf_name(arch, t.name)
         if name is None:
-            raise UnsupportedError(f"tensor '{t.name}' in {path.name} is not part of a {arch} model mlxedge knows; "
+            raise UnsupportedError(f"tensor {quote(t.name)} in {path.name} is not part of a {arch} model mlxedge knows; "
                                    "the file may be a multimodal projector or an unsupported variant")
         if name in hf_names:
-            raise SourceError(f"tensor '{t.name}' in {path.name} maps to {name}, which another tensor already "
+            raise SourceError(f"tensor {quote(t.name)} in {path.name} maps to {name}, which another tensor already "
                               "provides; the file is corrupt")
         hf_names.add(name)
         plans.append(TensorPlan(t, name, arch, provisional))

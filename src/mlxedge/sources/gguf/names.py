@@ -8,6 +8,7 @@ from typing import Optional
 import numpy as np
 
 from ...errors import SourceError
+from .reader import quote
 
 # GGUF architecture -> (HF model_type, HF architectures class, default rope theta)
 ARCHITECTURES = {
@@ -80,7 +81,7 @@ def permuted_heads(arch: str, gguf_name: str, cfg: dict) -> Optional[int]:
 def check_permutable(name: str, rows: int, n_head: int) -> None:
     """Refuse, naming the tensor, a q/k tensor whose rows do not split into n_head heads of pairs."""
     if n_head <= 0 or rows % n_head or (rows // n_head) % 2:
-        raise SourceError(f"tensor '{name}' has {rows} rows, which do not split into {n_head} rotary heads of "
+        raise SourceError(f"tensor {quote(name)} has {rows} rows, which do not split into {n_head} rotary heads of "
                           "row pairs; its shape and the file's head counts disagree")
 
 

@@ -41,6 +41,11 @@ _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 
 STRING, ARRAY, UINT32 = 8, 9, 4
 
 
+def quote(text: str) -> str:
+    """A name read from the file, for a message: quoted, escaped (a newline in it cannot split the line), capped."""
+    return repr(text[:100])
+
+
 @dataclass(frozen=True)
 class StringArray:
     """A metadata array of strings, kept unread (the tokenizer is built by transformers from the file)."""
@@ -189,39 +194,39 @@ def _read_metadata(cur: _Cursor, n_kv: int) -> Dict[str, Any]:
     for i in range(n_kv):
         key = cur.string(f"metadata key #{i}")
         if key in fields:
-            raise SourceError(f"{cur.path}: duplicate metadata key '{key}'; the file is corrupt")
-        code = cur.u32(f"the type of metadata '{key}'")
+            raise SourceError(f"{cur.path}: duplicate metadata key {quote(key)}; the file is corrupt")
+        code = cur.u32(f"the type of metadata {quote(key)}")
         if code == ARRAY:
             fields[key] = _read_array(cur, key)
         elif code == STRING:
-            fields[key] = cur.string(f"metadata '{key}'")
+            fields[key] = cur.string(f"metadata {quote(key)}")
         elif code in _SCALARS:
-            value = cur.scalar(code, f"metadata '{key}'")
+            value = cur.scalar(code, f"metadata {quote(key)}")
             if key == "general.alignment" and code != UINT32:
                 raise SourceError(f"{cur.path}: metadata 'general.alignment' has value type #{code}, "
                                   "expected uint32; the file is corrupt")
             fields[key] = value
         else:
-            raise SourceError(f"{cur.path}: metadata '{key}' has unknown value type #{code}; the file is corrupt")
+            raise SourceError(f"{cur.path}: metadata {quote(key)} has unknown value type #{code}; the file is corrupt")
     return fields
 
 
 def _read_array(cur: _Cursor, key: str):
-    code = cur.u32(f"the element type of metadata '{key}'")
-    count = cur.u64(f"the length of metadata '{key}'")
+    code = cur.u32(f"the element type of metadata {quote(key)}")
+    count = cur.u64(f"the length of metadata {quote(key)}")
     item = 8 if code == STRING else _SCALARS[code][1] if code in _SCALARS else None
     if item is None:
-        raise SourceError(f"{cur.path}: metadata array '{key}' has element type #{code}, which GGUF does not "
+        raise SourceError(f"{cur.path}: metadata array {quote(key)} has element type #{code}, which GGUF does not "
                           "allow in arrays; the file is corrupt")
     if count * item > cur.remaining():
-        raise SourceError(f"{cur.path} is truncated or corrupt: metadata array '{key}' declares {count} elements, "
+        raise SourceError(f"{cur.path} is truncated or corrupt: metadata array {quote(key)} declares {count} elements, "
                           f"more than the {cur.remaining()} bytes left; download the file again")
     if code != STRING:
-        values = np.frombuffer(cur.buf, dtype=_NUMPY[code], count=count, offset=cur.skip(count * item, f"metadata '{key}'"))
+        values = np.frombuffer(cur.buf, dtype=_NUMPY[code], count=count, offset=cur.skip(count * item, f"metadata {quote(key)}"))
         return values.astype(bool) if code == 7 else values
     for j in range(count):  # walk the strings (length-prefixed) without decoding them
-        n = cur.u64(f"the length of element {j} of metadata '{key}'")
-        cur.skip(n, f"element {j} of metadata '{key}'")
+        n = cur.u64(f"the length of element {j} of metadata {quote(key)}")
+        cur.skip(n, f"element {j} of metadata {quote(key)}")
     return StringArray(count)
 
 
@@ -230,13 +235,13 @@ def _read_tensor_info(cur: _Cursor, i: int):
     if len(name.encode()) > MAX_NAME_BYTES:
         raise SourceError(f"{cur.path}: tensor #{i} has a {len(name.encode())}-byte name, longer than GGUF's "
                           f"{MAX_NAME_BYTES}; the file is corrupt")
-    n_dims = cur.u32(f"the dimension count of tensor '{name}'")
+    n_dims = cur.u32(f"the dimension count of tensor {quote(name)}")
     if not 1 <= n_dims <= MAX_DIMS:
-        raise SourceError(f"{cur.path}: tensor '{name}' has {n_dims} dimensions, expected 1 to {MAX_DIMS}; "
+        raise SourceError(f"{cur.path}: tensor {quote(name)} has {n_dims} dimensions, expected 1 to {MAX_DIMS}; "
                           "the file is corrupt")
-    dims = tuple(cur.u64(f"dimension {d} of tensor '{name}'") for d in range(n_dims))
-    code = cur.u32(f"the type of tensor '{name}'")
-    offset = cur.u64(f"the data offset of tensor '{name}'")
+    dims = tuple(cur.u64(f"dimension {d} of tensor {quote(name)}") for d in range(n_dims))
+    code = cur.u32(f"the type of tensor {quote(name)}")
+    offset = cur.u64(f"the data offset of tensor {quote(name)}")
     return name, dims, code, offset
 
 
@@ -247,40 +252,40 @@ def _check_layout(path: Path, entries, data_offset: int, alignment: int, size: i
     out = []
     for name, dims, code, offset in entries:
         if name in seen:
-            raise SourceError(f"{path}: duplicate tensor name '{name}'; the file is corrupt")
+            raise SourceError(f"{path}: duplicate tensor name {quote(name)}; the file is corrupt")
         seen.add(name)
         if any(not 1 <= d <= MAX_DIM for d in dims):
-            raise SourceError(f"{path}: tensor '{name}' has dimensions {list(dims)}, expected each in 1..{MAX_DIM}; "
+            raise SourceError(f"{path}: tensor {quote(name)} has dimensions {list(dims)}, expected each in 1..{MAX_DIM}; "
                               "the file is corrupt")
         try:
             qtype = T(code)
             block, type_size = GGML_QUANT_SIZES[qtype]
         except (ValueError, KeyError):
-            raise UnsupportedError(f"tensor '{name}' in {path.name} has unknown block type #{code}; the file is "
+            raise UnsupportedError(f"tensor {quote(name)} in {path.name} has unknown block type #{code}; the file is "
                                    "corrupt or newer than mlxedge") from None
         if dims[0] % block:
-            raise SourceError(f"{path}: tensor '{name}' of type {qtype.name} has {dims[0]} elements per row, not a "
+            raise SourceError(f"{path}: tensor {quote(name)} of type {qtype.name} has {dims[0]} elements per row, not a "
                               f"multiple of its block size {block}; the file is corrupt")
         numel = 1
         for d in dims:
             numel *= d
         nbytes = numel // block * type_size
         if offset % alignment:
-            raise SourceError(f"{path}: tensor '{name}' starts at data offset {offset}, not a multiple of the "
+            raise SourceError(f"{path}: tensor {quote(name)} starts at data offset {offset}, not a multiple of the "
                               f"alignment {alignment}; the file is corrupt")
         if offset != expected:
-            raise SourceError(f"{path}: tensor '{name}' starts at data offset {offset} but the previous tensors "
+            raise SourceError(f"{path}: tensor {quote(name)} starts at data offset {offset} but the previous tensors "
                               f"end at {expected}; the tensor table is corrupt (overlapping, out of order, or a "
                               "type or shape that does not match the data)")
         end = data_offset + offset + nbytes
         if end > size:
-            raise SourceError(f"{path} is truncated: tensor '{name}' needs bytes up to {end} but the file has "
+            raise SourceError(f"{path} is truncated: tensor {quote(name)} needs bytes up to {end} but the file has "
                               f"{size}; download the file again")
         out.append((name, dims, qtype, data_offset + offset, nbytes))
         expected = _pad(offset + nbytes, alignment)
     # writers pad the last tensor to the alignment and stop: more is a tensor whose type or shape shrank
     tail = size - (out[-1][3] + out[-1][4]) if out else 0
     if out and tail >= alignment:
-        raise SourceError(f"{path}: {tail} bytes follow the last tensor '{out[-1][0]}', more than the alignment "
+        raise SourceError(f"{path}: {tail} bytes follow the last tensor {quote(out[-1][0])}, more than the alignment "
                           f"padding ({alignment}); its type or shape does not match the data, the file is corrupt")
     return out

@@ -14,13 +14,13 @@ from ...errors import UnsupportedError
 from ..checkpoint import TensorInfo
 from . import blocks as gb
 from .names import check_permutable, permuted_heads, unpermute_rows
-from .reader import GGUFTensor
+from .reader import GGUFTensor, quote
 
 
 def check_type(t: GGUFTensor, file_name: str) -> None:
     """Refuse, naming the tensor, any block type mlxedge cannot read."""
     if t.qtype not in gb.SUPPORTED_TYPES:
-        raise UnsupportedError(f"tensor '{t.name}' in {file_name} has block type {t.qtype.name}, which mlxedge "
+        raise UnsupportedError(f"tensor {quote(t.name)} in {file_name} has block type {t.qtype.name}, which mlxedge "
                                f"cannot read; supported: {', '.join(x.name for x in gb.SUPPORTED_TYPES)}")
 
 
