@@ -204,3 +204,20 @@ def test_absurd_plan_arithmetic_is_instant():
 def test_tensor_count_beyond_the_file_is_refused(tmp_path, layout):
     message = _load_error(_patched(tmp_path, layout, _set(layout, "n_tensors", 2**63)), SourceError)
     assert "declares" in message and "tensors" in message
+
+
+@pytest.mark.parametrize("command", ["plan", "generate"])
+def test_cli_gives_one_error_line_for_a_corrupt_gguf(tmp_path, layout, monkeypatch, command):
+    from click.testing import CliRunner
+
+    from mlxedge.cli import main
+
+    path = _patched(tmp_path, layout, _set(layout, "t_offset", 2**64 - layout[3], "blk.0.attn_q.weight"))
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    args = ["plan", path] if command == "plan" else ["generate", path, "-p", "hi", "-n", "1", "--dtype", "float32"]
+    result = CliRunner().invoke(main, args)
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 1 and len(errors) == 1 and "'blk.0.attn_q.weight'" in errors[0], result.output
+    assert "Traceback" not in result.output and list(work.iterdir()) == []
