@@ -237,8 +237,9 @@ def _assign_checked(model: nn.Module, expected: dict, name: str, tensor: mx.arra
         raise SourceError(f"tensor {name!r} is stored as {str(tensor.dtype).split('.')[-1]}, expected a floating-point "
                           "type; the checkpoint is corrupt.")
     if mx.issubdtype(tensor.dtype, mx.floating) and not mx.all(mx.isfinite(tensor)).item():
-        raise SourceError(f"tensor {name!r} holds NaN or infinite values (as {str(tensor.dtype).split('.')[-1]}); "
-                          "the checkpoint is corrupt (or, if it loads in float32, too wide for this dtype).")
+        hint = ("the checkpoint is corrupt." if tensor.dtype == mx.float32 else
+                f"the checkpoint is corrupt, or its values overflow {str(tensor.dtype).split('.')[-1]}: try dtype float32.")
+        raise SourceError(f"tensor {name!r} holds NaN or infinite values; {hint}")
     _set_param(model, name, tensor)
 
 
