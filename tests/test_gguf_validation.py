@@ -221,3 +221,25 @@ def test_cli_gives_one_error_line_for_a_corrupt_gguf(tmp_path, layout, monkeypat
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert result.exit_code == 1 and len(errors) == 1 and "'blk.0.attn_q.weight'" in errors[0], result.output
     assert "Traceback" not in result.output and list(work.iterdir()) == []
+
+
+def test_array_where_a_string_belongs_names_the_key(tmp_path, good):
+    """A chat template stored as an array of strings (the value type swapped) is one line, not a TypeError."""
+    import gguf
+
+    reader = gguf.GGUFReader(good)
+    path = tmp_path / "array-template.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, field in reader.fields.items():
+        if key.startswith("llama."):
+            value = field.contents()
+            w.add_float32(key, value) if isinstance(value, float) else w.add_uint32(key, int(value))
+    w.add_array("tokenizer.chat_template", ["{{ a }}", "{{ b }}"])
+    for t in reader.tensors:
+        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    message = _load_error(str(path), SourceError)
+    assert "'tokenizer.chat_template' is an array of 2 strings, expected a string" in message

@@ -66,7 +66,12 @@ class Meta:
         return self.fields.get(key, default)
 
     def _bad(self, key: str, value: Any, expected: str):
-        shown = f"an array of {len(value)}" if isinstance(value, (np.ndarray, StringArray)) else repr(value)[:60]
+        if isinstance(value, StringArray):
+            shown = f"an array of {value.count} strings"
+        elif isinstance(value, np.ndarray):
+            shown = f"an array of {value.size} numbers"
+        else:
+            shown = repr(value)[:60]
         return SourceError(f"{self.path.name}: metadata '{key}' is {shown}, expected {expected}; the file is corrupt")
 
     def int(self, key: str, default: Optional[int] = None, minimum: int = 1) -> Optional[int]:
