@@ -11,6 +11,7 @@ a per-case watchdog (tests/fuzz_harness.py); any case replays from (target, seed
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -47,6 +48,7 @@ def main() -> int:
     from tiny_models import build_tiny
 
     work = Path(tempfile.mkdtemp(prefix="mlxedge-fuzz-"))
+    print(f"work directory (per-case results in *.jsonl): {work}", flush=True)
     targets = [(Target("tiny-gguf", "gguf", str(write_gguf(tiny_model("llama"), work / "tiny.gguf",
                                                            TINY["llama"]["types"]))), args.cases),
                (Target("tiny-safetensors", "dir", str(build_tiny("llama", work / "st"))), args.cases)]
@@ -61,8 +63,17 @@ def main() -> int:
     findings = []
     for target, count in targets:
         t0 = time.time()
+        log = open(work / f"{target.name}.jsonl", "w")
+
+        def progress(result, log=log, t0=t0, name=target.name):
+            log.write(json.dumps(result) + "\n")
+            log.flush()
+            if (result["index"] + 1) % 100 == 0:
+                print(f"  {name}: {result['index'] + 1} cases, {time.time() - t0:.0f} s", flush=True)
+
         results = run_cases(target, args.seed, count, work / target.name, case_timeout=args.case_timeout,
-                            total_timeout=24 * 3600)
+                            total_timeout=24 * 3600, on_result=progress)
+        log.close()
         total_cases += len(results)
         print(f"\n== {target.name}: {len(results)} cases in {time.time() - t0:.0f} s")
         for key, n in summarize(results).items():
