@@ -184,21 +184,31 @@ def test_llama3_rope_scaling_recovered_from_rope_freqs(tmp_path):
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
-def test_array_blob_reader_agrees_with_stock_reader(built, model_type):
-    """The faster reader sees the same tensors (names, types, shapes, offsets, bytes) and scalar metadata."""
+def test_reader_agrees_with_stock_reader(built, model_type):
+    """mlxedge's validating reader sees what gguf's own GGUFReader sees: tensors (names, types, shapes,
+    offsets, bytes) and every metadata value (string arrays by length only)."""
     from gguf import GGUFReader, GGUFValueType
 
-    from mlxedge.sources.gguf import _reader_class
+    from mlxedge.sources.gguf import read_gguf
+    from mlxedge.sources.gguf.reader import StringArray
 
     path = built[model_type][1]  # carries string arrays (vocabulary) and numeric ones (scores, types)
-    fast, stock = _reader_class()(path), GGUFReader(path)
-    assert [(t.name, int(t.tensor_type), t.shape.tolist(), int(t.data_offset), int(t.n_bytes)) for t in fast.tensors] == \
+    ours, stock = read_gguf(path), GGUFReader(path)
+    assert [(t.name, int(t.qtype), list(t.dims), t.offset, t.nbytes) for t in ours.tensors] == \
         [(t.name, int(t.tensor_type), t.shape.tolist(), int(t.data_offset), int(t.n_bytes)) for t in stock.tensors]
-    assert fast.data_offset == stock.data_offset and list(fast.fields) == list(stock.fields)
-    for key, field in stock.fields.items():
-        if field.types[-1] != GGUFValueType.STRING or field.types[0] != GGUFValueType.ARRAY:
-            assert fast.fields[key].contents() == field.contents(), key
-    np.testing.assert_array_equal(fast.tensors[5].data, stock.tensors[5].data)
+    assert ours.data_offset == stock.data_offset
+    assert list(ours.fields) == [k for k in stock.fields if not k.startswith("GGUF.")]
+    for key, value in ours.fields.items():
+        field = stock.fields[key]
+        if isinstance(value, StringArray):
+            assert field.types == [GGUFValueType.ARRAY, GGUFValueType.STRING] and value.count == len(field.data), key
+        elif isinstance(value, np.ndarray):
+            np.testing.assert_array_equal(value, np.array(field.contents()), err_msg=key)
+        else:
+            assert value == field.contents(), key
+    for t_ours, t_stock in zip(ours.tensors, stock.tensors):
+        np.testing.assert_array_equal(np.asarray(t_ours.data).view(np.uint8).reshape(-1),
+                                      np.asarray(t_stock.data).view(np.uint8).reshape(-1), err_msg=t_ours.name)
 
 
 def test_bundled_vision_tensors_are_skipped(built, tmp_path):

@@ -14,7 +14,7 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf.quants import dequantize, quantize
 
-from mlxedge.quant import gguf_blocks as gb
+from mlxedge.sources.gguf import blocks as gb
 
 ROWS, COLS = 48, 512
 QUANTIZABLE = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]

@@ -161,8 +161,9 @@ def load_checkpoint(checkpoint: Checkpoint, requested: Optional[QuantSpec], dtyp
     model_class, args_class = model_classes(config)
     try:
         model = model_class(args_class.from_dict(config))
-    except (TypeError, ValueError, KeyError) as e:
-        raise SourceError(f"config.json does not describe a valid {config['model_type']} model: {e}") from None
+    except (TypeError, ValueError, KeyError, ZeroDivisionError, OverflowError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise SourceError(f"config.json does not describe a valid {config['model_type']} model: {reason}") from None
     compute_dtype = resolve_dtype(dtype, checkpoint, for_compute)
     keep = _surviving_names(model, checkpoint)
 
@@ -259,6 +260,13 @@ def _assign_checked(model: nn.Module, expected: dict, name: str, tensor: mx.arra
     if tuple(expected[name].shape) != tuple(tensor.shape):
         raise SourceError(f"tensor {name!r} has shape {tuple(tensor.shape)} but the config implies "
                           f"{tuple(expected[name].shape)}; the checkpoint and its config.json disagree.")
+    if mx.issubdtype(expected[name].dtype, mx.floating) and not mx.issubdtype(tensor.dtype, mx.floating):
+        raise SourceError(f"tensor {name!r} is stored as {str(tensor.dtype).split('.')[-1]}, expected a floating-point "
+                          "type; the checkpoint is corrupt.")
+    if mx.issubdtype(tensor.dtype, mx.floating) and not mx.all(mx.isfinite(tensor)).item():
+        hint = ("the checkpoint is corrupt." if tensor.dtype == mx.float32 else
+                f"the checkpoint is corrupt, or its values overflow {str(tensor.dtype).split('.')[-1]}: try dtype float32.")
+        raise SourceError(f"tensor {name!r} holds NaN or infinite values; {hint}")
     _set_param(model, name, tensor)
 
 

@@ -28,6 +28,7 @@ import subprocess
 import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
 
@@ -44,6 +45,7 @@ _UNITS = {
     "g": 1 << 30, "gb": 10**9, "gib": 1 << 30,
     "t": 1 << 40, "tb": 10**12, "tib": 1 << 40,
 }
+MAX_SIZE = 2**63 - 1  # what the OS and MLX can be told (a signed 64-bit byte count)
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*$")
 
 
@@ -60,11 +62,14 @@ def parse_size(value) -> int:
     elif isinstance(value, float) and math.isfinite(value):
         n = int(value)
     elif isinstance(value, str) and (m := _SIZE_RE.match(value)) and m.group(2).lower() in _UNITS:
-        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+        n = int(Fraction(m.group(1)) * _UNITS[m.group(2).lower()])  # exact: no float overflow or rounding
     else:
         raise MlxedgeError(f"memory size {value!r} is not a size; use bytes or a string like '6GB' or '512MiB'.")
     if n <= 0:
         raise MlxedgeError(f"memory size {value!r} must be more than zero bytes.")
+    if n > MAX_SIZE:
+        raise MlxedgeError(f"memory size {str(value)[:40]!r} is more than any machine has (the limit is "
+                           f"{format_bytes(MAX_SIZE)}); use a size like '6GB'.")
     return n
 
 
@@ -535,16 +540,17 @@ def kv_cache_plan(config: dict, context_length: int, dtype_bytes: int,
     window = cfg.get("sliding_window")
     layer_types = cfg.get("layer_types")
     pattern = cfg.get("sliding_window_pattern")
-    sliding = [False] * layers
+    sliding = 0  # counted, not listed per layer: the arithmetic stays instant for any layer count
     if window:
         if isinstance(layer_types, list) and len(layer_types) == layers:
-            sliding = [t == "sliding_attention" for t in layer_types]
+            sliding = sum(t == "sliding_attention" for t in layer_types)
         elif isinstance(pattern, int) and pattern > 0:
-            sliding = [(i + 1) % pattern != 0 for i in range(layers)]
+            sliding = layers - layers // pattern
     per_token = 2 * kv_heads * head_dim * dtype_bytes
     chunk = min(int(prefill_chunk), int(context_length))
-    tokens = [min(full_tokens, int(window) - 1 + chunk) if s else full_tokens for s in sliding]
-    return {"bytes": per_token * sum(tokens), "layers": layers, "sliding_layers": sum(sliding),
+    sliding_tokens = min(full_tokens, int(window) - 1 + chunk) if sliding else 0
+    tokens = sliding * sliding_tokens + (layers - sliding) * full_tokens
+    return {"bytes": per_token * tokens, "layers": layers, "sliding_layers": sliding,
             "kv_heads": kv_heads, "head_dim": head_dim, "tokens_per_full_layer": full_tokens,
             "bytes_per_token_per_layer": per_token}
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..errors import SourceError
 from .checkpoint import Checkpoint, TensorInfo
+from .config_check import check_config, check_layers
 from .hf import open_hf_dir
 from .hub import download_snapshot, looks_like_repo_id
 
@@ -17,7 +18,15 @@ __all__ = ["Checkpoint", "TensorInfo", "open_source"]
 
 
 def open_source(source) -> Checkpoint:
-    """Open a model source by path, alias or hub id, reading headers only."""
+    """Open a model source by path, alias or hub id, reading headers only; the config is validated here, once."""
+    checkpoint = _open(source)
+    where = str(checkpoint.path / "config.json") if checkpoint.kind != "gguf" else str(checkpoint.path)
+    check_config(checkpoint.config, where)
+    check_layers(checkpoint.config, checkpoint.tensor_infos, where)
+    return checkpoint
+
+
+def _open(source) -> Checkpoint:
     name = str(source)
     path = Path(name).expanduser()
     if path.is_dir():
@@ -32,7 +41,7 @@ def open_source(source) -> Checkpoint:
 
     alias_path = resolve_alias(name)
     if alias_path is not None:
-        return open_source(alias_path)
+        return _open(alias_path)
     if looks_like_repo_id(name):
         return open_hf_dir(download_snapshot(name), name)
     raise SourceError(f"model {name!r} not found: not a directory, a .gguf file, a known alias "

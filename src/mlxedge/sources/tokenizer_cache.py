@@ -67,14 +67,14 @@ def _transformers_version() -> str:
 def _load_saved(directory: Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(directory))
+    return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
 
 
 def _build(path: Path):
     from transformers import AutoTokenizer
 
     with _metadata_reader():
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
 
 
 def _save(tokenizer, target: Path, source: Path) -> None:
