@@ -17,6 +17,7 @@ class GenerationStats:
     cached_prompt_tokens: int = 0  # prompt tokens the KV cache already held (a session's earlier turns)
     draft_proposed: int = 0       # speculative decoding: tokens the drafter proposed
     draft_accepted: int = 0       # ... and how many of them the model accepted
+    draft_disabled: bool = False  # draft="auto" measured speculation slower than plain decoding and stopped it
 
     def to_dict(self) -> dict:
         return asdict(self)
