@@ -8,7 +8,8 @@ builds the caches itself, starting from what the architecture asks for and chang
   QuantizedKVCache(kv_group_size, kv_bits) for a quantized cache;
 - a sliding-window layer (RotatingKVCache of its own window) keeps its kind; a window shorter than the
   layer's own shrinks it to the window;
-- any other kind of layer state (recurrent states, chunked caches) is refused with UnsupportedError.
+- any other kind of layer state (recurrent states, chunked caches) is kept as the architecture made it, and
+  a window or quantization asked for it is refused with UnsupportedError.
 
 keep=0 means a plain sliding window: every token attends to the `max_kv_size` latest tokens (itself
 included), at their absolute positions — the semantics of transformers' `sliding_window` attention, which
@@ -81,7 +82,7 @@ def make_cache(model, *, max_kv_size: Optional[int] = None, kv_bits: Optional[in
         elif kind is RotatingKVCache:
             if max_kv_size is not None and int(max_kv_size) < cache.max_size:
                 cache = RotatingKVCache(max_size=int(max_kv_size), keep=cache.keep)
-        else:
+        elif max_kv_size is not None or kv_bits is not None:
             raise UnsupportedError(f"layer {i} of this {model_type} model keeps a {kind.__name__}, which mlxedge "
                                    "cannot turn into a rotating or quantized KV cache.")
         caches.append(cache)

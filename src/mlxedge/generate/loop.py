@@ -184,4 +184,5 @@ def generate_stream(model, tokenizer, prompt_ids: Sequence[int], *, eos_ids: Seq
     if stats.generation_tokens > 1 and last_at > first_at:
         stats.generation_tps = (stats.generation_tokens - 1) / (last_at - first_at)
     stats.peak_memory_bytes = int(mx.get_peak_memory())
+    stats.kv_cache_bytes = int(cache.nbytes)
     yield StreamEvent(text=tail, finish_reason=finish, stats=stats.to_dict())

@@ -113,7 +113,7 @@ class PromptCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(c.nbytes for c in self.caches)
+        return sum(int(getattr(c, "nbytes", 0)) for c in self.caches)
 
     # ------------------------------------------------------------------ files
 
