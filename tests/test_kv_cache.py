@@ -122,3 +122,19 @@ def test_refusals_are_one_line(tiny_chat, tiny_gemma2):
         make_cache(mlxedge.load(tiny_gemma2).module, kv_bits=8)
     with pytest.raises(UnsupportedError, match="divisible by 32"):
         make_cache(module, kv_bits=8)  # head_dim 16
+
+
+@pytest.mark.parametrize("kv_bits", [None, 8, 4])
+def test_plan_counts_the_quantized_cache_exactly(smollm2_hf, kv_bits):
+    import mlx.core as mx
+
+    directory = tiny_chat_model(smollm2_hf, name="hd64", head_dim=64, num_attention_heads=2,
+                                num_key_value_heads=1, hidden_size=128)
+    planned = mlxedge.plan(directory, context_length=256, kv_bits=kv_bits)["kv_cache_bytes"]
+    model = mlxedge.load(directory, context_length=256, kv_bits=kv_bits)
+    cache = model.new_cache()  # the load's kv_bits is the default
+    model.module(mx.array([list(range(10, 266))]), cache=cache.caches)
+    mx.eval([c.state for c in cache.caches])
+    assert planned == cache.nbytes
+    if kv_bits:
+        assert all(type(c) is QuantizedKVCache and c.bits == kv_bits for c in cache.caches)
