@@ -604,7 +604,9 @@ def make_plan(config: dict, tensor_infos: Mapping, *, bits: Optional[int], group
     total = weights["bytes"] + kv["bytes"] + act["bytes"] + overhead
     settings = {"bits": bits, "group_size": group_size, "dtype_bytes": dtype_bytes,
                 "context_length": int(context_length), "prefill_chunk": int(prefill_chunk),
-                "stored_quantized": weights["stored_quantized"], "kv_bits": kv_bits}
+                "stored_quantized": weights["stored_quantized"]}
+    if kv_bits:
+        settings["kv_bits"] = kv_bits
     return MemoryPlan(weight_bytes=weights["bytes"], kv_cache_bytes=kv["bytes"], activation_bytes=act["bytes"],
                       overhead_bytes=overhead, total_bytes=total, budget_bytes=budget.bytes,
                       budget_source=budget.source, fits=total <= budget.bytes,
