@@ -94,7 +94,7 @@ def describe(caches: List) -> List[dict]:
     out = []
     for c in caches:
         entry = {"kind": type(c).__name__, "offset": int(c.offset),
-                 "held": 0 if c.keys is None else int((c.keys[0] if isinstance(c.keys, tuple) else c.keys).shape[2])}
+                 "held": 0 if c.keys is None else int((c.keys[0] if isinstance(c.keys, (tuple, list)) else c.keys).shape[2])}
         if isinstance(c, RotatingKVCache):
             entry["window"] = int(c.max_size)
         if isinstance(c, QuantizedKVCache):

@@ -156,6 +156,9 @@ class PromptCache:
             raise SourceError(f"{path} was saved with another model (fingerprint {metadata.get('model_fingerprint')}, "
                               f"this model is {fingerprint}); load the model it was made with "
                               "(same checkpoint, bits and dtype).")
+        for c in caches:  # quantized layers come back as lists; mlx-lm builds them as tuples
+            if isinstance(getattr(c, "keys", None), list):
+                c.keys, c.values = tuple(c.keys), tuple(c.values)
         cache = cls(caches)
         cache.tokens = [int(t) for t in json.loads(metadata["tokens"])]
         if any(c.offset != len(cache.tokens) for c in caches):

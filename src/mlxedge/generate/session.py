@@ -26,6 +26,7 @@ from typing import Callable, Iterator, List, Optional, Sequence
 
 from .. import memory
 from ..errors import GenerationError
+from .kv_cache import describe
 from .prompt_cache import PromptCache, common_prefix
 from .stats import GenerationResult, StreamEvent
 
@@ -87,6 +88,10 @@ class Session:
     def cached_tokens(self) -> int:
         """How many tokens the KV cache holds now."""
         return len(self._cache.tokens)
+
+    def cache_info(self) -> List[dict]:
+        """Per layer: cache kind, tokens that went through, positions held, window or bits (plain dicts)."""
+        return describe(self._cache.caches)
 
     def reset(self) -> None:
         """Forget the conversation (the system prompt stays; its cached tokens are reused by the next turn)."""
