@@ -12,20 +12,11 @@ import mlxedge
 from mlxedge.cli import main
 from mlxedge.cli.chat import ChatSession, _command
 from mlxedge.errors import GenerationError, SourceError
-from tiny_chat import tiny_chat_model
+from tiny_chat import tiny_chat, tiny_chat_model  # noqa: F401 (tiny_chat: a fixture)
+from tiny_chat import tiny_chat_loaded as model  # noqa: F401 (a fixture)
 
 DOCUMENT = ("The lighthouse stands on a rock at the mouth of the bay. Its keeper climbs one hundred and twelve "
             "steps every evening to light the lamp, and writes the weather in a book. ") * 3
-
-
-@pytest.fixture(scope="module")
-def tiny_chat(smollm2_hf):
-    return tiny_chat_model(smollm2_hf)
-
-
-@pytest.fixture(scope="module")
-def model(tiny_chat):
-    return mlxedge.load(tiny_chat)
 
 
 @pytest.mark.parametrize("raw", [False, True])
