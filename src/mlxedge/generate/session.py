@@ -69,6 +69,8 @@ class Session:
         self.model = model
         self.system = system
         self._history: List[dict] = []
+        if kv_bits is None:
+            kv_bits = model._kv_bits  # as loaded
         if max_kv_size is None and model._kv_overflow == "rotate":
             max_kv_size = model.context_length  # a conversation grows: keep a window from the start
         self._settings = {"kv_bits": kv_bits, "max_kv_size": max_kv_size}
