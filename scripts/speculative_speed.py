@@ -39,6 +39,8 @@ def main() -> None:
     parser.add_argument("model", nargs="?", default=None)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--num-draft-tokens", type=int, default=3)
+    parser.add_argument("--drafts", default="plain,prompt-lookup,self@4bit,auto",
+                        help="comma-separated subset of plain, prompt-lookup, self@4bit, auto")
     args = parser.parse_args()
 
     import mlxedge
@@ -46,8 +48,14 @@ def main() -> None:
 
     source = args.model or default_model()
     model = mlxedge.load(source)
-    draft4 = mlxedge.load(source, bits=4)
-    drafts = {"plain": None, "prompt-lookup": "prompt-lookup", "self @4-bit": draft4, "auto": "auto"}
+    chosen = args.drafts.split(",")
+    drafts = {"plain": None}
+    if "prompt-lookup" in chosen:
+        drafts["prompt-lookup"] = "prompt-lookup"
+    if "self@4bit" in chosen:
+        drafts["self@4bit"] = mlxedge.load(source, bits=4)
+    if "auto" in chosen:
+        drafts["auto"] = "auto"
     print(f"{'prompt':18}{'draft':16}{'tok/s':>8}{'tokens':>8}{'proposed':>10}{'accepted':>10}{'accept %':>10}"
           f"{'speedup':>9}  same as plain")
     for name, prompt in PROMPTS.items():

@@ -17,7 +17,7 @@ and sliding-window layers (gemma3) are refused.
 
 Auto mode (`draft="auto"`): the first steps decode plainly and then speculatively, each timed; when the
 speculative rate is below the plain one, speculation is turned off for the rest of the call
-(stats["draft_disabled"] = True).
+(stats["draft_disabled"] = True) and the loop's pipelined plain decoding takes over.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 from mlx_lm.models.cache import RotatingKVCache
 
 from ..errors import GenerationError
-from .loop import Cancelled, PREFILL_CHUNK, new_prompt_cache, prefill
+from .loop import PREFILL_CHUNK, decode_tokens, new_prompt_cache, prefill
 from .prompt_cache import PromptCache
 from .sampler import SamplingParams, make_sampler
 
@@ -187,6 +187,10 @@ def speculative_tokens(model, cache: PromptCache, prompt_ids: Sequence[int], sam
                 faster = n_spec * tp >= n_plain * ts  # tokens per second, cross-multiplied
                 mode = "speculate" if faster else "plain"
                 stats.draft_disabled = not faster
+                if not faster:  # the rest is plain decoding, pipelined as in loop.decode_tokens
+                    yield from decode_tokens(model, cache, context, sampling, max_tokens=max_tokens - generated,
+                                             sampler=sampler)
+                    return
             speculate = mode in ("speculate", "probe-speculate")
             began = time.perf_counter()
             k = min(num_draft_tokens, max_tokens - generated - 1) if speculate else 0
