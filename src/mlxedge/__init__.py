@@ -11,12 +11,13 @@ from typing import TYPE_CHECKING
 
 from .errors import GenerationError, MemoryBudgetError, MlxedgeError, QuantizationError, SourceError, UnsupportedError
 
-_LAZY = {"load": ".api", "plan": ".api", "convert": ".convert", "Model": ".model",
+_LAZY = {"load": ".api", "plan": ".api", "convert": ".convert", "Model": ".model", "Session": ".generate.session",
          "pull": ".sources.registry", "list_models": ".sources.registry",
          "GenerationResult": ".generate.stats", "GenerationStats": ".generate.stats", "StreamEvent": ".generate.stats"}
 
 __all__ = [
-    "load", "plan", "convert", "pull", "list_models", "Model", "GenerationResult", "GenerationStats", "StreamEvent",
+    "load", "plan", "convert", "pull", "list_models", "Model", "Session", "GenerationResult", "GenerationStats",
+    "StreamEvent",
     "MlxedgeError", "SourceError", "UnsupportedError", "QuantizationError", "MemoryBudgetError", "GenerationError",
 ]
 

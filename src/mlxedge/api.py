@@ -7,7 +7,8 @@ from typing import Callable, Optional
 from . import memory
 from .adapters import read_adapter
 from .loading import load_checkpoint, resolve_dtype
-from .errors import QuantizationError
+from .errors import QuantizationError, UnsupportedError
+from .generate.kv_cache import validate_kv_bits
 from .quant.affine import validate_settings
 from .quant.recipes import Recipe
 from .quant.requantize import default_group_size
@@ -18,8 +19,8 @@ KV_OVERFLOW = ("error", "rotate")
 
 
 def _plan_checkpoint(checkpoint, bits, group_size, dtype, memory_budget, context_length, auto_fit=False,
-                     check=True) -> memory.MemoryPlan:
-    kwargs = dict(bits=bits, group_size=group_size, dtype_bytes=resolve_dtype(dtype, checkpoint).size,
+                     check=True, kv_bits=None) -> memory.MemoryPlan:
+    kwargs = dict(bits=bits, group_size=group_size, dtype_bytes=resolve_dtype(dtype, checkpoint).size, kv_bits=kv_bits,
                   context_length=context_length or memory.default_context_length(checkpoint.config),
                   budget=memory.device_budget(memory_budget), quantized=checkpoint.quantization)
     if check:
@@ -28,16 +29,18 @@ def _plan_checkpoint(checkpoint, bits, group_size, dtype, memory_budget, context
 
 
 def plan(source, bits: Optional[int] = None, group_size: Optional[int] = None, dtype: Optional[str] = None,
-         context_length: Optional[int] = None, memory_budget=None) -> dict:
+         context_length: Optional[int] = None, memory_budget=None, kv_bits: Optional[int] = None) -> dict:
     """The memory plan for loading `source` at these settings, from config and tensor headers alone.
 
     group_size None: the source's own for a quantized source, else 64.
     """
+    validate_settings(bits, group_size or 64)
+    kv_bits = validate_kv_bits(kv_bits)
     checkpoint = open_source(source)
     group_size = default_group_size(group_size, checkpoint.quantization)
     spec = validate_settings(bits, group_size)
     result = _plan_checkpoint(checkpoint, spec.bits if spec else None, group_size, dtype, memory_budget,
-                              context_length, check=False)
+                              context_length, check=False, kv_bits=kv_bits)
     return result.to_dict()
 
 
@@ -45,14 +48,17 @@ def load(source, bits: Optional[int] = None, group_size: Optional[int] = None, d
          memory_budget=None, context_length: Optional[int] = None, auto_fit: bool = False,
          kv_overflow: str = "error", progress: Optional[Callable[[int, int], None]] = None,
          adapter=None, allow_requantize: bool = False, recipe: Optional[str] = None,
-         target_bpw: Optional[float] = None, calibration=None, data_aware: bool = False) -> "Model":
+         target_bpw: Optional[float] = None, calibration=None, data_aware: bool = False,
+         kv_bits: Optional[int] = None) -> "Model":
     """Load a model (directory, .gguf file, alias or hub id); bits=4|8 quantizes group-wise while loading.
 
     The memory plan is checked before any weight is read: a load that would not fit the budget raises
     MemoryBudgetError naming settings that would; auto_fit=True picks the best of those instead.
     context_length bounds the KV cache; past it generation fails, or keeps a rotating window when
     kv_overflow="rotate". adapter: an mlx-lm or PEFT LoRA/DoRA adapter directory, applied unfused.
-    recipe/target_bpw/calibration/data_aware: per-module quantization as in convert.
+    recipe/target_bpw/calibration/data_aware: per-module quantization as in convert. kv_bits=4|8 keeps the
+    KV cache quantized (mlx-lm's QuantizedKVCache), counted so in the plan; it cannot be combined with a
+    rotating window.
 
     A source stored quantized keeps its precision unless `bits` is given; a grid coarser than the stored
     one is refused unless allow_requantize=True (quant.requantize). group_size None: the source's own
@@ -62,6 +68,10 @@ def load(source, bits: Optional[int] = None, group_size: Optional[int] = None, d
         raise ValueError(f"kv_overflow must be one of {KV_OVERFLOW}")
     if recipe is None and target_bpw is None:
         validate_settings(bits, group_size or 64)  # bad settings fail before the source is opened
+    kv_bits = validate_kv_bits(kv_bits)
+    if kv_bits is not None and kv_overflow == "rotate":
+        raise UnsupportedError("a quantized KV cache (kv_bits) cannot also be a rotating window; "
+                               "drop kv_bits or kv_overflow='rotate'.")
     lora = read_adapter(adapter) if adapter is not None else None
     checkpoint = open_source(source)
     group_size = default_group_size(group_size, checkpoint.quantization)
@@ -74,7 +84,7 @@ def load(source, bits: Optional[int] = None, group_size: Optional[int] = None, d
     else:
         planned_bits = requested.bits if requested else None
     memory_plan = _plan_checkpoint(checkpoint, planned_bits, group_size, dtype,
-                                   memory_budget, context_length, auto_fit=auto_fit)
+                                   memory_budget, context_length, auto_fit=auto_fit, kv_bits=kv_bits)
     if auto_fit:
         requested = validate_settings(memory_plan.settings["bits"], group_size)
     loaded = load_checkpoint(checkpoint, requested, dtype=dtype, progress=progress, adapter=lora,
@@ -85,7 +95,7 @@ def load(source, bits: Optional[int] = None, group_size: Optional[int] = None, d
     info["context_length"] = memory_plan.settings["context_length"]
     info["memory_plan"] = memory_plan.to_dict()
     return Model(loaded, checkpoint.load_tokenizer, checkpoint.chat_template, info,
-                 context_length=memory_plan.settings["context_length"], kv_overflow=kv_overflow,
+                 context_length=memory_plan.settings["context_length"], kv_overflow=kv_overflow, kv_bits=kv_bits,
                  wired_bytes=memory_plan.weight_bytes + memory_plan.kv_cache_bytes + memory_plan.activation_bytes)
 
 

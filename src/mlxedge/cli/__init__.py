@@ -7,6 +7,7 @@ import sys
 try:  # a Ctrl-C while the commands (and what they import) load: one line, not a traceback
     import click
 
+    from .cache_prompt import cache_prompt_command
     from .chat import chat_command, run_command
     from .evaluation import bench_command, eval_command
     from .generate import generate_command
@@ -35,7 +36,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 for _command in (run_command, chat_command, generate_command, pull_command, list_command, info_command, convert_command,
-                 plan_command, bench_command, eval_command):
+                 plan_command, bench_command, eval_command, cache_prompt_command):
     main.add_command(_command)
 
 __all__ = ["main"]

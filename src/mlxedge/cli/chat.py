@@ -20,6 +20,7 @@ import click
 from ..errors import MlxedgeError
 from .common import (EXIT_INTERRUPTED, echo_footer, format_bytes, format_count, format_quantization, handles_errors,
                      load_model, load_options, sampling_options)
+from .decoding import draft_options, kv_bits_option, resolve_draft
 from .reply import Interrupt, stream_reply  # noqa: F401  (Interrupt: kept importable from here)
 from .sampling import DEFAULTS_HELP, describe, resolve_sampling
 
@@ -35,40 +36,48 @@ Commands:
   /reset          forget the conversation (keeps the system prompt)
   /stats          statistics of the last reply and of the conversation
   /system TEXT    set the system prompt (/system alone shows it)
+  /save FILE      save the conversation and its KV cache (resume with --resume FILE)
   /exit           leave (also /quit, /bye or Ctrl-D)
 Ctrl-C stops a reply that is being generated. Start and end a multi-line message with \"\"\"."""
 
 
 class ChatSession:
-    """The conversation: system prompt, message history, and the statistics of the last reply."""
+    """The REPL's conversation: an mlxedge Session (its KV cache kept between turns, so each turn prefills
+    only its new tokens) plus the statistics of the last reply."""
 
-    def __init__(self, model, system: Optional[str], max_tokens: int, sampling: dict, show_stats: bool):
+    def __init__(self, model, system: Optional[str], max_tokens: int, sampling: dict, show_stats: bool,
+                 session=None, draft: Optional[dict] = None):
         self.model = model
-        self.system = system
+        self.session = session if session is not None else model.session(system=system)
         self.max_tokens = max_tokens
         self.sampling = sampling
+        self.draft = draft or {}
         self.show_stats = show_stats
-        self.history: List[dict] = []
         self.last_stats: Optional[dict] = None
         self.last_finish: Optional[str] = None
         self.replies = 0
         self.generated_tokens = 0
         self.context_tokens = 0  # prompt + reply tokens of the last exchange kept in the history
 
-    def messages(self, user_text: str) -> List[dict]:
-        system = [{"role": "system", "content": self.system}] if self.system else []
-        return system + self.history + [{"role": "user", "content": user_text}]
+    @property
+    def system(self) -> Optional[str]:
+        return self.session.system
+
+    @system.setter
+    def system(self, text: Optional[str]) -> None:
+        self.session.system = text
+
+    @property
+    def history(self) -> List[dict]:
+        return [m for m in self.session.messages if m["role"] != "system"]
 
     def reply(self, user_text: str) -> str:
-        """Stream the reply to stdout; returns the finish reason ("stop", "length", "repeating" or "cancelled")."""
+        """Stream the reply to stdout; returns the finish reason ("stop", "length", "repeating" or "cancelled").
+        A cancelled turn leaves the session as it was (the Session drops it)."""
         out = sys.stdout
-        reply = stream_reply(self.model, self.messages(user_text), max_tokens=self.max_tokens,
-                             sampling=self.sampling)
-        if reply.finish_reason == "cancelled":
-            out.write(("\n" if reply.text else "") + "[interrupted]\n")
-        else:
-            out.write("\n")
-            self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": reply.text}]
+        reply = stream_reply(self.session, user_text, max_tokens=self.max_tokens,
+                             sampling={**self.sampling, **self.draft})
+        out.write(("\n" if reply.text else "") + "[interrupted]\n" if reply.finish_reason == "cancelled" else "\n")
         out.flush()
         stats = reply.stats
         if stats is not None:
@@ -82,26 +91,34 @@ class ChatSession:
         return reply.finish_reason
 
     def reset(self) -> None:
-        self.history = []
+        self.session.reset()
         self.context_tokens = 0
+
+    def save(self, path: str) -> None:
+        self.session.save(path)
 
     def stats_text(self) -> str:
         lines = []
         s = self.last_stats
         if s:
+            cached = s.get("cached_prompt_tokens", 0)
             lines += [f"last reply:   {s['generation_tokens']} tokens at {s['generation_tps']:.1f} tok/s, "
                       f"{s['ttft_s']:.2f}s to first token",
-                      f"prompt:       {s['prompt_tokens']} tokens at {s['prompt_tps']:.1f} tok/s",
+                      f"prompt:       {s['prompt_tokens']} tokens: {cached} cached, "
+                      f"{s['prompt_tokens'] - cached} new at {s['prompt_tps']:.1f} tok/s",
                       f"peak memory:  {format_bytes(s['peak_memory_bytes'])}"]
             if self.last_finish == "cancelled":
                 lines[0] += " (interrupted, dropped from the conversation)"
+            if s.get("draft_proposed"):
+                lines.append(f"speculative:  {s['draft_accepted']} of {s['draft_proposed']} drafted tokens accepted"
+                             + (" (turned off: slower here)" if s.get("draft_disabled") else ""))
             context = self.model.info.get("context_length")
             used = self.context_tokens
             lines.append(f"context:      {used} of {context} tokens" if context else f"context: {used} tokens")
         else:
             lines.append("no reply yet")
         lines.append(f"conversation: exchanges in history: {len(self.history) // 2}; replies: {self.replies}; "
-                     f"tokens generated: {self.generated_tokens}")
+                     f"tokens generated: {self.generated_tokens}; KV cache holds {self.session.cached_tokens} tokens")
         return "\n".join(lines)
 
 
@@ -163,6 +180,15 @@ def _command(session: ChatSession, line: str) -> bool:
         click.echo("(conversation cleared)")
     elif name == "/stats":
         click.echo(session.stats_text())
+    elif name == "/save":
+        if not arg:
+            click.echo("usage: /save FILE")
+        else:
+            try:
+                session.save(arg)
+                click.echo(f"(saved to {arg}; continue with --resume {arg})")
+            except (MlxedgeError, OSError) as exc:
+                click.echo(f"error: {exc}", err=True)
     elif name == "/system":
         if arg:
             session.system = arg
@@ -217,19 +243,22 @@ def one_shot(session: ChatSession, text: str) -> None:
 
 
 def conversation_options(fn):
-    """The flags `chat` and `run` share: --system, --max-tokens/-n, --no-stats, sampling and load flags."""
+    """The flags `chat` and `run` share: --system, --max-tokens/-n, --no-stats, --resume, sampling, draft, load
+    and KV-cache flags."""
     options = [click.option("--system", "-s", default=None, help="System prompt for the conversation."),
                click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=1024, show_default=True,
                             help="Most tokens per reply."),
-               click.option("--no-stats", is_flag=True, help="Hide the footer (tokens, tok/s, time to first token).")]
-    fn = load_options(sampling_options(fn))
+               click.option("--no-stats", is_flag=True, help="Hide the footer (tokens, tok/s, time to first token)."),
+               click.option("--resume", default=None, metavar="FILE",
+                            help="Continue a conversation saved with /save (same model and settings).")]
+    fn = load_options(kv_bits_option(draft_options(sampling_options(fn))))
     for option in reversed(options):
         fn = option(fn)
     return fn
 
 
 def converse(model: Optional[str], prompt: Optional[str], system: Optional[str], max_tokens: int, no_stats: bool,
-             sampling: dict, load: dict) -> None:
+             sampling: dict, load: dict, resume: Optional[str] = None, draft: Optional[dict] = None) -> None:
     """Chat with the model, or answer `prompt` (or piped stdin) once and exit."""
     from ..sources.registry import DEFAULT_ALIAS
 
@@ -243,7 +272,13 @@ def converse(model: Optional[str], prompt: Optional[str], system: Optional[str],
         raise MlxedgeError("the prompt is empty; give some text, or leave it out to chat")
     loaded = load_model(name, warm_up=True, **load)
     settings = resolve_sampling(sampling, loaded.info.get("source"), sample=True)
-    session = ChatSession(loaded, system, max_tokens, settings, show_stats=not no_stats)
+    resumed = loaded.load_session(resume) if resume else None
+    if resumed is not None and system is not None:
+        resumed.system = system
+    session = ChatSession(loaded, system, max_tokens, settings, show_stats=not no_stats, session=resumed,
+                          draft=resolve_draft(draft or {}, load))
+    if resumed is not None:
+        click.echo(f"(resumed {len(session.history) // 2} exchanges; {resumed.cached_tokens} tokens cached)", err=True)
     if prompt is not None:
         one_shot(session, prompt.strip())
     else:
@@ -254,15 +289,15 @@ def converse(model: Optional[str], prompt: Optional[str], system: Optional[str],
 @click.argument("model", required=False)
 @conversation_options
 @handles_errors
-def chat_command(model: Optional[str], system: Optional[str], max_tokens: int, no_stats: bool, sampling: dict,
-                 load: dict) -> None:
+def chat_command(model: Optional[str], system: Optional[str], max_tokens: int, no_stats: bool,
+                 resume: Optional[str], sampling: dict, draft: dict, load: dict) -> None:
     """Chat with MODEL (default: smollm2, pulled on first use).
 
     MODEL is an alias (see `mlxedge list --available`), a .gguf file, a Hugging Face or mlx-lm directory, or
     a hub id. Replies are sampled (see below); a reply that loops ends with "stopped: repeating".
     With stdin from a pipe, the whole input is answered as one message and the program exits.
     """
-    converse(model, None, system, max_tokens, no_stats, sampling, load)
+    converse(model, None, system, max_tokens, no_stats, sampling, load, resume, draft)
 
 
 @click.command("run", epilog=DEFAULTS_HELP)
@@ -271,10 +306,10 @@ def chat_command(model: Optional[str], system: Optional[str], max_tokens: int, n
 @conversation_options
 @handles_errors
 def run_command(model: Optional[str], prompt: Optional[str], system: Optional[str], max_tokens: int,
-                no_stats: bool, sampling: dict, load: dict) -> None:
+                no_stats: bool, resume: Optional[str], sampling: dict, draft: dict, load: dict) -> None:
     """Like `ollama run`: chat with MODEL, or answer PROMPT once and exit.
 
     MODEL defaults to smollm2 (pulled on first use); see `mlxedge list --available`. Without PROMPT (and
     without piped stdin) this is `mlxedge chat MODEL`.
     """
-    converse(model, prompt, system, max_tokens, no_stats, sampling, load)
+    converse(model, prompt, system, max_tokens, no_stats, sampling, load, resume, draft)

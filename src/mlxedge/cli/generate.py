@@ -9,6 +9,7 @@ import click
 
 from ..errors import MlxedgeError
 from .common import EXIT_INTERRUPTED, echo_footer, emit_json, handles_errors, load_model, load_options, sampling_options
+from .decoding import draft_options, kv_bits_option, resolve_draft
 from .reply import stream_reply
 from .sampling import DEFAULTS_HELP, resolve_sampling
 
@@ -25,12 +26,17 @@ from .sampling import DEFAULTS_HELP, resolve_sampling
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object: model, text, tokens, finish_reason, stats.")
 @click.option("--no-stats", is_flag=True, help="Hide the footer (tokens, tok/s, time to first token).")
+@click.option("--prompt-cache", default=None, metavar="FILE",
+              help="A file from `mlxedge cache-prompt`: the prompt continues its cached text, which is not "
+                   "prefilled again.")
 @sampling_options
+@draft_options
 @load_options
+@kv_bits_option
 @handles_errors
 def generate_command(model: Optional[str], prompt: Optional[str], system: Optional[str], max_tokens: int,
-                     stop: Tuple[str, ...], raw: bool, as_json: bool, no_stats: bool, sampling: dict,
-                     load: dict) -> None:
+                     stop: Tuple[str, ...], raw: bool, as_json: bool, no_stats: bool, prompt_cache: Optional[str],
+                     sampling: dict, draft: dict, load: dict) -> None:
     """Generate a reply to one prompt with MODEL (default: smollm2; an alias, .gguf file, checkpoint
     directory or hub id). Greedy unless sampling flags are given, so the same prompt gives the same text."""
     from ..sources.registry import DEFAULT_ALIAS
@@ -43,12 +49,17 @@ def generate_command(model: Optional[str], prompt: Optional[str], system: Option
         raise MlxedgeError("the prompt is empty; pass text with -p, or pipe some in")
     if raw and system:
         raise click.UsageError("--system needs the chat template; drop --raw or --system")
+    if prompt_cache and system:
+        raise click.UsageError("--system is fixed by the prompt cache; pass it to `mlxedge cache-prompt`")
     model = model or DEFAULT_ALIAS
     source = [{"role": "system", "content": system}, {"role": "user", "content": prompt}] if system else prompt
     loaded = load_model(model, quiet=as_json, **load)
     settings = resolve_sampling(sampling, loaded.info.get("source"), sample=False)
+    extra = resolve_draft(draft, load)
+    if prompt_cache:
+        extra["prompt_cache"] = prompt_cache
     reply = stream_reply(loaded, source, max_tokens=max_tokens, sampling=settings, echo=not as_json,
-                         stop=list(stop) or None, raw=raw)
+                         stop=list(stop) or None, raw=raw, **extra)
     finish, stats = reply.finish_reason, reply.stats or {}
     if as_json:
         emit_json({"model": model, "text": reply.text, "tokens": reply.tokens, "finish_reason": finish,
