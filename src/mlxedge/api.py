@@ -8,7 +8,6 @@ from . import memory
 from .adapters import read_adapter
 from .loading import load_checkpoint, resolve_dtype
 from .errors import QuantizationError, UnsupportedError
-from .generate.kv_cache import validate_kv_bits
 from .quant.affine import validate_settings
 from .quant.recipes import Recipe
 from .quant.requantize import default_group_size
@@ -35,7 +34,7 @@ def plan(source, bits: Optional[int] = None, group_size: Optional[int] = None, d
     group_size None: the source's own for a quantized source, else 64.
     """
     validate_settings(bits, group_size or 64)
-    kv_bits = validate_kv_bits(kv_bits)
+    kv_bits = _validate_kv_bits(kv_bits)
     checkpoint = open_source(source)
     group_size = default_group_size(group_size, checkpoint.quantization)
     spec = validate_settings(bits, group_size)
@@ -68,7 +67,7 @@ def load(source, bits: Optional[int] = None, group_size: Optional[int] = None, d
         raise ValueError(f"kv_overflow must be one of {KV_OVERFLOW}")
     if recipe is None and target_bpw is None:
         validate_settings(bits, group_size or 64)  # bad settings fail before the source is opened
-    kv_bits = validate_kv_bits(kv_bits)
+    kv_bits = _validate_kv_bits(kv_bits)
     if kv_bits is not None and kv_overflow == "rotate":
         raise UnsupportedError("a quantized KV cache (kv_bits) cannot also be a rotating window; "
                                "drop kv_bits or kv_overflow='rotate'.")
@@ -97,6 +96,14 @@ def load(source, bits: Optional[int] = None, group_size: Optional[int] = None, d
     return Model(loaded, checkpoint.load_tokenizer, checkpoint.chat_template, info,
                  context_length=memory_plan.settings["context_length"], kv_overflow=kv_overflow, kv_bits=kv_bits,
                  wired_bytes=memory_plan.weight_bytes + memory_plan.kv_cache_bytes + memory_plan.activation_bytes)
+
+
+def _validate_kv_bits(kv_bits):
+    if kv_bits is None:
+        return None
+    from .generate.kv_cache import validate_kv_bits  # imports mlx-lm's caches: only when one is asked for
+
+    return validate_kv_bits(kv_bits)
 
 
 def model_info(checkpoint, loaded) -> dict:
