@@ -144,7 +144,7 @@ class Engine:
             "mlxedge_prefix_cache_hits": ("requests that reused a cached prefix", cache["hits"]),
             "mlxedge_prefix_cache_misses": ("requests that found no cached prefix", cache["misses"]),
         }
-        return self.metrics.render(gauges, help_of=_HELP.get)
+        return self.metrics.render(gauges, help_of=lambda name: _HELP.get(name, name))
 
     def close(self, timeout: float = 10.0) -> None:
         """Cancel everything and stop the worker (models are released with it)."""
@@ -400,4 +400,5 @@ _HELP = {
     "mlxedge_prompt_tokens_total": "prompt tokens processed",
     "mlxedge_generated_tokens_total": "tokens generated",
     "mlxedge_rejected_total": "requests refused at the door",
+    "mlxedge_http_requests_total": "HTTP requests by route and status",
 }
