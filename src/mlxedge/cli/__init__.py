@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import click
 
+from .bridge import bridge_command
 from .chat import chat_command
 from .evaluation import bench_command, eval_command
 from .generate import generate_command
 from .models import convert_command, info_command, list_command, pull_command
 from .plan import plan_command
+from .serve import serve_command  # fastapi/uvicorn are imported only when `serve` runs
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -26,7 +28,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 for _command in (chat_command, generate_command, pull_command, list_command, info_command, convert_command,
-                 plan_command, bench_command, eval_command):
+                 plan_command, bench_command, eval_command, serve_command, bridge_command):
     main.add_command(_command)
 
 __all__ = ["main"]
