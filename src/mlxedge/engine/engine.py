@@ -74,6 +74,7 @@ class Engine:
         self._active_count = 0
         self._lock = threading.Lock()
         self._closing = False
+        self.recent: deque = deque(maxlen=64)     # finished handles, newest last (status and tests read them)
         self._thread = threading.Thread(target=self._serve_then_release, name="mlxedge-engine", daemon=True)
         self._thread.start()
         _LIVE.add(self)
@@ -318,6 +319,7 @@ class Engine:
         if state.first_at is not None:
             self.metrics.observe_generation(stats.get("ttft_s", first - state.admitted_at),
                                             stats.get("generation_tps", 0.0))
+        self.recent.append(handle)
         handle.push(Event("done", finish_reason=reason, stats=stats))
 
     def _retire(self, state: _Running, completed: bool) -> None:

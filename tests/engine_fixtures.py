@@ -1,0 +1,59 @@
+"""Fixtures shared by the engine, server and bridge tests: a tiny chat model and a live in-process server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+# httpx (under the openai/ollama clients) insists on SSL_CERT_FILE when it is set; a stale value breaks even
+# plain-HTTP loopback clients
+if not os.path.exists(os.environ.get("SSL_CERT_FILE", "/")):
+    os.environ.pop("SSL_CERT_FILE", None)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat(tiny_llama_tok: Path, smollm2_hf: Path, tmp_path_factory) -> Path:
+    """The tiny random llama with SmolLM2's tokenizer and its chat template (fast, real text plumbing)."""
+    target = tmp_path_factory.mktemp("engine") / "tiny-chat"
+    shutil.copytree(tiny_llama_tok, target)
+    shutil.copy(smollm2_hf / "chat_template.jinja", target / "chat_template.jinja")
+    return target
+
+
+@contextmanager
+def live_server(engine, **app_options):
+    """Serve create_app(engine) with uvicorn on 127.0.0.1 at an ephemeral port; yield the base URL."""
+    import uvicorn
+
+    from mlxedge.server import create_app
+
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, **app_options), host="127.0.0.1", port=0,
+                                           log_level="error", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def wait_for(predicate, timeout: float = 20.0, interval: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not reached in time")
