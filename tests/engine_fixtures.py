@@ -57,3 +57,16 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.02):
             return value
         time.sleep(interval)
     raise AssertionError("condition not reached in time")
+
+
+@pytest.fixture(scope="module")
+def served(tiny_chat):
+    """(base URL, engine) of a live server for the tiny chat model, named "tiny"."""
+    from mlxedge.engine import Engine
+
+    engine = Engine({"tiny": str(tiny_chat)})
+    try:
+        with live_server(engine) as url:
+            yield url, engine
+    finally:
+        engine.close()

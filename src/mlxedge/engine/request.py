@@ -83,6 +83,7 @@ class Handle:
         self.id: Optional[int] = None
         self.created = time.perf_counter()
         self.tokens_after_cancel = 0           # generated tokens delivered after cancel() (tests count these)
+        self.final: Optional[Event] = None     # the done or error event, once there is one
         self._cancel = threading.Event()
         self._loop = loop
         self._sync: "queue.Queue[Any]" = queue.Queue()
@@ -121,6 +122,7 @@ class Handle:
             self.tokens_after_cancel += 1
         self._put(event)
         if event.kind in ("done", "error"):
+            self.final = event
             self._put(_END)
             self.finished.set()
 
