@@ -113,6 +113,7 @@ class Bridge:
             try:
                 fn()
             except Exception as exc:
+                self._release(rid)
                 self.error(rid, exc)
             finally:
                 self._release(rid)
@@ -122,6 +123,8 @@ class Bridge:
         thread.start()
 
     def _result(self, rid, op, result) -> None:
+        """The final answer of request rid: its id is free for reuse once the client can see this."""
+        self._release(rid)
         self.emit({"id": rid, "event": "result", "op": op, "result": result})
 
     # ------------------------------------------------------------------ operations
@@ -140,7 +143,6 @@ class Bridge:
                 handle = self._inflight.get(msg["target"])
             if handle is not None:
                 handle.cancel()
-            self._release(rid)
             return self._result(rid, op, {"target": msg["target"], "cancelled": handle is not None})
         if op == "load":
             self.default_model = msg["model"]   # now, so that requests sent right after it use it
@@ -155,7 +157,6 @@ class Bridge:
         if op == "unload":
             return self._in_thread(rid, lambda: self._result(rid, op, {"unloaded": self.engine.unload(msg["model"])}))
         if op == "status":
-            self._release(rid)
             return self._result(rid, op, {**self.engine.status(), "sessions": len(self._sessions),
                                           "default_model": self.default_model})
         if op == "tokenize":
@@ -165,10 +166,8 @@ class Bridge:
         if op == "session.create":
             sid = uuid.uuid4().hex[:16]
             self._sessions[sid] = {"model": self._model(msg), "system": msg.get("system"), "messages": []}
-            self._release(rid)
             return self._result(rid, op, {"session": sid, "model": self._sessions[sid]["model"]})
         session = self._session(msg)
-        self._release(rid)
         if op == "session.messages":
             return self._result(rid, op, {"messages": _history(session)})
         if op == "session.reset":
@@ -220,8 +219,10 @@ class Bridge:
                         out["logprob"] = event.logprob
                     self.emit(out)
                 elif event.kind == "error":
+                    self._release(rid)
                     self.error(rid, event.code, event.message)
                 elif event.kind == "done":
+                    self._release(rid)
                     text = "".join(parts)
                     if session is not None and event.finish_reason != "cancelled":
                         session["messages"] += [{"role": "user", "content": msg["content"]},
