@@ -129,6 +129,7 @@ class Registry:
             model = self._load(source, progress=progress, **opts)
         except SourceError as exc:
             raise ModelNotFoundError(str(exc)) from None
+        model.tokenizer  # built now, so loading time is counted as such and the first request does not pay it
         ctx = int(model.info.get("context_length") or plan["settings"]["context_length"])
         entry = Resident(name=name, source=source, model=model, weight_bytes=need,
                          kv_bytes_per_token=plan["kv_cache_bytes"] / max(1, plan["settings"]["context_length"]),
