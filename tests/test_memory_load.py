@@ -63,7 +63,22 @@ def test_generation_past_the_planned_context_is_refused(short_context_models):
 
 
 def test_rotating_window_generates_past_the_context(short_context_models):
+    """The window really rotates on a llama-family model (mlx-lm's own make_cache used to win and keep every
+    token): the cache stays at 48 tokens per layer, and the tokens are those of mlx-lm's generate_step with a
+    48-token RotatingKVCache (no sink tokens) on every layer."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import RotatingKVCache
+
     _, rotating = short_context_models
-    result = rotating.generate("Count: one, two, three, four, five,", max_tokens=60, raw=True)
-    assert result.finish_reason in ("length", "stop")
-    assert result.stats["prompt_tokens"] + result.stats["generation_tokens"] > 48 or result.finish_reason == "stop"
+    prompt = "Count: one, two, three, four, five,"
+    result = rotating.generate(prompt, max_tokens=60, raw=True)
+    assert result.finish_reason == "length" and result.stats["generation_tokens"] == 60  # well past 48
+    layers = rotating.module.layers
+    kv = layers[0].self_attn.n_kv_heads * layers[0].self_attn.head_dim
+    assert result.stats["kv_cache_bytes"] == len(layers) * 2 * kv * 48 * 4  # 48 fp32 tokens per layer, no more
+    cache = [RotatingKVCache(max_size=48, keep=0) for _ in layers]
+    ids = mx.array(rotating.tokenizer.encode(prompt))
+    reference = [int(t) for (t, _), _ in zip(generate_step(ids, rotating.module, prompt_cache=cache), range(60))]
+    assert result.tokens == reference
+    assert all(c.keys.shape[2] == 48 for c in cache)

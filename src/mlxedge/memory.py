@@ -515,7 +515,7 @@ def _guess_source_bits(weight_info, scales_info) -> tuple:
 
 
 def kv_cache_plan(config: dict, context_length: int, dtype_bytes: int,
-                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> dict:
+                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, kv_bits: Optional[int] = None) -> dict:
     """Peak KV cache bytes at `context_length`: 2 (K and V) × kv_heads × head_dim × tokens × dtype_bytes per layer.
 
     Tokens per layer: the context rounded up to mlx-lm's 256-token allocation step. A layer that attends to a
@@ -524,6 +524,8 @@ def kv_cache_plan(config: dict, context_length: int, dtype_bytes: int,
     or, failing that, gemma3's `sliding_window_pattern` (every pattern-th layer is global). Anything else is
     taken as full attention on every layer: an upper bound (e.g. gemma2 configs without `layer_types`, for
     which mlx-lm allocates full caches anyway).
+    kv_bits (4 or 8): full layers hold mlx-lm's QuantizedKVCache — packed values plus a scale and a bias (compute
+    dtype) per group of 64 (32 when head_dim is not a multiple of 64) — while sliding layers stay float.
     """
     cfg = _text_config(config)
     layers = int(cfg["num_hidden_layers"])
@@ -541,9 +543,14 @@ def kv_cache_plan(config: dict, context_length: int, dtype_bytes: int,
         elif isinstance(pattern, int) and pattern > 0:
             sliding = [(i + 1) % pattern != 0 for i in range(layers)]
     per_token = 2 * kv_heads * head_dim * dtype_bytes
+    full_per_token = per_token
+    if kv_bits:
+        group = 64 if head_dim % 64 == 0 else 32
+        full_per_token = 2 * kv_heads * (head_dim * int(kv_bits) // 8 + 2 * (head_dim // group) * dtype_bytes)
     chunk = min(int(prefill_chunk), int(context_length))
     tokens = [min(full_tokens, int(window) - 1 + chunk) if s else full_tokens for s in sliding]
-    return {"bytes": per_token * sum(tokens), "layers": layers, "sliding_layers": sum(sliding),
+    total = sum(t * (per_token if s else full_per_token) for t, s in zip(tokens, sliding))
+    return {"bytes": total, "layers": layers, "sliding_layers": sum(sliding), "kv_bits": kv_bits,
             "kv_heads": kv_heads, "head_dim": head_dim, "tokens_per_full_layer": full_tokens,
             "bytes_per_token_per_layer": per_token}
 
@@ -575,7 +582,8 @@ def activation_plan(config: dict, context_length: int, dtype_bytes: int,
 
 def make_plan(config: dict, tensor_infos: Mapping, *, bits: Optional[int], group_size: int, dtype_bytes: int,
               context_length: int, budget, quantized: Optional[dict] = None, keep: Optional[set] = None,
-              prefill_chunk: int = DEFAULT_PREFILL_CHUNK, overhead_bytes: Optional[int] = None) -> MemoryPlan:
+              prefill_chunk: int = DEFAULT_PREFILL_CHUNK, overhead_bytes: Optional[int] = None,
+              kv_bits: Optional[int] = None) -> MemoryPlan:
     """The memory plan of a checkpoint (config + tensor headers) at the given settings; reads no weight.
 
     bits:           None keeps the checkpoint's precision; 4 or 8 quantizes (see `weight_plan`).
@@ -584,18 +592,21 @@ def make_plan(config: dict, tensor_infos: Mapping, *, bits: Optional[int], group
     quantized:      the checkpoint's mlx-lm quantization dict, for checkpoints stored quantized.
     keep:           names the architecture keeps (the loader knows them after sanitize), optional.
     overhead_bytes: runtime baseline; default `runtime_overhead_bytes()`.
+    kv_bits:        4 or 8 for a quantized KV cache (see `kv_cache_plan`).
     """
     if not isinstance(budget, Budget):
         budget = Budget(parse_size(budget), "override")
     weights = weight_plan(config, tensor_infos, bits=bits, group_size=group_size, dtype_bytes=dtype_bytes,
                           quantized=quantized, keep=keep)
-    kv = kv_cache_plan(config, context_length, dtype_bytes, prefill_chunk)
+    kv = kv_cache_plan(config, context_length, dtype_bytes, prefill_chunk, kv_bits=kv_bits)
     act = activation_plan(config, context_length, dtype_bytes, prefill_chunk)
     overhead = runtime_overhead_bytes() if overhead_bytes is None else int(overhead_bytes)
     total = weights["bytes"] + kv["bytes"] + act["bytes"] + overhead
     settings = {"bits": bits, "group_size": group_size, "dtype_bytes": dtype_bytes,
                 "context_length": int(context_length), "prefill_chunk": int(prefill_chunk),
                 "stored_quantized": weights["stored_quantized"]}
+    if kv_bits:
+        settings["kv_bits"] = kv_bits
     return MemoryPlan(weight_bytes=weights["bytes"], kv_cache_bytes=kv["bytes"], activation_bytes=act["bytes"],
                       overhead_bytes=overhead, total_bytes=total, budget_bytes=budget.bytes,
                       budget_source=budget.source, fits=total <= budget.bytes,

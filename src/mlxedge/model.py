@@ -9,7 +9,9 @@ import numpy as np
 
 from . import memory
 from .errors import GenerationError
-from .generate.loop import generate_stream
+from .generate.kv_cache import validate_kv_bits
+from .generate.loop import generate_stream, new_prompt_cache
+from .generate.prompt_cache import PromptCache, model_fingerprint
 from .generate.sampler import SamplingParams
 from .generate.stats import GenerationResult, StreamEvent
 from .loading import LoadedModel
@@ -18,8 +20,11 @@ from .tokenizer import Tokenizer
 
 class Model:
     def __init__(self, loaded: LoadedModel, load_tokenizer: Callable, chat_template: Optional[str], info: dict,
-                 context_length: int, kv_overflow: str = "error", wired_bytes: int = 0):
+                 context_length: int, kv_overflow: str = "error", wired_bytes: int = 0,
+                 kv_bits: Optional[int] = None):
         self._loaded = loaded
+        self._kv_bits = validate_kv_bits(kv_bits)
+        self._fingerprint: Optional[str] = None
         self.context_length = context_length
         self._kv_overflow = kv_overflow
         self._wired_bytes = wired_bytes
@@ -63,34 +68,89 @@ class Model:
     def stream(self, prompt_or_messages, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: Optional[int] = None,
                stop: Optional[Sequence[str]] = None, cancel: Optional[Callable[[], bool]] = None,
-               raw: bool = False) -> Iterator[StreamEvent]:
+               raw: bool = False, draft=None, num_draft_tokens: int = 3, kv_bits: Optional[int] = None,
+               prompt_cache=None) -> Iterator[StreamEvent]:
         """Text deltas as they are generated; the last event carries finish_reason and stats.
 
         A string prompt goes through the chat template when the model has one (raw=True sends it as is);
         `cancel` is polled after every token and stops the stream with finish_reason "cancelled".
+        draft: a loaded Model sharing this tokenizer, "prompt-lookup" (n-gram drafts from the context) or
+        "auto" (prompt lookup, switched off when it does not pay) for speculative decoding, proposing
+        `num_draft_tokens` per step. kv_bits: 4 or 8 for a quantized KV cache (default: as loaded).
+        prompt_cache: a file written by `cache_prompt`; the prompt continues its cached prefix.
         """
-        sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                                  repetition_penalty=repetition_penalty, seed=seed)
+        sampling = self._sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed)
+        cache = None
+        if prompt_cache is not None:
+            from .generate.prompt_cache_files import continue_prompt
+
+            cache, prompt_or_messages, raw = continue_prompt(self, prompt_cache, prompt_or_messages, raw)
         prompt_ids = self.tokenizer.prompt_ids(prompt_or_messages, raw=raw)
         # checked now, not at the first next(): a prompt past the planned context fails at the call
         decision = memory.check_generation_context(len(prompt_ids), max_tokens, self.context_length,
                                                    rotating=self._kv_overflow == "rotate")
-        window = decision.window if decision.mode == "rotating" else None
-        return self._stream_within_plan(prompt_ids, sampling=sampling, max_tokens=max_tokens, stop=stop,
-                                        cancel=cancel, max_kv_size=window)
+        if cache is None:
+            window = decision.window if decision.mode == "rotating" else None
+            cache = self.new_cache(max_kv_size=window, kv_bits=kv_bits)
+        return self._stream_with_cache(prompt_ids, cache, sampling=sampling, max_tokens=max_tokens, stop=stop,
+                                       cancel=cancel, draft=draft, num_draft_tokens=num_draft_tokens)
+
+    @staticmethod
+    def _sampling(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0, seed=None):
+        return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                              repetition_penalty=repetition_penalty, seed=seed).validate()
+
+    def _stream_with_cache(self, prompt_ids, cache, *, draft=None, num_draft_tokens: int = 3,
+                           drafter=None, **kwargs) -> Iterator[StreamEvent]:
+        """Generate from `prompt_ids` into a PromptCache the caller keeps (a session, a prompt-cache file)."""
+        if drafter is None and draft is not None:
+            from .generate.speculative import make_drafter
+
+            drafter = make_drafter(self, draft)
+        auto = bool(drafter is not None and drafter.auto)
+        return self._stream_within_plan(prompt_ids, cache=cache, drafter=drafter,
+                                        num_draft_tokens=num_draft_tokens, draft_auto=auto, **kwargs)
 
     def _stream_within_plan(self, prompt_ids, **kwargs) -> Iterator[StreamEvent]:
         with memory.wired_limit(self._wired_bytes):  # macOS: keep the planned bytes resident; no-op elsewhere
             yield from generate_stream(self.module, self.tokenizer.hf, prompt_ids, eos_ids=self.eos_ids(), **kwargs)
 
+    # ------------------------------------------------------------------ caches and sessions
+
+    def new_cache(self, max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None) -> PromptCache:
+        """An empty KV cache for this model (rotating when max_kv_size is set; quantized with kv_bits)."""
+        kv_bits = self._kv_bits if kv_bits is None else kv_bits
+        return new_prompt_cache(self.module, max_kv_size=max_kv_size, kv_bits=kv_bits,
+                                model_type=self.config.get("model_type"))
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies these weights at this precision; cache and session files carry it (see prompt_cache)."""
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.module, self.config)
+        return self._fingerprint
+
+    def session(self, system: Optional[str] = None, kv_bits: Optional[int] = None) -> "Session":
+        """A conversation that keeps its KV cache between turns (see mlxedge.generate.session)."""
+        from .generate.session import Session
+
+        return Session(self, system=system, kv_bits=kv_bits)
+
+    def load_session(self, path) -> "Session":
+        """A session saved with `Session.save`, into this model (SourceError if it was saved with another)."""
+        from .generate.session import Session
+
+        return Session.load(self, path)
+
+    def cache_prompt(self, prompt: str, path, system: Optional[str] = None, raw: bool = False,
+                     kv_bits: Optional[int] = None) -> dict:
+        """Prefill `prompt` and save the cache to `path` for `generate(..., prompt_cache=path)`."""
+        from .generate.prompt_cache_files import cache_prompt
+
+        return cache_prompt(self, prompt, path, system=system, raw=raw, kv_bits=kv_bits)
+
     def generate(self, prompt_or_messages, **kwargs) -> GenerationResult:
         """Generate to completion; same arguments as `stream`."""
-        text, tokens = [], []
-        for event in self.stream(prompt_or_messages, **kwargs):
-            text.append(event.text)
-            if event.token is not None:
-                tokens.append(event.token)
-            if event.finish_reason is not None:
-                return GenerationResult(text="".join(text), tokens=tokens, finish_reason=event.finish_reason,
-                                        stats=event.stats)
-        raise AssertionError("stream ended without a final event")  # generate_stream always ends with one
+        from .generate.session import collect
+
+        return collect(self.stream(prompt_or_messages, **kwargs))

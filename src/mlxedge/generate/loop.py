@@ -1,6 +1,9 @@
-"""The prefill/decode loop: chunked prefill into mlx-lm's KV caches, pipelined decoding, stop conditions.
+"""The prefill/decode loop: chunked prefill into a PromptCache, pipelined decoding, stop conditions.
 
-`generate_stream` yields StreamEvents; everything above it (Model.generate, the CLI) is a consumer.
+`generate_stream` yields StreamEvents; everything above it (Model.generate, sessions, the CLI) is a consumer.
+The caller owns the PromptCache: tokens it already holds (the longest common prefix with the prompt) are not
+prefilled again, and after the call it holds the prompt plus every generated token that went through the
+model, so the next call (a session's next turn) starts from there.
 """
 
 from __future__ import annotations
@@ -9,10 +12,11 @@ import time
 from typing import Callable, Iterator, Optional, Sequence
 
 import mlx.core as mx
-from mlx_lm.models.cache import make_prompt_cache
 
 from ..errors import GenerationError
 from .detokenizer import StreamingDetokenizer
+from .kv_cache import make_cache
+from .prompt_cache import PromptCache
 from .sampler import SamplingParams, make_sampler
 from .stats import GenerationStats, StreamEvent
 from .stop import StopMatcher
@@ -20,54 +24,98 @@ from .stop import StopMatcher
 PREFILL_CHUNK = 512
 
 
-def _prefill(model, prompt: mx.array, cache, chunk: int) -> mx.array:
-    """Run all but the last prompt token through the model in chunks; return the remaining token."""
-    while prompt.size > 1:
-        n = min(chunk, prompt.size - 1)
-        model(prompt[:n][None], cache=cache)
-        mx.eval([c.state for c in cache])
-        prompt = prompt[n:]
-    return prompt
+def new_prompt_cache(model, **cache_kwargs) -> PromptCache:
+    """An empty PromptCache for `model` (see kv_cache.make_cache for max_kv_size and kv_bits)."""
+    def make():
+        return make_cache(model, **cache_kwargs)
+
+    return PromptCache(make(), make)
 
 
-def decode_tokens(model, prompt_ids: Sequence[int], sampling: SamplingParams, *,
+class Cancelled(Exception):
+    """Raised inside a token generator when the cancel hook fires during prefill."""
+
+
+def prefill(model, cache: PromptCache, ids: Sequence[int], chunk: int = PREFILL_CHUNK,
+            cancel: Optional[Callable[[], bool]] = None) -> None:
+    """Run `ids` through the model into `cache` (appending to what it holds), `chunk` tokens at a time."""
+    ids = [int(t) for t in ids]
+    for start in range(0, len(ids), chunk):
+        if cancel is not None and cancel():
+            raise Cancelled
+        part = ids[start:start + chunk]
+        model(mx.array(part, dtype=mx.uint32)[None], cache=cache.caches)
+        mx.eval([c.state for c in cache.caches])
+        cache.tokens.extend(part)
+
+
+class HistoryTracker:
+    """The token history the repetition penalty looks at (prompt + generated), kept only when it is on."""
+
+    def __init__(self, prompt_ids: Sequence[int], sampling: SamplingParams):
+        self.on = sampling.repetition_penalty != 1.0
+        self.array = mx.array(list(prompt_ids) if self.on else [], dtype=mx.int32)[None]
+
+    def extended(self, tokens: mx.array) -> mx.array:
+        """The history followed by `tokens` (1-D), without keeping them."""
+        if not self.on:
+            return self.array
+        return mx.concatenate([self.array, tokens.astype(mx.int32)[None]], axis=1)
+
+    def add(self, tokens: mx.array) -> None:
+        if self.on:
+            self.array = self.extended(tokens)
+
+
+def decode_tokens(model, cache: PromptCache, prompt_ids: Sequence[int], sampling: SamplingParams, *,
                   prefill_chunk: int = PREFILL_CHUNK, max_tokens: int = 256,
-                  max_kv_size: Optional[int] = None) -> Iterator[int]:
+                  cancel: Optional[Callable[[], bool]] = None, sampler=None) -> Iterator[int]:
     """Token ids, one at a time; the next step is queued (async_eval) before the current id is handed out.
 
-    max_kv_size: keep only the latest tokens in a rotating KV cache (None: keep every token).
+    `cache.tokens` must be a proper prefix of `prompt_ids` (PromptCache.reuse makes it so); the rest of the
+    prompt is prefilled. At every yield `cache.tokens` lists exactly what the cache holds.
     """
-    sampler = make_sampler(sampling)
-    cache = make_prompt_cache(model, max_kv_size=max_kv_size)
-    track_history = sampling.repetition_penalty != 1.0
-    history = mx.array(list(prompt_ids), dtype=mx.int32)[None]
-    empty_history = mx.zeros((1, 0), dtype=mx.int32)
+    sampler = sampler or make_sampler(sampling)
+    history = HistoryTracker(prompt_ids, sampling)
 
     def step(tokens: mx.array) -> mx.array:
-        nonlocal history
-        logits = model(tokens[None], cache=cache)[:, -1, :]
-        token = sampler(logits, history if track_history else empty_history)
-        if track_history:
-            history = mx.concatenate([history, token[None].astype(mx.int32)], axis=1)
+        logits = model(tokens[None], cache=cache.caches)[:, -1, :]
+        token = sampler(logits, history.array)
+        history.add(token)
         return token
 
-    rest = _prefill(model, mx.array(list(prompt_ids), dtype=mx.uint32), cache, prefill_chunk)
-    token = step(rest)
-    mx.async_eval(token)
-    for n in range(max_tokens):
-        nxt = None
-        if n + 1 < max_tokens:
-            nxt = step(token)
-            mx.async_eval(nxt)
-        yield int(token.item())
-        token = nxt
+    try:
+        start = len(cache.tokens)
+        prefill(model, cache, prompt_ids[start:-1], prefill_chunk, cancel)
+        if max_tokens == 0:
+            return
+        token = step(mx.array([int(prompt_ids[-1])], dtype=mx.uint32))
+        cache.tokens.append(int(prompt_ids[-1]))
+        mx.async_eval(token)
+        for n in range(max_tokens):
+            nxt = None
+            if n + 1 < max_tokens:
+                nxt = step(token)
+                mx.async_eval(nxt)
+            value = int(token.item())
+            if nxt is not None:
+                cache.tokens.append(value)
+            yield value
+            token = nxt
+    finally:
+        cache.repair()  # an exception inside a forward pass may leave layers ahead of cache.tokens
 
 
 def generate_stream(model, tokenizer, prompt_ids: Sequence[int], *, eos_ids: Sequence[int],
-                    sampling: SamplingParams, max_tokens: int = 256, stop: Optional[Sequence[str]] = None,
-                    cancel: Optional[Callable[[], bool]] = None, prefill_chunk: int = PREFILL_CHUNK,
-                    max_kv_size: Optional[int] = None) -> Iterator[StreamEvent]:
-    """Stream text deltas (UTF-8 safe, stop strings held back); the last event has finish_reason and stats."""
+                    sampling: SamplingParams, cache: Optional[PromptCache] = None, max_tokens: int = 256,
+                    stop: Optional[Sequence[str]] = None, cancel: Optional[Callable[[], bool]] = None,
+                    prefill_chunk: int = PREFILL_CHUNK, drafter=None, num_draft_tokens: int = 3,
+                    draft_auto: bool = False) -> Iterator[StreamEvent]:
+    """Stream text deltas (UTF-8 safe, stop strings held back); the last event has finish_reason and stats.
+
+    drafter: a speculative.Drafter (a draft model or prompt lookup) proposing `num_draft_tokens` per step;
+    draft_auto turns speculation off when it measures slower than plain decoding.
+    """
     if max_tokens < 0:
         raise GenerationError(f"max_tokens={max_tokens} must be >= 0.")
     if len(prompt_ids) == 0:
@@ -78,33 +126,50 @@ def generate_stream(model, tokenizer, prompt_ids: Sequence[int], *, eos_ids: Seq
     eos = set(int(e) for e in eos_ids)
     detok = StreamingDetokenizer(tokenizer)
     matcher = StopMatcher(stop or [])
-    stats = GenerationStats(prompt_tokens=len(prompt_ids))
+    prompt_ids = [int(t) for t in prompt_ids]
+    if cache is None:
+        cache = new_prompt_cache(model)
     mx.reset_peak_memory()
     start = time.perf_counter()
+    cached = cache.reuse(prompt_ids)
+    stats = GenerationStats(prompt_tokens=len(prompt_ids), cached_prompt_tokens=cached)
     first_at = last_at = start
     finish = "length"
-    tokens = decode_tokens(model, prompt_ids, sampling, prefill_chunk=prefill_chunk, max_tokens=max_tokens,
-                           max_kv_size=max_kv_size)
+    if drafter is not None:
+        from .speculative import speculative_tokens
+
+        tokens = speculative_tokens(model, cache, prompt_ids, sampling, drafter, stats,
+                                    num_draft_tokens=num_draft_tokens, auto=draft_auto,
+                                    prefill_chunk=prefill_chunk, max_tokens=max_tokens, cancel=cancel)
+    else:
+        tokens = decode_tokens(model, cache, prompt_ids, sampling, prefill_chunk=prefill_chunk,
+                               max_tokens=max_tokens, cancel=cancel)
     seen = 0
-    for token in tokens:
-        now = time.perf_counter()
-        if seen == 0:
-            first_at = now
-        seen += 1
-        if token in eos:
-            finish = "stop"
-            break
-        stats.generation_tokens += 1
-        last_at = now
-        text, hit = matcher.feed(detok.add(token))
-        yield StreamEvent(text=text, token=token)
-        if hit:
-            finish = "stop"
-            break
-        if cancel is not None and cancel():
-            finish = "cancelled"
-            break
-    tokens.close()
+    try:
+        for token in tokens:
+            now = time.perf_counter()
+            if seen == 0:
+                first_at = now
+            seen += 1
+            if token in eos:
+                finish = "stop"
+                break
+            stats.generation_tokens += 1
+            last_at = now
+            text, hit = matcher.feed(detok.add(token))
+            yield StreamEvent(text=text, token=token)
+            if hit:
+                finish = "stop"
+                break
+            if cancel is not None and cancel():
+                finish = "cancelled"
+                break
+    except Cancelled:
+        finish = "cancelled"
+    finally:
+        tokens.close()
+    if seen == 0:
+        first_at = time.perf_counter()
     tail = ""
     if not matcher.stopped:
         tail, hit = matcher.feed(detok.finalize())
@@ -114,8 +179,10 @@ def generate_stream(model, tokenizer, prompt_ids: Sequence[int], *, eos_ids: Seq
             tail += matcher.flush()
     elapsed_first = first_at - start
     stats.ttft_s = elapsed_first
-    stats.prompt_tps = len(prompt_ids) / elapsed_first if elapsed_first > 0 else 0.0
+    prefilled = len(prompt_ids) - cached
+    stats.prompt_tps = prefilled / elapsed_first if elapsed_first > 0 else 0.0
     if stats.generation_tokens > 1 and last_at > first_at:
         stats.generation_tps = (stats.generation_tokens - 1) / (last_at - first_at)
     stats.peak_memory_bytes = int(mx.get_peak_memory())
+    stats.kv_cache_bytes = int(cache.nbytes)
     yield StreamEvent(text=tail, finish_reason=finish, stats=stats.to_dict())
