@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import threading
 import time
 from contextlib import contextmanager
@@ -18,12 +17,11 @@ if not os.path.exists(os.environ.get("SSL_CERT_FILE", "/")):
 
 
 @pytest.fixture(scope="session")
-def tiny_chat(tiny_llama_tok: Path, smollm2_hf: Path, tmp_path_factory) -> Path:
+def tiny_chat(smollm2_hf: Path) -> Path:
     """The tiny random llama with SmolLM2's tokenizer and its chat template (fast, real text plumbing)."""
-    target = tmp_path_factory.mktemp("engine") / "tiny-chat"
-    shutil.copytree(tiny_llama_tok, target)
-    shutil.copy(smollm2_hf / "chat_template.jinja", target / "chat_template.jinja")
-    return target
+    from tiny_chat import tiny_chat_model
+
+    return tiny_chat_model(smollm2_hf)
 
 
 @contextmanager

@@ -189,3 +189,40 @@ def test_metrics_count_requests_and_tokens(engine):
                  "mlxedge_resident_bytes", "mlxedge_prefix_cache_hits"):
         assert name in text
     assert 'mlxedge_resident_models 1' in text
+
+
+def test_prefix_cache_reuses_a_conversation_and_keeps_outputs_exact(engine, model):
+    first = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
+    events = run(engine, Request("tiny", first, max_tokens=6))
+    reply = "".join(e.text for e in events if e.kind == "delta")
+    second = first + [{"role": "assistant", "content": reply}, {"role": "user", "content": "Another one."}]
+    hits = engine.cache.hits
+    events = run(engine, Request("tiny", second, max_tokens=6))
+    done = events[-1]
+    first_len = len(model.tokenizer.prompt_ids(first))
+    assert engine.cache.hits == hits + 1
+    assert done.stats["cached_tokens"] >= first_len - 1
+    assert events[0].kind == "progress" and events[0].processed == done.stats["cached_tokens"]
+    assert tokens_of(events) == model.generate(second, max_tokens=6).tokens
+
+
+def test_prefix_cache_is_bounded_in_bytes(tiny_chat):
+    eng = Engine({"tiny": str(tiny_chat)}, prefix_cache_bytes=1)   # holds nothing for long
+    try:
+        for prompt in PROMPTS:
+            run(eng, Request("tiny", prompt, raw=True, max_tokens=3))
+        assert eng.cache.stats()["bytes"] <= 1 and eng.cache.stats()["entries"] == 0
+    finally:
+        eng.close()
+    eng = Engine({"tiny": str(tiny_chat)}, prefix_cache_bytes=64 * 1024 * 1024)
+    try:
+        for i in range(6):
+            run(eng, Request("tiny", f"{i} distinct prompt number {i}", raw=True, max_tokens=3))
+        stats = eng.cache.stats()
+        assert 0 < stats["bytes"] <= 64 * 1024 * 1024 and stats["entries"] >= 1
+        one = stats["bytes"] / stats["entries"]
+        eng.cache.max_bytes = int(2.5 * one)
+        run(eng, Request("tiny", "one more", raw=True, max_tokens=3))
+        assert eng.cache.stats()["entries"] <= 2 and eng.cache.nbytes <= eng.cache.max_bytes
+    finally:
+        eng.close()

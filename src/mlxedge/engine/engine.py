@@ -231,6 +231,10 @@ class Engine:
             need = int((len(run.prompt_ids) + handle.request.max_tokens) * resident.kv_bytes_per_token)
             headroom = self.registry.headroom_bytes()
             reserved = sum(r.kv_bytes for r in self._running)
+            if headroom is not None:
+                if reserved + need + self.cache.nbytes > headroom:
+                    self.cache.evict(headroom - reserved - need)  # cached prefixes yield to running requests
+                headroom -= self.cache.nbytes
             if headroom is not None and need > headroom:
                 self._dequeue(handle)
                 run.events.close()
@@ -257,7 +261,8 @@ class Engine:
         started = time.perf_counter()
         resident = self.registry.get(request.model, keep_alive=request.keep_alive)
         load_s = 0.0 if before is resident else time.perf_counter() - started
-        run = self.cache.open(resident, request, cancel=lambda: handle.cancelled)
+        run = self.cache.open(resident, request, cancel=lambda: handle.cancelled,
+                              enabled=self.registry.load_options.get("kv_overflow") != "rotate")
         self._prepared[handle.id] = (resident, run, load_s)
         return self._prepared[handle.id]
 
@@ -271,7 +276,7 @@ class Engine:
             try:
                 event = next(state.run.events)
             except Exception as exc:
-                self._retire(state, completed=False)
+                self._retire(state)
                 self._fail(handle, exc)
                 continue
             if event.finish_reason is None:
@@ -302,16 +307,16 @@ class Engine:
             try:
                 self._release_with_logprobs(state)
             except Exception as exc:
-                self._retire(state, completed=False)
+                self._retire(state)
                 self._fail(handle, exc)
                 return
         stats = dict(model_stats or {"prompt_tokens": len(state.run.prompt_ids),
                                      "generation_tokens": len(state.tokens)})
         first = state.first_at or now
-        stats.update(cached_tokens=state.run.cached_tokens, queue_s=state.admitted_at - handle.created - state.load_s,
+        stats.update(cached_tokens=int(stats.get("cached_prompt_tokens", state.run.cached_tokens)), queue_s=state.admitted_at - handle.created - state.load_s,
                      load_s=state.load_s, prefill_s=first - state.admitted_at, decode_s=now - first,
                      total_s=now - handle.created)
-        self._retire(state, completed=reason != "cancelled")
+        self._retire(state)
         model = request.model
         self.metrics.inc("mlxedge_requests_total", model=model, outcome=reason)
         self.metrics.inc("mlxedge_prompt_tokens_total", stats.get("prompt_tokens", 0), model=model)
@@ -322,13 +327,13 @@ class Engine:
         self.recent.append(handle)
         handle.push(Event("done", finish_reason=reason, stats=stats))
 
-    def _retire(self, state: _Running, completed: bool) -> None:
+    def _retire(self, state: _Running) -> None:
         self._running.remove(state)
         with self._lock:
             self._active_count = len(self._running)
         state.resident.active -= 1
         state.resident.last_used = time.monotonic()
-        self.cache.close(state.run, completed)
+        self.cache.close(state.run)
 
     def _release_with_logprobs(self, state: _Running) -> None:
         request = state.handle.request

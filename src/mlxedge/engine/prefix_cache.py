@@ -1,17 +1,18 @@
-"""How a request's prompt reaches the model, reusing cached prompt prefixes where the layer below allows.
+"""A prefix cache shared by all requests: KV caches of finished requests, reused by the next request that
+starts with the same tokens (a system prompt, a conversation's earlier turns, a few-shot preamble).
 
-`PrefixCache.open(resident, request, cancel)` returns a `Run`: the model's stream of events plus how many
-prompt tokens came from the cache. `PrefixCache.close(run, completed)` hands the state back for reuse.
-The cache is shared by all requests of the engine and bounded in bytes (least recently used out first).
-
-This implementation runs every request from an empty KV cache (cached_tokens is 0): the public API does
-not yet expose a reusable KV state. The session layer (`Model.session`) will back it: entries become
-sessions keyed by their conversation, `open` picks the one whose history is the longest prefix of the
-request, and `close` stores it back with its byte size — the engine above does not change.
+`open(resident, request, cancel)` picks, among the cached KV states of that model, the one sharing the
+longest token prefix with the request's prompt, takes it out of the pool for the request's lifetime and
+generates into it (`Model.stream(cache=...)` reuses the common prefix and prefills only the rest); a miss
+starts from `model.new_cache()`. `close(run)` puts the state back — holding prompt and reply, so the
+next turn of a conversation hits it — and evicts least recently used states past `max_bytes`.
+The engine also evicts from here when a request's KV reservation needs the memory.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional
@@ -21,46 +22,69 @@ from typing import Callable, Iterator, List, Optional
 class Run:
     events: Iterator            # mlxedge StreamEvents
     prompt_ids: List[int]
-    cached_tokens: int = 0
-    state: object = None        # what close() stores back (a session, later)
-    key: object = None
+    cached_tokens: int = 0      # prompt tokens the reused state already holds
+    state: object = None        # the KV state (a PromptCache) generated into; back to the pool on close
+    model: str = ""
+
+
+def shared_prefix(a: List[int], b: List[int]) -> int:
+    return len(os.path.commonprefix([a, b]))
 
 
 class PrefixCache:
     def __init__(self, max_bytes: int = 0):
         self.max_bytes = int(max_bytes)
-        self.entries: "OrderedDict[object, tuple]" = OrderedDict()   # key -> (state, nbytes)
+        self.entries: "OrderedDict[int, tuple]" = OrderedDict()   # key -> (model name, PromptCache), LRU first
+        self._keys = itertools.count()
         self.hits = 0
         self.misses = 0
         self.cached_tokens_total = 0
 
     @property
     def nbytes(self) -> int:
-        return sum(n for _, n in self.entries.values())
+        return sum(int(state.nbytes) for _, state in self.entries.values())
 
-    def open(self, resident, request, cancel: Callable[[], bool]) -> Run:
+    def open(self, resident, request, cancel: Callable[[], bool], enabled: bool = True) -> Run:
         model = resident.model
         prompt_ids = model.tokenizer.prompt_ids(request.prompt, raw=request.raw)
+        key, reused = self._best(resident.name, prompt_ids) if enabled and self.max_bytes > 0 else (None, 0)
+        if key is not None:
+            state = self.entries.pop(key)[1]
+            self.hits += 1
+            self.cached_tokens_total += reused
+        else:
+            state = model.new_cache() if enabled and self.max_bytes > 0 else None
+            self.misses += 1
         events = model.stream(request.prompt, raw=request.raw, max_tokens=request.max_tokens,
-                              stop=list(request.stop) or None, cancel=cancel, **request.sampling)
-        run = Run(events=events, prompt_ids=prompt_ids)
-        self.misses += 1
-        return run
+                              stop=list(request.stop) or None, cancel=cancel, cache=state, **request.sampling)
+        return Run(events=events, prompt_ids=prompt_ids, cached_tokens=reused, state=state, model=resident.name)
 
-    def close(self, run: Run, completed: bool) -> None:
-        if run.state is None or not completed or self.max_bytes <= 0:
+    def _best(self, model: str, prompt_ids: List[int]):
+        best_key, best = None, 0
+        for key, (name, state) in self.entries.items():
+            if name == model:
+                n = min(shared_prefix(state.tokens, prompt_ids), len(prompt_ids) - 1)
+                if n > best:
+                    best_key, best = key, n
+        return best_key, best
+
+    def close(self, run: Run) -> None:
+        """Return the run's KV state to the pool (cancelled runs too: the state stays consistent)."""
+        if run.state is None or not run.state.tokens or self.max_bytes <= 0:
             return
-        nbytes = int(getattr(run.state, "nbytes", 0))
-        self.entries[run.key] = (run.state, nbytes)
-        self.entries.move_to_end(run.key)
-        self._evict()
+        self.entries[next(self._keys)] = (run.model, run.state)
+        self.evict(self.max_bytes)
 
-    def _evict(self) -> None:
-        while self.entries and self.nbytes > self.max_bytes:
-            self.entries.popitem(last=False)
+    def evict(self, keep_bytes: int) -> int:
+        """Drop least recently used states until the pool holds at most keep_bytes; return bytes freed."""
+        freed = 0
+        while self.entries and self.nbytes > max(0, keep_bytes):
+            _, (_, state) = self.entries.popitem(last=False)
+            freed += int(state.nbytes)
+        return freed
 
     def clear_model(self, name: str) -> None:
-        for key in [k for k in self.entries if isinstance(k, tuple) and k and k[0] == name]:
+        for key in [k for k, (model, _) in self.entries.items() if model == name]:
             del self.entries[key]
 
     def stats(self) -> dict:
