@@ -146,6 +146,28 @@ def _completion_logprobs(entries: List[dict], offset: int = 0) -> dict:
             "text_offset": offsets}
 
 
+def _sse_response(started, chunk: dict, delta, final, include_usage: bool, opening: Optional[dict] = None):
+    """The SSE stream of one request: chunk dicts whose choice comes from delta(event) / final(reason), the
+    usage chunk when asked, then `data: [DONE]`."""
+
+    async def stream():
+        if opening is not None:
+            yield _sse(opening)
+        async for event in runs.events(started):
+            if event.kind == "delta" and (event.text or event.logprob):
+                yield _sse({**chunk, "choices": [delta(event)]})
+            elif event.kind == "error":
+                yield _sse({"error": {"message": event.message, "type": "server_error", "code": event.code}})
+            elif event.kind == "done":
+                yield _sse({**chunk, "choices": [final(_finish(event.finish_reason))]})
+                if include_usage:
+                    yield _sse({**chunk, "choices": [], "usage": runs.usage(event.stats)})
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
 def router(engine, limits) -> APIRouter:
     api = APIRouter()
 
@@ -178,26 +200,18 @@ def router(engine, limits) -> APIRouter:
                 "finish_reason": _finish(result.done.finish_reason)}], "usage": runs.usage(result.done.stats)}
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        async def stream():
-            chunk = {**head, "object": "chat.completion.chunk"}
-            yield _sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                              "logprobs": None, "finish_reason": None}]})
-            async for event in runs.events(started):
-                if event.kind == "delta" and (event.text or event.logprob):
-                    lp = _chat_logprobs([event.logprob]) if event.logprob else None
-                    yield _sse({**chunk, "choices": [{"index": 0, "delta": {"content": event.text},
-                                                      "logprobs": lp, "finish_reason": None}]})
-                elif event.kind == "error":
-                    yield _sse({"error": {"message": event.message, "type": "server_error", "code": event.code}})
-                elif event.kind == "done":
-                    yield _sse({**chunk, "choices": [{"index": 0, "delta": {}, "logprobs": None,
-                                                      "finish_reason": _finish(event.finish_reason)}]})
-                    if include_usage:
-                        yield _sse({**chunk, "choices": [], "usage": runs.usage(event.stats)})
-            yield "data: [DONE]\n\n"
+        chunk = {**head, "object": "chat.completion.chunk"}
+        opening = {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                         "finish_reason": None}]}
 
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        def delta(event):
+            lp = _chat_logprobs([event.logprob]) if event.logprob else None
+            return {"index": 0, "delta": {"content": event.text}, "logprobs": lp, "finish_reason": None}
+
+        def final(reason):
+            return {"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}
+
+        return _sse_response(started, chunk, delta, final, include_usage, opening)
 
     @api.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HttpRequest):
@@ -224,24 +238,16 @@ def router(engine, limits) -> APIRouter:
                     "usage": runs.usage(result.done.stats)}
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        async def stream():
-            offset = 0
-            async for event in runs.events(started):
-                if event.kind == "delta" and (event.text or event.logprob):
-                    lp = _completion_logprobs([event.logprob], offset) if event.logprob else None
-                    offset += len(event.text)
-                    yield _sse({**head, "choices": [{"index": 0, "text": event.text, "logprobs": lp,
-                                                     "finish_reason": None}]})
-                elif event.kind == "error":
-                    yield _sse({"error": {"message": event.message, "type": "server_error", "code": event.code}})
-                elif event.kind == "done":
-                    yield _sse({**head, "choices": [{"index": 0, "text": "", "logprobs": None,
-                                                     "finish_reason": _finish(event.finish_reason)}]})
-                    if include_usage:
-                        yield _sse({**head, "choices": [], "usage": runs.usage(event.stats)})
-            yield "data: [DONE]\n\n"
+        offset = [0]
 
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        def delta(event):
+            lp = _completion_logprobs([event.logprob], offset[0]) if event.logprob else None
+            offset[0] += len(event.text)
+            return {"index": 0, "text": event.text, "logprobs": lp, "finish_reason": None}
+
+        def final(reason):
+            return {"index": 0, "text": "", "logprobs": None, "finish_reason": reason}
+
+        return _sse_response(started, head, delta, final, include_usage)
 
     return api
