@@ -83,6 +83,8 @@ class Runner:
         with self.lock:
             self.completed += 1
             self.rss_marks[self.completed] = rss_bytes()
+            if self.completed % 10 == 0:
+                print(f"  {self.completed} requests done", file=sys.stderr, flush=True)
         return {"content": content, "text": "".join(parts), "ttft": (first or end) - started, "total": end - started,
                 "tokens": usage.completion_tokens if usage else 0, "cached": usage.prompt_tokens_details.cached_tokens
                 if usage and usage.prompt_tokens_details else 0, "finish": finish, "ids": len(ids)}
