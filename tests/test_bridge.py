@@ -200,6 +200,9 @@ def test_duplicate_running_id_is_refused(bridge):
     assert msgs[-1]["code"] == "bad_request" and "in use" in msgs[-1]["message"]
     bridge.send({"id": "stop-dup", "op": "cancel", "target": "dup"})
     bridge.until("dup", final=("done",))
+    for _ in range(3):  # an id is free again as soon as its final event is out
+        bridge.send({"id": "dup", "op": "generate", "prompt": "b", "raw": True, "max_tokens": 1})
+        assert bridge.until("dup")[-1]["event"] == "done"
 
 
 def test_eof_exits_zero_after_finishing_work(tiny_chat):

@@ -30,6 +30,14 @@ class _Terminate(Exception):
     pass
 
 
+class _Call:
+    """One request while it runs: its id and, for a generation, the engine handle to cancel."""
+
+    def __init__(self, rid):
+        self.rid = rid
+        self.handle = None
+
+
 class Bridge:
     def __init__(self, engine: Engine, out: IO[str], default_model: Optional[str] = None, version: str = "0"):
         self.engine = engine
@@ -37,7 +45,7 @@ class Bridge:
         self.default_model = default_model
         self.version = version
         self._lock = threading.Lock()
-        self._inflight = {}          # id -> Handle (streaming) or None (other ops still running)
+        self._inflight = {}          # id -> _Call of the request running under that id
         self._threads = []
         self._sessions = {}          # session id -> {"model", "system", "messages"}
         from jsonschema import Draft202012Validator
@@ -90,42 +98,45 @@ class Bridge:
         if problem is not None:
             where = "/".join(str(p) for p in problem.absolute_path)
             return self.error(rid, "bad_request", f"{msg['op']}: {where + ': ' if where else ''}{problem.message}")
+        call = _Call(rid)
         with self._lock:
-            if rid in self._inflight:
-                busy = True
-            else:
-                busy = False
-                self._inflight[rid] = None
-        if busy:
+            taken = rid in self._inflight
+            if not taken:
+                self._inflight[rid] = call
+        if taken:
             return self.error(rid, "bad_request", f"id {rid!r} is already in use by a running request")
         try:
-            self._dispatch(rid, msg)
+            self._dispatch(call, msg)
         except Exception as exc:
-            self._release(rid)
+            self._release(call)
             self.error(rid, exc)
 
-    def _release(self, rid) -> None:
+    def _release(self, call: _Call) -> None:
+        """Free the id (only if it still belongs to this call: the client may have reused it already)."""
         with self._lock:
-            self._inflight.pop(rid, None)
+            if self._inflight.get(call.rid) is call:
+                del self._inflight[call.rid]
 
-    def _in_thread(self, rid, fn) -> None:
+    def _in_thread(self, call: _Call, fn) -> None:
+        rid = call.rid
+
         def body():
             try:
                 fn()
             except Exception as exc:
-                self._release(rid)
+                self._release(call)
                 self.error(rid, exc)
             finally:
-                self._release(rid)
+                self._release(call)
 
         thread = threading.Thread(target=body, name=f"bridge-{rid}", daemon=True)
         self._threads.append(thread)
         thread.start()
 
-    def _result(self, rid, op, result) -> None:
-        """The final answer of request rid: its id is free for reuse once the client can see this."""
-        self._release(rid)
-        self.emit({"id": rid, "event": "result", "op": op, "result": result})
+    def _result(self, call: _Call, op, result) -> None:
+        """The final answer of a request: its id is free for reuse once the client can see this."""
+        self._release(call)
+        self.emit({"id": call.rid, "event": "result", "op": op, "result": result})
 
     # ------------------------------------------------------------------ operations
     def _model(self, msg) -> str:
@@ -134,16 +145,17 @@ class Bridge:
             raise BadRequestError("no model: give `model`, or send a `load` first")
         return model
 
-    def _dispatch(self, rid, msg) -> None:
-        op = msg["op"]
+    def _dispatch(self, call: _Call, msg) -> None:
+        op, rid = msg["op"], call.rid
         if op in STREAMING:
-            return self._start_generation(rid, msg)
+            return self._start_generation(call, msg)
         if op == "cancel":
             with self._lock:
-                handle = self._inflight.get(msg["target"])
+                target = self._inflight.get(msg["target"])
+            handle = target.handle if target is not None else None
             if handle is not None:
                 handle.cancel()
-            return self._result(rid, op, {"target": msg["target"], "cancelled": handle is not None})
+            return self._result(call, op, {"target": msg["target"], "cancelled": handle is not None})
         if op == "load":
             self.default_model = msg["model"]   # now, so that requests sent right after it use it
 
@@ -152,30 +164,30 @@ class Bridge:
                     self.emit({"id": rid, "event": "progress", "stage": "load", "processed": int(done),
                                "total": int(total)})
                 info = self.engine.load(msg["model"], progress=progress, keep_alive=msg.get("keep_alive"))
-                self._result(rid, op, info)
-            return self._in_thread(rid, load)
+                self._result(call, op, info)
+            return self._in_thread(call, load)
         if op == "unload":
-            return self._in_thread(rid, lambda: self._result(rid, op, {"unloaded": self.engine.unload(msg["model"])}))
+            return self._in_thread(call, lambda: self._result(call, op, {"unloaded": self.engine.unload(msg["model"])}))
         if op == "status":
-            return self._result(rid, op, {**self.engine.status(), "sessions": len(self._sessions),
+            return self._result(call, op, {**self.engine.status(), "sessions": len(self._sessions),
                                           "default_model": self.default_model})
         if op == "tokenize":
             model = self._model(msg)
-            return self._in_thread(rid, lambda: self._result(rid, op, {"tokens": self.engine.tokenize(model,
+            return self._in_thread(call, lambda: self._result(call, op, {"tokens": self.engine.tokenize(model,
                                                                                                      msg["text"])}))
         if op == "session.create":
             sid = uuid.uuid4().hex[:16]
             self._sessions[sid] = {"model": self._model(msg), "system": msg.get("system"), "messages": []}
-            return self._result(rid, op, {"session": sid, "model": self._sessions[sid]["model"]})
+            return self._result(call, op, {"session": sid, "model": self._sessions[sid]["model"]})
         session = self._session(msg)
         if op == "session.messages":
-            return self._result(rid, op, {"messages": _history(session)})
+            return self._result(call, op, {"messages": _history(session)})
         if op == "session.reset":
             session["messages"] = []
-            return self._result(rid, op, {"session": msg["session"]})
+            return self._result(call, op, {"session": msg["session"]})
         if op == "session.close":
             self._sessions.pop(msg["session"], None)
-            return self._result(rid, op, {"session": msg["session"]})
+            return self._result(call, op, {"session": msg["session"]})
         raise BadRequestError(f"unknown op {op!r}")  # unreachable: the schema lists every op
 
     def _session(self, msg) -> dict:
@@ -184,8 +196,8 @@ class Bridge:
             raise ModelNotFoundError(f"no session {msg['session']!r} (create one with session.create)")
         return session
 
-    def _start_generation(self, rid, msg) -> None:
-        op = msg["op"]
+    def _start_generation(self, call: _Call, msg) -> None:
+        op, rid = msg["op"], call.rid
         session = None
         if op == "generate":
             model, prompt, raw = self._model(msg), msg["prompt"], bool(msg.get("raw"))
@@ -193,6 +205,9 @@ class Bridge:
             model, prompt, raw = self._model(msg), msg["messages"], False
         else:
             session = self._session(msg)
+            if session.get("busy"):
+                raise BadRequestError(f"session {msg['session']!r} is still answering; wait for its done event "
+                                      "or cancel it")
             model, raw = session["model"], False
             prompt = _history(session) + [{"role": "user", "content": msg["content"]}]
         stop = msg.get("stop") or []
@@ -201,10 +216,22 @@ class Bridge:
                           stop=[stop] if isinstance(stop, str) else list(stop),
                           logprobs=bool(msg.get("logprobs")), top_logprobs=msg.get("top_logprobs", 0))
         handle = self.engine.submit(request)
-        with self._lock:
-            self._inflight[rid] = handle
+        call.handle = handle
+        if session is not None:
+            session["busy"] = True
+
+        def free():  # before the final event: the client may reuse the id or the session right after it
+            if session is not None:
+                session["busy"] = False
+            self._release(call)
 
         def pump():
+            try:
+                relay()
+            finally:
+                free()
+
+        def relay():
             parts = []
             for event in handle:
                 if event.kind == "progress":
@@ -219,22 +246,22 @@ class Bridge:
                         out["logprob"] = event.logprob
                     self.emit(out)
                 elif event.kind == "error":
-                    self._release(rid)
+                    free()
                     self.error(rid, event.code, event.message)
                 elif event.kind == "done":
-                    self._release(rid)
                     text = "".join(parts)
                     if session is not None and event.finish_reason != "cancelled":
                         session["messages"] += [{"role": "user", "content": msg["content"]},
                                                 {"role": "assistant", "content": text}]
+                    free()
                     self.emit({"id": rid, "event": "done", "finish_reason": event.finish_reason, "text": text,
                                "stats": event.stats})
 
-        self._in_thread(rid, pump)
+        self._in_thread(call, pump)
 
     def _cancel_all(self) -> None:
         with self._lock:
-            handles = [h for h in self._inflight.values() if h is not None]
+            handles = [c.handle for c in self._inflight.values() if c.handle is not None]
         for handle in handles:
             handle.cancel()
 

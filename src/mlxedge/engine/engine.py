@@ -180,13 +180,16 @@ class Engine:
                     item = self._inbox.get_nowait()
                 except queue.Empty:
                     item = None
-            self._admit()
-            self._step()
-            if time.monotonic() - last_expire >= EXPIRE_EVERY_S:
-                last_expire = time.monotonic()
-                for name in self.registry.expire():
-                    self.cache.clear_model(name)
-                    log.info("unloaded %s after its keep_alive", name)
+            try:
+                self._admit()
+                self._step()
+                if time.monotonic() - last_expire >= EXPIRE_EVERY_S:
+                    last_expire = time.monotonic()
+                    for name in self.registry.expire():
+                        self.cache.clear_model(name)
+                        log.info("unloaded %s after its keep_alive", name)
+            except Exception:  # a bug in the scheduler itself: log it, keep the worker (and every client) alive
+                log.exception("engine scheduling step failed")
 
     def _handle_item(self, item) -> None:
         if item[0] == "request":
