@@ -159,3 +159,12 @@ def test_serve_cli_helpers():
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2")
     assert model_names(("smollm2", "mine=/x/y.gguf")) == {"smollm2": "smollm2", "mine": "/x/y.gguf"}
+
+
+def test_json_body_without_json_content_type(served):
+    """Ollama's docs use `curl -d '{...}'`, which says application/x-www-form-urlencoded."""
+    url, _ = served
+    status, body, _ = post(url, "/api/generate", {"model": "tiny", "prompt": "hi", "stream": False,
+                                                  "options": {"num_predict": 2}},
+                           {"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 200 and json.loads(body)["eval_count"] == 2

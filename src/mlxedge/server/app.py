@@ -59,6 +59,10 @@ class _Guard:
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             return await errors.error_response(path, "too_large", f"request body over {self.max_body} bytes")(
                 scope, receive, send)
+        if scope.get("method") == "POST" and "json" not in headers.get("content-type", ""):
+            # `curl -d '{...}'` (Ollama's documented usage) sends a form content type: bodies are JSON here
+            scope["headers"] = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-type"] + \
+                [(b"content-type", b"application/json")]
         seen = 0
 
         async def limited_receive():
