@@ -82,7 +82,7 @@ def bodies(route):
 def test_no_server_error_and_no_hang(fuzz_url, route):
     seen = set()
 
-    @settings(max_examples=40, deadline=None, database=None,
+    @settings(max_examples=30, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
     @given(body=bodies(route))
     def check(body):
