@@ -14,15 +14,10 @@ from mlxedge.errors import UnsupportedError
 from mlxedge.generate.kv_cache import describe, make_cache
 from mlxedge.generate.loop import generate_stream, new_prompt_cache
 from mlxedge.generate.sampler import SamplingParams
-from tiny_chat import tiny_chat_model
+from tiny_chat import tiny_chat, tiny_chat_model  # noqa: F401 (tiny_chat: a fixture)
 from tiny_models import build_tiny
 
 WINDOW = 16
-
-
-@pytest.fixture(scope="module")
-def tiny_chat(smollm2_hf):
-    return tiny_chat_model(smollm2_hf)
 
 
 @pytest.fixture(scope="module")

@@ -13,19 +13,10 @@ import pytest
 import mlxedge
 from mlxedge.errors import GenerationError, SourceError
 from mlxedge.generate.prompt_cache import common_prefix
-from tiny_chat import tiny_chat_model
+from tiny_chat import tiny_chat, tiny_chat_model  # noqa: F401 (tiny_chat: a fixture)
+from tiny_chat import tiny_chat_loaded as model  # noqa: F401 (a fixture)
 
 SRC = Path(mlxedge.__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_chat(smollm2_hf):
-    return tiny_chat_model(smollm2_hf)
-
-
-@pytest.fixture(scope="module")
-def model(tiny_chat):
-    return mlxedge.load(tiny_chat)
 
 
 TURNS = ["Hello there, who are you?", "Tell me about lighthouses.", "And about the sea?"]
@@ -113,6 +104,11 @@ def test_rotating_session_matches_generate_past_the_window(tiny_chat):
         assert result.tokens == expected.tokens
     assert result.stats["prompt_tokens"] > 48 and result.stats["cached_prompt_tokens"] > 0
     assert all(layer["kind"] == "RotatingKVCache" and layer["held"] <= 48 for layer in session.cache_info())
+    # a wrapped window cannot be trimmed: a template that changes early tokens makes the session start over
+    model.tokenizer.chat_template = RECOUNTING
+    expected = model.generate(session.messages + [{"role": "user", "content": "Bye."}], max_tokens=8)
+    result = session.send("Bye.", max_tokens=8)
+    assert result.tokens == expected.tokens and result.stats["cached_prompt_tokens"] == 0
 
 
 def test_quantized_cache_session_saves_and_reloads(smollm2_hf, tmp_path):
@@ -171,3 +167,19 @@ def test_session_file_refuses_another_model_and_other_files(model, tiny_chat, tm
     with pytest.raises(SourceError, match="prompt cache, not a session"):
         model.load_session(tmp_path / "p.safetensors")
     assert list(tmp_path.glob(".*")) == []  # no temporary left behind
+
+
+@pytest.mark.slow
+def test_smollm2_thousand_token_conversation_reply_equals_generate(smollm2_gguf, prose):
+    """The default model, a ~1,000-token conversation: the session's next greedy reply is generate's."""
+    model = mlxedge.load(smollm2_gguf)
+    session = model.session(system="You are a helpful assistant.")
+    for part in (prose[:1500], prose[1500:3000], prose[3000:4500]):
+        session.send("Summarize in one sentence:\n" + part, max_tokens=8)
+    question = "Which part was the most interesting?"
+    full = session.messages + [{"role": "user", "content": question}]
+    expected = model.generate(full, max_tokens=24)
+    result = session.send(question, max_tokens=24)
+    assert expected.stats["prompt_tokens"] >= 1000
+    assert result.tokens == expected.tokens
+    assert result.stats["prompt_tokens"] - result.stats["cached_prompt_tokens"] < 40  # only the new turn

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
 from conftest import _build_once, test_cache_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -22,3 +23,17 @@ def tiny_chat_model(smollm2_hf: Path, arch: str = "llama", name: str = "", **ove
                 shutil.copy(smollm2_hf / file, tmp / file)
 
     return _build_once(test_cache_dir() / f"tiny-chat-{arch}{'-' + name if name else ''}", build)
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(smollm2_hf):
+    """Path of the tiny chat model (import this fixture into a test module to use it)."""
+    return tiny_chat_model(smollm2_hf)
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_loaded(tiny_chat):
+    """The tiny chat model, loaded once per test module."""
+    import mlxedge
+
+    return mlxedge.load(tiny_chat)

@@ -110,6 +110,10 @@ class Model:
             from .generate.speculative import make_drafter
 
             drafter = make_drafter(self, draft)
+        if drafter is not None:
+            from .generate.speculative import check_speculation
+
+            check_speculation(cache, num_draft_tokens)
         auto = bool(drafter is not None and drafter.auto)
         return self._stream_within_plan(prompt_ids, cache=cache, drafter=drafter,
                                         num_draft_tokens=num_draft_tokens, draft_auto=auto, **kwargs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from .bridge import bridge_command
+from .cache_prompt import cache_prompt_command
 from .chat import chat_command
 from .evaluation import bench_command, eval_command
 from .generate import generate_command
@@ -28,7 +29,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 for _command in (chat_command, generate_command, pull_command, list_command, info_command, convert_command,
-                 plan_command, bench_command, eval_command, serve_command, bridge_command):
+                 plan_command, bench_command, eval_command, cache_prompt_command, serve_command, bridge_command):
     main.add_command(_command)
 
 __all__ = ["main"]

@@ -19,6 +19,7 @@ from typing import List, Optional
 import click
 
 from ..errors import MlxedgeError
+from .decoding import draft_options, kv_bits_option, resolve_draft
 from .common import (EXIT_INTERRUPTED, echo_footer, format_bytes, format_count, handles_errors, load_model,
                      load_options, sampling_options)
 
@@ -34,6 +35,7 @@ Commands:
   /reset          forget the conversation (keeps the system prompt)
   /stats          statistics of the last reply and of the conversation
   /system TEXT    set the system prompt (/system alone shows it)
+  /save FILE      save the conversation and its KV cache (resume with --resume FILE)
   /exit           leave (also /quit, /bye or Ctrl-D)
 Ctrl-C stops a reply that is being generated. Start and end a multi-line message with \"\"\"."""
 
@@ -61,23 +63,32 @@ class Interrupt:
 
 
 class ChatSession:
-    """The conversation: system prompt, message history, and the statistics of the last reply."""
+    """The REPL's conversation: an mlxedge Session (its KV cache kept between turns) plus reply statistics."""
 
-    def __init__(self, model, system: Optional[str], max_tokens: int, sampling: dict, show_stats: bool):
+    def __init__(self, model, system: Optional[str], max_tokens: int, sampling: dict, show_stats: bool,
+                 session=None, draft: Optional[dict] = None):
         self.model = model
-        self.system = system
+        self.session = session if session is not None else model.session(system=system)
         self.max_tokens = max_tokens
         self.sampling = sampling
+        self.draft = draft or {}
         self.show_stats = show_stats
-        self.history: List[dict] = []
         self.last_stats: Optional[dict] = None
         self.last_finish: Optional[str] = None
         self.replies = 0
         self.generated_tokens = 0
 
-    def messages(self, user_text: str) -> List[dict]:
-        system = [{"role": "system", "content": self.system}] if self.system else []
-        return system + self.history + [{"role": "user", "content": user_text}]
+    @property
+    def system(self) -> Optional[str]:
+        return self.session.system
+
+    @system.setter
+    def system(self, text: Optional[str]) -> None:
+        self.session.system = text
+
+    @property
+    def history(self) -> List[dict]:
+        return [m for m in self.session.messages if m["role"] != "system"]
 
     def reply(self, user_text: str) -> str:
         """Stream the reply to stdout; returns the finish reason ("stop", "length" or "cancelled")."""
@@ -86,8 +97,8 @@ class ChatSession:
         finish, stats = "cancelled", None
         with Interrupt() as interrupt:
             try:
-                stream = self.model.stream(self.messages(user_text), max_tokens=self.max_tokens,
-                                           cancel=lambda: interrupt.requested, **self.sampling)
+                stream = self.session.stream(user_text, max_tokens=self.max_tokens,
+                                             cancel=lambda: interrupt.requested, **self.sampling, **self.draft)
                 for event in stream:
                     if event.text:
                         parts.append(event.text)
@@ -95,16 +106,12 @@ class ChatSession:
                         out.flush()
                     if event.finish_reason is not None:
                         finish, stats = event.finish_reason, event.stats
-            except KeyboardInterrupt:  # forced by a second Ctrl-C
+            except KeyboardInterrupt:  # forced by a second Ctrl-C; the session drops the turn itself
                 finish = "cancelled"
         if interrupt.requested:
             finish = "cancelled"
         text = "".join(parts)
-        if finish == "cancelled":
-            out.write(("\n" if text else "") + "[interrupted]\n")
-        else:
-            out.write("\n")
-            self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": text}]
+        out.write(("\n" if text else "") + "[interrupted]\n" if finish == "cancelled" else "\n")
         out.flush()
         if stats is not None:
             self.last_stats, self.last_finish = stats, finish
@@ -115,23 +122,31 @@ class ChatSession:
         return finish
 
     def reset(self) -> None:
-        self.history = []
+        self.session.reset()
+
+    def save(self, path: str) -> None:
+        self.session.save(path)
 
     def stats_text(self) -> str:
         lines = []
         s = self.last_stats
         if s:
+            cached = s.get("cached_prompt_tokens", 0)
             lines += [f"last reply:   {s['generation_tokens']} tokens at {s['generation_tps']:.1f} tok/s, "
                       f"{s['ttft_s']:.2f}s to first token",
-                      f"prompt:       {s['prompt_tokens']} tokens at {s['prompt_tps']:.1f} tok/s",
+                      f"prompt:       {s['prompt_tokens']} tokens: {cached} cached, "
+                      f"{s['prompt_tokens'] - cached} new at {s['prompt_tps']:.1f} tok/s",
                       f"peak memory:  {format_bytes(s['peak_memory_bytes'])}"]
+            if s.get("draft_proposed"):
+                lines.append(f"speculative:  {s['draft_accepted']} of {s['draft_proposed']} drafted tokens accepted"
+                             + (" (turned off: slower here)" if s.get("draft_disabled") else ""))
             context = self.model.info.get("context_length")
             used = s["prompt_tokens"] + s["generation_tokens"]
             lines.append(f"context:      {used} of {context} tokens" if context else f"context: {used} tokens")
         else:
             lines.append("no reply yet")
         lines.append(f"conversation: exchanges in history: {len(self.history) // 2}; replies: {self.replies}; "
-                     f"tokens generated: {self.generated_tokens}")
+                     f"tokens generated: {self.generated_tokens}; KV cache holds {self.session.cached_tokens} tokens")
         return "\n".join(lines)
 
 
@@ -193,6 +208,15 @@ def _command(session: ChatSession, line: str) -> bool:
         click.echo("(conversation cleared)")
     elif name == "/stats":
         click.echo(session.stats_text())
+    elif name == "/save":
+        if not arg:
+            click.echo("usage: /save FILE.safetensors")
+        else:
+            try:
+                session.save(arg)
+                click.echo(f"(saved to {arg}; continue with: mlxedge chat MODEL --resume {arg})")
+            except MlxedgeError as exc:
+                click.echo(f"error: {exc}", err=True)
     elif name == "/system":
         if arg:
             session.system = arg
@@ -255,11 +279,15 @@ def one_shot(session: ChatSession, text: str) -> None:
 @click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Most tokens per reply.")
 @click.option("--no-stats", is_flag=True, help="Hide the footer (tokens, tok/s, time to first token).")
+@click.option("--resume", default=None, metavar="FILE",
+              help="Continue a conversation saved with /save (same model and settings).")
 @sampling_options
+@draft_options
 @load_options
+@kv_bits_option
 @handles_errors
-def chat_command(model: Optional[str], system: Optional[str], max_tokens: int, no_stats: bool, sampling: dict,
-                 load: dict) -> None:
+def chat_command(model: Optional[str], system: Optional[str], max_tokens: int, no_stats: bool,
+                 resume: Optional[str], sampling: dict, draft: dict, load: dict) -> None:
     """Chat with MODEL (default: smollm2, pulled on first use).
 
     MODEL is an alias (see `mlxedge list`), a .gguf file, a Hugging Face or mlx-lm directory, or a hub id.
@@ -274,7 +302,13 @@ def chat_command(model: Optional[str], system: Optional[str], max_tokens: int, n
         click.echo("mlxedge chat: nothing on stdin to answer", err=True)
         return
     loaded = load_model(name, **load)
-    session = ChatSession(loaded, system, max_tokens, sampling, show_stats=not no_stats)
+    resumed = loaded.load_session(resume) if resume else None
+    if resumed is not None and system is not None:
+        resumed.system = system
+    session = ChatSession(loaded, system, max_tokens, sampling, show_stats=not no_stats, session=resumed,
+                          draft=resolve_draft(draft, load))
+    if resumed is not None:
+        click.echo(f"(resumed {len(session.history) // 2} exchanges; {resumed.cached_tokens} tokens cached)", err=True)
     if piped:
         one_shot(session, text.strip())
     else:

@@ -12,7 +12,8 @@ differently once a new one follows (e.g. dropping the reasoning of earlier repli
 reply `model.generate(s.messages + [new message])` gives — only the reused prefix shrinks.
 
 A turn that is cancelled (the cancel hook, or a stream abandoned before its last event) or that fails leaves
-`messages` as before the turn, and the cache holding only what it held in common with the turn's prompt.
+`messages` as before the turn; the cache keeps only the turn's prompt (a retry of the same message reuses
+it), never the partial reply.
 Replies cut by max_tokens or a stop string join the history as they were shown.
 
 Session files are PromptCache files of kind "session" whose metadata also holds the system prompt, the
@@ -68,6 +69,8 @@ class Session:
         self.model = model
         self.system = system
         self._history: List[dict] = []
+        if kv_bits is None:
+            kv_bits = model._kv_bits  # as loaded
         if max_kv_size is None and model._kv_overflow == "rotate":
             max_kv_size = model.context_length  # a conversation grows: keep a window from the start
         self._settings = {"kv_bits": kv_bits, "max_kv_size": max_kv_size}
@@ -126,7 +129,6 @@ class Session:
 
     def _turn(self, user: dict, prompt_ids: list, events: Iterator[StreamEvent]) -> Iterator[StreamEvent]:
         self._busy = True
-        before = len(self._cache.tokens)
         done = False
         parts: List[str] = []
         try:
@@ -141,8 +143,8 @@ class Session:
         finally:
             events.close()
             self._busy = False
-            if not done:  # cancelled, abandoned or failed: keep only what the cache shares with the old state
-                self._cache.trim_to(min(before, common_prefix(self._cache.tokens, prompt_ids)))
+            if not done:  # cancelled, abandoned or failed: drop the partial reply, keep the prompt's prefill
+                self._cache.trim_to(common_prefix(self._cache.tokens, prompt_ids))
 
     def _drafter(self, draft):
         if draft is None:

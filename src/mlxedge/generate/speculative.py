@@ -123,7 +123,12 @@ def _probabilities(processed: mx.array, vocab: Optional[int] = None) -> np.ndarr
     return p / p.sum()
 
 
-def _check_trimmable(cache: PromptCache) -> None:
+def check_speculation(cache: PromptCache, num_draft_tokens) -> None:
+    """Refuse, before anything runs, what speculative decoding cannot do (GenerationError, one line)."""
+    if not isinstance(num_draft_tokens, int) or isinstance(num_draft_tokens, bool) \
+            or not 1 <= num_draft_tokens <= MAX_DRAFT_TOKENS:
+        raise GenerationError(f"num_draft_tokens must be an integer from 1 to {MAX_DRAFT_TOKENS}, "
+                              f"got {num_draft_tokens!r}.")
     if any(isinstance(c, RotatingKVCache) for c in cache.caches):
         raise GenerationError("speculative decoding needs a KV cache it can roll back, and this one keeps a "
                               "rotating window (a rotating context, or sliding-window layers); "
@@ -160,11 +165,7 @@ def speculative_tokens(model, cache: PromptCache, prompt_ids: Sequence[int], sam
                        prefill_chunk: int = PREFILL_CHUNK, max_tokens: int = 256,
                        cancel: Optional[Callable[[], bool]] = None) -> Iterator[int]:
     """Token ids like loop.decode_tokens, k drafts verified per forward pass; counts go to `stats`."""
-    if not isinstance(num_draft_tokens, int) or isinstance(num_draft_tokens, bool) \
-            or not 1 <= num_draft_tokens <= MAX_DRAFT_TOKENS:
-        raise GenerationError(f"num_draft_tokens must be an integer from 1 to {MAX_DRAFT_TOKENS}, "
-                              f"got {num_draft_tokens!r}.")
-    _check_trimmable(cache)
+    check_speculation(cache, num_draft_tokens)
     sampler = make_sampler(sampling)
     rng = np.random.default_rng(sampling.seed)
     penalty = sampling.repetition_penalty != 1.0
