@@ -1,4 +1,4 @@
-"""Fixtures shared by the engine, server and bridge tests: a tiny chat model and a live in-process server."""
+"""Helpers shared by the engine and server tests: a live in-process server and a bounded wait."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import os
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 
@@ -14,14 +13,6 @@ import pytest
 # plain-HTTP loopback clients
 if not os.path.exists(os.environ.get("SSL_CERT_FILE", "/")):
     os.environ.pop("SSL_CERT_FILE", None)
-
-
-@pytest.fixture(scope="session")
-def tiny_chat(smollm2_hf: Path) -> Path:
-    """The tiny random llama with SmolLM2's tokenizer and its chat template (fast, real text plumbing)."""
-    from tiny_chat import tiny_chat_model
-
-    return tiny_chat_model(smollm2_hf)
 
 
 @contextmanager

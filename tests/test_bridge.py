@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from engine_fixtures import tiny_chat  # noqa: F401  (fixture)
 
+
+from tiny_chat import tiny_chat  # noqa: F401  (fixture)
 jsonschema = pytest.importorskip("jsonschema")
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "bridge"

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import mlxedge
-from engine_fixtures import tiny_chat, wait_for  # noqa: F401  (fixture)
+from tiny_chat import tiny_chat  # noqa: F401  (fixture)
+from engine_fixtures import wait_for
 from mlxedge.engine import BusyError, Engine, OverBudgetError, Request
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "In a hole in the ground there lived"]

@@ -9,7 +9,8 @@ import urllib.request
 
 import pytest
 
-from engine_fixtures import live_server, tiny_chat  # noqa: F401  (fixture)
+from tiny_chat import tiny_chat  # noqa: F401  (fixture)
+from engine_fixtures import live_server
 from mlxedge.engine import Engine
 from mlxedge.server import Limits
 

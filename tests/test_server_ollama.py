@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine_fixtures import served, tiny_chat  # noqa: F401  (fixtures)
+from tiny_chat import tiny_chat  # noqa: F401  (fixture)
+from engine_fixtures import served  # noqa: F401  (fixtures)
 
 ollama = pytest.importorskip("ollama")
 MESSAGES = [{"role": "user", "content": "Tell me about foxes."}]

@@ -8,7 +8,8 @@ import urllib.request
 
 import pytest
 
-from engine_fixtures import served, tiny_chat  # noqa: F401  (fixtures)
+from tiny_chat import tiny_chat  # noqa: F401  (fixture)
+from engine_fixtures import served  # noqa: F401  (fixtures)
 from mlxedge.engine import Request
 
 openai = pytest.importorskip("openai")

@@ -13,7 +13,8 @@ import urllib.request
 import pytest
 
 import mlxedge
-from engine_fixtures import live_server, served, tiny_chat, wait_for  # noqa: F401  (fixtures)
+from tiny_chat import tiny_chat  # noqa: F401  (fixture)
+from engine_fixtures import live_server, served, wait_for  # noqa: F401  (fixtures)
 from mlxedge.engine import Engine
 from mlxedge.server import Limits
 
