@@ -79,3 +79,13 @@ def test_errors_are_json_with_status(client):
     with pytest.raises(ollama.ResponseError) as err:
         client.pull("llama3")
     assert err.value.status_code == 404
+
+
+def test_keep_alive_forever_and_durations(client, served):
+    from mlxedge.server.ollama_api import keep_alive_seconds
+
+    assert keep_alive_seconds("5m") == 300 and keep_alive_seconds("250ms") == 0.25 and keep_alive_seconds(30) == 30
+    assert keep_alive_seconds(-1) == float("inf") and keep_alive_seconds("1h") == 3600
+    client.generate(model="tiny", prompt="", keep_alive=-1)
+    assert client.ps().models[0].expires_at.year >= 2030   # kept: far future, still valid JSON
+    assert served[1].registry.snapshot()[0]["expires_in_s"] is None

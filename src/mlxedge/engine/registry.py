@@ -8,6 +8,7 @@ stay under the budget. Idle models are evicted, least recently used first, to ma
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -45,7 +46,8 @@ class Resident:
                 "architecture": info.get("architecture"), "parameters": info.get("parameters"),
                 "bits": info.get("bits"), "dtype": info.get("dtype"), "context_length": self.context_length,
                 "loaded_at": self.loaded_at, "active_requests": self.active,
-                "expires_in_s": max(0.0, self.keep_alive - (time.monotonic() - self.last_used))}
+                "expires_in_s": None if math.isinf(self.keep_alive)   # kept until unloaded (JSON has no inf)
+                else max(0.0, self.keep_alive - (time.monotonic() - self.last_used))}
 
 
 class Registry:
@@ -99,6 +101,7 @@ class Registry:
         entry.last_used = time.monotonic()
         if keep_alive is not None:
             entry.keep_alive = keep_alive
+        self._publish()
         return entry
 
     def _load_entry(self, name: str, progress) -> Resident:

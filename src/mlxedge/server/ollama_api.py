@@ -229,7 +229,8 @@ def router(engine, limits) -> APIRouter:
     async def ps():
         models = []
         for r in engine.registry.snapshot():
-            expires = datetime.now(timezone.utc) + timedelta(seconds=min(r["expires_in_s"], 10 * 365 * 86400))
+            left = r["expires_in_s"] if r["expires_in_s"] is not None else 10 * 365 * 86400
+            expires = datetime.now(timezone.utc) + timedelta(seconds=left)
             models.append({"name": f"{r['name']}:latest", "model": f"{r['name']}:latest", "size": int(r["bytes"]),
                            "size_vram": 0, "digest": "", "expires_at": expires.isoformat().replace("+00:00", "Z"),
                            "context_length": r["context_length"],
