@@ -227,3 +227,19 @@ def test_prefix_cache_is_bounded_in_bytes(tiny_chat):
         assert eng.cache.stats()["entries"] <= 2 and eng.cache.nbytes <= eng.cache.max_bytes
     finally:
         eng.close()
+
+
+def test_unloading_a_model_in_use_is_busy_and_the_request_finishes(tiny_chat):
+    eng = Engine({"tiny": str(tiny_chat)})
+    try:
+        handle = eng.submit(Request("tiny", "a", raw=True, max_tokens=400))
+        events = iter(handle)
+        assert next(events).kind == "progress"
+        with pytest.raises(BusyError, match="serving"):
+            eng.unload("tiny")
+        handle.cancel()
+        assert [e.kind for e in events][-1] == "done"
+        assert eng.unload("tiny") is True and eng.registry.snapshot() == []
+        assert eng.unload("tiny") is False
+    finally:
+        eng.close()

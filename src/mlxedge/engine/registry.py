@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional
 
 import mlxedge
 
-from .errors import ModelNotFoundError, OverBudgetError
+from .errors import BusyError, ModelNotFoundError, OverBudgetError
 from ..errors import SourceError
 
 
@@ -145,10 +145,14 @@ class Registry:
         return sum(r.weight_bytes for r in self.resident.values())
 
     def unload(self, name: str) -> bool:
-        entry = self.resident.pop(canonical_name(name), None)
+        """Release a model (False when it was not loaded); BusyError while requests are generating with it."""
+        name = canonical_name(name)
+        entry = self.resident.get(name)
         if entry is None:
             return False
-        del entry.model
+        if entry.active:
+            raise BusyError(f"model {name!r} is serving {entry.active} request(s); cancel them or retry when done")
+        del self.resident[name]
         import gc
 
         import mlx.core as mx
