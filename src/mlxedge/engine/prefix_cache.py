@@ -15,7 +15,7 @@ import itertools
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Iterator, List
 
 
 @dataclass
