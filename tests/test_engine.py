@@ -243,3 +243,15 @@ def test_unloading_a_model_in_use_is_busy_and_the_request_finishes(tiny_chat):
         assert eng.unload("tiny") is False
     finally:
         eng.close()
+
+
+def test_prefill_progress_reports_each_chunk(engine, model):
+    prompt = " ".join(f"word{i}" for i in range(300))   # over two 512-token prefill chunks
+    total = len(model.tokenizer.prompt_ids(prompt, raw=True))
+    assert total > 1024
+    events = run(engine, Request("tiny", prompt, raw=True, max_tokens=2))
+    progress = [(e.processed, e.total) for e in events if e.kind == "progress"]
+    assert all(t == total for _, t in progress)
+    done = [p for p, _ in progress]
+    assert done == sorted(done) and done[-1] == total and len(done) >= 4   # start, 512, 1024, all
+    assert 512 in done and 1024 in done

@@ -264,8 +264,10 @@ class Engine:
         started = time.perf_counter()
         resident = self.registry.get(request.model, keep_alive=request.keep_alive)
         load_s = 0.0 if before is resident else time.perf_counter() - started
-        run = self.cache.open(resident, request, cancel=lambda: handle.cancelled,
+        poll = _PrefillProgress(handle)
+        run = self.cache.open(resident, request, cancel=poll,
                               enabled=self.registry.load_options.get("kv_overflow") != "rotate")
+        poll.run = run
         self._prepared[handle.id] = (resident, run, load_s)
         return self._prepared[handle.id]
 
@@ -366,6 +368,29 @@ class Engine:
                 item[2].set_exception(BusyError("the engine shut down"))
         for name in list(self.registry.resident):
             self.registry.unload(name)
+
+
+class _PrefillProgress:
+    """The cancel hook handed to the model's stream, which also reports prefill progress.
+
+    The generation loop polls the hook before every prefill chunk and after every token; while the prompt
+    is still being prefilled, the KV state's token count is exactly how much of it is done, so each poll
+    that finds more of it done reports a `progress` event (processed/total).
+    """
+
+    def __init__(self, handle: Handle):
+        self.handle = handle
+        self.run: Optional[Run] = None
+        self.reported = -1
+
+    def __call__(self) -> bool:
+        run = self.run
+        if run is not None and run.state is not None:
+            done, total = len(run.state.tokens), len(run.prompt_ids)
+            if max(self.reported, run.cached_tokens) < done < total:
+                self.reported = done
+                self.handle.push(Event("progress", processed=done, total=total))
+        return self.handle.cancelled
 
 
 _LIVE: "weakref.WeakSet[Engine]" = weakref.WeakSet()
