@@ -80,7 +80,7 @@ class Model:
                top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: Optional[int] = None,
                stop: Optional[Sequence[str]] = None, cancel: Optional[Callable[[], bool]] = None,
                raw: bool = False, draft=None, num_draft_tokens: int = 3, kv_bits: Optional[int] = None,
-               prompt_cache=None) -> Iterator[StreamEvent]:
+               prompt_cache=None, cache: Optional[PromptCache] = None) -> Iterator[StreamEvent]:
         """Text deltas as they are generated; the last event carries finish_reason and stats.
 
         A string prompt goes through the chat template when the model has one (raw=True sends it as is);
@@ -89,9 +89,12 @@ class Model:
         "auto" (prompt lookup, switched off when it does not pay) for speculative decoding, proposing
         `num_draft_tokens` per step. kv_bits: 4 or 8 for a quantized KV cache (default: as loaded).
         prompt_cache: a file written by `cache_prompt`; the prompt continues its cached prefix.
+        cache: a PromptCache from `new_cache()` to generate into: what it shares with the prompt (longest
+        common token prefix) is reused, and it is left holding prompt and reply (a shared prefix cache).
         """
         sampling = self._sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed)
-        cache = None
+        if cache is not None and prompt_cache is not None:
+            raise GenerationError("give either cache or prompt_cache, not both.")
         if prompt_cache is not None:
             from .generate.prompt_cache_files import continue_prompt
 

@@ -7,12 +7,14 @@ import sys
 try:  # a Ctrl-C while the commands (and what they import) load: one line, not a traceback
     import click
 
+    from .bridge import bridge_command
     from .cache_prompt import cache_prompt_command
     from .chat import chat_command, run_command
     from .evaluation import bench_command, eval_command
     from .generate import generate_command
     from .models import convert_command, info_command, list_command, pull_command
     from .plan import plan_command
+    from .serve import serve_command  # fastapi/uvicorn are imported only when `serve` runs
     from .startup import keep_torch_out
 except KeyboardInterrupt:
     sys.stderr.write("interrupted\n")
@@ -36,7 +38,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 for _command in (run_command, chat_command, generate_command, pull_command, list_command, info_command, convert_command,
-                 plan_command, bench_command, eval_command, cache_prompt_command):
+                 plan_command, bench_command, eval_command, cache_prompt_command, serve_command, bridge_command):
     main.add_command(_command)
 
 __all__ = ["main"]

@@ -1,0 +1,190 @@
+"""Load test for `mlxedge serve`: concurrent streaming clients through the real `openai` client.
+
+Runs the server in this process (127.0.0.1, ephemeral port) unless --url is given, then:
+
+1. `--clients` concurrent streaming clients × `--requests` each, every prompt unique (a shared system
+   prompt, then a per-request question): all must complete with `data: [DONE]`; p50/p99 time to first
+   token, aggregate generated tok/s; RSS of the server process after 20 and after all requests.
+2. No stream mixed with another: a sample of the requests is replayed one at a time (greedy, so the
+   reply is determined by the prompt) and must give exactly the streamed text.
+3. Aggregate throughput with 4 concurrent clients vs 1 client (same number of requests per client).
+
+    python scripts/load_server.py                       # default model (smollm2), 8 × 25, max_tokens 8
+    python scripts/load_server.py --model /path/tiny --clients 4 --requests 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+if not os.path.exists(os.environ.get("SSL_CERT_FILE", "/")):
+    os.environ.pop("SSL_CERT_FILE", None)
+
+SYSTEM = "You are a helpful assistant. Answer in one short sentence."
+TOPICS = ["apples", "rivers", "the moon", "bicycles", "violins", "glaciers", "owls", "bread", "trains", "tea",
+          "volcanoes", "chess", "maps", "bees", "clocks", "salt", "kites", "copper", "rain", "mirrors"]
+
+
+def rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def percentile(values, q):
+    values = sorted(values)
+    if not values:
+        return float("nan")
+    k = (len(values) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def question(client: int, j: int) -> str:
+    return f"Request {client}-{j}: tell me one fact about {TOPICS[(client * 7 + j) % len(TOPICS)]}."
+
+
+class Runner:
+    def __init__(self, url: str, model: str, max_tokens: int):
+        import openai
+
+        self.client = openai.OpenAI(base_url=url + "/v1", api_key="load", max_retries=0, timeout=3600)
+        self.model, self.max_tokens = model, max_tokens
+        self.lock = threading.Lock()
+        self.completed = 0
+        self.rss_marks = {}
+
+    def stream_one(self, content: str) -> dict:
+        started = time.perf_counter()
+        first = None
+        parts, usage, finish, ids = [], None, None, set()
+        for chunk in self.client.chat.completions.create(
+                model=self.model, messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": content}],
+                max_tokens=self.max_tokens, temperature=0.0, stream=True, stream_options={"include_usage": True}):
+            ids.add(chunk.id)
+            if chunk.choices:
+                delta = chunk.choices[0].delta.content or ""
+                if delta and first is None:
+                    first = time.perf_counter()
+                parts.append(delta)
+                finish = chunk.choices[0].finish_reason or finish
+            if chunk.usage:
+                usage = chunk.usage
+        end = time.perf_counter()
+        with self.lock:
+            self.completed += 1
+            self.rss_marks[self.completed] = rss_bytes()
+            if self.completed % 10 == 0:
+                print(f"  {self.completed} requests done", file=sys.stderr, flush=True)
+        return {"content": content, "text": "".join(parts), "ttft": (first or end) - started, "total": end - started,
+                "tokens": usage.completion_tokens if usage else 0, "cached": usage.prompt_tokens_details.cached_tokens
+                if usage and usage.prompt_tokens_details else 0, "finish": finish, "ids": len(ids)}
+
+    def clients(self, n_clients: int, n_requests: int, tag: str):
+        results, errors = [], []
+
+        def client(c):
+            for j in range(n_requests):
+                try:
+                    results.append(self.stream_one(question(c, j) + tag))
+                except Exception as exc:  # counted: the run reports every failure
+                    errors.append(f"{type(exc).__name__}: {exc}")
+
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(n_clients)]
+        started = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return results, errors, time.perf_counter() - started
+
+
+def start_server(model: str, max_active: int):
+    import uvicorn
+
+    from mlxedge.engine import Engine
+    from mlxedge.server import create_app
+
+    engine = Engine({"model": model}, max_queue=256, max_active=max_active)
+    engine.load("model")
+    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=0, log_level="error"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    return engine, server, f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--url", default=None, help="an already running server (its model name is --served-name)")
+    ap.add_argument("--served-name", default="model")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=25)
+    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--max-active", type=int, default=8)
+    ap.add_argument("--replay", type=int, default=12, help="requests replayed alone to check for mixing")
+    ap.add_argument("--scaling-requests", type=int, default=4, help="requests per client in the 1-vs-4 run")
+    ap.add_argument("--json", default=None, help="also write the numbers to this file")
+    args = ap.parse_args()
+
+    load_before = os.getloadavg()
+    engine = server = None
+    if args.url:
+        url = args.url
+    else:
+        engine, server, url = start_server(args.model, args.max_active)
+    runner = Runner(url, args.served_name, args.max_tokens)
+    runner.stream_one("warm-up: say hello")
+    runner.completed, runner.rss_marks = 0, {}
+
+    results, errors, wall = runner.clients(args.clients, args.requests, "")
+    total = args.clients * args.requests
+    complete = [r for r in results if r["finish"] in ("stop", "length") and r["ids"] == 1]
+    ttfts = [r["ttft"] for r in results]
+    tokens = sum(r["tokens"] for r in results)
+    report = {
+        "model": args.model, "clients": args.clients, "requests_per_client": args.requests,
+        "max_tokens": args.max_tokens, "requests": total, "completed": len(complete), "errors": errors[:5],
+        "wall_s": wall, "ttft_p50_s": percentile(ttfts, 0.5), "ttft_p99_s": percentile(ttfts, 0.99),
+        "aggregate_tok_s": tokens / wall, "generated_tokens": tokens,
+        "cached_prompt_tokens_mean": statistics.mean(r["cached"] for r in results) if results else 0,
+    }
+    marks = runner.rss_marks
+    last = max(marks) if marks else 0
+    if 20 in marks:
+        report.update(rss_after_20_mb=marks[20] / 1e6, rss_after_last_mb=marks[last] / 1e6, rss_last_count=last,
+                      rss_growth_mb=(marks[last] - marks[20]) / 1e6)
+
+    # no mixing: replay a sample alone; greedy replies depend only on the prompt
+    sample = random.Random(0).sample(results, min(args.replay, len(results)))
+    mismatched = [r["content"] for r in sample if runner.stream_one(r["content"])["text"] != r["text"]]
+    report.update(replayed=len(sample), replay_mismatches=len(mismatched))
+
+    # throughput: 1 client vs 4 clients, same requests per client
+    one, e1, wall1 = runner.clients(1, args.scaling_requests, " (scaling)")
+    four, e4, wall4 = runner.clients(4, args.scaling_requests, " (scaling)")
+    tps1 = sum(r["tokens"] for r in one) / wall1
+    tps4 = sum(r["tokens"] for r in four) / wall4
+    report.update(tok_s_1_client=tps1, tok_s_4_clients=tps4, scaling_4_vs_1=tps4 / tps1 if tps1 else float("nan"),
+                  scaling_errors=(e1 + e4)[:5], loadavg_before=load_before, loadavg_after=os.getloadavg())
+    if engine is not None:
+        report["engine_status"] = {k: v for k, v in engine.status().items() if k != "resident"}
+        server.should_exit = True
+        engine.close()
+    print(json.dumps(report, indent=2, default=str))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

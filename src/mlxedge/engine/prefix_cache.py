@@ -1,0 +1,92 @@
+"""A prefix cache shared by all requests: KV caches of finished requests, reused by the next request that
+starts with the same tokens (a system prompt, a conversation's earlier turns, a few-shot preamble).
+
+`open(resident, request, cancel)` picks, among the cached KV states of that model, the one sharing the
+longest token prefix with the request's prompt, takes it out of the pool for the request's lifetime and
+generates into it (`Model.stream(cache=...)` reuses the common prefix and prefills only the rest); a miss
+starts from `model.new_cache()`. `close(run)` puts the state back — holding prompt and reply, so the
+next turn of a conversation hits it — and evicts least recently used states past `max_bytes`.
+The engine also evicts from here when a request's KV reservation needs the memory.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Iterator, List
+
+
+@dataclass
+class Run:
+    events: Iterator            # mlxedge StreamEvents
+    prompt_ids: List[int]
+    cached_tokens: int = 0      # prompt tokens the reused state already holds
+    state: object = None        # the KV state (a PromptCache) generated into; back to the pool on close
+    model: str = ""
+
+
+def shared_prefix(a: List[int], b: List[int]) -> int:
+    return len(os.path.commonprefix([a, b]))
+
+
+class PrefixCache:
+    def __init__(self, max_bytes: int = 0):
+        self.max_bytes = int(max_bytes)
+        self.entries: "OrderedDict[int, tuple]" = OrderedDict()   # key -> (model name, PromptCache), LRU first
+        self._keys = itertools.count()
+        self.hits = 0
+        self.misses = 0
+        self.cached_tokens_total = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(state.nbytes) for _, state in self.entries.values())
+
+    def open(self, resident, request, cancel: Callable[[], bool], enabled: bool = True) -> Run:
+        model = resident.model
+        prompt_ids = model.tokenizer.prompt_ids(request.prompt, raw=request.raw)
+        key, reused = self._best(resident.name, prompt_ids) if enabled and self.max_bytes > 0 else (None, 0)
+        if key is not None:
+            state = self.entries.pop(key)[1]
+            self.hits += 1
+            self.cached_tokens_total += reused
+        else:
+            state = model.new_cache() if enabled and self.max_bytes > 0 else None
+            self.misses += 1
+        events = model.stream(request.prompt, raw=request.raw, max_tokens=request.max_tokens,
+                              stop=list(request.stop) or None, cancel=cancel, cache=state, **request.sampling)
+        return Run(events=events, prompt_ids=prompt_ids, cached_tokens=reused, state=state, model=resident.name)
+
+    def _best(self, model: str, prompt_ids: List[int]):
+        best_key, best = None, 0
+        for key, (name, state) in self.entries.items():
+            if name == model:
+                n = min(shared_prefix(state.tokens, prompt_ids), len(prompt_ids) - 1)
+                if n > best:
+                    best_key, best = key, n
+        return best_key, best
+
+    def close(self, run: Run) -> None:
+        """Return the run's KV state to the pool (cancelled runs too: the state stays consistent)."""
+        if run.state is None or not run.state.tokens or self.max_bytes <= 0:
+            return
+        self.entries[next(self._keys)] = (run.model, run.state)
+        self.evict(self.max_bytes)
+
+    def evict(self, keep_bytes: int) -> int:
+        """Drop least recently used states until the pool holds at most keep_bytes; return bytes freed."""
+        freed = 0
+        while self.entries and self.nbytes > max(0, keep_bytes):
+            _, (_, state) = self.entries.popitem(last=False)
+            freed += int(state.nbytes)
+        return freed
+
+    def clear_model(self, name: str) -> None:
+        for key in [k for k, (model, _) in self.entries.items() if model == name]:
+            del self.entries[key]
+
+    def stats(self) -> dict:
+        return {"entries": len(self.entries), "bytes": self.nbytes, "max_bytes": self.max_bytes,
+                "hits": self.hits, "misses": self.misses, "cached_tokens": self.cached_tokens_total}
