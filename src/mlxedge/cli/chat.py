@@ -48,7 +48,8 @@ class ChatSession:
     def __init__(self, model, system: Optional[str], max_tokens: int, sampling: dict, show_stats: bool,
                  session=None, draft: Optional[dict] = None):
         self.model = model
-        self.session = session if session is not None else model.session(system=system)
+        self.session = session if session is not None else _session_or_none(model, system)
+        self._system = system  # only used without a session (a model with no chat template)
         self.max_tokens = max_tokens
         self.sampling = sampling
         self.draft = draft or {}
@@ -61,22 +62,28 @@ class ChatSession:
 
     @property
     def system(self) -> Optional[str]:
-        return self.session.system
+        return self.session.system if self.session is not None else self._system
 
     @system.setter
     def system(self, text: Optional[str]) -> None:
-        self.session.system = text
+        if self.session is not None:
+            self.session.system = text
+        else:
+            self._system = text
 
     @property
     def history(self) -> List[dict]:
+        if self.session is None:
+            return []
         return [m for m in self.session.messages if m["role"] != "system"]
 
     def reply(self, user_text: str) -> str:
         """Stream the reply to stdout; returns the finish reason ("stop", "length", "repeating" or "cancelled").
         A cancelled turn leaves the session as it was (the Session drops it)."""
         out = sys.stdout
-        reply = stream_reply(self.session, user_text, max_tokens=self.max_tokens,
-                             sampling={**self.sampling, **self.draft})
+        # without a chat template there is no conversation to keep: each message is a plain prompt
+        target = self.session if self.session is not None else self.model
+        reply = stream_reply(target, user_text, max_tokens=self.max_tokens, sampling={**self.sampling, **self.draft})
         out.write(("\n" if reply.text else "") + "[interrupted]\n" if reply.finish_reason == "cancelled" else "\n")
         out.flush()
         stats = reply.stats
@@ -91,10 +98,13 @@ class ChatSession:
         return reply.finish_reason
 
     def reset(self) -> None:
-        self.session.reset()
+        if self.session is not None:
+            self.session.reset()
         self.context_tokens = 0
 
     def save(self, path: str) -> None:
+        if self.session is None:
+            raise MlxedgeError("this model has no chat template, so there is no conversation to save")
         self.session.save(path)
 
     def stats_text(self) -> str:
@@ -118,8 +128,22 @@ class ChatSession:
         else:
             lines.append("no reply yet")
         lines.append(f"conversation: exchanges in history: {len(self.history) // 2}; replies: {self.replies}; "
-                     f"tokens generated: {self.generated_tokens}; KV cache holds {self.session.cached_tokens} tokens")
+                     f"tokens generated: {self.generated_tokens}"
+                     + (f"; KV cache holds {self.session.cached_tokens} tokens" if self.session is not None else ""))
         return "\n".join(lines)
+
+
+def _session_or_none(model, system: Optional[str]):
+    """A Session, or None for a model without a chat template (a base model): then every message is
+    answered on its own, as a plain prompt."""
+    from ..errors import GenerationError
+
+    try:
+        return model.session(system=system)
+    except GenerationError:
+        if model.tokenizer.chat_template:
+            raise
+        return None
 
 
 # ------------------------------------------------------------------------------------------------ terminal
@@ -207,6 +231,8 @@ def interactive(session: ChatSession, name: str) -> None:
     info = session.model.info
     click.echo(f"mlxedge chat · {name} ({info.get('architecture')}, {_size(info)}) · "
                f"{describe(session.sampling)} · /help for commands, Ctrl-D to leave")
+    if session.session is None:
+        click.echo("(this model has no chat template: each message is answered on its own, without history)")
     try:
         while True:
             try:
