@@ -92,7 +92,8 @@ def test_chat_repl_session_save_and_resume(model, tiny_chat, tmp_path, capsys):
     assert _command(chat, f"/save {path}") and path.exists()
     expected = chat.session.send("And then?", max_tokens=8)
     runner = CliRunner()
-    resumed = runner.invoke(main, ["chat", str(tiny_chat), "--resume", str(path), "-n", "8", "--no-stats"],
+    resumed = runner.invoke(main, ["chat", str(tiny_chat), "--resume", str(path), "-n", "8", "--no-stats",
+                                   "--temperature", "0", "--repetition-penalty", "1"],  # chat samples by default
                             input="And then?")
     assert resumed.exit_code == 0, resumed.output
     assert expected.text in resumed.stdout and "resumed 2 exchanges" in resumed.output
