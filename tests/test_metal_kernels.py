@@ -180,20 +180,23 @@ DISPATCH_CASES = [Case(1, 64, 512, 4, 64, f16), Case(4, 24, 256, 8, 32, bf16), C
 
 @pytest.mark.requires_metal
 @pytest.mark.parametrize("case", DISPATCH_CASES, ids=str)
-def test_forced_custom_kernels_match_the_builtin_path(monkeypatch, case):
+def test_forced_custom_kernels_match_the_builtin_path(case):
+    """Custom mode forced through the per-layer kernel choice: on a Mac the real GPU kernels (under
+    --fake-metal the emulator) against MLX's built-in matmuls."""
     from emulator.cases import activations, quantized_weight
-    from mlxedge.metal import dispatch
+    from mlxedge.kernels import KernelChoice
+    from mlxedge.metal.dispatch import builtin_qmv, swiglu
 
-    monkeypatch.setenv("MLXEDGE_KERNELS", "custom")
     gate = quantized_weight(case.n, case.k, case.bits, case.group_size, case.dtype, seed=5)
     up = quantized_weight(case.n, case.k, case.bits, case.group_size, case.dtype, seed=6)
     x = activations(case, seed=7)
     kw = dict(group_size=case.group_size, bits=case.bits)
-    assert dispatch.choose_kernel("qmv", x, [gate], **kw) == "custom"
-    assert dispatch.choose_kernel("gate_up", x, [gate, up], **kw) == "custom"
-    y, h = dispatch.quantized_matmul(x, *gate, **kw), dispatch.gated_mlp(x, gate, up, **kw)
-    monkeypatch.setenv("MLXEDGE_KERNELS", "builtin")
-    y_ref, h_ref = dispatch.quantized_matmul(x, *gate, **kw), dispatch.gated_mlp(x, gate, up, **kw)
+    choice = KernelChoice("metal", cpu=None)
+    qmv, fused = choice.quantized(*gate, **kw), choice.gate_up(gate, up, **kw)
+    assert qmv.backend == "metal" and fused is not None and fused.backend == "metal"
+    y, h = qmv.decode(x, *gate), fused.decode(x, gate, up)
+    y_ref = builtin_qmv(x, *gate, case.group_size, case.bits)
+    h_ref = swiglu(builtin_qmv(x, *gate, case.group_size, case.bits), builtin_qmv(x, *up, case.group_size, case.bits))
     assert y.dtype == case.dtype and h.dtype == case.dtype
     # both sides round to the same half dtype; twice the kernel tolerance leaves room for the built-in's own
     assert max_relative_error(y, y_ref.astype(mx.float32)) <= 2 * TOLERANCE[case.dtype]

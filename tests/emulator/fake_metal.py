@@ -56,7 +56,7 @@ class FakeMetal:
         self._saved = None
 
     def install(self) -> "FakeMetal":
-        from mlxedge.metal import dispatch
+        from mlxedge import kernels
         from mlxedge.metal.selection import Selector
 
         from .runner import EmulatorRunner
@@ -64,8 +64,14 @@ class FakeMetal:
         self.runner = EmulatorRunner()
         self._tmp = tempfile.TemporaryDirectory(prefix="mlxedge-fake-metal")
         selector = Selector(path=os.path.join(self._tmp.name, "kernel-selection.json"), measure_fn=agreement_only)
-        self._saved = (mx.metal.is_available, dispatch.set_kernel_runner(self.runner),
-                       dispatch.set_selector(selector), os.environ.get("MLXEDGE_KERNEL_CACHE"))
+        # a Mac's kernel choice: the GPU's runner (here the emulator) and no native CPU kernels (MLX runs on
+        # the GPU there, so the CPU extension is never the candidate)
+        self._saved = (mx.metal.is_available, kernels.MetalRunner, kernels._native_module, kernels._selector,
+                       os.environ.get("MLXEDGE_KERNEL_CACHE"))
+        runner = self.runner
+        kernels.MetalRunner = lambda: runner
+        kernels._native_module = lambda: None
+        kernels._selector = selector
         mx.metal.is_available = lambda: True
         global _active
         _active = self
@@ -74,14 +80,13 @@ class FakeMetal:
         return self
 
     def uninstall(self) -> None:
-        from mlxedge.metal import dispatch
+        from mlxedge import kernels
 
         if self._saved is None:
             return
-        is_available, runner, selector, cache = self._saved
+        is_available, runner_class, native_module, selector, cache = self._saved
         mx.metal.is_available = is_available
-        dispatch.set_kernel_runner(runner)
-        dispatch.set_selector(selector)
+        kernels.MetalRunner, kernels._native_module, kernels._selector = runner_class, native_module, selector
         if cache is None:
             os.environ.pop("MLXEDGE_KERNEL_CACHE", None)
         else:

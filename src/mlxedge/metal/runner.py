@@ -3,8 +3,8 @@
 A runner is called as ``runner(kernel, inputs=..., template=..., grid=..., threadgroup=...,
 output_shapes=..., output_dtypes=...)`` and returns the output arrays, exactly like a
 `mx.fast.metal_kernel` object. `MetalRunner` is the production one: it builds each kernel once with
-`mx.fast.metal_kernel` and caches it. Tests install an emulator with the same call through
-`dispatch.set_kernel_runner`; production code never imports tests.
+`mx.fast.metal_kernel` and caches it. Tests hand an emulator with the same call to
+`mlxedge.kernels.KernelChoice(metal_runner=...)`; production code never imports tests.
 """
 
 from __future__ import annotations
