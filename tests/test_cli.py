@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -240,7 +241,9 @@ def test_ctrl_c_during_convert_leaves_nothing_at_dest(env, smollm2_gguf, tmp_pat
     child = pexpect.spawn(MLXEDGE, ["convert", str(smollm2_gguf), str(out / "smol"), "--bits", "8"],
                           env=env, encoding="utf-8", timeout=300)
     child.expect_exact("Converting")  # the progress bar is up: the conversion is under way
+    os.kill(child.pid, signal.SIGSTOP)  # held there, so the Ctrl-C lands mid-convert however fast it runs
     child.sendintr()
+    os.kill(child.pid, signal.SIGCONT)
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 130 and "interrupted" in child.before

@@ -35,14 +35,14 @@ def lines(text: str) -> list:
     return [ln for ln in text.splitlines() if ln.strip()]
 
 
-def wait_for(predicate, timeout: float, proc=None, what: str = "") -> None:
+def wait_for(predicate, timeout: float, proc=None, what: str = "", poll: float = 0.05) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
         if proc is not None and proc.poll() is not None:
             pytest.fail(f"the process ended (rc {proc.returncode}) before {what}: {proc.stderr.read()}")
-        time.sleep(0.05)
+        time.sleep(poll)
     pytest.fail(f"timed out waiting for {what}")
 
 
@@ -196,8 +196,11 @@ def test_ctrl_c_during_start_up_and_load_is_one_line(env, stage):
     """Once our code runs (after the interpreter's own ~0.1 s start), a Ctrl-C is one line and exit 130."""
     proc = subprocess.Popen([MLXEDGE, "generate", "smollm2", "-p", "hi", "--max-tokens", "2", "--dtype", "float32"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: STAGES[stage](proc.pid), 120, proc, stage)
+    wait_for(lambda: STAGES[stage](proc.pid), 120, proc, stage, poll=0.002)
+    # hold the process where it is, so the Ctrl-C lands in this stage however fast the rest runs
+    os.kill(proc.pid, signal.SIGSTOP)
     proc.send_signal(signal.SIGINT)
+    os.kill(proc.pid, signal.SIGCONT)
     _, err = proc.communicate(timeout=120)
     assert "Traceback" not in err
     assert proc.returncode == 130 and err == "interrupted\n", (proc.returncode, err)

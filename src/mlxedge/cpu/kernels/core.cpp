@@ -20,6 +20,8 @@
 #include <vector>
 
 #include <dlfcn.h>
+#include <pthread.h>
+#include <signal.h>
 
 // -DMLXEDGE_NO_X86_SIMD builds only the portable path on x86-64 (it is what non-x86 targets compile)
 #if (defined(__x86_64__) || defined(_M_X64)) && !defined(MLXEDGE_NO_X86_SIMD)
@@ -195,7 +197,14 @@ class Pool {
   using Fn = void (*)(void* ctx, int64_t task);
 
   explicit Pool(int n) : n_(std::max(1, n)) {
-    for (int i = 1; i < n_; i++) workers_.emplace_back([this] { loop(); });
+    for (int i = 1; i < n_; i++) workers_.emplace_back([this] {
+      // Workers take no signals: a Ctrl-C must reach the thread Python waits in (a SIGINT delivered
+      // here would leave the main thread blocked in read(), e.g. at the chat prompt).
+      sigset_t all;
+      sigfillset(&all);
+      pthread_sigmask(SIG_BLOCK, &all, nullptr);
+      loop();
+    });
   }
   ~Pool() {
     {
