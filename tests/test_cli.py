@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -240,7 +241,13 @@ def test_ctrl_c_during_convert_leaves_nothing_at_dest(env, smollm2_gguf, tmp_pat
     # 8-bit re-grids every module (4-bit g32 as stored would be a quick copy, done before the Ctrl-C)
     child = pexpect.spawn(MLXEDGE, ["convert", str(smollm2_gguf), str(out / "smol"), "--bits", "8"],
                           env=env, encoding="utf-8", timeout=300)
-    child.expect_exact("Converting")  # the progress bar is up: the conversion is under way
+    from mlxedge.fsutil import TMP_PREFIX
+
+    # the convert's temporary directory exists: the weights are loaded and being written
+    deadline = time.monotonic() + 300
+    while not any(p.name.startswith(TMP_PREFIX) for p in out.iterdir()):
+        assert child.isalive() and time.monotonic() < deadline, "the convert ended before it wrote anything"
+        time.sleep(0.002)
     os.kill(child.pid, signal.SIGSTOP)  # held there, so the Ctrl-C lands mid-convert however fast it runs
     child.sendintr()
     os.kill(child.pid, signal.SIGCONT)
