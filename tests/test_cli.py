@@ -42,6 +42,12 @@ def env(home, monkeypatch):
     return dict(os.environ, MLXEDGE_HOME=str(home))
 
 
+def default_sigint() -> None:
+    """In the child: Ctrl-C does what it does at a terminal, even when this test run was started as a
+    background job (which ignores SIGINT, and children inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run(args, env, stdin=None):
     return subprocess.run([MLXEDGE, *args], input=stdin, capture_output=True, text=True, env=env, timeout=600)
 
@@ -240,7 +246,7 @@ def test_ctrl_c_during_convert_leaves_nothing_at_dest(env, smollm2_gguf, tmp_pat
     out.mkdir()
     # 8-bit re-grids every module (4-bit g32 as stored would be a quick copy, done before the Ctrl-C)
     child = pexpect.spawn(MLXEDGE, ["convert", str(smollm2_gguf), str(out / "smol"), "--bits", "8"],
-                          env=env, encoding="utf-8", timeout=300)
+                          env=env, encoding="utf-8", timeout=300, preexec_fn=default_sigint)
     from mlxedge.fsutil import TMP_PREFIX
 
     # the convert's temporary directory exists: the weights are loaded and being written

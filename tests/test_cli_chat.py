@@ -18,6 +18,8 @@ import pytest
 
 pexpect = pytest.importorskip("pexpect")
 
+from test_cli import default_sigint  # noqa: E402
+
 MLXEDGE = str(Path(sys.executable).with_name("mlxedge"))
 PROMPT = ">>> "
 # float32 activations: MLX's CPU build runs float16 quantized matmuls far slower (see the issue note)
@@ -42,7 +44,8 @@ def mlxedge_home(smollm2_gguf, tmp_path_factory) -> Path:
 
 def spawn_chat(home: Path, args=CHAT_ARGS):
     env = dict(os.environ, MLXEDGE_HOME=str(home), TERM="xterm", HOME=str(home))
-    child = pexpect.spawn(MLXEDGE, list(args), env=env, encoding="utf-8", timeout=240, dimensions=(50, 200))
+    child = pexpect.spawn(MLXEDGE, list(args), env=env, encoding="utf-8", timeout=240, dimensions=(50, 200),
+                          preexec_fn=default_sigint)
     return child
 
 

@@ -21,7 +21,7 @@ import pytest
 import mlxedge
 from mlxedge import fsutil
 from mlxedge.errors import MlxedgeError
-from test_cli import MLXEDGE, env, home  # noqa: F401  (the smollm2 alias served from a temporary MLXEDGE_HOME)
+from test_cli import MLXEDGE, default_sigint, env, home  # noqa: F401  (the smollm2 alias served from a temporary MLXEDGE_HOME)
 from test_safety_convert import small_fs  # noqa: F401  (a 256 KB tmpfs)
 from tiny_models import add_tiny_tokenizer, build_tiny
 
@@ -195,7 +195,8 @@ STAGES = {  # what shows that the process has reached the stage
 def test_ctrl_c_during_start_up_and_load_is_one_line(env, stage):
     """Once our code runs (after the interpreter's own ~0.1 s start), a Ctrl-C is one line and exit 130."""
     proc = subprocess.Popen([MLXEDGE, "generate", "smollm2", "-p", "hi", "--max-tokens", "2", "--dtype", "float32"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     wait_for(lambda: STAGES[stage](proc.pid), 120, proc, stage, poll=0.002)
     # hold the process where it is, so the Ctrl-C lands in this stage however fast the rest runs
     os.kill(proc.pid, signal.SIGSTOP)
