@@ -82,7 +82,8 @@ def source_quant_specs(checkpoint: Checkpoint, module_paths) -> dict:
     return specs
 
 
-def _quantizable_modules(model: nn.Module) -> dict:
+def quantizable_modules(model: nn.Module) -> dict:
+    """path -> every float Linear/Embedding of the model (what quantization and recipes decide about)."""
     return {path: m for path, m in model.named_modules()
             if isinstance(m, (nn.Linear, nn.Embedding)) and not isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
 
@@ -167,7 +168,7 @@ def load_checkpoint(checkpoint: Checkpoint, requested: Optional[QuantSpec], dtyp
     compute_dtype = resolve_dtype(dtype, checkpoint, for_compute)
     keep = _surviving_names(model, checkpoint)
 
-    modules = _quantizable_modules(model)
+    modules = quantizable_modules(model)
     source_specs = source_quant_specs(checkpoint, modules)
     chosen = _target_specs(modules, source_specs, requested, allow_requantize,
                            int(config.get("num_hidden_layers", 0)))

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from .errors import QuantizationError
-from .loading import load_checkpoint
+from .loading import load_checkpoint, quantizable_modules
 from .quant.affine import GROUP_SIZES, QuantSpec, validate_settings
 from .quant.recipes import Recipe, preset
 from .quant.sensitivity import allocate, fisher_diagonal, impacts, mean_bpw, quantizable_weights
@@ -81,13 +81,13 @@ def resolve_quantization(checkpoint, bits, group_size: int, *, recipe: Optional[
     chunks = calibration_chunks(checkpoint.load_tokenizer(), text)
     quantizer = DataAwareQuantizer(collect_importance(float_model, chunks)) if data_aware else None
     if target_bpw is not None:
-        weights = quantizable_weights(float_model, group_size)
+        modules = quantizable_modules(float_model)
+        weights = quantizable_weights(modules, group_size)
         fisher = fisher_diagonal(float_model, chunks, list(weights), progress=progress)
         impact = impacts(weights, fisher, group_size, quantize=quantizer)
         shapes = {p: tuple(w.shape) for p, w in weights.items()}
         specs = allocate(shapes, impact, float(target_bpw), group_size)
-        all_modules = {p for p, _ in _linear_paths(float_model)}
-        full = {p: specs.get(p) for p in all_modules}
+        full = {p: specs.get(p) for p in modules}
         chosen = Recipe(f"target-{target_bpw}bpw", specs=full,
                         notes={"sensitivity": impact, "bpw": mean_bpw(shapes, specs),
                                "bits_used": tuple(sorted({s.bits for s in specs.values()}))})
@@ -95,13 +95,6 @@ def resolve_quantization(checkpoint, bits, group_size: int, *, recipe: Optional[
     if data_aware:
         chosen.name += "+data-aware"
     return chosen
-
-
-def _linear_paths(model):
-    import mlx.nn as nn
-
-    return [(p, m) for p, m in model.named_modules()
-            if isinstance(m, (nn.Linear, nn.Embedding)) and not isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
 
 
 __all__ = ["resolve_quantization", "calibration_chunks", "default_calibration_text", "QuantSpec"]

@@ -106,14 +106,9 @@ def allocate(shapes: dict, impact: dict, target_bpw: float, group_size: int, sca
     return {p: QuantSpec(options[level[p]], group_size) for p in shapes}
 
 
-def quantizable_weights(model: nn.Module, group_size: int) -> dict:
-    """path -> float weight of every Linear/Embedding whose input size the group divides."""
-    out = {}
-    for path, m in model.named_modules():
-        if isinstance(m, (nn.Linear, nn.Embedding)) and not isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-            if can_quantize(m.weight.shape[1], QuantSpec(4, group_size)):
-                out[path] = m.weight
-    return out
+def quantizable_weights(modules: dict, group_size: int) -> dict:
+    """path -> weight of each of `modules` (loading.quantizable_modules) whose input size the group divides."""
+    return {path: m.weight for path, m in modules.items() if can_quantize(m.weight.shape[1], QuantSpec(4, group_size))}
 
 
 def save_sensitivities(path, impact: dict, chosen: dict, target_bpw: float, group_size: int) -> None:
