@@ -52,4 +52,4 @@ test-sanitize: $(TESTDEPS)
 	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libubsan.so)" \
 	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 	MLXEDGE_CPU_EXT="$$(ls $(abspath $(SAN_DIR))/out/_ext*.so)" \
-		$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_cpu_kernels.py
+		$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_cpu_kernels.py tests/test_cpu_ops.py

@@ -1,10 +1,11 @@
 """Mutation check for the native CPU kernels: each planted bug must make the correctness checks fail.
 
-The kernel core (src/mlxedge/cpu/kernels/core.cpp) has no MLX dependency and a C ABI, so it is compiled
-here into small shared libraries, once clean and once per planted bug (-DMLXEDGE_PLANT_<NAME>), and
-driven through ctypes by the same checks test_cpu_kernels.py runs on the MLX extension (check_qmm,
-check_gate_up, check_matmul against mx.dequantize + float64 numpy). The clean build must pass them all;
-every planted build must fail at least one, on the ISA paths and GEMM backends the checks exercise.
+The kernel sources (src/mlxedge/cpu/kernels/core.cpp and ops.cpp) have no MLX dependency and a C ABI, so
+they are compiled here into small shared libraries, once clean and once per planted bug
+(-DMLXEDGE_PLANT_<NAME>), and driven through ctypes by the same checks test_cpu_kernels.py and
+test_cpu_ops.py run on the MLX extension (check_qmm, check_gate_up, check_matmul against mx.dequantize +
+float64 numpy; check_rms_norm, check_rope, check_sdpa against float64 numpy). The clean build must pass
+them all; every planted build must fail at least one, on the ISA paths and GEMM backends they exercise.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ import numpy as np
 import pytest
 
 from test_cpu_kernels import ISAS, check_gate_up, check_matmul, check_qmm
+from test_cpu_ops import check_rms_norm, check_rope, check_sdpa
 
-CORE = Path(__file__).resolve().parents[1] / "src" / "mlxedge" / "cpu" / "kernels" / "core.cpp"
-PLANTS = [
+KERNELS = Path(__file__).resolve().parents[1] / "src" / "mlxedge" / "cpu" / "kernels"
+SOURCES = [KERNELS / "core.cpp", KERNELS / "ops.cpp"]
+OPS_PLANTS = ["rope_half", "causal_off_by_one", "gqa_head", "norm_mean"]  # planted in ops.cpp
+PLANTS = OPS_PLANTS + [
     "nibble_shift",
     "group_index",
     "dropped_bias",
@@ -43,10 +47,11 @@ pytestmark = pytest.mark.skipif(
 
 
 def _build(out_dir: Path, plant: str | None) -> Path:
-    tag = hashlib.sha256(CORE.read_bytes()).hexdigest()[:12]
+    tag = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(KERNELS.iterdir()))).hexdigest()[:12]
     lib = out_dir / f"core-{plant or 'clean'}-{tag}.so"
     if not lib.exists():
-        cmd = [os.environ.get("CXX", "g++"), "-O1", "-std=c++17", "-shared", "-fPIC", "-pthread", str(CORE), "-o", str(lib), "-ldl"]
+        cmd = [os.environ.get("CXX", "g++"), "-O1", "-std=c++17", "-shared", "-fPIC", "-pthread",
+               *map(str, SOURCES), "-o", str(lib), "-ldl"]
         if plant:
             cmd.insert(1, f"-DMLXEDGE_PLANT_{plant.upper()}")
         subprocess.run(cmd, check=True, capture_output=True)
@@ -84,7 +89,15 @@ class Core:
         lib.mlxe_qmm.argtypes = [vp, i32, vp, vp, vp, i32, vp, i32, i64, i64, i64, i32, i32]
         lib.mlxe_gate_up_silu.argtypes = [vp, i32, vp, vp, vp, vp, vp, vp, i32, vp, i32, i64, i64, i64, i32, i32]
         lib.mlxe_matmul.argtypes = [vp, i32, vp, i32, vp, i32, i64, i64, i64]
+        lib.mlxe_ops_plant.restype = ctypes.c_char_p
+        f32 = ctypes.c_float
+        lib.mlxe_rms_norm.argtypes = [vp, i32, vp, i32, vp, i32, i64, i64, f32]
+        lib.mlxe_rope.argtypes = [vp, i32, vp, i64, i64, i64, i32, i32, f32, f32, i64, vp]
+        lib.mlxe_sdpa.argtypes = [vp, vp, vp, i32, vp, i64, i64, i64, i64, i64, i64, vp, vp, f32, i32]
         self.lib, self.threads = lib, threads
+
+    def plant(self) -> str:
+        return (self.lib.mlxe_plant() or self.lib.mlxe_ops_plant()).decode()
 
     def configure(self, isa: str, blas: bool):
         self.lib.mlxe_init(ISA_CODES[isa], self.threads)
@@ -137,6 +150,38 @@ class Core:
         return out.astype(np.float64)
 
 
+    def rms_norm(self, x, w, eps):
+        M, D = x.shape
+        xa = self._np(x)
+        wa = self._np(w) if w is not None else None
+        out = self._out((M, D), x.dtype)
+        self.lib.mlxe_rms_norm(xa.ctypes.data, CODES[x.dtype], wa.ctypes.data if wa is not None else None,
+                               CODES[w.dtype] if w is not None else 0, out.ctypes.data, CODES[x.dtype], M, D, eps)
+        return self._f64(out, x.dtype)
+
+    def rope(self, x, dims, traditional, base, scale, offset, freqs):
+        xa = self._np(x)  # dense copy of a strided view
+        L, D = x.shape[-2], x.shape[-1]
+        R = x.size // (L * D)
+        out = self._out(x.shape, x.dtype)
+        inv = None
+        if freqs is not None:
+            inv = np.ascontiguousarray(1.0 / np.array(freqs, dtype=np.float32), dtype=np.float32)
+        self.lib.mlxe_rope(xa.ctypes.data, CODES[x.dtype], out.ctypes.data, R, L, D, dims, int(traditional),
+                           base, scale, offset, inv.ctypes.data if inv is not None else None)
+        return self._f64(out, x.dtype)
+
+    def sdpa(self, q, k, v, scale, causal):
+        B, Hq, Lq, D = q.shape
+        Hkv, Lk = k.shape[1], k.shape[2]
+        qa, ka, va = self._np(q), self._np(k), self._np(v)
+        strides = (ctypes.c_int64 * 3)(Hkv * Lk * D, Lk * D, D)
+        out = self._out(q.shape, q.dtype)
+        self.lib.mlxe_sdpa(qa.ctypes.data, ka.ctypes.data, va.ctypes.data, CODES[q.dtype], out.ctypes.data,
+                           B, Hq, Hkv, Lq, Lk, D, strides, strides, scale, int(causal))
+        return self._f64(out, q.dtype)
+
+
 class _Caught(Exception):
     pass
 
@@ -160,8 +205,21 @@ def run_suite(core: Core, stop_at_first: bool = False) -> list[str]:
     return failures
 
 
+def _ops_suite(core: Core, attempt, isa: str) -> None:
+    for M, D in ((1, 576), (7, 64), (33, 13)):
+        attempt(check_rms_norm, core.rms_norm, M, D, seed=M, what=f"rms_norm[{isa}]")
+    for trad in (False, True):
+        for shape, dims in (((1, 9, 1, 64), 64), ((2, 3, 7, 64), 64), ((1, 2, 5, 20), 12)):
+            attempt(check_rope, core.rope, shape, dims, trad, offset=5, seed=dims, what=f"rope[{isa}]")
+    for B, Hq, Hkv, Lq, Lk, D in ((1, 9, 3, 1, 37, 64), (1, 6, 2, 7, 7, 32), (2, 4, 2, 5, 40, 16)):
+        for causal in (False, True):
+            attempt(check_sdpa, core.sdpa, B, Hq, Hkv, Lq, Lk, D, causal, seed=Lk, what=f"sdpa[{isa}]")
+
+
 def _suite(core: Core, attempt) -> None:
     for isa in ISAS:
+        core.configure(isa, False)
+        _ops_suite(core, attempt, isa)
         for blas in (False, True):
             core.configure(isa, blas)
             tag = f"[{isa},{'openblas' if blas else 'builtin'}]"
@@ -182,14 +240,14 @@ def _suite(core: Core, attempt) -> None:
 
 def test_clean_core_passes_the_suite(libs):
     core = Core(libs[None])
-    assert core.lib.mlxe_plant() == b""
+    assert core.plant() == ""
     assert run_suite(core) == []
 
 
 @pytest.mark.parametrize("plant", PLANTS)
 def test_planted_bug_is_caught(libs, plant):
     core = Core(libs[plant])
-    assert core.lib.mlxe_plant().decode() == plant
+    assert core.plant() == plant
     failures = run_suite(core, stop_at_first=True)
     assert failures, f"planted bug {plant!r} passed every correctness check"
     print(f"{plant}: caught by {failures[0]}")

@@ -8,7 +8,8 @@ to `decode_rows` activation rows and the one for more. `custom` (and `native`/`m
 backend) takes the candidate wherever it supports the shape; `auto` keeps it only where a chained
 measurement on this device showed it faster (metal.selection, kept on disk per device); `builtin` never
 takes it. quant/binding.py puts the bindings into the layers; a call then costs one integer compare and
-one call — no environment read, string key, closure or dict lookup.
+one call — no environment read, string key, closure or dict lookup. `fast_ops` offers the native RMS norm,
+rope and attention for the non-matmul layers (fast_layers.py binds them), on the native candidate only.
 """
 
 from __future__ import annotations
@@ -215,6 +216,48 @@ class KernelChoice:
             if self._wins(key, k, dtype, lambda x: fn(x, w), lambda x: _builtin_linear(x, w)):
                 return self._binding(fn, ALL_ROWS, _builtin_linear)
         return Binding(BUILTIN, _builtin_linear, _builtin_linear, 0, BUILTIN)
+
+    def fast_ops(self, *, heads: int, kv_heads: int, head_dim: int, dtype=mx.float32):
+        """Native RMS norm / rope / attention for the model's non-matmul layers (fast_layers.FastOps), or
+        None where they are not the choice: only the native CPU candidate has them (on Metal, MLX's fast
+        ops are real kernels); `auto` keeps each one that a chained measurement on this device, at a
+        decode step's shape for these head counts, showed faster than MLX's own."""
+        from .fast_layers import FastOps
+
+        cpu = self._cpu
+        if self.candidate != NATIVE or not all(hasattr(cpu, n) for n in ("rms_norm", "rope", "sdpa")):
+            return None
+        if dtype not in FLOAT_DTYPES:
+            return None
+        hidden, ctx, tag = heads * head_dim, 256, f"{_name(dtype)}:h{heads}:kv{kv_heads}:d{head_dim}"
+        keys = mx.random.split(mx.random.key(3), 4)
+        x = mx.random.normal((1, 1, hidden), key=keys[0]).astype(dtype)
+        w = mx.ones((hidden,), dtype=dtype)
+        q = mx.random.normal((1, heads, 1, head_dim), key=keys[1]).astype(dtype)
+        kv = [mx.random.normal((1, kv_heads, ctx, head_dim), key=k).astype(dtype) for k in keys[2:]]
+        scale = head_dim ** -0.5
+        norm_ok = self._wins_with(f"rms_norm:native:{tag}", lambda: cpu.rms_norm(x, w, 1e-5),
+                                  lambda: mx.fast.rms_norm(x, w, 1e-5))
+        rope_ok = self._wins_with(
+            f"rope:native:{tag}",
+            lambda: cpu.rope(q, head_dim, traditional=False, base=10000.0, scale=1.0, offset=ctx),
+            lambda: mx.fast.rope(q, head_dim, traditional=False, base=10000.0, scale=1.0, offset=ctx))
+        sdpa_ok = self._wins_with(f"sdpa:native:{tag}:ctx{ctx}", lambda: cpu.sdpa(q, *kv, scale=scale, causal=False),
+                                  lambda: mx.fast.scaled_dot_product_attention(q, *kv, scale=scale, mask=None))
+        if not (norm_ok or rope_ok or sdpa_ok):
+            return None
+        return FastOps(NATIVE, rms_norm=cpu.rms_norm if norm_ok else None, rope=cpu.rope if rope_ok else None,
+                       sdpa=cpu.sdpa if sdpa_ok else None)
+
+    def _wins_with(self, key: str, run_candidate, run_builtin) -> bool:
+        """As _wins, for thunks that carry their own inputs."""
+        if self.mode != "auto":
+            return True
+        if key not in self._verdicts:
+            if self._selector is None:
+                self._selector = default_selector()
+            self._verdicts[key] = self._selector.prefers_custom(self._device_key(), key, run_candidate, run_builtin)
+        return self._verdicts[key]
 
     def _binding(self, fn, rows: int, builtin) -> Binding:
         if rows == ALL_ROWS:

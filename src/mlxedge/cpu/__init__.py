@@ -1,4 +1,6 @@
-"""Native CPU kernels (an MLX C++ extension): quantized matmul, fused gate*up(silu), float matmul.
+"""Native CPU kernels (an MLX C++ extension): quantized matmul, fused gate*up(silu), float matmul, and
+the rest of a decode step: RMS norm, rotary embedding and attention (mx.fast's ops, which on MLX's CPU
+backend expand into their reference graphs).
 
 The operations return lazy MLX arrays made by a custom Primitive that runs only on the CPU stream
 (``mx.cpu``), so they compose with MLX graphs and ``async_eval`` like built-ins. Importing this module
@@ -157,3 +159,22 @@ def gate_up_silu(x, gate: tuple, up: tuple, *, group_size: int, bits: int) -> mx
 def matmul(x, w) -> mx.array:
     """x @ w.T for a float weight w [N, K] (nn.Linear layout), on mx.cpu."""
     return _ext.matmul(x, w)
+
+
+def rms_norm(x, weight, eps: float) -> mx.array:
+    """mx.fast.rms_norm(x, weight, eps) in one native pass (weight may be None), on mx.cpu."""
+    return _ext.rms_norm(x, weight, float(eps))
+
+
+def rope(x, dims: int, *, traditional: bool, base, scale: float, offset: int, freqs=None) -> mx.array:
+    """mx.fast.rope with an integer offset, in one native pass, on mx.cpu (x: [..., L, D])."""
+    return _ext.rope(x, int(dims), traditional=bool(traditional), base=float(base) if base is not None else 0.0,
+                     scale=float(scale), offset=int(offset), freqs=freqs)
+
+
+def sdpa(q, k, v, *, scale: float, causal: bool) -> mx.array:
+    """mx.fast.scaled_dot_product_attention for mask None or "causal", grouped-query aware, on mx.cpu.
+
+    q [B, Hq, Lq, D]; k, v [B, Hkv, Lk, D] (strided views such as a KV-cache slice are read in place).
+    """
+    return _ext.sdpa(q, k, v, scale=float(scale), causal=bool(causal))

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 from collections import Counter
 
+import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
+from ..fast_layers import bind_fast_layers
 from .fused_mlp import FusedGatedMLP, fusable, known_activations, quantized_alike, triplet
 from .layers import BoundEmbedding, BoundLinear, QuantizedEmbedding, QuantizedLinear
 
@@ -81,9 +83,35 @@ def _bind_mlps(model: nn.Module, choice, counts: dict) -> None:
         model.update_modules(tree_unflatten(swaps))
 
 
+def _attention_shape(model: nn.Module):
+    """(heads, kv_heads, head_dim) of the first attention layer that states them, else None."""
+    for _, m in model.named_modules():
+        heads, kv_heads = getattr(m, "n_heads", None), getattr(m, "n_kv_heads", None)
+        if isinstance(heads, int) and isinstance(kv_heads, int) and "o_proj" in m:
+            o = m["o_proj"]
+            k = o["weight"].shape[1] * (32 // o.bits if getattr(o, "bits", None) and o["weight"].dtype == mx.uint32 else 1)
+            if k % heads == 0:
+                return heads, kv_heads, k // heads
+    return None
+
+
+def _compute_dtype(model: nn.Module):
+    for _, m in model.named_modules():
+        if isinstance(m, nn.RMSNorm):
+            return m["weight"].dtype
+    return mx.float32
+
+
 def bind_kernels(model: nn.Module, choice) -> dict:
-    """Bind every matmul layer of `model` to `choice`'s kernels; {kind: {backend: layer count}}."""
+    """Bind every matmul layer of `model` to `choice`'s kernels, and its norm / rope / attention layers
+    to the native ones where the choice has them (fast_layers); {kind: {backend: layer count}}."""
     counts = {"quantized": Counter(), "linear": Counter(), "tied_head": Counter(), "gate_up_fused": Counter()}
     _bind_layers(model, choice, counts)
     _bind_mlps(model, choice, counts)
-    return {kind: dict(c) for kind, c in counts.items() if c}
+    shape = _attention_shape(model)
+    fast = None
+    if shape is not None and hasattr(choice, "fast_ops"):
+        fast = choice.fast_ops(heads=shape[0], kv_heads=shape[1], head_dim=shape[2], dtype=_compute_dtype(model))
+    report = {kind: dict(c) for kind, c in counts.items() if c}
+    report.update(bind_fast_layers(model, fast))
+    return report

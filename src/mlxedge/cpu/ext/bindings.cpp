@@ -13,6 +13,7 @@
 #include "mlx/primitives.h"
 
 #include "../kernels/core.h"
+#include "dense.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -22,12 +23,8 @@ namespace {
 
 enum class Kind { QMM, GATE_UP, MATMUL };
 
-int code_of(mx::Dtype dt) {
-  if (dt == mx::float32) return MLXE_F32;
-  if (dt == mx::float16) return MLXE_F16;
-  if (dt == mx::bfloat16) return MLXE_BF16;
-  return -1;
-}
+using mlxedge_ext::code_of;
+using mlxedge_ext::dense;
 
 class CpuKernel : public mx::UnaryPrimitive {
  public:
@@ -46,25 +43,24 @@ class CpuKernel : public mx::UnaryPrimitive {
     // the task keeps its inputs alive until it has run
     enc.dispatch([inputs, out = mx::array::unsafe_weak_copy(out), kind = kind_, bits = bits_,
                   gs = gs_, M, N, K]() mutable {
-      const auto& x = inputs[0];
-      const int xdt = code_of(x.dtype()), odt = code_of(out.dtype());
+      const int xdt = code_of(inputs[0].dtype()), odt = code_of(out.dtype());
       if (M == 0 || N == 0) return;
+      // dense views of every input (strided ones are gathered here, not by graph nodes)
+      std::vector<std::vector<char>> bufs(inputs.size());
+      std::vector<const void*> p(inputs.size());
+      for (size_t i = 0; i < inputs.size(); i++) p[i] = dense(inputs[i], bufs[i]);
+      auto u32 = [&](size_t i) { return static_cast<const uint32_t*>(p[i]); };
       switch (kind) {
         case Kind::QMM:
-          mlxe_qmm(x.data<void>(), xdt, inputs[1].data<uint32_t>(), inputs[2].data<void>(),
-                   inputs[3].data<void>(), code_of(inputs[2].dtype()), out.data<void>(), odt, M,
+          mlxe_qmm(p[0], xdt, u32(1), p[2], p[3], code_of(inputs[2].dtype()), out.data<void>(), odt, M,
                    N, K, bits, gs);
           break;
         case Kind::GATE_UP:
-          mlxe_gate_up_silu(x.data<void>(), xdt, inputs[1].data<uint32_t>(),
-                            inputs[2].data<void>(), inputs[3].data<void>(),
-                            inputs[4].data<uint32_t>(), inputs[5].data<void>(),
-                            inputs[6].data<void>(), code_of(inputs[2].dtype()), out.data<void>(),
-                            odt, M, N, K, bits, gs);
+          mlxe_gate_up_silu(p[0], xdt, u32(1), p[2], p[3], u32(4), p[5], p[6], code_of(inputs[2].dtype()),
+                            out.data<void>(), odt, M, N, K, bits, gs);
           break;
         case Kind::MATMUL:
-          mlxe_matmul(x.data<void>(), xdt, inputs[1].data<void>(), code_of(inputs[1].dtype()),
-                      out.data<void>(), odt, M, N, K);
+          mlxe_matmul(p[0], xdt, p[1], code_of(inputs[1].dtype()), out.data<void>(), odt, M, N, K);
           break;
       }
     });
@@ -141,8 +137,7 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::arr
   auto st = cpu_stream();
   auto dt = mx::promote_types(x.dtype(), s.dtype());
   return mx::array(out_shape(x, N), dt, std::make_shared<CpuKernel>(st, Kind::QMM, bits, group_size),
-                   {mx::contiguous(x, false, st), mx::contiguous(w, false, st),
-                    mx::contiguous(s, false, st), mx::contiguous(b, false, st)});
+                   {x, w, s, b});
 }
 
 mx::array gate_up_silu(const mx::array& x, const nb::tuple& gate, const nb::tuple& up,
@@ -155,9 +150,8 @@ mx::array gate_up_silu(const mx::array& x, const nb::tuple& gate, const nb::tupl
   if (N != Nu || su.dtype() != sg.dtype()) bad("gate_up_silu: gate and up must have the same shape and dtype");
   auto st = cpu_stream();
   auto dt = mx::promote_types(x.dtype(), sg.dtype());
-  auto c = [&](const mx::array& a) { return mx::contiguous(a, false, st); };
   return mx::array(out_shape(x, N), dt, std::make_shared<CpuKernel>(st, Kind::GATE_UP, bits, group_size),
-                   {c(x), c(wg), c(sg), c(bg), c(wu), c(su), c(bu)});
+                   {x, wg, sg, bg, wu, su, bu});
 }
 
 mx::array matmul(const mx::array& x, const mx::array& w) {
@@ -170,11 +164,12 @@ mx::array matmul(const mx::array& x, const mx::array& w) {
   }
   auto st = cpu_stream();
   auto dt = mx::promote_types(x.dtype(), w.dtype());
-  return mx::array(out_shape(x, w.shape(0)), dt, std::make_shared<CpuKernel>(st, Kind::MATMUL, 0, 0),
-                   {mx::contiguous(x, false, st), mx::contiguous(w, false, st)});
+  return mx::array(out_shape(x, w.shape(0)), dt, std::make_shared<CpuKernel>(st, Kind::MATMUL, 0, 0), {x, w});
 }
 
 }  // namespace
+
+void register_ops(nb::module_& m);  // ops_bindings.cpp: rms_norm, rope, sdpa
 
 NB_MODULE(_ext, m) {
   m.doc() = "mlxedge native CPU kernels (MLX extension)";
@@ -190,4 +185,5 @@ NB_MODULE(_ext, m) {
   m.def("has_blas", [] { return mlxe_has_blas() != 0; });
   m.def("set_gemv_max_rows", &mlxe_set_gemv_max_rows);
   m.def("plant", [] { return std::string(mlxe_plant()); });
+  register_ops(m);
 }

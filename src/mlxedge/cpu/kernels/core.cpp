@@ -8,6 +8,7 @@
 //
 // Planted bugs for the mutation tests: compile with -DMLXEDGE_PLANT_<NAME> (see PLANT_NAME below).
 #include "core.h"
+#include "dtype.h"
 
 #include <algorithm>
 #include <atomic>
@@ -87,89 +88,7 @@
 
 namespace {
 
-// ---------------------------------------------------------------- dtype conversions (portable)
-
-inline float from_bits(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint32_t to_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-
-inline float bf16_to_f32(uint16_t h) { return from_bits(uint32_t(h) << 16); }
-
-inline uint16_t f32_to_bf16(float f) {
-  uint32_t u = to_bits(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // NaN stays NaN
-  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
-  return uint16_t(u >> 16);
-}
-
-inline float f16_to_f32(uint16_t h) {
-  uint32_t sign = uint32_t(h & 0x8000u) << 16;
-  uint32_t exp = (h >> 10) & 0x1fu;
-  uint32_t man = h & 0x3ffu;
-  uint32_t u;
-  if (exp == 0) {
-    if (man == 0) {
-      u = sign;
-    } else {  // subnormal: normalise
-      int e = -1;
-      do {
-        e++;
-        man <<= 1;
-      } while ((man & 0x400u) == 0);
-      u = sign | uint32_t(127 - 15 - e) << 23 | (man & 0x3ffu) << 13;
-    }
-  } else if (exp == 31) {
-    u = sign | 0x7f800000u | man << 13;
-  } else {
-    u = sign | (exp + 112) << 23 | man << 13;
-  }
-  return from_bits(u);
-}
-
-inline uint16_t f32_to_f16(float f) {
-  uint32_t u = to_bits(f);
-  uint32_t sign = (u >> 16) & 0x8000u;
-  uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return uint16_t(sign | 0x7e00u);      // NaN
-  if (a >= 0x477ff000u) return uint16_t(sign | 0x7c00u);     // overflow (after rounding) -> inf
-  if (a < 0x38800000u) {                                      // subnormal or zero in f16
-    if (a < 0x33000000u) return uint16_t(sign);               // below half the smallest subnormal
-    uint32_t e = a >> 23;
-    uint32_t man = (a & 0x7fffffu) | 0x800000u;
-    uint32_t shift = 126 - e;                                 // 14..24
-    uint32_t r = man >> shift;
-    uint32_t rem = man & ((1u << shift) - 1);
-    uint32_t half = 1u << (shift - 1);
-    if (rem > half || (rem == half && (r & 1u))) r++;
-    return uint16_t(sign | r);
-  }
-  uint32_t r = a + 0xfffu + ((a >> 13) & 1u);  // round to nearest even on bit 13
-  return uint16_t(sign | ((r - 0x38000000u) >> 13));
-}
-
-inline float load_as_f32(const void* p, int dt, int64_t i) {
-  switch (dt) {
-    case MLXE_F16: return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
-    case MLXE_BF16: return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
-    default: return static_cast<const float*>(p)[i];
-  }
-}
-
-inline void store_from_f32(void* p, int dt, int64_t i, float v) {
-  switch (dt) {
-    case MLXE_F16: static_cast<uint16_t*>(p)[i] = f32_to_f16(v); break;
-    case MLXE_BF16: static_cast<uint16_t*>(p)[i] = f32_to_bf16(v); break;
-    default: static_cast<float*>(p)[i] = v;
-  }
-}
+using namespace mlxe;  // dtype conversions (dtype.h)
 
 void to_f32(const void* src, int dt, int64_t n, float* dst) {
   if (dt == MLXE_F32) {
@@ -522,7 +441,7 @@ void permute_x(XPrep& p, int bits) {
   }
 }
 
-template <int MR>
+template <int MR, int NACC = (MR <= 2 ? 4 : 2)>
 AVX2_FN void qdot_avx2_t(const QW& q, int64_t n, const XPrep& xp, int64_t m0, const float* s,
                          const float* b, float* res) {
   const int64_t K = q.K, G = q.groups();
@@ -540,21 +459,29 @@ AVX2_FN void qdot_avx2_t(const QW& q, int64_t n, const XPrep& xp, int64_t m0, co
     int64_t k0 = 0;
     for (; k0 + 64 <= K; k0 += 64) {
       const __m256i wv = _mm256_loadu_si256((const __m256i*)(wr + k0 / 8));
-      __m256 acc0[MR], acc1[MR];
-      for (int i = 0; i < MR; i++) acc0[i] = acc1[i] = _mm256_setzero_ps();
-#define MLXE_Q4_STEP(S, ACC)                                                                    \
+      // NACC independent accumulator chains per row: the FMA latency (4 cycles), not the ports, bounds
+      // a chain, so one or two rows need four chains to keep the FMA units busy
+      __m256 acc[NACC][MR];
+      for (int a = 0; a < NACC; a++)
+        for (int i = 0; i < MR; i++) acc[a][i] = _mm256_setzero_ps();
+#define MLXE_Q4_STEP(S)                                                                         \
   {                                                                                            \
     const __m256 qf = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(wv, NIBBLE_SHIFT(S)), mask)); \
-    for (int i = 0; i < MR; i++) ACC[i] = _mm256_fmadd_ps(qf, _mm256_loadu_ps(xb[i] + k0 + (S) * 8), ACC[i]); \
+    for (int i = 0; i < MR; i++)                                                               \
+      acc[(S) % NACC][i] = _mm256_fmadd_ps(qf, _mm256_loadu_ps(xb[i] + k0 + (S) * 8), acc[(S) % NACC][i]); \
   }
-      MLXE_Q4_STEP(0, acc0) MLXE_Q4_STEP(1, acc1) MLXE_Q4_STEP(2, acc0) MLXE_Q4_STEP(3, acc1)
-      MLXE_Q4_STEP(4, acc0) MLXE_Q4_STEP(5, acc1) MLXE_Q4_STEP(6, acc0) MLXE_Q4_STEP(7, acc1)
+      MLXE_Q4_STEP(0) MLXE_Q4_STEP(1) MLXE_Q4_STEP(2) MLXE_Q4_STEP(3)
+      MLXE_Q4_STEP(4) MLXE_Q4_STEP(5) MLXE_Q4_STEP(6) MLXE_Q4_STEP(7)
 #undef MLXE_Q4_STEP
       // words 0-3 belong to the group of element k0, words 4-7 to that of element k0+32
       const __m256 sc = _mm256_insertf128_ps(
           _mm256_castps128_ps256(_mm_set1_ps(s[GROUP_OF(k0, q.gs)])),
           _mm_set1_ps(s[GROUP_OF(k0 + 32, q.gs)]), 1);
-      for (int i = 0; i < MR; i++) tot[i] = _mm256_fmadd_ps(_mm256_add_ps(acc0[i], acc1[i]), sc, tot[i]);
+      for (int i = 0; i < MR; i++) {
+        __m256 sum = _mm256_add_ps(acc[0][i], acc[1][i]);
+        if (NACC == 4) sum = _mm256_add_ps(sum, _mm256_add_ps(acc[2 % NACC][i], acc[3 % NACC][i]));
+        tot[i] = _mm256_fmadd_ps(sum, sc, tot[i]);
+      }
     }
     if (REMAINDER_ON && k0 < K) {  // one trailing 32-element chunk (K is a multiple of 32)
       const uint32_t* wk = wr + k0 / 8;
@@ -569,20 +496,31 @@ AVX2_FN void qdot_avx2_t(const QW& q, int64_t n, const XPrep& xp, int64_t m0, co
     }
   } else {
     const __m256i mask = _mm256_set1_epi32(0xFF);
-    for (int64_t k0 = 0; k0 < K; k0 += 32) {
+    __m256 tot2[MR];  // a second chain for alternate blocks: one block's four FMAs are short
+    for (int i = 0; i < MR; i++) tot2[i] = _mm256_setzero_ps();
+    int64_t blk = 0;
+    for (int64_t k0 = 0; k0 < K; k0 += 32, blk++) {
       const __m256i wv = _mm256_loadu_si256((const __m256i*)(wr + k0 / 4));
-      __m256 acc0[MR], acc1[MR];
-      for (int i = 0; i < MR; i++) acc0[i] = acc1[i] = _mm256_setzero_ps();
-#define MLXE_Q8_STEP(S, ACC)                                                                    \
+      __m256 acc[NACC][MR];
+      for (int a = 0; a < NACC; a++)
+        for (int i = 0; i < MR; i++) acc[a][i] = _mm256_setzero_ps();
+#define MLXE_Q8_STEP(S)                                                                         \
   {                                                                                            \
     const __m256 qf = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(wv, 8 * (S)), mask)); \
-    for (int i = 0; i < MR; i++) ACC[i] = _mm256_fmadd_ps(qf, _mm256_loadu_ps(xb[i] + k0 + (S) * 8), ACC[i]); \
+    for (int i = 0; i < MR; i++)                                                               \
+      acc[(S) % NACC][i] = _mm256_fmadd_ps(qf, _mm256_loadu_ps(xb[i] + k0 + (S) * 8), acc[(S) % NACC][i]); \
   }
-      MLXE_Q8_STEP(0, acc0) MLXE_Q8_STEP(1, acc1) MLXE_Q8_STEP(2, acc0) MLXE_Q8_STEP(3, acc1)
+      MLXE_Q8_STEP(0) MLXE_Q8_STEP(1) MLXE_Q8_STEP(2) MLXE_Q8_STEP(3)
 #undef MLXE_Q8_STEP
       const __m256 sc = _mm256_set1_ps(s[GROUP_OF(k0, q.gs)]);
-      for (int i = 0; i < MR; i++) tot[i] = _mm256_fmadd_ps(_mm256_add_ps(acc0[i], acc1[i]), sc, tot[i]);
+      for (int i = 0; i < MR; i++) {
+        __m256 sum = _mm256_add_ps(acc[0][i], acc[1][i]);
+        if (NACC == 4) sum = _mm256_add_ps(sum, _mm256_add_ps(acc[2 % NACC][i], acc[3 % NACC][i]));
+        if (blk & 1) tot2[i] = _mm256_fmadd_ps(sum, sc, tot2[i]);
+        else tot[i] = _mm256_fmadd_ps(sum, sc, tot[i]);
+      }
     }
+    for (int i = 0; i < MR; i++) tot[i] = _mm256_add_ps(tot[i], tot2[i]);
   }
   for (int i = 0; i < MR; i++) {
     const float* xs = xp.xsum.data() + (m0 + i) * G;
@@ -886,6 +824,11 @@ void init_locked(int isa, int nthreads) {
 extern "C" {
 
 int mlxe_isa(void) { return g_isa; }
+
+void mlxe_parallel_for(int64_t ntasks, void (*fn)(void* ctx, int64_t task), void* ctx) {
+  auto lock = enter_kernel();
+  pool().run(ntasks, fn, ctx);
+}
 int mlxe_threads(void) { return g_pool ? g_pool->size() : 0; }
 void mlxe_set_gemv_max_rows(int rows) {
   std::lock_guard<std::mutex> lk(g_call_mu);

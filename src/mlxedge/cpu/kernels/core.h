@@ -23,6 +23,9 @@ enum { MLXE_ISA_AUTO = 0, MLXE_ISA_SCALAR = 1, MLXE_ISA_AVX2 = 2, MLXE_ISA_NEON 
 // scalar) and size the persistent thread pool (<= 0: the cores available). Returns the ISA in use.
 int mlxe_init(int isa, int nthreads);
 int mlxe_isa(void);
+// Run fn(ctx, t) for t in [0, ntasks) on the kernels' thread pool (the calling thread takes part);
+// for the other kernel files (ops.cpp), which share the pool and the ISA choice.
+void mlxe_parallel_for(int64_t ntasks, void (*fn)(void* ctx, int64_t task), void* ctx);
 int mlxe_threads(void);
 // Rows up to this count take the GEMV path; more take the blocked (dequantize tile + GEMM) path.
 void mlxe_set_gemv_max_rows(int rows);
