@@ -15,6 +15,9 @@ from a one-token prompt, rate over the tokens after the first; EOS ignored every
 then --reps repetitions, interleaved across sides (order alternating) so drifting load hits all alike.
 Sides running on MLX's built-in kernels (slow on this CPU) can be given fewer tokens (--slow-p/--slow-n);
 their rates are then per those counts, which the table says. Ratios are of means: mlxedge ÷ other side.
+Each side runs in its own worker process (loaded once, then driven rep by rep from here, one side at a time):
+two runtimes in one process disturb each other (llama.cpp's idle thread pool cost mlxedge ~20% of its decode
+speed on 2 cores when they shared a process). --same-process restores the old single-process run.
 llama-cpp-python is an optional extra (`pip install 'mlxedge[llama]'`); without it that side is skipped.
 
     python scripts/bench_vs_llama_cpp.py [-p 512] [-n 128] [--reps 3] [--threads 2] [--slow-p 128 --slow-n 32]
@@ -23,8 +26,10 @@ llama-cpp-python is an optional extra (`pip install 'mlxedge[llama]'`); without 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -65,6 +70,91 @@ def quantize_q8_0(src: Path, dest: Path, threads: int) -> Path:
     return dest
 
 
+def make_side(name: str, args, gguf: Path, work: Path):
+    """(runner, kernels info or None, slow) for one side, loaded in this process."""
+    if name.startswith("mlxedge"):
+        bits = 8 if name == "mlxedge q8" else None
+        model = mlxedge.load(gguf, bits=bits, group_size=32, dtype=args.dtype)
+        if name.endswith("builtin"):
+            model.use_kernels(KernelChoice("builtin"))
+        return OursRunner(model), model.info["kernels"], name.endswith("builtin")
+    n_ctx = max(args.p, args.n) + 16
+    if name == "llama.cpp q4":
+        return LlamaCppRunner(gguf, args.threads, n_ctx), None, False
+    if name == "llama.cpp q8":
+        return LlamaCppRunner(quantize_q8_0(gguf, work / "q8_0.gguf", args.threads), args.threads, n_ctx), None, False
+    bits = 8 if name == "mlx-lm q8" else None
+    target = work / f"mlx-lm-{bits or 'stored'}"
+    mlxedge.convert(gguf, target, bits=bits, group_size=32, dtype=args.dtype, force=True)
+    return MlxLmRunner(target), None, True
+
+
+SIDES = ("mlxedge q4", "mlxedge q8", "mlxedge q4 builtin", "llama.cpp q4", "llama.cpp q8", "mlx-lm q4", "mlx-lm q8")
+
+
+def worker(args, gguf: Path) -> int:
+    """--worker SIDE: load one side, answer JSON commands on stdin ({"op": "pp"|"tg"|"warm", ...}) one per line."""
+    work = Path(tempfile.mkdtemp(prefix="bench-llama-"))
+    try:
+        runner, kernels, slow = make_side(args.worker, args, gguf, work)
+    except ImportError as e:
+        print(json.dumps({"error": f"{e} (pip install 'mlxedge[llama]')"}), flush=True)
+        return 0
+    print(json.dumps({"ready": True, "kernels": kernels, "slow": slow}), flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        ids = cmd["ids"]
+        if cmd["op"] == "warm":
+            run_pp(runner, ids[:32])
+            run_tg(runner, ids, 4)
+            out = {}
+        elif cmd["op"] == "pp":
+            out = run_pp(runner, ids)
+        else:
+            out = run_tg(runner, ids, cmd["n"])
+        print(json.dumps(out), flush=True)
+    return 0
+
+
+class Remote:
+    """A side in its own process: load it, then run one command at a time."""
+
+    def __init__(self, name: str, argv: list):
+        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", name, *argv], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        self.hello = json.loads(self.proc.stdout.readline() or '{"error": "worker died while loading"}')
+
+    def ask(self, **cmd) -> dict:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+class Local:
+    """A side in this process (--same-process)."""
+
+    def __init__(self, name: str, args, gguf: Path, work: Path):
+        try:
+            self.runner, kernels, slow = make_side(name, args, gguf, work)
+            self.hello = {"ready": True, "kernels": kernels, "slow": slow}
+        except ImportError as e:
+            self.hello = {"error": str(e)}
+
+    def ask(self, op, ids, n=None):
+        if op == "warm":
+            run_pp(self.runner, ids[:32])
+            run_tg(self.runner, ids, 4)
+            return {}
+        return run_pp(self.runner, ids) if op == "pp" else run_tg(self.runner, ids, n)
+
+    def close(self):
+        pass
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-p", type=int, default=512)
@@ -75,72 +165,56 @@ def main() -> int:
     parser.add_argument("--slow-n", type=int, default=None, help="tg tokens for sides on MLX's built-in kernels")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--skip", default="", help="comma-separated side names to leave out")
+    parser.add_argument("--same-process", action="store_true", help="load every side in this one process")
+    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("MLXEDGE_CPU_THREADS", str(args.threads))  # read when mlxedge.cpu first imports
     from mlxedge.sources.registry import resolve_alias
 
     gguf = resolve_alias("smollm2")
+    if args.worker:
+        return worker(args, gguf)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     slow_p, slow_n = args.slow_p or args.p, args.slow_n or args.n
-    sides = {}  # name -> (runner, p, n)
     work = Path(tempfile.mkdtemp(prefix="bench-llama-"))
-
-    def add(name, make, slow=False):
+    argv = ["-p", str(args.p), "-n", str(args.n), "--threads", str(args.threads), "--dtype", args.dtype]
+    ids = prompt_ids(mlxedge.load(gguf, dtype=args.dtype).tokenizer, max(args.p, slow_p))
+    sides, kernels = {}, {}  # name -> (handle, p, n)
+    for name in SIDES:
         if name in skip:
-            return
+            continue
         print(f"loading {name}...", file=sys.stderr)
-        try:
-            sides[name] = (make(), slow_p if slow else args.p, slow_n if slow else args.n)
-        except ImportError as e:
-            print(f"skipping {name}: {e} (pip install 'mlxedge[llama]')", file=sys.stderr)
-
-    tokenizer, kernels = [], {}  # filled as mlxedge sides load
-
-    def ours(name, bits, mode=None):
-        model = mlxedge.load(gguf, bits=bits, group_size=32, dtype=args.dtype)
-        if mode is not None:
-            model.use_kernels(KernelChoice(mode))
-        tokenizer.append(model.tokenizer)
-        kernels[name] = model.info["kernels"]
-        return OursRunner(model)
-
-    def theirs(bits):
-        target = work / f"mlx-lm-{bits or 'stored'}"
-        mlxedge.convert(gguf, target, bits=bits, group_size=32, dtype=args.dtype, force=True)
-        return MlxLmRunner(target)
-
-    n_ctx = max(args.p, args.n) + 16
-    add("mlxedge q4", lambda: ours("mlxedge q4", None))
-    add("mlxedge q8", lambda: ours("mlxedge q8", 8))
-    add("mlxedge q4 builtin", lambda: ours("mlxedge q4 builtin", None, "builtin"), slow=True)
-    add("llama.cpp q4", lambda: LlamaCppRunner(gguf, args.threads, n_ctx))
-    add("llama.cpp q8", lambda: LlamaCppRunner(quantize_q8_0(gguf, work / "q8_0.gguf", args.threads),
-                                               args.threads, n_ctx))
-    add("mlx-lm q4", lambda: theirs(None), slow=True)
-    add("mlx-lm q8", lambda: theirs(8), slow=True)
-
-    if not tokenizer:
-        parser.error("at least one mlxedge side is needed (its tokenizer makes the prompt)")
-    ids = prompt_ids(tokenizer[0], max(args.p, slow_p))
+        handle = Local(name, args, gguf, work) if args.same_process else Remote(name, argv)
+        if "error" in handle.hello:
+            print(f"skipping {name}: {handle.hello['error']}", file=sys.stderr)
+            continue
+        slow = handle.hello["slow"]
+        sides[name] = (handle, slow_p if slow else args.p, slow_n if slow else args.n)
+        if handle.hello.get("kernels"):
+            kernels[name] = handle.hello["kernels"]
+    if not sides:
+        parser.error("every side was skipped")
     results = {name: {"pp": [], "tg": []} for name in sides}
-    for name, (runner, p, n) in sides.items():  # warm-up
+    for name, (handle, p, n) in sides.items():
         print(f"warm-up {name}", file=sys.stderr)
-        run_pp(runner, ids[:min(p, 32)])
-        run_tg(runner, ids, 4)
+        handle.ask(op="warm", ids=ids)
     started = time.time()
     for rep in range(args.reps):
         order = list(sides.items())
         if rep % 2:
             order.reverse()
-        for name, (runner, p, n) in order:
-            results[name]["pp"].append(run_pp(runner, ids[:p])["pp_tps"])
-            results[name]["tg"].append(run_tg(runner, ids, n)["tg_tps"])
+        for name, (handle, p, n) in order:
+            results[name]["pp"].append(handle.ask(op="pp", ids=ids[:p])["pp_tps"])
+            results[name]["tg"].append(handle.ask(op="tg", ids=ids, n=n)["tg_tps"])
             print(f"rep {rep + 1} {name}: pp {results[name]['pp'][-1]:.1f} tg {results[name]['tg'][-1]:.1f}",
                   file=sys.stderr)
+    for handle, _, _ in sides.values():
+        handle.close()
 
     load = os.getloadavg()
+    how = "one process" if args.same_process else "one process per side"
     print(f"SmolLM2-135M-Instruct ({gguf.name}); {args.reps} interleaved repetitions after a warm-up, mean ± stdev; "
-          f"threads {args.threads}; compute dtype {args.dtype}; {time.time() - started:.0f} s; "
+          f"{how}; threads {args.threads}; compute dtype {args.dtype}; {time.time() - started:.0f} s; "
           f"load average {load[0]:.1f}/{load[1]:.1f} on {os.cpu_count()} cores")
     for name, k in kernels.items():
         print(f"{name}: {k['backend']} (mode {k['mode']}; {k['layers']})")

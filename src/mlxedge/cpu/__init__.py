@@ -12,6 +12,8 @@ and ``describe()`` says why. Environment, read once at import:
 - ``MLXEDGE_CPU_THREADS``: size of the persistent thread pool (default: the cores this process may use).
 - ``MLXEDGE_CPU_BLAS``: ``openblas`` (default; the scipy-openblas32 wheel, for prefill GEMM tiles) or
   ``none`` (the built-in micro-kernel).
+- ``MLXEDGE_CPU_SPIN``: pause-loop iterations an idle pool worker spins before sleeping (default: 2000
+  where the cores outnumber the pool by two, else 0 — spinning steals the core the decode loop needs).
 - ``MLXEDGE_CPU_EXT``: path of an alternative build of the extension (the sanitizer build uses it).
 """
 

@@ -116,6 +116,12 @@ class Pool {
   using Fn = void (*)(void* ctx, int64_t task);
 
   explicit Pool(int n) : n_(std::max(1, n)) {
+    // Idle workers spin briefly before sleeping only where cores are left over: beside the pool, the
+    // Python thread (building the next step's graph) and MLX's stream thread are busy during decode, and
+    // a spinning worker on a 2-core machine took ~20% of the decode speed from them (measured here).
+    const int cores = int(std::thread::hardware_concurrency());
+    spin_limit_ = (cores > 0 && n_ + 2 <= cores) ? 2000 : 0;
+    if (const char* e = std::getenv("MLXEDGE_CPU_SPIN")) spin_limit_ = std::max(0, std::atoi(e));
     for (int i = 1; i < n_; i++) workers_.emplace_back([this] {
       // Workers take no signals: a Ctrl-C must reach the thread Python waits in (a SIGINT delivered
       // here would leave the main thread blocked in read(), e.g. at the chat prompt).
@@ -194,7 +200,7 @@ class Pool {
     for (;;) {
       // spin briefly (decode issues many small jobs back to back), then sleep
       bool woke = false;
-      for (int spin = 0; spin < 4000; spin++) {
+      for (int spin = 0; spin < spin_limit_; spin++) {
         if (gen_.load(std::memory_order_acquire) != seen) {
           woke = true;
           break;
@@ -221,6 +227,7 @@ class Pool {
   std::atomic<Job*> job_{nullptr};
   std::atomic<int> refs_{0};
   int sleepers_ = 0;
+  int spin_limit_ = 0;  // pause-loop iterations an idle worker spins before it sleeps
   std::atomic<bool> stop_{false};
 };
 
@@ -663,6 +670,18 @@ void rparams(const QW& q, int64_t n, float* s, float* b) {
   row_params(q, n, s, b);
 }
 
+// Row n's float32 scales and biases: read in place when stored as float32, else converted into s/b.
+inline void row_params_at(const QW& q, int64_t n, float* s, float* b, const float** sp, const float** bp) {
+  if (q.sdt == MLXE_F32 && BIAS_ON == 1.0f) {
+    *sp = static_cast<const float*>(q.s) + n * q.groups();
+    *bp = static_cast<const float*>(q.b) + n * q.groups();
+    return;
+  }
+  rparams(q, n, s, b);
+  *sp = s;
+  *bp = b;
+}
+
 void dequant(const QW& q, int64_t n0, int64_t n1, float* dst) {
   auto& rs = row_scratch();
   if (rs.size() < size_t(2 * q.groups())) rs.resize(size_t(2 * q.groups()));
@@ -743,11 +762,12 @@ void qgemv(const QW& q, const XPrep& xp, float* y, int64_t M) {
     float* b = s + G;
     const int64_t n0 = t * chunk, n1 = std::min(n0 + chunk, COLS_END(N));
     float res[4];
+    const float *sn, *bn;
     for (int64_t n = n0; n < n1; n++) {
-      rparams(q, n, s, b);
+      row_params_at(q, n, s, b, &sn, &bn);
       for (int64_t m0 = 0; m0 < Mend; m0 += 4) {
         const int mr = int(std::min<int64_t>(4, Mend - m0));
-        qdot(q, n, xp, m0, mr, s, b, res);
+        qdot(q, n, xp, m0, mr, sn, bn, res);
         for (int i = 0; i < mr; i++) y[(m0 + i) * N + n] = res[i];
       }
     }
@@ -895,13 +915,14 @@ void mlxe_gate_up_silu(const void* x, int xdt, const uint32_t* wg, const void* s
       float *s1 = rs.data(), *b1 = s1 + G, *s2 = b1 + G, *b2 = s2 + G;
       const int64_t n0 = t * chunk, n1 = std::min(n0 + chunk, COLS_END(N));
       float rg[4], ru[4];
+      const float *sgn, *bgn, *sun, *bun;
       for (int64_t n = n0; n < n1; n++) {
-        rparams(qg, n, s1, b1);
-        rparams(qu, n, s2, b2);
+        row_params_at(qg, n, s1, b1, &sgn, &bgn);
+        row_params_at(qu, n, s2, b2, &sun, &bun);
         for (int64_t m0 = 0; m0 < Mend; m0 += 4) {
           const int mr = int(std::min<int64_t>(4, Mend - m0));
-          qdot(qg, n, xp, m0, mr, s1, b1, rg);
-          qdot(qu, n, xp, m0, mr, s2, b2, ru);
+          qdot(qg, n, xp, m0, mr, sgn, bgn, rg);
+          qdot(qu, n, xp, m0, mr, sun, bun, ru);
           for (int i = 0; i < mr; i++) y[(m0 + i) * N + n] = silu(rg[i]) * ru[i];
         }
       }
