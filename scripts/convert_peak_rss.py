@@ -6,7 +6,7 @@ set size from os.wait4 (ru_maxrss). The bound issue 5 sets for ours:
 
     final quantized bytes + the largest single tensor in fp32 + 300 MB
 
-where the final quantized bytes come from mlxedge.memory's plan (and are checked against the bytes written).
+where the final quantized bytes come from mlxedge.memory.plan (and are checked against the bytes written).
 
     .venv/bin/python scripts/convert_peak_rss.py [--workdir DIR] [--bits 4] [--json out.json]
 
@@ -25,8 +25,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # rss.py
 
-from mlxedge.memory import format_bytes, rusage_maxrss_bytes, weight_plan  # noqa: E402
+from mlxedge.memory.plan import weight_plan  # noqa: E402
+from mlxedge.memory.units import format_bytes  # noqa: E402
+from rss import rusage_maxrss_bytes  # noqa: E402
 
 MB = 10**6
 SLACK_BYTES = 300 * MB
