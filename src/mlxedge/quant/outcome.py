@@ -28,6 +28,10 @@ STORED_PARTS = ("weight", "scales", "biases")  # one module stored quantized: pa
 FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64", "F16", "BF16", "F32", "F64"})
 # Buffers some Hugging Face checkpoints carry that no mlx-lm architecture keeps (their sanitize drops them).
 DROPPED_SUFFIXES = ("rotary_emb.inv_freq", ".attn.masked_bias")
+# Architectures whose sanitize drops a stored lm_head.weight when the config ties the head to the embedding
+# (mlx-lm 0.32). The others keep it: gemma3_text then loads it as a head of its own; gemma2 and phi3 have no
+# head module and refuse such a checkpoint.
+DROPS_TIED_HEAD = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass(frozen=True)
@@ -90,15 +94,17 @@ def stored_specs(quantization: Optional[dict], tensor_infos: Mapping) -> Tuple[D
 def header_layout(config: dict, tensor_infos: Mapping, quantization: Optional[dict]) -> Layout:
     """The architecture's layout estimated from headers alone, for the memory plan:
 
-    1. kept: every tensor but the buffers architectures drop (DROPPED_SUFFIXES) and, when the head is tied to
-       the embedding (config's tie_word_embeddings; when absent, no lm_head.weight stored), lm_head's tensors;
+    1. kept: every tensor but the buffers architectures drop (DROPPED_SUFFIXES) and, where the architecture
+       drops a tied head (DROPS_TIED_HEAD) and the head is tied (config's tie_word_embeddings; when absent,
+       no lm_head.weight stored), lm_head's tensors;
     2. quantizable: every module whose kept "weight" is a 2-D float tensor (Linear and Embedding are the
        only 2-D weights of the supported architectures), input dims its last axis;
     3. and every module stored quantized with a known grid, input dims its unpacked last axis.
     Embeddings are recognised by name (quant.requantize.is_embedding_or_head).
     """
     cfg = text_config(config)
-    tied = cfg.get("tie_word_embeddings", "lm_head.weight" not in tensor_infos)
+    tied = (cfg.get("model_type") in DROPS_TIED_HEAD
+            and cfg.get("tie_word_embeddings", "lm_head.weight" not in tensor_infos))
     keep = frozenset(name for name in tensor_infos if not name.endswith(DROPPED_SUFFIXES)
                      and not (tied and name.rpartition(".")[0] == "lm_head"))
     stored, _ = stored_specs(quantization, tensor_infos)
