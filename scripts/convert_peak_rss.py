@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # rss.py
 
 from mlxedge.memory.plan import weight_plan  # noqa: E402
+from mlxedge.paths import user_cache_home  # noqa: E402
 from mlxedge.memory.units import format_bytes  # noqa: E402
 from rss import rusage_maxrss_bytes  # noqa: E402
 
@@ -164,7 +165,7 @@ def main() -> int:
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", type=Path,
-                        default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mlxedge-bench")
+                        default=user_cache_home() / "mlxedge-bench")
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--json", type=Path, help="also write the results here")
