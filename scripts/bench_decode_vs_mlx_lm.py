@@ -40,9 +40,10 @@ def default_model_dir() -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mlxedge.sources.registry import cache_dir, resolve_alias
+    from mlxedge.paths import cache_root
+    from mlxedge.sources.registry import resolve_alias
 
-    target = cache_dir() / "bench" / "smollm2-hf-fp32"
+    target = cache_root() / "bench" / "smollm2-hf-fp32"
     if not (target / "config.json").exists():
         gguf = resolve_alias("smollm2")
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)

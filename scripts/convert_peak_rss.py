@@ -6,7 +6,7 @@ set size from os.wait4 (ru_maxrss). The bound issue 5 sets for ours:
 
     final quantized bytes + the largest single tensor in fp32 + 300 MB
 
-where the final quantized bytes come from mlxedge.memory's plan (and are checked against the bytes written).
+where the final quantized bytes come from mlxedge.memory.plan (and are checked against the bytes written).
 
     .venv/bin/python scripts/convert_peak_rss.py [--workdir DIR] [--bits 4] [--json out.json]
 
@@ -25,8 +25,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # rss.py
 
-from mlxedge.memory import format_bytes, rusage_maxrss_bytes, weight_plan  # noqa: E402
+from mlxedge.memory.plan import weight_plan  # noqa: E402
+from mlxedge.paths import user_cache_home  # noqa: E402
+from mlxedge.memory.units import format_bytes  # noqa: E402
+from rss import rusage_maxrss_bytes  # noqa: E402
 
 MB = 10**6
 SLACK_BYTES = 300 * MB
@@ -161,7 +165,7 @@ def main() -> int:
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", type=Path,
-                        default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mlxedge-bench")
+                        default=user_cache_home() / "mlxedge-bench")
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--json", type=Path, help="also write the results here")

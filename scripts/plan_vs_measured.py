@@ -10,9 +10,13 @@ planned 2048-token context; the model is loaded with context_length=2048 and its
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-import mlxedge
-from mlxedge.memory import format_bytes, peak_rss_bytes
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # rss.py
+
+import mlxedge  # noqa: E402
+from mlxedge.memory.units import format_bytes  # noqa: E402
+from rss import peak_rss_bytes  # noqa: E402
 
 CONTEXT, GENERATE = 2048, 128
 

@@ -113,7 +113,7 @@ def test_huge_memory_budget_is_a_clean_error(good, size):
 
 
 def test_memory_sizes_are_parsed_exactly():
-    from mlxedge.memory import parse_size
+    from mlxedge.memory.units import parse_size
 
     assert parse_size("1.5GB") == 1_500_000_000 and parse_size("0.1KiB") == 102 and parse_size("8TiB") == 8 << 40
 

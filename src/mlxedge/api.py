@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from . import memory
 from .adapters import read_adapter
 from .loading import load_checkpoint, resolve_dtype
+from .memory.budget import device_budget
+from .memory.fit import check_plan
+from .memory.plan import MemoryPlan, default_context_length, make_plan
 from .errors import QuantizationError, UnsupportedError
 from .quant.affine import validate_settings
 from .quant.recipes import Recipe
@@ -18,13 +20,13 @@ KV_OVERFLOW = ("error", "rotate")
 
 
 def _plan_checkpoint(checkpoint, bits, group_size, dtype, memory_budget, context_length, auto_fit=False,
-                     check=True, kv_bits=None) -> memory.MemoryPlan:
+                     check=True, kv_bits=None) -> MemoryPlan:
     kwargs = dict(bits=bits, group_size=group_size, dtype_bytes=resolve_dtype(dtype, checkpoint).size, kv_bits=kv_bits,
-                  context_length=context_length or memory.default_context_length(checkpoint.config),
-                  budget=memory.device_budget(memory_budget), quantized=checkpoint.quantization)
+                  context_length=context_length or default_context_length(checkpoint.config),
+                  budget=device_budget(memory_budget), quantized=checkpoint.quantization)
     if check:
-        return memory.check_plan(checkpoint.config, checkpoint.tensor_infos, auto_fit=auto_fit, **kwargs)
-    return memory.make_plan(checkpoint.config, checkpoint.tensor_infos, **kwargs)
+        return check_plan(checkpoint.config, checkpoint.tensor_infos, auto_fit=auto_fit, **kwargs)
+    return make_plan(checkpoint.config, checkpoint.tensor_infos, **kwargs)
 
 
 def plan(source, bits: Optional[int] = None, group_size: Optional[int] = None, dtype: Optional[str] = None,

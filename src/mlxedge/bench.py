@@ -2,7 +2,7 @@
 
 - `device_info`: chip (or CPU), MLX backend, memory, MLX version, and a one-line summary.
 - `device_bandwidth`: memory bandwidth measured once with a large MLX copy (read + write bytes / time, best of
-  several) and cached under `cache_dir()/bench/bandwidth.json`, keyed by device, backend and MLX version.
+  several) and cached under `cache_root()/bench/bandwidth.json`, keyed by device, backend and MLX version.
 - `bench`: per variant (bits × group size × dtype): load time, size, bits per weight, then a warm-up and `reps`
   repetitions of two tests like llama-bench's pp/tg: prompt processing of exactly `p` tokens (rate and time
   to first token) and generation of `n` tokens from a one-token prompt (rate over the n−1 steps after the
@@ -115,9 +115,9 @@ def measure_bandwidth(nbytes: Optional[int] = None, reps: int = BANDWIDTH_REPS) 
 
 
 def _bandwidth_cache_path() -> Path:
-    from .sources.registry import cache_dir
+    from .paths import cache_root
 
-    return cache_dir() / "bench" / BANDWIDTH_CACHE_NAME
+    return cache_root() / "bench" / BANDWIDTH_CACHE_NAME
 
 
 def device_bandwidth(device: Optional[dict] = None, remeasure: bool = False, log: Optional[Log] = None) -> dict:

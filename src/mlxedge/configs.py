@@ -17,6 +17,12 @@ ALIASES = {"gemma3": "gemma3_text"}  # text-only use of a gemma3 config
 ARCHITECTURE_MODULES = {"mistral": "llama"}
 
 
+def text_config(config: dict) -> dict:
+    """The language model's shape: multimodal configs nest it in text_config, whose keys win."""
+    text = config.get("text_config")
+    return {**config, **text} if isinstance(text, dict) else config
+
+
 def normalize_config(config: dict) -> dict:
     """A copy of `config` with the keys mlx-lm's ModelArgs expect, derived from the transformers 5 forms."""
     cfg = dict(config)

@@ -23,7 +23,7 @@ from . import fsutil
 from .adapters import fused_checkpoint, read_adapter
 from .errors import MlxedgeError
 from .loading import load_checkpoint, resolve_dtype
-from .memory import weight_plan
+from .memory.plan import weight_plan
 from .quant.affine import QuantSpec, validate_settings
 from .quant.recipes import Recipe
 from .quant.requantize import default_group_size

@@ -19,6 +19,7 @@ import platform
 import warnings
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Callable, Optional
 
 import mlx.core as mx
@@ -27,6 +28,7 @@ from .metal import dispatch as metal
 from .metal.kernels import MAX_ROWS
 from .metal.runner import MetalRunner
 from .metal.selection import Selector
+from .paths import cache_root
 
 ENV_VAR = "MLXEDGE_KERNELS"
 MODES = ("auto", "builtin", "custom", "native", "metal")
@@ -284,11 +286,17 @@ class KernelChoice:
 _selector: Optional[Selector] = None
 
 
+def selection_file() -> Path:
+    """Where measured kernel verdicts are kept: $MLXEDGE_KERNEL_CACHE, else in the cache root (mlxedge.paths)."""
+    explicit = os.environ.get("MLXEDGE_KERNEL_CACHE")
+    return Path(explicit) if explicit else cache_root() / "kernel-selection.json"
+
+
 def default_selector() -> Selector:
     """The process's verdict cache (over the per-device file), so every load in a process decides alike."""
     global _selector
     if _selector is None:
-        _selector = Selector()
+        _selector = Selector(selection_file())
     return _selector
 
 

@@ -16,14 +16,14 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .adapters import Adapter, attach_adapter
 from .configs import model_classes, normalize_config
 from .errors import MlxedgeError, SourceError, UnsupportedError
-from .quant.affine import QuantSpec, can_quantize
-from .quant.recipes import Recipe
+from .quant.affine import QuantSpec
 from .quant.layers import QuantizedEmbedding, QuantizedLinear
-from .quant.requantize import Targets, choose_targets
+from .quant.outcome import STORED_PARTS, Layout, Outcomes, tensor_outcomes
+from .quant.recipes import Recipe
+from .quant.requantize import refusal
 from .sources.checkpoint import Checkpoint
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-QUANT_PARTS = ("weight", "scales", "biases")
 
 
 @dataclass
@@ -64,51 +64,43 @@ def resolve_dtype(dtype, checkpoint: Checkpoint, for_compute: bool = True) -> mx
     return mx.float16
 
 
-def source_quant_specs(checkpoint: Checkpoint, module_paths) -> dict:
-    """Module path -> QuantSpec for the modules the checkpoint stores quantized (mlx-lm's config rules)."""
-    q = checkpoint.quantization
-    if not q:
-        return {}
-    default = QuantSpec(bits=int(q["bits"]), group_size=int(q["group_size"]))
-    specs = {}
-    for path in module_paths:
-        override = q.get(path)
-        if override is False:
-            continue
-        if isinstance(override, dict):
-            specs[path] = QuantSpec(bits=int(override["bits"]), group_size=int(override["group_size"]))
-        elif f"{path}.scales" in checkpoint.tensor_infos:
-            specs[path] = default
-    return specs
-
-
 def quantizable_modules(model: nn.Module) -> dict:
     """path -> every float Linear/Embedding of the model (what quantization and recipes decide about)."""
     return {path: m for path, m in model.named_modules()
             if isinstance(m, (nn.Linear, nn.Embedding)) and not isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
 
 
-def _target_specs(modules: dict, source_specs: dict, requested, allow_requantize: bool = False,
-                  n_layers: int = 0) -> Targets:
-    """Which modules end up quantized, and which stay float because the group does not divide them.
+def architecture_layout(model: nn.Module, checkpoint: Checkpoint) -> Layout:
+    """What the built architecture makes of the checkpoint: the names its sanitize keeps, and its quantizable
+    modules as path -> (input dims, is an embedding). The memory plan estimates the same from headers."""
+    keep = _surviving_names(model, checkpoint)  # first: a sanitize may change the model (see there)
+    modules = quantizable_modules(model)
+    return Layout(frozenset(keep),
+                  {path: (int(m.weight.shape[1]), isinstance(m, nn.Embedding)) for path, m in modules.items()})
 
-    requested: None (keep the checkpoint's precision), one QuantSpec, or a Recipe (quant/recipes.py) that
-    decides per module (recipes start from float weights; recipe_search refuses stored-quantized sources).
-    The policy for modules stored quantized already (refuse a coarser grid, keep embeddings/heads) is
-    quant.requantize's.
+
+def plan_tensors(model: nn.Module, checkpoint: Checkpoint, requested, allow_requantize: bool = False) -> Outcomes:
+    """What each checkpoint tensor becomes in `model` (quant.outcome.tensor_outcomes, on the real layout).
+
+    requested: None (keep the checkpoint's precision), one QuantSpec, or a Recipe (quant/recipes.py), resolved
+    here against the model's modules (recipes start from float weights; recipe_search refuses stored-quantized
+    sources). Raises QuantizationError for a coarser grid on stored-quantized modules (quant.requantize) and
+    SourceError for stored-quantized modules whose grid the config does not give.
     """
+    layout = architecture_layout(model, checkpoint)
     if isinstance(requested, Recipe):
-        chosen = requested.assign(modules, n_layers, tied=not any(p.endswith("lm_head") for p in modules))
-        out = Targets()
-        for path, module in modules.items():
-            spec = chosen[path]
-            if spec is not None and can_quantize(module.weight.shape[1], spec):
-                out.specs[path] = spec
-            elif spec is not None:
-                out.unquantized.append(path)
-        return out
-    shapes = {path: (m.weight.shape[1], isinstance(m, nn.Embedding)) for path, m in modules.items()}
-    return choose_targets(shapes, source_specs, requested, allow_requantize)
+        n_layers = int(normalize_config(checkpoint.config).get("num_hidden_layers", 0))
+        requested = requested.assign(layout.modules, n_layers,
+                                     tied=not any(p.endswith("lm_head") for p in layout.modules))
+    outcomes = tensor_outcomes(checkpoint.tensor_infos, checkpoint.quantization, requested, layout, allow_requantize)
+    error = refusal(outcomes.targets, requested)
+    if error is not None:
+        raise error
+    if outcomes.unknown_stored:
+        first = outcomes.unknown_stored[0]
+        raise SourceError(f"{first} is stored quantized ({first}.scales) but config.json gives no bits and group "
+                          "size for it (no 'quantization' entry); the checkpoint is incomplete.")
+    return outcomes
 
 
 def _replace_with_quantized(model: nn.Module, modules: dict, targets: dict, dtype) -> None:
@@ -166,46 +158,41 @@ def load_checkpoint(checkpoint: Checkpoint, requested: Optional[QuantSpec], dtyp
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise SourceError(f"config.json does not describe a valid {config['model_type']} model: {reason}") from None
     compute_dtype = resolve_dtype(dtype, checkpoint, for_compute)
-    keep = _surviving_names(model, checkpoint)
-
-    modules = quantizable_modules(model)
-    source_specs = source_quant_specs(checkpoint, modules)
-    chosen = _target_specs(modules, source_specs, requested, allow_requantize,
-                           int(config.get("num_hidden_layers", 0)))
+    outcomes = plan_tensors(model, checkpoint, requested, allow_requantize)
+    chosen = outcomes.targets
     targets, unquantized = chosen.specs, chosen.unquantized
     quantizer = getattr(requested, "quantizer", None)
-    _replace_with_quantized(model, modules, targets, compute_dtype)
+    _replace_with_quantized(model, quantizable_modules(model), targets, compute_dtype)
 
     expected = dict(tree_flatten(model.parameters()))
     assigned = set()
     pending: dict = {}  # module path -> {part: array} while a quantized triplet is incomplete
-    total = len(keep)
+    total = len(outcomes.tensors)
     done = 0
     for name, array in checkpoint.iter_tensors():
-        if name not in keep:
-            continue
+        outcome = outcomes.tensors.get(name)
+        if outcome is None:
+            continue  # the architecture drops it
         done += 1
         if progress is not None:
             progress(done, total)
         module_path, _, part = name.rpartition(".")
-        if module_path in source_specs and part in QUANT_PARTS:
+        if outcome.kind == "stored":
             triplet = pending.setdefault(module_path, {})
             triplet[part] = array
             if len(triplet) < 3:
                 continue
             del pending[module_path]
-            tensors = _convert_quantized(module_path, triplet, source_specs[module_path], targets.get(module_path),
-                                         compute_dtype, quantizer)
+            tensors = _convert_quantized(module_path, triplet, outcome.source, outcome.spec, compute_dtype, quantizer)
         else:
-            tensors = _convert_float(name, array, targets.get(module_path) if part == "weight" else None,
-                                     compute_dtype, quantizer)
+            tensors = _convert_float(name, array, outcome.spec, compute_dtype, quantizer)
         for tensor_name, tensor in tensors.items():
             _assign_checked(model, expected, tensor_name, tensor)
             assigned.add(tensor_name)
         del array, tensors
     if pending:
         first = next(iter(pending))
-        raise SourceError(f"quantized module {first} lacks {set(QUANT_PARTS) - set(pending[first])} in the checkpoint.")
+        raise SourceError(f"quantized module {first} lacks {set(STORED_PARTS) - set(pending[first])} in the checkpoint.")
     missing = sorted(set(expected) - assigned)
     if missing:
         raise SourceError(f"the checkpoint lacks {len(missing)} tensor(s) the {config['model_type']} architecture "

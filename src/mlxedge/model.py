@@ -7,8 +7,8 @@ from typing import Callable, Iterator, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from . import memory
 from .errors import GenerationError
+from .generate.guards import check_generation_context, wired_limit
 from .generate.kv_cache import validate_kv_bits
 from .generate.loop import generate_stream, new_prompt_cache
 from .generate.prompt_cache import PromptCache, model_fingerprint
@@ -101,8 +101,8 @@ class Model:
             cache, prompt_or_messages, raw = continue_prompt(self, prompt_cache, prompt_or_messages, raw)
         prompt_ids = self.tokenizer.prompt_ids(prompt_or_messages, raw=raw)
         # checked now, not at the first next(): a prompt past the planned context fails at the call
-        decision = memory.check_generation_context(len(prompt_ids), max_tokens, self.context_length,
-                                                   rotating=self._kv_overflow == "rotate")
+        decision = check_generation_context(len(prompt_ids), max_tokens, self.context_length,
+                                            rotating=self._kv_overflow == "rotate")
         if cache is None:
             window = decision.window if decision.mode == "rotating" else None
             cache = self.new_cache(max_kv_size=window, kv_bits=kv_bits)
@@ -130,7 +130,7 @@ class Model:
                                         num_draft_tokens=num_draft_tokens, draft_auto=auto, **kwargs)
 
     def _stream_within_plan(self, prompt_ids, **kwargs) -> Iterator[StreamEvent]:
-        with memory.wired_limit(self._wired_bytes):  # macOS: keep the planned bytes resident; no-op elsewhere
+        with wired_limit(self._wired_bytes):  # macOS: keep the planned bytes resident; no-op elsewhere
             yield from generate_stream(self.module, self.tokenizer.hf, prompt_ids, eos_ids=self.eos_ids(), **kwargs)
 
     # ------------------------------------------------------------------ caches and sessions

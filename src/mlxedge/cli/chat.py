@@ -154,9 +154,9 @@ def _setup_readline() -> Optional[Path]:
         import readline
     except ImportError:  # e.g. a Python built without it: plain input() still works
         return None
-    from ..sources.registry import cache_dir
+    from ..paths import cache_root
 
-    path = cache_dir() / HISTORY_FILE
+    path = cache_root() / HISTORY_FILE
     readline.set_history_length(HISTORY_LENGTH)
     try:
         readline.read_history_file(path)

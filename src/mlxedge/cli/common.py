@@ -14,7 +14,7 @@ Other command modules (chat, generate, models, evaluation) build on these names:
 - `load_model(source, label=..., **load)` resolves aliases with a pull progress bar, loads with a
                      progress bar, returns the `mlxedge.Model`.
 - `progress_bar(label, unit)` context manager yielding a callable(done, total) that draws on stderr.
-- `emit_json(obj)`, `format_count`, `format_bytes`, `stats_footer(stats, ...)`.
+- `emit_json(obj)`, `format_count`, `format_bytes` (memory.units'), `stats_footer(stats, ...)`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import click
+
+from ..memory.units import format_bytes  # noqa: F401  (re-exported: the command modules print sizes with it)
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -387,16 +389,6 @@ def echo_table(rows, header=None) -> None:
 def emit_json(obj) -> None:
     """Print `obj` as indented JSON on stdout (plain types; anything else as its str)."""
     click.echo(json.dumps(obj, indent=2, default=str))
-
-
-def format_bytes(n: Optional[int]) -> str:
-    """Bytes in decimal units, the way `--memory-budget 6GB` reads them."""
-    if n is None:
-        return "-"
-    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}" if unit == "GB" else f"{n / scale:.1f} {unit}"
-    return f"{n} B"
 
 
 def format_values(value) -> str:

@@ -70,16 +70,16 @@ def pull_command(name: str, as_json: bool) -> None:
 def list_command(available: bool, as_json: bool) -> None:
     """List the models in the local cache: name, source, size, bits."""
     import mlxedge
-    from ..sources.registry import cache_dir
+    from ..paths import cache_root
 
     models = mlxedge.list_models(available=available)
     for m in models:
         m["bits"] = _header_bits(m["path"]) if m["cached"] else None
     if as_json:
-        emit_json({"cache_dir": str(cache_dir()), "models": models})
+        emit_json({"cache_dir": str(cache_root()), "models": models})
         return
     if not models:
-        click.echo(f"no models in {cache_dir()}; `mlxedge pull smollm2` fetches the default one "
+        click.echo(f"no models in {cache_root()}; `mlxedge pull smollm2` fetches the default one "
                    "(`mlxedge list --available` shows what can be pulled)")
         return
     rows = [(m["name"] + (" (default)" if m["default"] else ""), m["source"],

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .. import memory
 from ..errors import GenerationError
+from .guards import check_generation_context
 from .loop import prefill
 from .prompt_cache import PromptCache
 
@@ -51,7 +51,7 @@ def cache_prompt(model, text: str, path, system: Optional[str] = None, raw: bool
     if not isinstance(text, str) or not text:
         raise GenerationError("the prompt to cache is empty; give some text.")
     ids = prefix_ids(model, text, system, raw)
-    memory.check_generation_context(len(ids), 0, model.context_length)
+    check_generation_context(len(ids), 0, model.context_length)
     cache = model.new_cache(kv_bits=kv_bits)
     start = time.perf_counter()
     prefill(model.module, cache, ids)

@@ -25,8 +25,8 @@ from __future__ import annotations
 import copy
 from typing import Callable, Iterator, List, Optional, Sequence
 
-from .. import memory
 from ..errors import GenerationError
+from .guards import check_generation_context
 from .kv_cache import describe
 from .prompt_cache import PromptCache, common_prefix
 from .stats import GenerationResult, StreamEvent
@@ -119,8 +119,8 @@ class Session:
         model = self.model
         sampling = model._sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed)
         prompt_ids = model.tokenizer.prompt_ids(self.messages + [user])
-        memory.check_generation_context(len(prompt_ids), max_tokens, model.context_length,
-                                        rotating=self._settings["max_kv_size"] is not None)
+        check_generation_context(len(prompt_ids), max_tokens, model.context_length,
+                                 rotating=self._settings["max_kv_size"] is not None)
         drafter = self._drafter(draft)
         events = model._stream_with_cache(prompt_ids, self._cache, sampling=sampling, max_tokens=max_tokens,
                                           stop=stop, cancel=cancel, drafter=drafter,

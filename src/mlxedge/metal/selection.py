@@ -5,8 +5,8 @@ model is loaded in `auto` mode. The first time a (device, shape) pair is seen, b
 inputs, their outputs are compared (a kernel that disagrees with the built-in is never chosen), and then each
 is timed as a chain of launches evaluated at once — enough launches that the chain takes about
 CHAIN_TARGET_S, so the latency of one synchronisation does not swamp a kernel of a few microseconds. The
-candidate wins only if it was clearly faster. The verdict is written to a JSON file (MLXEDGE_KERNEL_CACHE,
-else the user cache directory), keyed by device, and reused by every later load on that device — unless
+candidate wins only if it was clearly faster. The verdict is written to a JSON file (the caller names it:
+mlxedge.kernels.selection_file), keyed by device, and reused by every later load on that device — unless
 the machine was oversubscribed while it was measured (load average above the core count): such a verdict
 serves the current process only.
 Imports only mlx and the standard library, so the Metal and the native CPU kernels share it.
@@ -29,14 +29,6 @@ REPETITIONS = 5
 AGREEMENT_RTOL = 2e-2
 CHAIN_TARGET_S = 0.02  # a timed chain lasts about this long...
 MIN_CHAIN, MAX_CHAIN = 3, 50  # ...within these many launches
-
-
-def default_cache_path() -> Path:
-    explicit = os.environ.get("MLXEDGE_KERNEL_CACHE")
-    if explicit:
-        return Path(explicit)
-    root = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
-    return Path(root) / "mlxedge" / "kernel-selection.json"
 
 
 def _median(values):
@@ -92,8 +84,8 @@ class Selector:
     decide every later load.
     """
 
-    def __init__(self, path: Path | None = None, measure_fn=measure, quiet=machine_is_quiet):
-        self.path = Path(path) if path is not None else default_cache_path()
+    def __init__(self, path, measure_fn=measure, quiet=machine_is_quiet):
+        self.path = Path(path)
         self.measure_fn = measure_fn
         self.quiet = quiet
         self._data = None

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Mapping, Optional, Tuple
 
 from ..errors import QuantizationError
 from .affine import QuantSpec, can_quantize
@@ -50,16 +50,6 @@ def is_embedding_or_head(path: str, is_embedding: bool) -> bool:
     return is_embedding or path.rsplit(".", 1)[-1] in HEAD_NAMES + EMBEDDING_NAMES
 
 
-def planned_target(stored: tuple, bits: Optional[int], group_size: int, path: str) -> tuple:
-    """(bits, group) a module stored at `stored` ends up with at these settings, for the memory plan
-    (the loader's choose_targets decides the same, by module class rather than by name)."""
-    if bits is None:
-        return stored
-    if is_coarser(QuantSpec(bits, group_size), QuantSpec(*stored)) and is_embedding_or_head(path, False):
-        return stored
-    return bits, group_size
-
-
 @dataclass
 class Targets:
     """module path -> QuantSpec it ends up with; the float leftovers; what was kept or re-gridded coarser."""
@@ -68,19 +58,30 @@ class Targets:
     unquantized: List[str] = field(default_factory=list)
     kept_stored: List[str] = field(default_factory=list)  # embeddings/heads kept at their stored precision
     requantized_coarser: List[str] = field(default_factory=list)  # only with allow_requantize
+    refused: List[Tuple[str, QuantSpec]] = field(default_factory=list)  # (path, stored spec): coarser, not allowed
 
 
-def choose_targets(modules: dict, stored: dict, requested: Optional[QuantSpec],
-                   allow_requantize: bool = False) -> Targets:
-    """modules: path -> (input_dims, is_embedding); stored: path -> QuantSpec of modules stored quantized."""
+def decide_targets(modules: dict, stored: dict, requested, allow_requantize: bool = False) -> Targets:
+    """What each module becomes; never raises (see `choose_targets` for the refusal).
+
+    modules: path -> (input_dims, is_embedding); stored: path -> QuantSpec of modules stored quantized;
+    requested: None (keep everything as stored), one QuantSpec for every module, or path -> QuantSpec | None
+    (a recipe resolved against the modules; None keeps that module float). A module refused for a coarser grid
+    is listed in `refused` and given the requested grid, the grid the request would put it on: what the memory
+    plan sizes, and what the loader refuses to do.
+    """
     out = Targets()
     if requested is None:  # keep everything as stored
         out.specs = {path: stored[path] for path in modules if path in stored}
         return out
-    refused = []
     for path, (input_dims, is_embedding) in modules.items():
+        spec = requested.get(path) if isinstance(requested, Mapping) else requested
         source = stored.get(path)
-        if source is not None and is_coarser(requested, source):
+        if spec is None:
+            if source is not None:
+                out.specs[path] = source
+            continue
+        if source is not None and is_coarser(spec, source):
             if allow_requantize:
                 out.requantized_coarser.append(path)
             elif is_embedding_or_head(path, is_embedding):
@@ -88,17 +89,34 @@ def choose_targets(modules: dict, stored: dict, requested: Optional[QuantSpec],
                 out.kept_stored.append(path)
                 continue
             else:
-                refused.append((path, source))
-                continue
-        if can_quantize(input_dims, requested):
-            out.specs[path] = requested
+                out.refused.append((path, source))
+        if can_quantize(input_dims, spec):
+            out.specs[path] = spec
         else:
             out.unquantized.append(path)
-    if refused:
-        (source, _), = Counter(spec for _, spec in refused).most_common(1)
-        raise QuantizationError(
-            f"{len(refused)} modules (e.g. {refused[0][0]}) are stored quantized at {source.bits}-bit group "
-            f"{source.group_size}; {requested.bits}-bit group {requested.group_size} is a coarser grid and would "
-            f"quantize them a second time; keep them as stored (no --bits), use --bits {max(requested.bits, source.bits)}"
-            f" --group-size {source.group_size}, or pass --allow-requantize to do it and see its measured cost.")
+    return out
+
+
+def refusal(targets: Targets, requested) -> Optional[QuantizationError]:
+    """The one-line error for the modules `decide_targets` refused, or None when it refused none."""
+    refused = targets.refused
+    if not refused:
+        return None
+    if isinstance(requested, Mapping):
+        requested = requested[refused[0][0]]
+    (source, _), = Counter(spec for _, spec in refused).most_common(1)
+    return QuantizationError(
+        f"{len(refused)} modules (e.g. {refused[0][0]}) are stored quantized at {source.bits}-bit group "
+        f"{source.group_size}; {requested.bits}-bit group {requested.group_size} is a coarser grid and would "
+        f"quantize them a second time; keep them as stored (no --bits), use --bits {max(requested.bits, source.bits)}"
+        f" --group-size {source.group_size}, or pass --allow-requantize to do it and see its measured cost.")
+
+
+def choose_targets(modules: dict, stored: dict, requested: Optional[QuantSpec],
+                   allow_requantize: bool = False) -> Targets:
+    """`decide_targets`, raising QuantizationError when a module stored quantized would go onto a coarser grid."""
+    out = decide_targets(modules, stored, requested, allow_requantize)
+    error = refusal(out, requested)
+    if error is not None:
+        raise error
     return out

