@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import pexpect
 import pytest
 from click.testing import CliRunner
 
@@ -241,7 +242,6 @@ def test_convert_writes_once_refuses_an_existing_dest_and_leaves_nothing_on_fail
 
 @pytest.mark.slow
 def test_ctrl_c_during_convert_leaves_nothing_at_dest(env, smollm2_gguf, tmp_path):
-    pexpect = pytest.importorskip("pexpect")
     out = tmp_path / "out"
     out.mkdir()
     # 8-bit re-grids every module (4-bit g32 as stored would be a quick copy, done before the Ctrl-C)

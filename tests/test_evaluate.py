@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import _build_once, test_cache_dir
+from fixture_cache import build_once, test_cache_dir
 from mlxedge.errors import MlxedgeError
 from mlxedge.evaluate import (DivergenceStats, PerplexityStats, compare_rows, evaluate_chunks, evaluate_text,
                               make_chunks, token_nll)
