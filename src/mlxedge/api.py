@@ -64,7 +64,7 @@ def load(source, bits: Optional[int] = None, group_size: Optional[int] = None, d
     for a quantized source, else 64.
     """
     if kv_overflow not in KV_OVERFLOW:
-        raise ValueError(f"kv_overflow must be one of {KV_OVERFLOW}")
+        raise UnsupportedError(f"kv_overflow must be one of {', '.join(map(repr, KV_OVERFLOW))}, got {kv_overflow!r}.")
     if recipe is None and target_bpw is None:
         validate_settings(bits, group_size or 64)  # bad settings fail before the source is opened
     kv_bits = _validate_kv_bits(kv_bits)
