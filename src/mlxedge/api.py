@@ -8,7 +8,7 @@ from . import memory
 from .adapters import read_adapter
 from .loading import load_checkpoint, resolve_dtype
 from .errors import QuantizationError, UnsupportedError
-from .quant.affine import validate_settings
+from .quant.affine import quantization_summary, validate_settings
 from .quant.recipes import Recipe
 from .quant.requantize import default_group_size
 from .recipe_search import resolve_quantization
@@ -107,14 +107,12 @@ def _validate_kv_bits(kv_bits):
 
 
 def model_info(checkpoint, loaded) -> dict:
-    specs = set(loaded.quantized.values())
-    bits = sorted({s.bits for s in specs})
-    groups = sorted({s.group_size for s in specs})
+    """`Model.info`: plain types, one type per key (bits and group_size: the predominant spec's int, or None
+    when unquantized; the per-spec breakdown of a mixed model is under "quantization")."""
     info = {
         "architecture": loaded.config["model_type"],
         "parameters": loaded.parameters,
-        "bits": (bits[0] if len(bits) == 1 else bits) if bits else None,
-        "group_size": (groups[0] if len(groups) == 1 else groups) if groups else None,
+        **quantization_summary(loaded.quantized),
         "dtype": str(loaded.dtype).split(".")[-1],
         "bytes": loaded.nbytes,
         "source": checkpoint.source,

@@ -408,16 +408,17 @@ def format_bytes(n: Optional[int]) -> str:
     return f"{n} B"
 
 
-def format_values(value) -> str:
-    """One value or several (a model mixing 4- and 8-bit modules): 4 → "4", [4, 8] → "4/8"."""
-    return "/".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+def _values(specs: list, key: str, main) -> str:
+    """Every value of `key` among the specs, sorted: "4" or, for a mix of 4- and 8-bit modules, "4/8"."""
+    return "/".join(str(v) for v in sorted({s[key] for s in specs})) if specs else str(main)
 
 
 def format_quantization(info: dict, short: bool = False) -> str:
     """A model's precision from its info: "4/8-bit g32" (short) or "4/8-bit affine, group size 32"; float: dtype."""
     if not info.get("bits"):
         return info.get("dtype") or "float"
-    bits, group = format_values(info["bits"]), format_values(info.get("group_size"))
+    specs = info.get("quantization") or []
+    bits, group = _values(specs, "bits", info["bits"]), _values(specs, "group_size", info.get("group_size"))
     return f"{bits}-bit g{group}" if short else f"{bits}-bit affine, group size {group}"
 
 
