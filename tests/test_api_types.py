@@ -165,3 +165,18 @@ def test_ignore_eos_runs_past_end_of_sequence(tiny_chat_loaded, monkeypatch):
     assert stopped.finish_reason == "stop" and stopped.tokens == []
     kept = model.generate(ids=ids, max_tokens=5, ignore_eos=True)
     assert kept.finish_reason in ("length", "repeating") and kept.tokens[0] == first
+
+
+def test_logits_rows_are_the_rows_of_the_full_sequence(tiny):
+    import numpy as np
+
+    model = mlxedge.load(tiny, dtype="float32")
+    ids = [1, 17, 93, 200, 5, 42, 7]
+    full = model.logits(ids)
+    assert full.shape == (len(ids), model.vocab_size)
+    assert np.array_equal(model.logits(ids, start=3, stop=6), full[3:6])
+    for start, stop in [(-1, None), (3, 3), (0, 8), (2.0, None)]:
+        with pytest.raises(GenerationError, match="start"):
+            model.logits(ids, start=start, stop=stop)
+    with pytest.raises(GenerationError, match="empty"):
+        model.logits([])

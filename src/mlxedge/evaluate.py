@@ -182,15 +182,10 @@ class DivergenceStats:
 def scored_logits(model, chunk: Sequence[int]) -> np.ndarray:
     """float32 logits of the scored rows of one chunk (ctx/2 .. ctx-2) from one forward pass of `model`.
 
-    `model` is an mlxedge Model (its mlx-lm module runs the chunk without a cache; only the scored rows
-    leave the device).
+    `model` is an mlxedge Model (`Model.logits` runs the chunk without a cache; only the scored rows leave the
+    device).
     """
-    import mlx.core as mx
-
-    first = first_scored(len(chunk))
-    ids = mx.array(list(chunk), dtype=mx.uint32)[None]
-    out = model.module(ids)[0, first:len(chunk) - 1].astype(mx.float32)
-    return np.array(out)
+    return model.logits(chunk, start=first_scored(len(chunk)), stop=len(chunk) - 1)
 
 
 def evaluate_chunks(models: dict, chunks: List[List[int]], reference=None,

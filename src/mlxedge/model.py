@@ -70,12 +70,16 @@ class Model:
                 ids.update(int(v) for v in value)
         return sorted(ids)
 
-    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
-        """Full-sequence logits [len(token_ids), vocab] as float32, one forward pass without a cache."""
-        ids = mx.array([int(t) for t in token_ids], dtype=mx.uint32)  # accepts numpy ints too
-        if ids.size == 0:
-            raise GenerationError("logits() needs at least one token id.")
-        out = self.module(ids[None])[0].astype(mx.float32)
+    @checked_call
+    def logits(self, token_ids: Sequence[int], start: int = 0, stop: Optional[int] = None) -> np.ndarray:
+        """Logits [stop - start, vocab] as float32 of rows start..stop-1 (default: every row), from one forward
+        pass over all of `token_ids` without a cache; only the asked rows leave the device."""
+        ids = check_ids(token_ids, self.vocab_size)  # accepts numpy ints too
+        stop = len(ids) if stop is None else stop
+        if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= len(ids)):
+            raise GenerationError(f"logits rows start={start!r}, stop={stop!r} must satisfy 0 <= start < stop <= "
+                                  f"{len(ids)} (the number of token ids).")
+        out = self.module(mx.array(ids, dtype=mx.uint32)[None])[0, start:stop].astype(mx.float32)
         return np.array(out)
 
     @checked_call
