@@ -6,17 +6,12 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
-from pathlib import Path
 
 import pytest
 
-from fixture_cache import build_once, test_cache_dir
 from mlxedge import bench as B
 from mlxedge.errors import MlxedgeError
-
-
 
 
 @pytest.fixture

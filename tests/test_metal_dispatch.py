@@ -21,7 +21,7 @@ import mlx.core as mx
 from emulator.cases import quantized_weight
 from emulator.runner import EmulatorRunner
 from mlxedge.kernels import KernelChoice, read_mode
-from mlxedge.metal import dispatch, kernels, selection
+from mlxedge.metal import kernels, selection
 from mlxedge.metal.runner import MetalRunner
 from mlxedge.quant.affine import QuantSpec
 from mlxedge.quant.fused_mlp import FusedGatedMLP
