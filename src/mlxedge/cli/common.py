@@ -267,7 +267,8 @@ def resolve_source(source: str, quiet: bool = False) -> str:
         return source
     import mlxedge
 
-    alias = next((m for m in mlxedge.list_models(available=True) if m["name"] == source.strip().lower()), None)
+    aliases = mlxedge.list_models(available=True, with_bits=False)
+    alias = next((m for m in aliases if m["name"] == source.strip().lower()), None)
     if alias is None:
         return source  # a hub id, or a path that does not exist: the loader says what is wrong with it
     if not alias["cached"] and not quiet:
@@ -281,7 +282,7 @@ def default_model() -> str:
     """The alias a command uses when no model is named (the one `mlxedge list --available` marks default)."""
     import mlxedge
 
-    return next(m["name"] for m in mlxedge.list_models(available=True) if m["default"])
+    return next(m["name"] for m in mlxedge.list_models(available=True, with_bits=False) if m["default"])
 
 
 def load_model(source: str, quiet: bool = False, warm_up: bool = False, **load):

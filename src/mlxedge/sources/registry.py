@@ -124,9 +124,10 @@ def pull(name: str, progress: Optional[Progress] = None) -> dict:
             "already_cached": was_cached}
 
 
-def list_models(available: bool = False) -> List[dict]:
+def list_models(available: bool = False, with_bits: bool = True) -> List[dict]:
     """The cached models (every alias with `available`): name, cached, path, bytes, bits, source, description,
-    default. bits: the predominant bit width the cached file's headers declare (None when float or not cached)."""
+    default. bits: the predominant bit width the cached file's headers declare (None when float or not cached);
+    with_bits=False skips reading the headers (bits None), for a quick lookup of names and paths."""
     out = []
     for alias in ALIASES.values():
         path = cached_path(alias)
@@ -134,7 +135,8 @@ def list_models(available: bool = False) -> List[dict]:
         if cached or available:
             out.append({"name": alias.name, "cached": cached, "path": str(path),
                         "bytes": path.stat().st_size if cached else None,
-                        "bits": _stored_bits(path) if cached else None, "source": f"pypi:{alias.requirement}",
+                        "bits": _stored_bits(path) if cached and with_bits else None,
+                        "source": f"pypi:{alias.requirement}",
                         "description": alias.description, "default": alias.default})
     return out
 
