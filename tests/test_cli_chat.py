@@ -14,11 +14,10 @@ import re
 import sys
 from pathlib import Path
 
+import pexpect
 import pytest
 
-pexpect = pytest.importorskip("pexpect")
-
-from test_cli import default_sigint  # noqa: E402
+from test_cli import default_sigint
 
 MLXEDGE = str(Path(sys.executable).with_name("mlxedge"))
 PROMPT = ">>> "

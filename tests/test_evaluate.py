@@ -5,18 +5,14 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import _build_once, test_cache_dir
 from mlxedge.errors import MlxedgeError
 from mlxedge.evaluate import (DivergenceStats, PerplexityStats, compare_rows, evaluate_chunks, evaluate_text,
                               make_chunks, token_nll)
-
-
 
 
 # ------------------------------------------------------------------------------------------------ pure numerics

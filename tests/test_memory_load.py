@@ -49,7 +49,8 @@ def test_gguf_refusal_suggests_shorter_contexts_at_its_stored_precision(smollm2_
     with pytest.raises(MemoryBudgetError, match="context_length=1024"):
         mlxedge.load(smollm2_gguf, memory_budget=budget, context_length=2048)
     model = mlxedge.load(smollm2_gguf, memory_budget=budget, context_length=2048, auto_fit=True)
-    assert model.context_length == 1024 and model.info["bits"] == [4, 8]  # Q4_1 blocks, Q8_0 embedding
+    assert model.context_length == 1024 and model.info["bits"] == 4  # Q4_1 blocks (the Q8_0 embedding: below)
+    assert [(s["bits"], s["modules"]) for s in model.info["quantization"]] == [(4, 210), (8, 1)]
 
 
 @pytest.fixture(scope="module")

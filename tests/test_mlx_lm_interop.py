@@ -1,6 +1,7 @@
 """Files round-trip with mlx-lm: what mlxedge writes mlx-lm loads, and what mlx-lm writes mlxedge loads."""
 
 import json
+import shutil
 
 import mlx.core as mx
 import numpy as np
@@ -9,7 +10,7 @@ from mlx_lm import convert as mlx_lm_convert
 from mlx_lm import load as mlx_lm_load
 
 import mlxedge
-from tiny_models import build_tiny
+from tiny_models import build_tiny, reference_logits
 
 IDS = [1, 5, 9, 200, 300, 4000, 17, 42, 99, 1234]
 
@@ -68,11 +69,41 @@ def test_mlx_lm_files_load_in_mlxedge_with_identical_logits(tiny_with_tokenizer,
                           .logits(IDS), theirs)
 
 
-def test_mlx_lm_files_with_transformers5_rope_are_read_correctly(tmp_path, smollm2_hf):
-    """mlx-lm copies the config as transformers 5 wrote it; mlxedge still reads its rope_theta (mlx-lm does not)."""
+def _dequantized_checkpoint(mlx_dir, source, dest):
+    """A transformers checkpoint (source's config) of the weights an mlx-lm directory holds, quantized ones
+    dequantized by mx.dequantize: the independent reference for what that directory computes."""
+    quantization = json.loads((mlx_dir / "config.json").read_text()).get("quantization")
+    weights = {}
+    for file in sorted(mlx_dir.glob("*.safetensors")):
+        weights.update(mx.load(str(file)))
+    out = {}
+    for name, value in weights.items():
+        prefix = name[: -len(".weight")]
+        if name.endswith((".scales", ".biases")):
+            continue
+        if f"{prefix}.scales" in weights:
+            value = mx.dequantize(value, weights[f"{prefix}.scales"], weights[f"{prefix}.biases"],
+                                  group_size=quantization["group_size"], bits=quantization["bits"])
+        out[name] = value.astype(mx.float32)
+    dest.mkdir()
+    shutil.copy(source / "config.json", dest / "config.json")
+    mx.save_safetensors(str(dest / "model.safetensors"), out, metadata={"format": "pt"})
+    return dest
+
+
+@pytest.mark.parametrize("bits", [None, 8])
+def test_mlx_lm_files_with_transformers5_rope_are_read_correctly(tmp_path, smollm2_hf, bits):
+    """mlx-lm copies the config as transformers 5 wrote it (rope_theta only inside rope_parameters): mlxedge
+    reads its rope_theta and agrees with transformers on the same weights; mlx-lm falls back to 1e4 and does not."""
     source = _tiny(tmp_path / "odd_rope", smollm2_hf, 313.0)
     out = tmp_path / "theirs"
-    mlx_lm_convert(str(source), mlx_path=str(out), quantize=True, q_bits=8, q_group_size=64)
-    ours = mlxedge.load(out)
-    assert np.array_equal(ours.logits(IDS),
-                          mlxedge.load(source, bits=8, group_size=64, dtype=ours.info["dtype"]).logits(IDS))
+    mlx_lm_convert(str(source), mlx_path=str(out), quantize=bits is not None, q_bits=bits, q_group_size=64,
+                   dtype="float32")
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_parameters"]["rope_theta"] == 313.0 and config.get("rope_theta") is None
+    reference = reference_logits(_dequantized_checkpoint(out, source, tmp_path / "reference") if bits else source,
+                                 IDS).numpy()
+    ours = mlxedge.load(out, dtype="float32")
+    assert ours.info["bits"] == bits
+    assert np.abs(ours.logits(IDS) - reference).max() <= 1e-3
+    assert np.abs(_mlx_lm_logits(out) - reference).max() > 0.1  # a misread rope_theta shows at this tolerance

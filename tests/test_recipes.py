@@ -48,7 +48,9 @@ def test_q4_k_m_preset_writes_mlx_lm_overrides_and_loads_identically_in_mlx_lm(t
                       + ["lm_head"])
     assert six == expected
     ours = mlxedge.load(out, dtype="float32")
-    assert sorted(ours.info["bits"]) == [4, 6]
+    assert (ours.info["bits"], ours.info["group_size"]) == (4, 32)
+    assert sorted(s["bits"] for s in ours.info["quantization"]) == [4, 6]
+    assert {s["bits"]: s["modules"] for s in ours.info["quantization"]}[6] == len(expected)
     theirs, _ = mlx_lm_load(str(out))
     expected_logits = np.array(theirs(mx.array(IDS)[None])[0].astype(mx.float32))
     assert np.array_equal(ours.logits(IDS), expected_logits)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import mlx.core as mx
 import numpy as np
 import pytest
-
-mx = pytest.importorskip("mlx.core")
-torch = pytest.importorskip("torch")
-from transformers.generation.logits_process import (  # noqa: E402
+import torch
+from transformers.generation.logits_process import (
     LogitsProcessorList,
     MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
@@ -16,8 +15,8 @@ from transformers.generation.logits_process import (  # noqa: E402
     TopPLogitsWarper,
 )
 
-from mlxedge.errors import GenerationError  # noqa: E402
-from mlxedge.generate.sampler import Sampler, SamplingParams, make_sampler  # noqa: E402
+from mlxedge.errors import GenerationError
+from mlxedge.generate.sampler import Sampler, SamplingParams, make_sampler
 
 
 def reference(params: SamplingParams, logits: np.ndarray, history: np.ndarray) -> np.ndarray:

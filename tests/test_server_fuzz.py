@@ -8,14 +8,13 @@ import urllib.error
 import urllib.request
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tiny_chat import tiny_chat  # noqa: F401  (fixture)
 from engine_fixtures import live_server
 from mlxedge.engine import Engine
 from mlxedge.server import Limits
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
                     | st.text(max_size=12),

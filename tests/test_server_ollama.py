@@ -3,12 +3,12 @@ Ollama's final fields, and not), tags, show, ps, pull, version, errors."""
 
 from __future__ import annotations
 
+import ollama
 import pytest
 
 from tiny_chat import tiny_chat  # noqa: F401  (fixture)
 from engine_fixtures import served  # noqa: F401  (fixtures)
 
-ollama = pytest.importorskip("ollama")
 MESSAGES = [{"role": "user", "content": "Tell me about foxes."}]
 FINAL_FIELDS = ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_count",
                 "eval_duration", "done_reason")

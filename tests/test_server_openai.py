@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import urllib.request
 
+import openai
 import pytest
 
 from tiny_chat import tiny_chat  # noqa: F401  (fixture)
 from engine_fixtures import served  # noqa: F401  (fixtures)
 from mlxedge.engine import Request
 
-openai = pytest.importorskip("openai")
 MESSAGES = [{"role": "user", "content": "Tell me about foxes."}]
 
 

@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import _build_once, test_cache_dir
+from fixture_cache import build_once, test_cache_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
@@ -22,7 +22,7 @@ def tiny_chat_model(smollm2_hf: Path, arch: str = "llama", name: str = "", **ove
             if (smollm2_hf / file).exists():
                 shutil.copy(smollm2_hf / file, tmp / file)
 
-    return _build_once(test_cache_dir() / f"tiny-chat-{arch}{'-' + name if name else ''}", build)
+    return build_once(test_cache_dir() / f"tiny-chat-{arch}{'-' + name if name else ''}", build)
 
 
 @pytest.fixture(scope="module")

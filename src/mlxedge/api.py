@@ -10,7 +10,7 @@ from .memory.budget import device_budget
 from .memory.fit import check_plan
 from .memory.plan import MemoryPlan, default_context_length, make_plan
 from .errors import QuantizationError, UnsupportedError
-from .quant.affine import validate_settings
+from .quant.affine import quantization_summary, validate_settings
 from .quant.recipes import Recipe
 from .quant.requantize import default_group_size
 from .recipe_search import resolve_quantization
@@ -66,7 +66,7 @@ def load(source, bits: Optional[int] = None, group_size: Optional[int] = None, d
     for a quantized source, else 64.
     """
     if kv_overflow not in KV_OVERFLOW:
-        raise ValueError(f"kv_overflow must be one of {KV_OVERFLOW}")
+        raise UnsupportedError(f"kv_overflow must be one of {', '.join(map(repr, KV_OVERFLOW))}, got {kv_overflow!r}.")
     if recipe is None and target_bpw is None:
         validate_settings(bits, group_size or 64)  # bad settings fail before the source is opened
     kv_bits = _validate_kv_bits(kv_bits)
@@ -109,14 +109,12 @@ def _validate_kv_bits(kv_bits):
 
 
 def model_info(checkpoint, loaded) -> dict:
-    specs = set(loaded.quantized.values())
-    bits = sorted({s.bits for s in specs})
-    groups = sorted({s.group_size for s in specs})
+    """`Model.info`: plain types, one type per key (bits and group_size: the predominant spec's int, or None
+    when unquantized; the per-spec breakdown of a mixed model is under "quantization")."""
     info = {
         "architecture": loaded.config["model_type"],
         "parameters": loaded.parameters,
-        "bits": (bits[0] if len(bits) == 1 else bits) if bits else None,
-        "group_size": (groups[0] if len(groups) == 1 else groups) if groups else None,
+        **quantization_summary(loaded.quantized),
         "dtype": str(loaded.dtype).split(".")[-1],
         "bytes": loaded.nbytes,
         "source": checkpoint.source,

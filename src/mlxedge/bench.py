@@ -270,7 +270,7 @@ def time_tokens(tokens: Iterable) -> dict:
 
 
 class OursRunner:
-    """mlxedge's generation loop on exact token ids, never stopping early (no EOS)."""
+    """mlxedge's public stream on exact token ids, never stopping early (ignore_eos)."""
 
     name = "mlxedge"
 
@@ -278,11 +278,7 @@ class OursRunner:
         self.model = model
 
     def tokens(self, ids: List[int], n: int):
-        from .generate.loop import generate_stream
-        from .generate.sampler import SamplingParams
-
-        for event in generate_stream(self.model.module, self.model.tokenizer.hf, ids, eos_ids=[],
-                                     sampling=SamplingParams(), max_tokens=n):
+        for event in self.model.stream(ids=ids, max_tokens=n, ignore_eos=True):
             if event.token is not None:
                 yield event.token
 
@@ -323,7 +319,7 @@ def mean_stdev(values: List[float]) -> tuple:
 
 def prompt_ids(tokenizer, p: int) -> List[int]:
     """Exactly p token ids of English prose (the built-in text, repeated if ever too short)."""
-    from .evaluate import builtin_text
+    from .corpus import builtin_text
 
     if p < 1:
         raise MlxedgeError(f"-p {p} must be at least 1.")

@@ -44,7 +44,7 @@ def normalize_config(config: dict) -> dict:
     if model_type in ("gemma2", "gemma3_text"):
         layer_types = cfg.pop("layer_types", None)
         if layer_types:
-            cfg["sliding_window_pattern"] = _sliding_pattern(layer_types)
+            cfg["sliding_window_pattern"] = _sliding_pattern(layer_types, all_sliding=model_type == "gemma3_text")
     if model_type in ("qwen2", "qwen3"):
         cfg.pop("layer_types", None)  # mlx-lm's qwen models attend fully on every layer
     if "num_key_value_heads" not in cfg or cfg["num_key_value_heads"] is None:
@@ -65,14 +65,18 @@ def _apply_rope(cfg: dict, rope: dict) -> None:
         cfg["rope_scaling"] = scaling
 
 
-def _sliding_pattern(layer_types: list) -> int:
-    """The period p with layer i global iff (i + 1) % p == 0, as mlx-lm's gemma models expect."""
+def _sliding_pattern(layer_types: list, all_sliding: bool = False) -> int:
+    """The period p with layer i global iff (i + 1) % p == 0, as mlx-lm's gemma models expect.
+
+    Layers that all slide give p = n + 1 (no layer global) where the architecture can run that
+    (`all_sliding`: gemma3_text, through architecture_fixes); elsewhere they are refused.
+    """
     n = len(layer_types)
     for p in range(1, n + 2):
         if all((lt == "full_attention") == ((i + 1) % p == 0) for i, lt in enumerate(layer_types)):
-            if p > n:
+            if p > n and not all_sliding:
                 raise UnsupportedError("a model whose layers all use sliding-window attention is not supported "
-                                       "by mlx-lm's gemma architecture.")
+                                       "by mlx-lm's gemma2 architecture.")
             return p
     raise UnsupportedError(f"layer_types {layer_types[:8]}... do not follow a periodic sliding/global pattern; "
                            "mlx-lm's gemma architecture cannot express it.")
@@ -82,5 +86,7 @@ def model_classes(cfg: dict):
     """mlx-lm's (Model, ModelArgs) for a normalised config."""
     from .architectures import import_architecture
 
+    from .architecture_fixes import model_class
+
     module = import_architecture(ARCHITECTURE_MODULES.get(cfg["model_type"], cfg["model_type"]))
-    return module.Model, module.ModelArgs
+    return model_class(cfg["model_type"], module), module.ModelArgs

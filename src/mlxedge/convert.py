@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections import Counter
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -24,7 +23,7 @@ from .adapters import fused_checkpoint, read_adapter
 from .errors import MlxedgeError
 from .loading import load_checkpoint, resolve_dtype
 from .memory.plan import weight_plan
-from .quant.affine import QuantSpec, validate_settings
+from .quant.affine import QuantSpec, predominant_spec, quantization_summary, validate_settings
 from .quant.recipes import Recipe
 from .quant.requantize import default_group_size
 from .quant.sensitivity import save_sensitivities
@@ -102,11 +101,9 @@ def convert(source, dest, bits="auto", group_size: Optional[int] = None, dtype: 
     except BaseException:
         fsutil.remove_path(tmp)
         raise
-    specs = Counter(loaded.quantized.values())
-    main = specs.most_common(1)[0][0] if specs else None
     return {"path": str(dest), "bytes": total, "architecture": loaded.config["model_type"],
             "quantized_modules": len(loaded.quantized), "unquantized_modules": loaded.unquantized,
-            "bits": main.bits if main else None, "group_size": main.group_size if main else None,
+            **quantization_summary(loaded.quantized),
             "kept_stored_precision": loaded.extra["kept_stored_precision"],
             "requantized_coarser": loaded.extra["requantized_coarser"],
             "recipe": requested.name if isinstance(requested, Recipe) else None,
@@ -156,7 +153,7 @@ def _write_config(directory: Path, loaded, checkpoint) -> None:
     config = {k: v for k, v in loaded.config.items() if k not in ("quantization", "quantization_config")}
     config["torch_dtype"] = str(loaded.dtype).split(".")[-1]
     if loaded.quantized:
-        default, _ = Counter(loaded.quantized.values()).most_common(1)[0]
+        default = predominant_spec(loaded.quantized)
         quantization = default.to_config()
         for path, spec in loaded.quantized.items():
             if spec != default:

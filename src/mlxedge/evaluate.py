@@ -23,6 +23,7 @@ from typing import Callable, Iterable, List, Optional, Sequence
 
 import numpy as np
 
+from .corpus import builtin_text
 from .errors import MlxedgeError
 
 DEFAULT_CTX = 512  # llama-perplexity's (`mlxedge eval --full`)
@@ -35,13 +36,6 @@ Progress = Callable[[int, int], None]
 
 
 # ------------------------------------------------------------------------------------------------ text
-
-def builtin_text() -> str:
-    """English prose every Python ships with: pydoc's topic texts (≈465k characters), in key order."""
-    from pydoc_data.topics import topics
-
-    return "\n".join(topics[k] for k in sorted(topics))
-
 
 def tokenize_for_perplexity(tokenizer, text: str) -> tuple:
     """(token ids, bos id or None): the text tokenized as llama-perplexity does, and the BOS to start chunks with.
@@ -188,15 +182,10 @@ class DivergenceStats:
 def scored_logits(model, chunk: Sequence[int]) -> np.ndarray:
     """float32 logits of the scored rows of one chunk (ctx/2 .. ctx-2) from one forward pass of `model`.
 
-    `model` is an mlxedge Model (its mlx-lm module runs the chunk without a cache; only the scored rows
-    leave the device).
+    `model` is an mlxedge Model (`Model.logits` runs the chunk without a cache; only the scored rows leave the
+    device).
     """
-    import mlx.core as mx
-
-    first = first_scored(len(chunk))
-    ids = mx.array(list(chunk), dtype=mx.uint32)[None]
-    out = model.module(ids)[0, first:len(chunk) - 1].astype(mx.float32)
-    return np.array(out)
+    return model.logits(chunk, start=first_scored(len(chunk)), stop=len(chunk) - 1)
 
 
 def evaluate_chunks(models: dict, chunks: List[List[int]], reference=None,

@@ -7,6 +7,8 @@ from typing import Callable, Iterator, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
+from .arguments import (check_cancel, check_flag, check_ids, check_max_tokens, check_num_draft_tokens,
+                        check_stop, checked_call)
 from .errors import GenerationError
 from .generate.guards import check_generation_context, wired_limit
 from .generate.kv_cache import validate_kv_bits
@@ -68,22 +70,30 @@ class Model:
                 ids.update(int(v) for v in value)
         return sorted(ids)
 
-    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
-        """Full-sequence logits [len(token_ids), vocab] as float32, one forward pass without a cache."""
-        ids = mx.array([int(t) for t in token_ids], dtype=mx.uint32)  # accepts numpy ints too
-        if ids.size == 0:
-            raise GenerationError("logits() needs at least one token id.")
-        out = self.module(ids[None])[0].astype(mx.float32)
+    @checked_call
+    def logits(self, token_ids: Sequence[int], start: int = 0, stop: Optional[int] = None) -> np.ndarray:
+        """Logits [stop - start, vocab] as float32 of rows start..stop-1 (default: every row), from one forward
+        pass over all of `token_ids` without a cache; only the asked rows leave the device."""
+        ids = check_ids(token_ids, self.vocab_size)  # accepts numpy ints too
+        stop = len(ids) if stop is None else stop
+        if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= len(ids)):
+            raise GenerationError(f"logits rows start={start!r}, stop={stop!r} must satisfy 0 <= start < stop <= "
+                                  f"{len(ids)} (the number of token ids).")
+        out = self.module(mx.array(ids, dtype=mx.uint32)[None])[0, start:stop].astype(mx.float32)
         return np.array(out)
 
-    def stream(self, prompt_or_messages, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+    @checked_call
+    def stream(self, prompt_or_messages=None, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: Optional[int] = None,
                stop: Optional[Sequence[str]] = None, cancel: Optional[Callable[[], bool]] = None,
                raw: bool = False, draft=None, num_draft_tokens: int = 3, kv_bits: Optional[int] = None,
-               prompt_cache=None, cache: Optional[PromptCache] = None) -> Iterator[StreamEvent]:
+               prompt_cache=None, cache: Optional[PromptCache] = None, ids: Optional[Sequence[int]] = None,
+               ignore_eos: bool = False) -> Iterator[StreamEvent]:
         """Text deltas as they are generated; the last event carries finish_reason and stats.
 
         A string prompt goes through the chat template when the model has one (raw=True sends it as is);
+        `ids` instead of a prompt: exact prompt token ids, no template and no tokenizer on the way in.
+        ignore_eos=True: end-of-sequence tokens do not end the reply (it runs to max_tokens or a stop string).
         `cancel` is polled after every token and stops the stream with finish_reason "cancelled".
         draft: a loaded Model sharing this tokenizer, "prompt-lookup" (n-gram drafts from the context) or
         "auto" (prompt lookup, switched off when it does not pay) for speculative decoding, proposing
@@ -91,15 +101,29 @@ class Model:
         prompt_cache: a file written by `cache_prompt`; the prompt continues its cached prefix.
         cache: a PromptCache from `new_cache()` to generate into: what it shares with the prompt (longest
         common token prefix) is reused, and it is left holding prompt and reply (a shared prefix cache).
+        Every bad argument raises GenerationError (an MlxedgeError), an unknown keyword included.
         """
         sampling = self._sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed)
+        max_tokens, stop = check_max_tokens(max_tokens), check_stop(stop)
+        cancel, raw = check_cancel(cancel), check_flag("raw", raw)
+        ignore_eos, num_draft_tokens = check_flag("ignore_eos", ignore_eos), check_num_draft_tokens(num_draft_tokens)
+        if (ids is None) == (prompt_or_messages is None):
+            raise GenerationError("give a prompt (text or messages) or ids (prompt token ids)"
+                                  + (", not both." if ids is not None else "."))
+        if cache is not None and not isinstance(cache, PromptCache):
+            raise GenerationError(f"cache must be a PromptCache from model.new_cache(), got {type(cache).__name__}.")
         if cache is not None and prompt_cache is not None:
             raise GenerationError("give either cache or prompt_cache, not both.")
-        if prompt_cache is not None:
-            from .generate.prompt_cache_files import continue_prompt
+        if ids is not None:
+            if prompt_cache is not None:
+                raise GenerationError("prompt_cache continues a text prompt; it cannot be combined with ids.")
+            prompt_ids = check_ids(ids, self.vocab_size)
+        else:
+            if prompt_cache is not None:
+                from .generate.prompt_cache_files import continue_prompt
 
-            cache, prompt_or_messages, raw = continue_prompt(self, prompt_cache, prompt_or_messages, raw)
-        prompt_ids = self.tokenizer.prompt_ids(prompt_or_messages, raw=raw)
+                cache, prompt_or_messages, raw = continue_prompt(self, prompt_cache, prompt_or_messages, raw)
+            prompt_ids = self.tokenizer.prompt_ids(prompt_or_messages, raw=raw)
         # checked now, not at the first next(): a prompt past the planned context fails at the call
         decision = check_generation_context(len(prompt_ids), max_tokens, self.context_length,
                                             rotating=self._kv_overflow == "rotate")
@@ -107,7 +131,14 @@ class Model:
             window = decision.window if decision.mode == "rotating" else None
             cache = self.new_cache(max_kv_size=window, kv_bits=kv_bits)
         return self._stream_with_cache(prompt_ids, cache, sampling=sampling, max_tokens=max_tokens, stop=stop,
-                                       cancel=cancel, draft=draft, num_draft_tokens=num_draft_tokens)
+                                       cancel=cancel, draft=draft, num_draft_tokens=num_draft_tokens,
+                                       ignore_eos=ignore_eos)
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the embedding: token ids run from 0 to vocab_size - 1."""
+        size = self.config.get("vocab_size") or (self.config.get("text_config") or {}).get("vocab_size")
+        return int(size) if size else self.tokenizer.vocab_size
 
     @staticmethod
     def _sampling(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0, seed=None):
@@ -129,9 +160,10 @@ class Model:
         return self._stream_within_plan(prompt_ids, cache=cache, drafter=drafter,
                                         num_draft_tokens=num_draft_tokens, draft_auto=auto, **kwargs)
 
-    def _stream_within_plan(self, prompt_ids, **kwargs) -> Iterator[StreamEvent]:
+    def _stream_within_plan(self, prompt_ids, ignore_eos: bool = False, **kwargs) -> Iterator[StreamEvent]:
+        eos_ids = [] if ignore_eos else self.eos_ids()
         with wired_limit(self._wired_bytes):  # macOS: keep the planned bytes resident; no-op elsewhere
-            yield from generate_stream(self.module, self.tokenizer.hf, prompt_ids, eos_ids=self.eos_ids(), **kwargs)
+            yield from generate_stream(self.module, self.tokenizer.hf, prompt_ids, eos_ids=eos_ids, **kwargs)
 
     # ------------------------------------------------------------------ caches and sessions
 
@@ -148,6 +180,7 @@ class Model:
             self._fingerprint = model_fingerprint(self.module, self.config)
         return self._fingerprint
 
+    @checked_call
     def session(self, system: Optional[str] = None, kv_bits: Optional[int] = None) -> "Session":
         """A conversation that keeps its KV cache between turns (see mlxedge.generate.session)."""
         from .generate.session import Session
@@ -160,6 +193,7 @@ class Model:
 
         return Session.load(self, path)
 
+    @checked_call
     def cache_prompt(self, prompt: str, path, system: Optional[str] = None, raw: bool = False,
                      kv_bits: Optional[int] = None) -> dict:
         """Prefill `prompt` and save the cache to `path` for `generate(..., prompt_cache=path)`."""
@@ -167,8 +201,18 @@ class Model:
 
         return cache_prompt(self, prompt, path, system=system, raw=raw, kv_bits=kv_bits)
 
-    def generate(self, prompt_or_messages, **kwargs) -> GenerationResult:
-        """Generate to completion; same arguments as `stream`."""
+    @checked_call
+    def generate(self, prompt_or_messages=None, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: Optional[int] = None,
+                 stop: Optional[Sequence[str]] = None, cancel: Optional[Callable[[], bool]] = None,
+                 raw: bool = False, draft=None, num_draft_tokens: int = 3, kv_bits: Optional[int] = None,
+                 prompt_cache=None, cache: Optional[PromptCache] = None, ids: Optional[Sequence[int]] = None,
+                 ignore_eos: bool = False) -> GenerationResult:
+        """Generate to completion: the GenerationResult of `stream` with the same arguments."""
         from .generate.session import collect
 
-        return collect(self.stream(prompt_or_messages, **kwargs))
+        return collect(self.stream(prompt_or_messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                   top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+                                   stop=stop, cancel=cancel, raw=raw, draft=draft, num_draft_tokens=num_draft_tokens,
+                                   kv_bits=kv_bits, prompt_cache=prompt_cache, cache=cache, ids=ids,
+                                   ignore_eos=ignore_eos))

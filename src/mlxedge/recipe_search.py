@@ -24,9 +24,9 @@ CALIBRATION_CTX = 256
 
 def default_calibration_text() -> str:
     """pydoc's topics in reverse key order (evaluation reads them in key order from the start)."""
-    from pydoc_data.topics import topics
+    from .corpus import builtin_text
 
-    return "\n".join(topics[k] for k in sorted(topics, reverse=True))
+    return builtin_text(reverse=True)
 
 
 def calibration_chunks(tokenizer, text: Optional[str], n_chunks: int = CALIBRATION_CHUNKS,

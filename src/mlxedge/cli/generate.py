@@ -8,7 +8,8 @@ from typing import Optional, Tuple
 import click
 
 from ..errors import MlxedgeError
-from .common import EXIT_INTERRUPTED, echo_footer, emit_json, handles_errors, load_model, load_options, sampling_options
+from .common import (EXIT_INTERRUPTED, default_model, echo_footer, emit_json, handles_errors, load_model, load_options,
+                     sampling_options)
 from .decoding import draft_options, kv_bits_option, resolve_draft
 from .reply import stream_reply
 from .sampling import DEFAULTS_HELP, resolve_sampling
@@ -39,8 +40,6 @@ def generate_command(model: Optional[str], prompt: Optional[str], system: Option
                      sampling: dict, draft: dict, load: dict) -> None:
     """Generate a reply to one prompt with MODEL (default: smollm2; an alias, .gguf file, checkpoint
     directory or hub id). Greedy unless sampling flags are given, so the same prompt gives the same text."""
-    from ..sources.registry import DEFAULT_ALIAS
-
     if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
         prompt = sys.stdin.read()
     if prompt is None:
@@ -51,7 +50,7 @@ def generate_command(model: Optional[str], prompt: Optional[str], system: Option
         raise click.UsageError("--system needs the chat template; drop --raw or --system")
     if prompt_cache and system:
         raise click.UsageError("--system is fixed by the prompt cache; pass it to `mlxedge cache-prompt`")
-    model = model or DEFAULT_ALIAS
+    model = model or default_model()
     source = [{"role": "system", "content": system}, {"role": "user", "content": prompt}] if system else prompt
     loaded = load_model(model, quiet=as_json, **load)
     settings = resolve_sampling(sampling, loaded.info.get("source"), sample=False)

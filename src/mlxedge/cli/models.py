@@ -7,7 +7,6 @@ from typing import Optional
 
 import click
 
-from ..errors import MlxedgeError
 from .common import (apply_options_of, dtype_option, echo_table, emit_json, format_bytes, format_count, handles_errors,
                      format_quantization, load_model, progress_bar, quantization_options, resolve_source)
 
@@ -29,17 +28,6 @@ def quantization_text(info: dict) -> str:
     if blocks:
         text += "; GGUF " + ", ".join(f"{name} ×{b.get('tensors')}" for name, b in blocks.items())
     return text
-
-
-def _header_bits(path: str) -> Optional[int]:
-    """The predominant bit width a checkpoint's headers declare (no tensor data read); None when float."""
-    from ..sources import open_source
-
-    try:
-        quant = open_source(path).quantization
-    except MlxedgeError:
-        return None
-    return quant.get("bits") if quant else None
 
 
 # ------------------------------------------------------------------------------------------------ pull
@@ -73,8 +61,6 @@ def list_command(available: bool, as_json: bool) -> None:
     from ..paths import cache_root
 
     models = mlxedge.list_models(available=available)
-    for m in models:
-        m["bits"] = _header_bits(m["path"]) if m["cached"] else None
     if as_json:
         emit_json({"cache_dir": str(cache_root()), "models": models})
         return

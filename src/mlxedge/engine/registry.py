@@ -44,7 +44,9 @@ class Resident:
         info = self.model.info
         return {"name": self.name, "source": self.source, "bytes": self.weight_bytes,
                 "architecture": info.get("architecture"), "parameters": info.get("parameters"),
-                "bits": info.get("bits"), "dtype": info.get("dtype"), "context_length": self.context_length,
+                "bits": info.get("bits"), "group_size": info.get("group_size"),
+                "quantization": info.get("quantization") or [], "dtype": info.get("dtype"),
+                "context_length": self.context_length,
                 "loaded_at": self.loaded_at, "active_requests": self.active,
                 "expires_in_s": None if math.isinf(self.keep_alive)   # kept until unloaded (JSON has no inf)
                 else max(0.0, self.keep_alive - (time.monotonic() - self.last_used))}

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 from typing import Callable, Iterator, List, Optional, Sequence
 
+from ..arguments import check_cancel, check_max_tokens, check_num_draft_tokens, check_stop, checked_call
 from ..errors import GenerationError
 from .guards import check_generation_context
 from .kv_cache import describe
@@ -100,24 +101,33 @@ class Session:
         """Forget the conversation (the system prompt stays; its cached tokens are reused by the next turn)."""
         self._history = []
 
-    def send(self, message, **kwargs) -> GenerationResult:
-        """One turn: the reply as a GenerationResult (same keyword arguments as `stream`)."""
-        return collect(self.stream(message, **kwargs))
+    @checked_call
+    def send(self, message, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+             min_p: float = 0.0, repetition_penalty: float = 1.0, seed: Optional[int] = None,
+             stop: Optional[Sequence[str]] = None, cancel: Optional[Callable[[], bool]] = None,
+             draft=None, num_draft_tokens: int = 3) -> GenerationResult:
+        """One turn: the reply as a GenerationResult (the arguments of `stream`)."""
+        return collect(self.stream(message, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                   min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
+                                   cancel=cancel, draft=draft, num_draft_tokens=num_draft_tokens))
 
+    @checked_call
     def stream(self, message, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                min_p: float = 0.0, repetition_penalty: float = 1.0, seed: Optional[int] = None,
                stop: Optional[Sequence[str]] = None, cancel: Optional[Callable[[], bool]] = None,
                draft=None, num_draft_tokens: int = 3) -> Iterator[StreamEvent]:
         """One turn, streamed: text deltas, then a last event with finish_reason and stats.
 
-        Arguments as `Model.stream`; the history gains the message and the reply when the last event is
-        reached with a finish reason other than "cancelled".
+        Arguments as `Model.stream` (every bad one raises GenerationError); the history gains the message and
+        the reply when the last event is reached with a finish reason other than "cancelled".
         """
         if self._busy:
             raise GenerationError("this session is already generating a reply; finish or close that stream first.")
         user = _user_message(message)
         model = self.model
         sampling = model._sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed)
+        max_tokens, stop, cancel = check_max_tokens(max_tokens), check_stop(stop), check_cancel(cancel)
+        num_draft_tokens = check_num_draft_tokens(num_draft_tokens)
         prompt_ids = model.tokenizer.prompt_ids(self.messages + [user])
         check_generation_context(len(prompt_ids), max_tokens, model.context_length,
                                  rotating=self._settings["max_kv_size"] is not None)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
+from typing import Mapping, Optional
 
 from ..errors import QuantizationError
 
@@ -41,3 +43,22 @@ def can_quantize(input_dims: int, spec: QuantSpec) -> bool:
 def packed_width(input_dims: int, bits: int) -> int:
     """uint32 words per row of a packed weight."""
     return input_dims * bits // 32
+
+
+def predominant_spec(specs: Mapping[str, QuantSpec]) -> Optional[QuantSpec]:
+    """The spec most modules use (a tie goes to the first module's order); None when nothing is quantized."""
+    counts = Counter(specs.values()).most_common(1)
+    return counts[0][0] if counts else None
+
+
+def quantization_summary(specs: Mapping[str, QuantSpec]) -> dict:
+    """Per-module specs in plain, fixed types, for `Model.info` and convert's summary.
+
+    bits / group_size: the predominant spec's (int), None when nothing is quantized;
+    quantization: every distinct spec with its module count, most used first ([] when nothing is quantized):
+    [{"bits": 4, "group_size": 32, "modules": 210}, {"bits": 8, "group_size": 32, "modules": 1}].
+    """
+    main = predominant_spec(specs)
+    return {"bits": main.bits if main else None, "group_size": main.group_size if main else None,
+            "quantization": [{"bits": spec.bits, "group_size": spec.group_size, "modules": n}
+                             for spec, n in Counter(specs.values()).most_common()]}

