@@ -15,8 +15,18 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+import mlxedge.cpu as cpu
 from mlxedge.errors import GenerationError
 from mlxedge.generate.sampler import Sampler, SamplingParams, make_sampler
+
+# the filters run as MLX ops, or as the native op the model's kernel choice binds (mlxedge.cpu)
+FILTER_PATHS = [pytest.param(None, id="mlx-ops"),
+                pytest.param("native", id="native", marks=pytest.mark.skipif(
+                    not cpu.available(), reason=f"native CPU kernels: {cpu.describe()}"))]
+
+
+def filter_for(path):
+    return cpu.filter_logits if path == "native" else None
 
 
 def reference(params: SamplingParams, logits: np.ndarray, history: np.ndarray) -> np.ndarray:
@@ -57,13 +67,14 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("path", FILTER_PATHS)
 @pytest.mark.parametrize("kwargs", CASES, ids=[",".join(f"{k}={v}" for k, v in c.items()) for c in CASES])
-def test_process_matches_transformers(kwargs):
+def test_process_matches_transformers(kwargs, path):
     params = SamplingParams(**kwargs)
     for seed in range(3):
         logits, history = random_case(seed)
         ref = reference(params, logits, history)
-        out = np.array(make_sampler(params).process(mx.array(logits), mx.array(history)))
+        out = np.array(make_sampler(params, filter_for(path)).process(mx.array(logits), mx.array(history)))
         assert out.dtype == np.float32
         np.testing.assert_array_equal(np.isneginf(out), np.isneginf(ref))
         np.testing.assert_allclose(out, ref, rtol=1e-6, atol=0)
@@ -138,11 +149,12 @@ def test_unseeded_sampling_follows_the_global_seed():
     dict(temperature=1.0, top_p=0.8),
     dict(temperature=0.7, min_p=0.15),
 ])
-def test_draw_frequencies_match_softmax_of_processed_logits(kwargs):
+@pytest.mark.parametrize("path", FILTER_PATHS)
+def test_draw_frequencies_match_softmax_of_processed_logits(kwargs, path):
     vocab, draws = 12, 40_000
     logits = np.linspace(-1.5, 1.5, vocab, dtype=np.float32)[np.random.default_rng(1).permutation(vocab)]
     history = mx.array([[0, 1, 2, 3, 3]], dtype=mx.int32)
-    sampler = make_sampler(SamplingParams(seed=42, **kwargs))
+    sampler = make_sampler(SamplingParams(seed=42, **kwargs), filter_for(path))
     processed = sampler.process(mx.array(logits[None]), history)
     expected = np.array(mx.softmax(processed, axis=-1))[0]
     rows = mx.broadcast_to(mx.array(logits[None]), (draws, vocab))
@@ -154,10 +166,11 @@ def test_draw_frequencies_match_softmax_of_processed_logits(kwargs):
     assert np.all(freq[expected == 0] == 0)  # masked tokens are never drawn
 
 
-def test_masked_tokens_are_never_drawn():
+@pytest.mark.parametrize("path", FILTER_PATHS)
+def test_masked_tokens_are_never_drawn(path):
     rng = np.random.default_rng(5)
     logits = mx.array((rng.standard_normal((4096, 300)) * 2).astype(np.float32))
-    sampler = make_sampler(SamplingParams(temperature=3.0, top_k=20, top_p=0.7, seed=0))
+    sampler = make_sampler(SamplingParams(temperature=3.0, top_k=20, top_p=0.7, seed=0), filter_for(path))
     allowed = np.isfinite(np.array(sampler.process(logits)))
     tokens = np.array(sampler(logits))
     assert allowed[np.arange(len(tokens)), tokens].all()
@@ -189,3 +202,18 @@ def test_defaults_are_valid_and_greedy():
     sampler = make_sampler()
     assert isinstance(sampler, Sampler) and sampler.greedy
     assert SamplingParams(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0).validate().greedy is False
+
+
+@pytest.mark.skipif(not cpu.available(), reason=f"native CPU kernels: {cpu.describe()}")
+def test_native_filter_keeps_ties_at_the_kth_value_and_the_top_token():
+    """top_k keeps every logit equal to the k-th largest (transformers compares strictly below); top_p
+    always keeps the most probable token even when it alone exceeds top_p."""
+    logits = np.array([[1.0, 3.0, 2.0, 2.0, 2.0, -1.0, 0.5]], dtype=np.float32)
+    params = SamplingParams(temperature=1.0, top_k=2)
+    out = np.array(make_sampler(params, cpu.filter_logits).process(mx.array(logits)))
+    np.testing.assert_array_equal(np.isfinite(out), np.isfinite(reference(params, logits, np.zeros((1, 0)))))
+    assert np.isfinite(out).sum() == 4  # 3.0 and the three 2.0s
+    spike = np.array([[20.0, 0.0, 0.0, 0.0]], dtype=np.float32)
+    params = SamplingParams(temperature=1.0, top_p=0.01)
+    out = np.array(make_sampler(params, cpu.filter_logits).process(mx.array(spike)))
+    assert np.isfinite(out).tolist() == [[True, False, False, False]]

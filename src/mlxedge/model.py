@@ -42,6 +42,9 @@ class Model:
         """Bind every matmul layer to `choice`'s kernels (default: MLXEDGE_KERNELS, read now); info["kernels"]."""
         self.kernels = choice if choice is not None else KernelChoice()
         report = bind_kernels(self.module, self.kernels)
+        self._logits_filter = self.kernels.logits_filter() if hasattr(self.kernels, "logits_filter") else None
+        if self._logits_filter is not None:
+            report["sampling"] = {self.kernels.candidate: 1}
         self.info["kernels"] = self.kernels.summary(report)
         self.info["fused_mlps"] = sum(report.get("gate_up_fused", {}).values())
         return self.info["kernels"]
@@ -163,7 +166,8 @@ class Model:
     def _stream_within_plan(self, prompt_ids, ignore_eos: bool = False, **kwargs) -> Iterator[StreamEvent]:
         eos_ids = [] if ignore_eos else self.eos_ids()
         with wired_limit(self._wired_bytes):  # macOS: keep the planned bytes resident; no-op elsewhere
-            yield from generate_stream(self.module, self.tokenizer.hf, prompt_ids, eos_ids=eos_ids, **kwargs)
+            yield from generate_stream(self.module, self.tokenizer.hf, prompt_ids, eos_ids=eos_ids,
+                                       logits_filter=self._logits_filter, **kwargs)
 
     # ------------------------------------------------------------------ caches and sessions
 

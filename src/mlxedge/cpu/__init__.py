@@ -180,3 +180,10 @@ def sdpa(q, k, v, *, scale: float, causal: bool) -> mx.array:
     q [B, Hq, Lq, D]; k, v [B, Hkv, Lk, D] (strided views such as a KV-cache slice are read in place).
     """
     return _ext.sdpa(q, k, v, scale=float(scale), causal=bool(causal))
+
+
+def filter_logits(x, *, temperature: float, top_k: int, top_p: float, min_p: float) -> mx.array:
+    """transformers' sampling filters (temperature, top-k, top-p, min-p, in that order) on float32 logits
+    [batch, vocab] in one native pass; removed tokens become -inf (generate/sampler.py's semantics)."""
+    return _ext.filter_logits(x, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                              min_p=float(min_p))

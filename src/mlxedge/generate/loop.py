@@ -111,8 +111,10 @@ def generate_stream(model, tokenizer, prompt_ids: Sequence[int], *, eos_ids: Seq
                     sampling: SamplingParams, cache: Optional[PromptCache] = None, max_tokens: int = 256,
                     stop: Optional[Sequence[str]] = None, cancel: Optional[Callable[[], bool]] = None,
                     prefill_chunk: int = PREFILL_CHUNK, drafter=None, num_draft_tokens: int = 3,
-                    draft_auto: bool = False) -> Iterator[StreamEvent]:
+                    draft_auto: bool = False, logits_filter=None) -> Iterator[StreamEvent]:
     """Stream text deltas (UTF-8 safe, stop strings held back); the last event has finish_reason and stats.
+
+    logits_filter: a native version of the sampler's filters (the model's KernelChoice.logits_filter()).
 
     drafter: a speculative.Drafter (a draft model or prompt lookup) proposing `num_draft_tokens` per step;
     draft_auto turns speculation off when it measures slower than plain decoding.
@@ -144,7 +146,8 @@ def generate_stream(model, tokenizer, prompt_ids: Sequence[int], *, eos_ids: Seq
                                     prefill_chunk=prefill_chunk, max_tokens=max_tokens, cancel=cancel)
     else:
         tokens = decode_tokens(model, cache, prompt_ids, sampling, prefill_chunk=prefill_chunk,
-                               max_tokens=max_tokens, cancel=cancel)
+                               max_tokens=max_tokens, cancel=cancel,
+                               sampler=make_sampler(sampling, logits_filter=logits_filter))
     seen = 0
     guard = RepetitionGuard()
     try:

@@ -26,7 +26,7 @@ namespace mx = mlx::core;
 
 namespace {
 
-enum class OpKind { RMS_NORM, ROPE, SDPA };
+enum class OpKind { RMS_NORM, ROPE, SDPA, FILTER };
 
 struct OpParams {
   float eps = 0.f;                       // rms_norm
@@ -35,10 +35,13 @@ struct OpParams {
   int64_t offset = 0;                    // rope
   bool has_freqs = false, has_weight = false;
   int causal = 0;                        // sdpa
+  float temperature = 1.f, top_p = 1.f, min_p = 0.f;  // filter_logits
+  int64_t top_k = 0;
   bool operator==(const OpParams& o) const {
     return eps == o.eps && dims == o.dims && traditional == o.traditional && base == o.base &&
            scale == o.scale && offset == o.offset && has_freqs == o.has_freqs &&
-           has_weight == o.has_weight && causal == o.causal;
+           has_weight == o.has_weight && causal == o.causal && temperature == o.temperature &&
+           top_p == o.top_p && min_p == o.min_p && top_k == o.top_k;
   }
 };
 
@@ -64,6 +67,7 @@ class CpuOp : public mx::UnaryPrimitive {
     switch (kind_) {
       case OpKind::RMS_NORM: return "MlxedgeCpuRMSNorm";
       case OpKind::ROPE: return "MlxedgeCpuRoPE";
+      case OpKind::FILTER: return "MlxedgeCpuFilterLogits";
       default: return "MlxedgeCpuSDPA";
     }
   }
@@ -107,6 +111,14 @@ class CpuOp : public mx::UnaryPrimitive {
         }
         mlxe_rope(x, mlxedge_ext::code_of(in[0].dtype()), out.data<void>(), R, L, D, p.dims, p.traditional,
                   p.base, p.scale, p.offset, p.has_freqs ? inv.data() : nullptr);
+        break;
+      }
+      case OpKind::FILTER: {
+        std::vector<char> xb;
+        const void* x = mlxedge_ext::dense(in[0], xb);
+        const int64_t V = in[0].shape(-1);
+        mlxe_filter_logits(static_cast<const float*>(x), out.data<float>(), V ? int64_t(in[0].size()) / V : 0, V,
+                           p.temperature, p.top_k, p.top_p, p.min_p);
         break;
       }
       case OpKind::SDPA: {
@@ -193,9 +205,22 @@ mx::array sdpa(const mx::array& q, const mx::array& k, const mx::array& v, float
   return mx::array(q.shape(), q.dtype(), std::make_shared<CpuOp>(cpu_stream(), OpKind::SDPA, p), {q, k, v});
 }
 
+mx::array filter_logits(const mx::array& x, float temperature, int64_t top_k, float top_p, float min_p) {
+  if (x.dtype() != mx::float32 || x.ndim() != 2) bad("filter_logits: x must be float32 [batch, vocab]");
+  if (!(temperature > 0.f) || top_k < 0 || !(top_p > 0.f && top_p <= 1.f) || !(min_p >= 0.f && min_p < 1.f))
+    bad("filter_logits: temperature > 0, top_k >= 0, top_p in (0, 1], min_p in [0, 1)");
+  OpParams p;
+  p.temperature = temperature;
+  p.top_k = top_k;
+  p.top_p = top_p;
+  p.min_p = min_p;
+  return mx::array(x.shape(), mx::float32, std::make_shared<CpuOp>(cpu_stream(), OpKind::FILTER, p), {x});
+}
+
 }  // namespace
 
 void register_ops(nb::module_& m) {
+  m.def("filter_logits", &filter_logits, "x"_a, nb::kw_only(), "temperature"_a, "top_k"_a, "top_p"_a, "min_p"_a);
   m.def("rms_norm", &rms_norm, "x"_a, "weight"_a.none(), "eps"_a);
   m.def("rope", &rope, "x"_a, "dims"_a, nb::kw_only(), "traditional"_a, "base"_a, "scale"_a, "offset"_a,
         "freqs"_a = nb::none());

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <cstring>
 #include <vector>
 
@@ -386,3 +387,71 @@ void mlxe_sdpa(const void* q, const void* k, const void* v, int dt, void* out, i
 }
 
 }  // extern "C"
+
+namespace {
+
+// softmax probabilities of the finite entries of y (indices idx), in float32 with float64 sums
+void probs_of(const float* y, const int64_t* idx, int64_t n, float m, std::vector<float>& p, float* z_out) {
+  p.resize(size_t(n));
+  double z = 0;
+  for (int64_t j = 0; j < n; j++) {
+    p[size_t(j)] = std::exp(y[idx[j]] - m);
+    z += p[size_t(j)];
+  }
+  *z_out = float(z);
+}
+
+void filter_row(const float* x, float* y, int64_t V, float temperature, int64_t top_k, float top_p,
+                float min_p) {
+  const float ninf = -INFINITY;
+  for (int64_t i = 0; i < V; i++) y[i] = temperature != 1.0f ? x[i] / temperature : x[i];
+  std::vector<int64_t> idx;  // the finite entries, the only ones the later filters can change
+  idx.reserve(size_t(V));
+  if (top_k > 0 && top_k < V) {
+    std::vector<float> tmp(y, y + V);
+    std::nth_element(tmp.begin(), tmp.begin() + (top_k - 1), tmp.end(), std::greater<float>());
+    const float kth = tmp[size_t(top_k - 1)];
+    for (int64_t i = 0; i < V; i++) {
+      if (y[i] < kth) y[i] = ninf;
+      else if (y[i] != ninf) idx.push_back(i);
+    }
+  } else {
+    for (int64_t i = 0; i < V; i++)
+      if (y[i] != ninf) idx.push_back(i);
+  }
+  const int64_t n = int64_t(idx.size());
+  if (n == 0) return;
+  std::vector<float> p;
+  if (top_p < 1.0f) {
+    // ascending by value (ties by index), cumulative probability from the smallest
+    std::sort(idx.begin(), idx.end(), [&](int64_t a, int64_t b) { return y[a] < y[b] || (y[a] == y[b] && a < b); });
+    float z;
+    probs_of(y, idx.data(), n, y[idx[size_t(n - 1)]], p, &z);
+    float cum = 0;
+    std::vector<int64_t> kept;
+    kept.reserve(idx.size());
+    for (int64_t j = 0; j < n; j++) {
+      cum += p[size_t(j)] / z;
+      if (cum <= 1.0f - top_p && j < n - 1) y[idx[size_t(j)]] = ninf;
+      else kept.push_back(idx[size_t(j)]);
+    }
+    idx.swap(kept);
+  }
+  if (min_p > 0.0f && !idx.empty()) {
+    float m = ninf;
+    for (int64_t i : idx) m = std::max(m, y[i]);
+    float z;
+    probs_of(y, idx.data(), int64_t(idx.size()), m, p, &z);
+    const float threshold = min_p * (1.0f / z);  // the top token's probability is exp(0) / z
+    for (size_t j = 0; j < idx.size(); j++)
+      if (p[j] / z < threshold) y[idx[j]] = ninf;
+  }
+}
+
+}  // namespace
+
+extern "C" void mlxe_filter_logits(const float* x, float* out, int64_t B, int64_t V, float temperature,
+                                   int64_t top_k, float top_p, float min_p) {
+  if (B <= 0 || V <= 0) return;
+  parallel_for(B, [&](int64_t b) { filter_row(x + b * V, out + b * V, V, temperature, top_k, top_p, min_p); });
+}

@@ -36,6 +36,14 @@ void mlxe_sdpa(const void* q, const void* k, const void* v, int dt, void* out, i
                int64_t Hkv, int64_t Lq, int64_t Lk, int64_t D, const int64_t* k_strides,
                const int64_t* v_strides, float scale, int causal);
 
+// The sampling filters of transformers' generate(do_sample=True), in its order, on float32 logits
+// x [B, V] -> out [B, V] with every removed token at -inf: divide by temperature (when != 1); top_k
+// (0 < k < V): drop logits strictly below the k-th largest; top_p (< 1): in ascending order drop the
+// tokens whose cumulative softmax probability is <= 1 - top_p, always keeping the largest; min_p (> 0):
+// drop tokens whose probability is below min_p times the largest one's.
+void mlxe_filter_logits(const float* x, float* out, int64_t B, int64_t V, float temperature, int64_t top_k,
+                        float top_p, float min_p);
+
 #ifdef __cplusplus
 }
 #endif
