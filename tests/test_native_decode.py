@@ -55,3 +55,27 @@ def test_smollm2_greedy_decode_native_equals_builtin(smollm2_gguf, monkeypatch):
     assert set(layers["quantized"]) == {"native"}, layers  # every quantized layer, every row count
     assert layers["gate_up_fused"] == {"native": model.config["num_hidden_layers"]}
     assert greedy(model, ids) == builtin
+    # the norms, rope and attention were native too (fast_layers), and greedy stayed identical
+    assert layers["rms_norm"] == {"native": 2 * model.config["num_hidden_layers"] + 1}
+    assert layers["attention"] == {"native": model.config["num_hidden_layers"]}
+    assert layers["rope"] == {"native": model.config["num_hidden_layers"]}
+
+
+@pytest.mark.slow
+def test_smollm2_seeded_sampling_native_filter_equals_mlx_ops(smollm2_gguf):
+    """The chat defaults (temperature, top-k, top-p, repetition penalty) drawn with one seed: the native
+    sampling filter and the MLX ops give the same 48 tokens (the draw itself is MLX's in both)."""
+    native_or_skip()
+    model = mlxedge.load(smollm2_gguf, dtype="float32")
+    assert model.info["kernels"]["layers"].get("sampling") == {"native": 1}
+    ids = model.tokenizer.prompt_ids(PROMPT)
+    sampling = SamplingParams(temperature=0.8, top_k=40, top_p=0.9, repetition_penalty=1.1, seed=7)
+
+    def draw(logits_filter):
+        events = generate_stream(model.module, model.tokenizer.hf, ids, eos_ids=[], sampling=sampling,
+                                 max_tokens=48, logits_filter=logits_filter)
+        return [e.token for e in events if e.token is not None]
+
+    native = draw(model._logits_filter)
+    assert len(native) == 48
+    assert native == draw(None)

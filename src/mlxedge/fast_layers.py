@@ -114,7 +114,9 @@ class BoundAttention(nn.Module):
         for name, child in original.children().items():
             self[name] = child
         self.__dict__["_original"] = original  # outside the module tree
-        self.n_heads, self.n_kv_heads, self.scale = original.n_heads, original.n_kv_heads, original.scale
+        for name, value in vars(original).items():  # n_heads, n_kv_heads, head_dim, scale, ... as plain attributes
+            if isinstance(value, (int, float, bool, str)) and not name.startswith("_"):
+                setattr(self, name, value)
         self._qk_norm, self._sdpa, self._fallback = qk_norm, sdpa, _mlx_lm_attention()
         self.train(original.training)
 

@@ -259,13 +259,16 @@ class KernelChoice:
             return None
         x = mx.random.normal((1, 32768), key=mx.random.key(5)) * 3
 
+        def finite(y):  # the measurement compares finite outputs: removed tokens (-inf) become -1
+            return mx.where(mx.isinf(y), -1.0, y)
+
         def builtin():
             from .generate.sampler import SamplingParams, make_sampler
 
-            return make_sampler(SamplingParams(temperature=0.8, top_k=40, top_p=0.9)).process(x)
+            return finite(make_sampler(SamplingParams(temperature=0.8, top_k=40, top_p=0.9)).process(x))
 
-        if not self._wins_with("filter_logits:native:v32768", lambda: cpu.filter_logits(
-                x, temperature=0.8, top_k=40, top_p=0.9, min_p=0.0), builtin):
+        if not self._wins_with("filter_logits:native:v32768", lambda: finite(cpu.filter_logits(
+                x, temperature=0.8, top_k=40, top_p=0.9, min_p=0.0)), builtin):
             return None
         return cpu.filter_logits
 

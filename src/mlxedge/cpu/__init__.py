@@ -163,18 +163,23 @@ def matmul(x, w) -> mx.array:
     return _ext.matmul(x, w)
 
 
-def rms_norm(x, weight, eps: float) -> mx.array:
+
+# The ops below exist only where the loaded build has them (an older or alternative build may not), so
+# `hasattr(mlxedge.cpu, name)` is what callers (kernels.KernelChoice) check.
+
+
+def _rms_norm(x, weight, eps: float) -> mx.array:
     """mx.fast.rms_norm(x, weight, eps) in one native pass (weight may be None), on mx.cpu."""
     return _ext.rms_norm(x, weight, float(eps))
 
 
-def rope(x, dims: int, *, traditional: bool, base, scale: float, offset: int, freqs=None) -> mx.array:
+def _rope(x, dims: int, *, traditional: bool, base, scale: float, offset: int, freqs=None) -> mx.array:
     """mx.fast.rope with an integer offset, in one native pass, on mx.cpu (x: [..., L, D])."""
     return _ext.rope(x, int(dims), traditional=bool(traditional), base=float(base) if base is not None else 0.0,
                      scale=float(scale), offset=int(offset), freqs=freqs)
 
 
-def sdpa(q, k, v, *, scale: float, causal: bool) -> mx.array:
+def _sdpa(q, k, v, *, scale: float, causal: bool) -> mx.array:
     """mx.fast.scaled_dot_product_attention for mask None or "causal", grouped-query aware, on mx.cpu.
 
     q [B, Hq, Lq, D]; k, v [B, Hkv, Lk, D] (strided views such as a KV-cache slice are read in place).
@@ -182,8 +187,16 @@ def sdpa(q, k, v, *, scale: float, causal: bool) -> mx.array:
     return _ext.sdpa(q, k, v, scale=float(scale), causal=bool(causal))
 
 
-def filter_logits(x, *, temperature: float, top_k: int, top_p: float, min_p: float) -> mx.array:
+def _filter_logits(x, *, temperature: float, top_k: int, top_p: float, min_p: float) -> mx.array:
     """transformers' sampling filters (temperature, top-k, top-p, min-p, in that order) on float32 logits
     [batch, vocab] in one native pass; removed tokens become -inf (generate/sampler.py's semantics)."""
     return _ext.filter_logits(x, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                               min_p=float(min_p))
+
+
+
+for _name, _fn in (("rms_norm", _rms_norm), ("rope", _rope), ("sdpa", _sdpa), ("filter_logits", _filter_logits)):
+    if _ext is not None and hasattr(_ext, _name):
+        _fn.__name__ = _fn.__qualname__ = _name
+        globals()[_name] = _fn
+del _name, _fn
