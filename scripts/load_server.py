@@ -9,7 +9,11 @@ Runs the server in this process (127.0.0.1, ephemeral port) unless --url is give
    reply is determined by the prompt) and must give exactly the streamed text.
 3. Aggregate throughput with 4 concurrent clients vs 1 client (same number of requests per client).
 
-    python scripts/load_server.py                       # default model (smollm2), 8 × 25, max_tokens 8
+Concurrent requests of the model decode in one batched forward per step (continuous batching); the
+report carries the engine's batching status (forwards, mean and largest batch). The machine's load
+average is recorded around every phase: on a shared machine the figures mean little without it.
+
+    python scripts/load_server.py                       # default model (smollm2), 8 × 25, max_tokens 32
     python scripts/load_server.py --model /path/tiny --clients 4 --requests 5
 """
 
@@ -130,7 +134,7 @@ def main() -> None:
     ap.add_argument("--served-name", default="model")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=25)
-    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-active", type=int, default=8)
     ap.add_argument("--replay", type=int, default=12, help="requests replayed alone to check for mixing")
     ap.add_argument("--scaling-requests", type=int, default=4, help="requests per client in the 1-vs-4 run")
@@ -147,6 +151,7 @@ def main() -> None:
     runner.stream_one("warm-up: say hello")
     runner.completed, runner.rss_marks = 0, {}
 
+    load_main = os.getloadavg()
     results, errors, wall = runner.clients(args.clients, args.requests, "")
     total = args.clients * args.requests
     complete = [r for r in results if r["finish"] in ("stop", "length") and r["ids"] == 1]
@@ -158,6 +163,7 @@ def main() -> None:
         "wall_s": wall, "ttft_p50_s": percentile(ttfts, 0.5), "ttft_p99_s": percentile(ttfts, 0.99),
         "aggregate_tok_s": tokens / wall, "generated_tokens": tokens,
         "cached_prompt_tokens_mean": statistics.mean(r["cached"] for r in results) if results else 0,
+        "loadavg_main_run": [load_main, os.getloadavg()],
     }
     marks = runner.rss_marks
     last = max(marks) if marks else 0
@@ -171,12 +177,15 @@ def main() -> None:
     report.update(replayed=len(sample), replay_mismatches=len(mismatched))
 
     # throughput: 1 client vs 4 clients, same requests per client
-    one, e1, wall1 = runner.clients(1, args.scaling_requests, " (scaling)")
-    four, e4, wall4 = runner.clients(4, args.scaling_requests, " (scaling)")
+    load_1 = os.getloadavg()
+    one, e1, wall1 = runner.clients(1, args.scaling_requests, " (one client)")
+    load_4 = os.getloadavg()
+    four, e4, wall4 = runner.clients(4, args.scaling_requests, " (four clients)")
     tps1 = sum(r["tokens"] for r in one) / wall1
     tps4 = sum(r["tokens"] for r in four) / wall4
     report.update(tok_s_1_client=tps1, tok_s_4_clients=tps4, scaling_4_vs_1=tps4 / tps1 if tps1 else float("nan"),
-                  scaling_errors=(e1 + e4)[:5], loadavg_before=load_before, loadavg_after=os.getloadavg())
+                  scaling_errors=(e1 + e4)[:5], loadavg_1_client=load_1, loadavg_4_clients=load_4,
+                  loadavg_before=load_before, loadavg_after=os.getloadavg())
     if engine is not None:
         report["engine_status"] = {k: v for k, v in engine.status().items() if k != "resident"}
         server.should_exit = True
