@@ -162,7 +162,7 @@ class Engine:
             "mlxedge_prefix_cache_hits": ("requests that reused a cached prefix", cache["hits"]),
             "mlxedge_prefix_cache_misses": ("requests that found no cached prefix", cache["misses"]),
             "mlxedge_batch_rows_max": ("the most requests one batched decode forward has run",
-                                       max([b.get("max_rows", 0) for b in self.batching.values()], default=0)),
+                                       max([b.get("max_rows", 0) for b in list(self.batching.values())], default=0)),
         }
         return self.metrics.render(gauges, help_of=lambda name: _HELP.get(name, name))
 
@@ -313,6 +313,8 @@ class Engine:
         if known is not None and known[0] is resident:
             return None
         reason = resident.model.batching_unsupported()
+        if reason is not None:
+            reason = " ".join(str(reason).split())[:200]  # one line: it is a /metrics label value too
         if reason is None:
             self._batches[name] = (resident, resident.model.new_batch())
             self._unbatched.pop(name, None)
@@ -356,8 +358,11 @@ class Engine:
         for name, (resident, batch) in list(self._batches.items()):
             if len(batch):
                 self._step_batch(name, batch)
-            elif name not in self.registry.resident or self.registry.resident[name] is not resident:
+            elif self.registry.resident.get(name) is not resident:
                 del self._batches[name]  # the model was unloaded: its empty batch goes with it
+        for name, (resident, _) in list(self._unbatched.items()):
+            if self.registry.resident.get(name) is not resident:
+                del self._unbatched[name]  # ... and so does what kept an unloaded model referenced
 
     def _handle_event(self, state: _Running, event) -> None:
         if event.finish_reason is None:

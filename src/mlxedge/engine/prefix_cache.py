@@ -1,10 +1,12 @@
 """A prefix cache shared by all requests: KV caches of finished requests, reused by the next request that
 starts with the same tokens (a system prompt, a conversation's earlier turns, a few-shot preamble).
 
-`open(resident, request, cancel)` picks, among the cached KV states of that model, the one sharing the
-longest token prefix with the request's prompt, takes it out of the pool for the request's lifetime and
-generates into it (`Model.stream(cache=...)` reuses the common prefix and prefills only the rest); a miss
-starts from `model.new_cache()`. `close(run)` puts the state back — holding prompt and reply, so the
+`open(resident, request, cancel)` (a request decoded on its own) and `open_row(resident, request)` (a
+request that joins its model's decode batch) pick, among the cached KV states of that model, the one
+sharing the longest token prefix with the request's prompt, take it out of the pool for the request's
+lifetime and generate into it (`Model.stream(cache=...)` / `Model.batch_row(cache=...)` reuse the common
+prefix and prefill only the rest; a batch row gets its keys and values back from the batch when it
+leaves); a miss starts from `model.new_cache()`. `close(run)` puts the state back — holding prompt and reply, so the
 next turn of a conversation hits it — and evicts least recently used states past `max_bytes`.
 The engine also evicts from here when a request's KV reservation needs the memory.
 """
