@@ -74,7 +74,7 @@ def use_kernels(engine, name, mode):
     return engine.run(lambda: engine.registry.get(name).model.use_kernels(KernelChoice(mode)))
 
 
-@pytest.mark.parametrize("mode,bits", [("builtin", None), ("auto", None), ("auto", 4)])
+@pytest.mark.parametrize("mode,bits", [("builtin", None), ("builtin", 4), ("native", None), ("native", 4)])
 def test_greedy_batch_equals_each_request_alone(tiny_chat, mode, bits):
     """4 greedy requests (different prompt lengths and max_tokens, the last joining mid-way) in one batch."""
     options = {"bits": bits} if bits else {}
@@ -83,6 +83,10 @@ def test_greedy_batch_equals_each_request_alone(tiny_chat, mode, bits):
     alone_model.use_kernels(KernelChoice(mode))
     try:
         kernels = use_kernels(eng, "tiny", mode)
+        if mode == "native":   # every matmul layer on the native kernels (auto keeps some on the built-in)
+            if kernels["backend"] == "mlx built-in":
+                pytest.skip("the native CPU kernels are not available in this build")
+            assert set(b for kind in kernels["layers"].values() for b in kind) == {"native"}, kernels
         requests = [Request("tiny", PROMPTS[0], raw=True, max_tokens=40),
                     Request("tiny", PROMPTS[1], raw=True, max_tokens=24),
                     Request("tiny", PROMPTS[2], raw=True, max_tokens=32)]

@@ -353,7 +353,8 @@ class Engine:
                 self._retire(state)
                 self._fail(handle, exc)
                 continue
-            self._count_forwards(state.resident.name, "round_robin", 1)
+            if event.finish_reason is None:   # a token: one forward of one request
+                self._count_forwards(state.resident.name, "round_robin", 1)
             self._handle_event(state, event)
         for name, (resident, batch) in list(self._batches.items()):
             if len(batch):
