@@ -276,7 +276,7 @@ class Engine:
             state = _Running(handle=handle, resident=resident, run=run, kv_bytes=need,
                              admitted_at=time.perf_counter(), load_s=load_s)
             if run.row is not None:
-                state.batch = self._batches[resident.name][1]
+                state.batch = run.batch
                 self._owners[id(run.row)] = state
             self._running.append(state)
             with self._lock:
@@ -291,8 +291,10 @@ class Engine:
         started = time.perf_counter()
         resident = self.registry.get(request.model, keep_alive=request.keep_alive)
         load_s = 0.0 if before is resident else time.perf_counter() - started
-        if self._batch_for(resident) is not None:
+        batch = self._batch_for(resident)
+        if batch is not None:
             run = self.cache.open_row(resident, request)
+            run.batch = batch
         else:
             self.metrics.inc("mlxedge_unbatched_requests_total", model=resident.name,
                              reason=self._unbatched[resident.name][1])
@@ -356,11 +358,15 @@ class Engine:
             if event.finish_reason is None:   # a token: one forward of one request
                 self._count_forwards(state.resident.name, "round_robin", 1)
             self._handle_event(state, event)
+        stepping = {}
+        for state in self._running:
+            if state.batch is not None and len(state.batch):
+                stepping[id(state.batch)] = (state.resident.name, state.batch)
+        for name, batch in stepping.values():
+            self._step_batch(name, batch)
         for name, (resident, batch) in list(self._batches.items()):
-            if len(batch):
-                self._step_batch(name, batch)
-            elif self.registry.resident.get(name) is not resident:
-                del self._batches[name]  # the model was unloaded: its empty batch goes with it
+            if self.registry.resident.get(name) is not resident:
+                del self._batches[name]  # the model was unloaded: its batch goes with it (rows keep theirs)
         for name, (resident, _) in list(self._unbatched.items()):
             if self.registry.resident.get(name) is not resident:
                 del self._unbatched[name]  # ... and so does what kept an unloaded model referenced

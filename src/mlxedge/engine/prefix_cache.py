@@ -28,6 +28,7 @@ class Run:
     state: object = None        # the KV state (a PromptCache) generated into; back to the pool on close
     model: str = ""
     row: object = None          # the request's BatchRow when it decodes in its model's DecodeBatch
+    batch: object = None        # ... and that DecodeBatch (set by the engine)
 
 
 def shared_prefix(a: List[int], b: List[int]) -> int:
