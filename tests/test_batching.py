@@ -253,3 +253,22 @@ def test_models_that_cannot_batch_fall_back_to_round_robin_and_say_why(tiny_chat
     finally:
         eng.close()
         rotating.close()
+
+
+def test_one_token_prompts_and_one_token_replies_batch_too(tiny_chat):
+    """A one-token prompt joins with an empty KV state; max_tokens=1 leaves after its first token."""
+    eng = Engine({"tiny": str(tiny_chat)})
+    model = mlxedge.load(str(tiny_chat))
+    try:
+        assert len(model.tokenizer.prompt_ids("a", raw=True)) == 1
+        requests = [Request("tiny", "b", raw=True, max_tokens=7), Request("tiny", "a", raw=True, max_tokens=1),
+                    Request("tiny", PROMPTS[0], raw=True, max_tokens=1), Request("tiny", PROMPTS[1], raw=True, max_tokens=9)]
+        late = Request("tiny", "c", raw=True, max_tokens=5)
+        results = run_concurrently(eng, requests, join_late=late, after_tokens=2)
+        for request, events in zip(requests + [late], results):
+            alone = model.generate(request.prompt, raw=True, max_tokens=request.max_tokens)
+            assert tokens_of(events) == alone.tokens and len(alone.tokens) <= request.max_tokens
+            assert events[-1].finish_reason == alone.finish_reason
+        assert eng.batching_status()["tiny"]["max_rows"] >= 3
+    finally:
+        eng.close()
