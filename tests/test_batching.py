@@ -232,12 +232,34 @@ def test_probe_refuses_a_forward_that_ignores_per_row_offsets(tiny_chat):
     assert reason is not None and "offsets" in reason
 
 
-def test_models_that_cannot_batch_fall_back_to_round_robin_and_say_why(tiny_chat, smollm2_hf):
+def test_sliding_window_layers_batch_past_their_window(smollm2_hf):
+    """gemma3's sliding layers (window 8 here) keep rotating caches: rows rotate inside the batch."""
     sliding = tiny_chat_model(smollm2_hf, "gemma3_text")
     eng = Engine({"sliding": str(sliding)})
+    model = mlxedge.load(str(sliding))
+    try:
+        requests = [Request("sliding", PROMPTS[1], raw=True, max_tokens=30),   # prompt past the window
+                    Request("sliding", PROMPTS[2], raw=True, max_tokens=20),
+                    Request("sliding", "a", raw=True, max_tokens=12)]
+        late = Request("sliding", PROMPTS[3], raw=True, max_tokens=16)
+        results = run_concurrently(eng, requests, join_late=late, after_tokens=9)
+        for request, events in zip(requests + [late], results):
+            alone = model.generate(request.prompt, raw=True, max_tokens=request.max_tokens)
+            assert tokens_of(events) == alone.tokens, request.prompt
+            assert events[-1].finish_reason == alone.finish_reason
+        assert len(model.tokenizer.prompt_ids(PROMPTS[1], raw=True)) > 8
+        status = eng.batching_status()["sliding"]
+        assert status["batched"] is True and status["max_rows"] == 4, status
+    finally:
+        eng.close()
+
+
+def test_models_that_cannot_batch_fall_back_to_round_robin_and_say_why(tiny_chat, smollm2_hf):
+    wide = tiny_chat_model(smollm2_hf, "llama", name="head32", head_dim=32)   # a head a quantized KV takes
+    quantized = Engine({"qkv": str(wide)}, load_options={"kv_bits": 8})
     rotating = Engine({"window": str(tiny_chat)}, load_options={"kv_overflow": "rotate"})
     try:
-        for engine, name, source, options, why in ((eng, "sliding", sliding, {}, "RotatingKVCache"),
+        for engine, name, source, options, why in ((quantized, "qkv", wide, {"kv_bits": 8}, "quantized"),
                                                    (rotating, "window", tiny_chat, {"kv_overflow": "rotate"},
                                                     "rotating KV window")):
             model = mlxedge.load(str(source), **options)
@@ -251,7 +273,7 @@ def test_models_that_cannot_batch_fall_back_to_round_robin_and_say_why(tiny_chat
             assert f'mlxedge_unbatched_requests_total{{model="{name}",reason=' in text
             assert f'mlxedge_decode_forwards_total{{mode="round_robin",model="{name}"}}' in text
     finally:
-        eng.close()
+        quantized.close()
         rotating.close()
 
 

@@ -5,8 +5,8 @@ The worker admits requests FIFO up to `max_active` running at once. Requests of 
 (`Model.batching_unsupported()` is None) decode together: each prefills alone, one chunk per scheduler
 pass (so a long prompt does not stall the others), then joins its model's DecodeBatch, and every pass runs
 ONE forward for all of that model's rows (continuous batching: rows join and leave between steps). Requests
-of a model that cannot batch (rotating or quantized KV, sliding-window layers, an architecture failing the
-batching probe) are stepped one token each in turn (fair round-robin); the reason is logged once per load
+of a model that cannot batch (a rotating window asked for at load, a quantized KV cache, an architecture
+failing the batching probe) are stepped one token each in turn (fair round-robin); the reason is logged once per load
 and counted in /metrics (mlxedge_unbatched_requests_total). Each request's KV cache is reserved against the
 memory budget before it starts (a batch row also pays for the padding its batch gains); a queue longer
 than `max_queue` answers BusyError at once instead of hanging. Cancellation (a flag on the handle) is

@@ -3,8 +3,9 @@
 A `BatchRow` is one request. Its prompt is prefilled alone into its own PromptCache, one chunk per call of
 `prefill_step()` (so a long prompt does not stall the rows already decoding; what the PromptCache already
 held, a prefix-cache hit, is not prefilled again). Then it joins a `DecodeBatch`, which keeps one mlx-lm
-`BatchKVCache` per layer: rows left-padded to a common length, each with its own offset, so positions
-(RoPE) and attention masks stay per row. Each `step()` runs ONE forward over the B rows' latest tokens,
+batched cache per layer — `BatchKVCache` for full attention, `BatchRotatingKVCache` for a sliding-window
+layer (gemma3's local layers) — rows left-padded to a common length, each with its own offset, so
+positions (RoPE), attention masks and windows stay per row. Each `step()` runs ONE forward over the B rows' latest tokens,
 samples every row with its own sampler (temperature, top-p/k, min-p, seed, repetition penalty) and hands
 each row its token; EOS, stop strings, max_tokens and the repetition guard end a row exactly as in the
 single-stream loop (`reply.Reply` is shared). Rows leave between steps (finished or removed): their keys
@@ -12,11 +13,11 @@ and values are copied back into their PromptCache, which then holds prompt + rep
 cache keeps them), and the batch is filtered. Steps are pipelined like the single-stream loop: the forward
 of step n+1 is queued (async_eval) before the tokens of step n are read on the host.
 
-Batching needs every layer to keep a plain KVCache and the architecture's forward to honour per-row
-offsets and masks. `batching_unsupported(module, make_caches)` says why not otherwise — a layer keeping
-another kind of cache (sliding windows, quantized KV), or a batched forward of two probe prompts that does
-not reproduce their single forwards (e.g. an attention or RoPE that reads only one offset) — and the caller
-then decodes requests one at a time.
+Batching needs every layer to keep a KVCache or a RotatingKVCache without sink tokens, and the
+architecture's forward to honour per-row offsets and masks. `batching_unsupported(module, make_caches)`
+says why not otherwise — a layer keeping another kind of cache (a quantized KV cache, recurrent state), or
+a batched forward of two short probe prompts that does not reproduce their single forwards (e.g. an
+attention or RoPE that reads only one offset) — and the caller then decodes requests one at a time.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import BatchKVCache, KVCache
+from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, KVCache, RotatingKVCache
 
 from .loop import PREFILL_CHUNK, HistoryTracker, prefill
 from .prompt_cache import PromptCache
@@ -38,6 +39,18 @@ from .stats import GenerationStats, StreamEvent
 # a wrong position or mask moves them by a large fraction of their range
 PROBE_TOLERANCE = 0.05
 PROBE_PROMPTS = ((3, 5, 7), (4, 6, 8, 9, 10, 11))
+# the batched kind of every per-layer cache kind that can batch
+BATCHED_KINDS = {KVCache: BatchKVCache, RotatingKVCache: BatchRotatingKVCache}
+
+
+def _batched(cache):
+    """A one-row batched cache holding what a single-request layer cache holds."""
+    return BATCHED_KINDS[type(cache)].merge([cache])
+
+
+def _cannot_batch(cache) -> bool:
+    # mlx-lm's batched rotating cache has no "keep" (attention sink) tokens
+    return type(cache) not in BATCHED_KINDS or (type(cache) is RotatingKVCache and cache.keep != 0)
 
 
 class BatchRow:
@@ -153,7 +166,7 @@ class DecodeBatch:
         if not row.ready:
             raise RuntimeError("a row joins the batch only once its prompt is prefilled")
         row._start()
-        merged = [BatchKVCache.merge([c]) for c in row.cache.caches]
+        merged = [_batched(c) for c in row.cache.caches]
         if self.caches is None:
             self.caches = merged
         else:
@@ -238,15 +251,16 @@ def batching_unsupported(module, make_caches: Callable[[], List]) -> Optional[st
     Runs two short probe prompts alone and batched (a handful of small forwards) and compares the logits.
     """
     caches = make_caches()
-    other = sorted({type(c).__name__ for c in caches if type(c) is not KVCache})
+    other = sorted({type(c).__name__ + (f"(keep={c.keep})" if isinstance(c, RotatingKVCache) else "")
+                    for c in caches if _cannot_batch(c)})
     if other:
-        return f"its layers keep {', '.join(other)} caches, which the batched KV cache does not hold"
+        return f"its layers keep {', '.join(other)} caches, which the batched KV caches do not hold"
     try:
         singles, states = [], []
         for ids in PROBE_PROMPTS:
             cache = make_caches()
             module(mx.array(ids[:-1], dtype=mx.uint32)[None], cache=cache)
-            states.append([BatchKVCache.merge([c]) for c in cache])
+            states.append([_batched(c) for c in cache])
             singles.append(module(mx.array(ids[-1:], dtype=mx.uint32)[None], cache=cache)[0, -1])
         batch = states[0]
         for mine, theirs in zip(batch, states[1]):
