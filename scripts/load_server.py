@@ -28,6 +28,7 @@ import os
 import random
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -180,7 +181,8 @@ def main() -> None:
     ap.add_argument("--replay", type=int, default=12, help="requests replayed alone to check for mixing")
     ap.add_argument("--scaling-requests", type=int, default=4, help="requests per client in the 1-vs-4 runs")
     ap.add_argument("--scaling-trials", type=int, default=3, help="alternating 1-client / 4-client pairs")
-    ap.add_argument("--server-log", default="load_server.serve.log", help="where the server's output goes")
+    ap.add_argument("--server-log", default=os.path.join(tempfile.gettempdir(), "mlxedge-load-server.log"),
+                    help="where the server's output goes")
     ap.add_argument("--json", default=None, help="also write the numbers to this file")
     args = ap.parse_args()
 
