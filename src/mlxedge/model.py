@@ -36,6 +36,7 @@ class Model:
         self._chat_template = chat_template
         self._tokenizer: Optional[Tokenizer] = None
         self.info = info
+        self._batching_verdict: Optional[tuple] = None  # (kernel choice, reason or None), see batching_unsupported
         self.use_kernels(kernels)
 
     def use_kernels(self, choice: Optional[KernelChoice] = None) -> dict:
@@ -168,6 +169,56 @@ class Model:
         with wired_limit(self._wired_bytes):  # macOS: keep the planned bytes resident; no-op elsewhere
             yield from generate_stream(self.module, self.tokenizer.hf, prompt_ids, eos_ids=eos_ids,
                                        logits_filter=self._logits_filter, **kwargs)
+
+    # ------------------------------------------------------------------ continuous batching
+
+    def batching_unsupported(self) -> Optional[str]:
+        """Why requests of this model cannot be decoded together in one batch (None when they can).
+
+        Checked once per kernel choice (a short probe; see generate.batch.batching_unsupported).
+        """
+        if self._kv_overflow == "rotate":
+            return "it was loaded with a rotating KV window (kv_overflow='rotate')"
+        if self._kv_bits is not None:
+            return f"its KV cache is quantized (kv_bits={self._kv_bits})"
+        if self._batching_verdict is None or self._batching_verdict[0] is not self.kernels:
+            from .generate.batch import batching_unsupported
+
+            reason = batching_unsupported(self.module, lambda: self.new_cache().caches)
+            self._batching_verdict = (self.kernels, reason)
+        return self._batching_verdict[1]
+
+    def new_batch(self):
+        """An empty DecodeBatch for this model; UnsupportedError when `batching_unsupported()` says why."""
+        reason = self.batching_unsupported()
+        if reason is not None:
+            from .errors import UnsupportedError
+
+            raise UnsupportedError(f"this model cannot decode requests in a batch: {reason}.")
+        from .generate.batch import DecodeBatch
+
+        return DecodeBatch(self.module)
+
+    def batch_row(self, prompt_or_messages, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+                  top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: Optional[int] = None,
+                  stop: Optional[Sequence[str]] = None, raw: bool = False, cache: Optional[PromptCache] = None):
+        """A request ready to join a DecodeBatch of this model: same arguments and checks as `stream`.
+
+        cache: a PromptCache from `new_cache()` whose common prefix with the prompt is reused (it ends up
+        holding prompt and reply once the row leaves its batch).
+        """
+        from .generate.batch import BatchRow
+        from .generate.reply import Reply
+
+        sampling = self._sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed)
+        prompt_ids = self.tokenizer.prompt_ids(prompt_or_messages, raw=raw)
+        memory.check_generation_context(len(prompt_ids), max_tokens, self.context_length)
+        if max_tokens < 1:
+            raise GenerationError(f"max_tokens={max_tokens} must be >= 1 in a batch.")
+        if len(prompt_ids) == 0:
+            raise GenerationError("the prompt is empty; give at least one token of text.")
+        return BatchRow(prompt_ids, cache if cache is not None else self.new_cache(), sampling,
+                        Reply(self.tokenizer.hf, self.eos_ids(), stop), module=self.module, max_tokens=max_tokens)
 
     # ------------------------------------------------------------------ caches and sessions
 

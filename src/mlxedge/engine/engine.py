@@ -1,10 +1,16 @@
 """The engine: one worker thread owns every model and all MLX work; front-ends submit requests to it.
 
 Front-ends call `submit(request)` from any thread (or asyncio loop) and read the returned Handle's events.
-The worker admits requests FIFO up to `max_active` running at once, and steps the running ones one token
-each in turn (fair round-robin), so a long reply never starves a short one. Each request's KV cache is
-reserved against the memory budget before it starts; a queue longer than `max_queue` answers BusyError
-at once instead of hanging. Cancellation (a flag on the handle) is checked before every token.
+The worker admits requests FIFO up to `max_active` running at once. Requests of a model that can batch
+(`Model.batching_unsupported()` is None) decode together: each prefills alone, one chunk per scheduler
+pass (so a long prompt does not stall the others), then joins its model's DecodeBatch, and every pass runs
+ONE forward for all of that model's rows (continuous batching: rows join and leave between steps). Requests
+of a model that cannot batch (a rotating window asked for at load, a quantized KV cache, an architecture
+failing the batching probe) are stepped one token each in turn (fair round-robin); the reason is logged once per load
+and counted in /metrics (mlxedge_unbatched_requests_total). Each request's KV cache is reserved against the
+memory budget before it starts (a batch row also pays for the padding its batch gains); a queue longer
+than `max_queue` answers BusyError at once instead of hanging. Cancellation (a flag on the handle) is
+checked before every token.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import weakref
 
@@ -48,6 +54,8 @@ class _Running:
     kv_bytes: int
     admitted_at: float
     load_s: float
+    batch: object = None     # the DecodeBatch its row decodes in (None: decoded on its own, round-robin)
+    joined: bool = False     # its row has joined the batch (its prompt is prefilled)
     tokens: List[int] = field(default_factory=list)
     held: List[Event] = field(default_factory=list)     # deltas held back until logprobs are known
     first_at: Optional[float] = None
@@ -70,6 +78,10 @@ class Engine:
         self._pending: deque = deque()            # handles waiting for a slot or for KV budget (worker only)
         self._prepared = {}                       # handle id -> (resident, run, load_s) opened but not started
         self._running: List[_Running] = []        # worker only
+        self._batches: Dict[str, tuple] = {}      # model name -> (Resident, DecodeBatch) (worker only)
+        self._owners: Dict[int, _Running] = {}    # id(BatchRow) -> its running state (worker only)
+        self._unbatched: Dict[str, tuple] = {}    # model name -> (Resident, reason it cannot batch)
+        self.batching: Dict[str, dict] = {}       # model name -> batched forwards, row steps, largest batch
         self._waiting = 0                         # requests submitted and not yet running (under _lock)
         self._active_count = 0
         self._lock = threading.Lock()
@@ -131,7 +143,12 @@ class Engine:
     def status(self) -> dict:
         return {"resident": self.registry.snapshot(), "queued": self.queue_depth(), "running": self.active_count(),
                 "max_queue": self.max_queue, "max_active": self.max_active, "prefix_cache": self.cache.stats(),
+                "batching": self.batching_status(),
                 "budget_bytes": self.registry.budget_bytes, "uptime_s": time.time() - self.started}
+
+    def batching_status(self) -> Dict[str, dict]:
+        """Per model: batched (bool), the reason when not, and the decode forwards run so far."""
+        return {name: dict(entry) for name, entry in list(self.batching.items())}
 
     def prometheus(self) -> str:
         resident = self.registry.snapshot()
@@ -144,6 +161,8 @@ class Engine:
             "mlxedge_prefix_cache_bytes": ("bytes held by the prefix cache", cache["bytes"]),
             "mlxedge_prefix_cache_hits": ("requests that reused a cached prefix", cache["hits"]),
             "mlxedge_prefix_cache_misses": ("requests that found no cached prefix", cache["misses"]),
+            "mlxedge_batch_rows_max": ("the most requests one batched decode forward has run",
+                                       max([b.get("max_rows", 0) for b in list(self.batching.values())], default=0)),
         }
         return self.metrics.render(gauges, help_of=lambda name: _HELP.get(name, name))
 
@@ -203,9 +222,14 @@ class Engine:
         except BaseException as exc:  # handed to the caller, who reports it
             fut.set_exception(exc)
 
-    def _dequeue(self, handle: Handle) -> None:
+    def _dequeue(self, handle: Handle, started: bool = False) -> None:
         self._pending.remove(handle)
-        self._prepared.pop(handle.id, None)
+        prepared = self._prepared.pop(handle.id, None)
+        if prepared is not None and not started:
+            run = prepared[1]
+            if run.events is not None:
+                run.events.close()
+            self.cache.close(run)  # a cached state taken for a request that never ran goes back, untouched
         with self._lock:
             self._waiting -= 1
 
@@ -231,7 +255,7 @@ class Engine:
                 self._fail(handle, exc)
                 continue
             resident, run, load_s = prepared
-            need = int((len(run.prompt_ids) + handle.request.max_tokens) * resident.kv_bytes_per_token)
+            need = self._kv_need(resident, run, handle.request)
             headroom = self.registry.headroom_bytes()
             reserved = sum(r.kv_bytes for r in self._running)
             if headroom is not None:
@@ -240,7 +264,6 @@ class Engine:
                 headroom -= self.cache.nbytes
             if headroom is not None and need > headroom:
                 self._dequeue(handle)
-                run.events.close()
                 self._fail(handle, OverBudgetError(
                     f"this request's KV cache ({need / 1e6:.0f} MB for {len(run.prompt_ids)} prompt + "
                     f"{handle.request.max_tokens} new tokens) does not fit the {max(0, headroom) / 1e6:.0f} MB "
@@ -248,10 +271,14 @@ class Engine:
                 continue
             if headroom is not None and reserved + need > headroom:
                 return  # FIFO: wait until running requests release their KV caches
-            self._dequeue(handle)
+            self._dequeue(handle, started=True)
             resident.active += 1
-            self._running.append(_Running(handle=handle, resident=resident, run=run, kv_bytes=need,
-                                          admitted_at=time.perf_counter(), load_s=load_s))
+            state = _Running(handle=handle, resident=resident, run=run, kv_bytes=need,
+                             admitted_at=time.perf_counter(), load_s=load_s)
+            if run.row is not None:
+                state.batch = run.batch
+                self._owners[id(run.row)] = state
+            self._running.append(state)
             with self._lock:
                 self._active_count = len(self._running)
             handle.push(Event("progress", processed=run.cached_tokens, total=len(run.prompt_ids)))
@@ -264,15 +291,59 @@ class Engine:
         started = time.perf_counter()
         resident = self.registry.get(request.model, keep_alive=request.keep_alive)
         load_s = 0.0 if before is resident else time.perf_counter() - started
-        poll = _PrefillProgress(handle)
-        run = self.cache.open(resident, request, cancel=poll,
-                              enabled=self.registry.load_options.get("kv_overflow") != "rotate")
-        poll.run = run
+        batch = self._batch_for(resident)
+        if batch is not None:
+            run = self.cache.open_row(resident, request)
+            run.batch = batch
+        else:
+            self.metrics.inc("mlxedge_unbatched_requests_total", model=resident.name,
+                             reason=self._unbatched[resident.name][1])
+            poll = _PrefillProgress(handle)
+            run = self.cache.open(resident, request, cancel=poll,
+                                  enabled=self.registry.load_options.get("kv_overflow") != "rotate")
+            poll.run = run
         self._prepared[handle.id] = (resident, run, load_s)
         return self._prepared[handle.id]
 
+    def _batch_for(self, resident: Resident):
+        """The DecodeBatch of this resident model, or None when it cannot batch (the reason logged once)."""
+        name = resident.name
+        entry = self._batches.get(name)
+        if entry is not None and entry[0] is resident:
+            return entry[1]
+        known = self._unbatched.get(name)
+        if known is not None and known[0] is resident:
+            return None
+        reason = resident.model.batching_unsupported()
+        if reason is not None:
+            reason = " ".join(str(reason).split())[:200]  # one line: it is a /metrics label value too
+        if reason is None:
+            self._batches[name] = (resident, resident.model.new_batch())
+            self._unbatched.pop(name, None)
+            self.batching[name] = {"batched": True, "forwards": 0, "row_steps": 0, "max_rows": 0}
+            return self._batches[name][1]
+        self._batches.pop(name, None)
+        self._unbatched[name] = (resident, reason)
+        self.batching[name] = {"batched": False, "reason": reason}
+        log.warning("model %s cannot batch requests (%s); they decode one token each in turn", name, reason)
+        return None
+
+    def _kv_need(self, resident: Resident, run: Run, request: Request) -> int:
+        """KV bytes to reserve for a request: its own prompt + max_tokens; a batch row also pays what its
+        batch grows by, since every row is padded to the longest (B x longest minus what is reserved)."""
+        own = len(run.prompt_ids) + request.max_tokens
+        if run.row is None:
+            return int(own * resident.kv_bytes_per_token)
+        mates = [s for s in self._running if s.run.row is not None and s.resident is resident]
+        longest = max([len(s.run.prompt_ids) + s.handle.request.max_tokens for s in mates], default=0)
+        grows = (len(mates) + 1) * max(longest, own) - len(mates) * longest
+        return int(grows * resident.kv_bytes_per_token)
+
     def _step(self) -> None:
         for state in list(self._running):
+            if state.batch is not None:
+                self._advance_row(state)
+                continue
             handle = state.handle
             if handle.cancelled:
                 state.run.events.close()
@@ -284,12 +355,78 @@ class Engine:
                 self._retire(state)
                 self._fail(handle, exc)
                 continue
-            if event.finish_reason is None:
-                self._deliver_token(state, event)
-            else:
-                if event.text:
-                    self._emit(state, Event("delta", text=event.text))
-                self._finish(state, event.finish_reason, event.stats)
+            if event.finish_reason is None:   # a token: one forward of one request
+                self._count_forwards(state.resident.name, "round_robin", 1)
+            self._handle_event(state, event)
+        stepping = {}
+        for state in self._running:
+            if state.batch is not None and len(state.batch):
+                stepping[id(state.batch)] = (state.resident.name, state.batch)
+        for name, batch in stepping.values():
+            self._step_batch(name, batch)
+        for name, (resident, batch) in list(self._batches.items()):
+            if self.registry.resident.get(name) is not resident:
+                del self._batches[name]  # the model was unloaded: its batch goes with it (rows keep theirs)
+        for name, (resident, _) in list(self._unbatched.items()):
+            if self.registry.resident.get(name) is not resident:
+                del self._unbatched[name]  # ... and so does what kept an unloaded model referenced
+
+    def _handle_event(self, state: _Running, event) -> None:
+        if event.finish_reason is None:
+            self._deliver_token(state, event)
+        else:
+            if event.text:
+                self._emit(state, Event("delta", text=event.text))
+            self._finish(state, event.finish_reason, event.stats)
+
+    def _advance_row(self, state: _Running) -> None:
+        """A batch row between steps: leave when cancelled, else prefill a chunk or join the batch."""
+        row, handle = state.run.row, state.handle
+        if handle.cancelled:
+            state.batch.remove(row)
+            self._finish(state, "cancelled", row.stats())
+            return
+        if state.joined:
+            return
+        try:
+            if not row.ready:
+                row.prefill_step()
+                if row.prefilled < len(row.prompt_ids):
+                    handle.push(Event("progress", processed=row.prefilled, total=len(row.prompt_ids)))
+            if row.ready:
+                state.batch.add(row)
+                state.joined = True
+        except Exception as exc:
+            self._retire(state)
+            self._fail(handle, exc)
+
+    def _step_batch(self, name: str, batch) -> None:
+        """One batched forward for every joined row of a model; hand each row its token."""
+        before = batch.row_steps
+        try:
+            results = batch.step()
+        except Exception as exc:  # the batch's caches are in an unknown state: every row of it fails
+            rows = list(batch.rows)
+            batch.clear()
+            for row in rows:
+                state = self._owners.get(id(row))
+                if state is not None:
+                    self._retire(state)
+                    self._fail(state.handle, exc)
+            return
+        self._count_forwards(name, "batched", batch.row_steps - before, batch=batch)
+        for row, events in results:
+            state = self._owners.get(id(row))
+            for event in events:
+                self._handle_event(state, event)
+
+    def _count_forwards(self, model: str, mode: str, rows: int, batch=None) -> None:
+        self.metrics.inc("mlxedge_decode_forwards_total", model=model, mode=mode)
+        self.metrics.inc("mlxedge_decode_rows_total", rows, model=model, mode=mode)
+        if batch is not None:
+            entry = self.batching.get(model)
+            if entry is not None:
+                entry.update(forwards=batch.forwards, row_steps=batch.row_steps, max_rows=batch.max_rows)
 
     def _deliver_token(self, state: _Running, event) -> None:
         if state.first_at is None:
@@ -334,6 +471,9 @@ class Engine:
 
     def _retire(self, state: _Running) -> None:
         self._running.remove(state)
+        if state.run.row is not None:
+            state.batch.remove(state.run.row)  # no-op once it has left
+            self._owners.pop(id(state.run.row), None)
         with self._lock:
             self._active_count = len(self._running)
         state.resident.active -= 1
@@ -352,7 +492,10 @@ class Engine:
 
     def _shutdown(self) -> None:
         for state in list(self._running):
-            state.run.events.close()
+            if state.run.events is not None:
+                state.run.events.close()
+            if state.batch is not None:
+                state.batch.remove(state.run.row)
             self._finish(state, "cancelled", None)
         for handle in list(self._pending):
             self._dequeue(handle)

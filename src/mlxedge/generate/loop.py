@@ -14,13 +14,11 @@ from typing import Callable, Iterator, Optional, Sequence
 import mlx.core as mx
 
 from ..errors import GenerationError
-from .detokenizer import StreamingDetokenizer
 from .kv_cache import make_cache
 from .prompt_cache import PromptCache
-from .repetition import FINISH_REASON as REPEATING, RepetitionGuard
+from .reply import Reply
 from .sampler import SamplingParams, make_sampler
 from .stats import GenerationStats, StreamEvent
-from .stop import StopMatcher
 
 PREFILL_CHUNK = 512
 
@@ -124,11 +122,7 @@ def generate_stream(model, tokenizer, prompt_ids: Sequence[int], *, eos_ids: Seq
     if len(prompt_ids) == 0:
         raise GenerationError("the prompt is empty; give at least one token of text.")
     sampling.validate()
-    if isinstance(stop, str):
-        stop = [stop]
-    eos = set(int(e) for e in eos_ids)
-    detok = StreamingDetokenizer(tokenizer)
-    matcher = StopMatcher(stop or [])
+    reply = Reply(tokenizer, eos_ids, stop)
     prompt_ids = [int(t) for t in prompt_ids]
     if cache is None:
         cache = new_prompt_cache(model)
@@ -149,25 +143,19 @@ def generate_stream(model, tokenizer, prompt_ids: Sequence[int], *, eos_ids: Seq
                                max_tokens=max_tokens, cancel=cancel,
                                sampler=make_sampler(sampling, logits_filter=logits_filter))
     seen = 0
-    guard = RepetitionGuard()
     try:
         for token in tokens:
             now = time.perf_counter()
             if seen == 0:
                 first_at = now
             seen += 1
-            if token in eos:
-                finish = "stop"
+            text = reply.feed(token)
+            if text is None:  # EOS
                 break
             stats.generation_tokens += 1
             last_at = now
-            text, hit = matcher.feed(detok.add(token))
             yield StreamEvent(text=text, token=token)
-            if hit:
-                finish = "stop"
-                break
-            if guard.feed(token):  # the reply loops: end it ("repeating") rather than run to the limit
-                finish = REPEATING
+            if reply.finish is not None:
                 break
             if cancel is not None and cancel():
                 finish = "cancelled"
@@ -176,15 +164,12 @@ def generate_stream(model, tokenizer, prompt_ids: Sequence[int], *, eos_ids: Seq
         finish = "cancelled"
     finally:
         tokens.close()
+    finish = reply.finish or finish
     if seen == 0:
         first_at = time.perf_counter()
-    tail = ""
-    if not matcher.stopped:
-        tail, hit = matcher.feed(detok.finalize())
-        if hit:
-            finish = "stop"
-        else:
-            tail += matcher.flush()
+    tail, hit = reply.close()
+    if hit:
+        finish = "stop"
     elapsed_first = first_at - start
     stats.ttft_s = elapsed_first
     prefilled = len(prompt_ids) - cached
