@@ -212,13 +212,14 @@ class Model:
 
         sampling = self._sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed)
         prompt_ids = self.tokenizer.prompt_ids(prompt_or_messages, raw=raw)
-        memory.check_generation_context(len(prompt_ids), max_tokens, self.context_length)
+        check_generation_context(len(prompt_ids), max_tokens, self.context_length)
         if max_tokens < 1:
             raise GenerationError(f"max_tokens={max_tokens} must be >= 1 in a batch.")
         if len(prompt_ids) == 0:
             raise GenerationError("the prompt is empty; give at least one token of text.")
         return BatchRow(prompt_ids, cache if cache is not None else self.new_cache(), sampling,
-                        Reply(self.tokenizer.hf, self.eos_ids(), stop), module=self.module, max_tokens=max_tokens)
+                        Reply(self.tokenizer.hf, self.eos_ids(), stop), module=self.module, max_tokens=max_tokens,
+                        logits_filter=self._logits_filter)
 
     # ------------------------------------------------------------------ caches and sessions
 

@@ -57,14 +57,14 @@ class BatchRow:
     """One request of a decode batch: its prompt, its own KV state (while prefilling), sampler and reply."""
 
     def __init__(self, prompt_ids: Sequence[int], cache: PromptCache, sampling: SamplingParams, reply: Reply,
-                 *, module, max_tokens: int = 256, prefill_chunk: int = PREFILL_CHUNK):
+                 *, module, max_tokens: int = 256, prefill_chunk: int = PREFILL_CHUNK, logits_filter=None):
         self.prompt_ids = [int(t) for t in prompt_ids]
         if not self.prompt_ids:
             from ..errors import GenerationError
             raise GenerationError("the prompt is empty; give at least one token of text.")
         self.cache = cache
         self.cached_tokens = cache.reuse(self.prompt_ids)
-        self.sampler = make_sampler(sampling)
+        self.sampler = make_sampler(sampling, logits_filter=logits_filter)
         self.history = HistoryTracker(self.prompt_ids, sampling)
         self.reply = reply
         self.max_tokens = int(max_tokens)
