@@ -239,7 +239,10 @@ class KernelChoice:
     def summary(self, report: dict) -> dict:
         """info["kernels"]: the mode, what runs instead of the built-ins, layer counts per backend, and (auto)
         how many shape verdicts were measured at this load vs read from the per-device cache."""
-        return {"mode": self.mode, "backend": self.backend, "layers": report, "verdicts": dict(self.verdicts)}
+        summary = {"mode": self.mode, "backend": self.backend, "layers": report}
+        if self.mode == "auto":
+            summary["verdicts"] = dict(self.verdicts)
+        return summary
 
 
 _selector: Optional[Selector] = None
