@@ -12,7 +12,8 @@ Other command modules (chat, generate, models, evaluation) build on these names:
 - `load_options`     decorator: --bits, --group-size (and --memory-budget/--auto-fit when the API has them),
                      collected into one `load` dict argument for `load_model`.
 - `load_model(source, label=..., **load)` resolves aliases with a pull progress bar, loads with a
-                     progress bar, returns the `mlxedge.Model`.
+                     progress bar, returns the `mlxedge.Model`; with --debug it prints one start-up line
+                     (`startup_line`: seconds per stage, kernel verdicts measured/cached, heavy imports).
 - `progress_bar(label, unit)` context manager yielding a callable(done, total) that draws on stderr.
 - `emit_json(obj)`, `format_count`, `format_bytes`, `stats_footer(stats, ...)`.
 """
