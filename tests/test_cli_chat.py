@@ -9,6 +9,7 @@ Ctrl-C stops a long reply and gives the prompt back) and on the exit status.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -124,3 +125,63 @@ def test_a_poem_ends_by_itself_with_the_default_settings(mlxedge_home):
     assert max(lines.count(line) for line in lines) <= 2, reply
     child.sendline("/exit")
     child.expect(pexpect.EOF)
+
+
+# ------------------------------------------------------------------------------------------------ second start
+
+STARTUP = re.compile(r"startup: ready .*?kernel verdicts: (\d+) measured, (\d+) cached.*?"
+                     r"transformers (not imported|imported), torch (not imported|imported)")
+
+
+def _snapshot(directory: Path) -> dict:
+    """Every file and directory under `directory`: (inode, size, mtime) — a rebuild or rewrite changes it."""
+    return {str(p.relative_to(directory)): (p.stat().st_ino, p.stat().st_size, p.stat().st_mtime_ns)
+            for p in [directory, *directory.rglob("*")]}
+
+
+def _start_and_leave(home: Path, kernel_cache: Path):
+    """Start `mlxedge chat --debug` on the default model, wait for the prompt, leave; the --debug start-up line."""
+    env = dict(os.environ, MLXEDGE_HOME=str(home), TERM="xterm", HOME=str(home),
+               MLXEDGE_KERNEL_CACHE=str(kernel_cache))
+    env.pop("MLXEDGE_KERNELS", None)  # the default (auto) kernel choice, which measures on a first load
+    child = pexpect.spawn(MLXEDGE, ["chat", "--debug"], env=env, encoding="utf-8", timeout=600,
+                          dimensions=(50, 200), preexec_fn=default_sigint)
+    child.expect_exact(PROMPT)
+    found = STARTUP.search(ANSI.sub("", child.before))
+    assert found, child.before
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    measured, cached, transformers, torch = found.groups()
+    return int(measured), int(cached), transformers == "imported", torch == "imported"
+
+
+def test_the_second_chat_start_reuses_the_tokenizer_and_the_kernel_verdicts(smollm2_gguf, tmp_path):
+    """First start: builds the GGUF tokenizer (with transformers) and measures the kernel per layer shape.
+    Second start: reads both back — the cache files are untouched, nothing is measured (unless a verdict
+    taken on a busy machine is being re-measured on a quiet one, once), transformers is not imported."""
+    home = tmp_path / "home"
+    target = home / "models" / "smollm2" / smollm2_gguf.name
+    target.parent.mkdir(parents=True)
+    target.symlink_to(smollm2_gguf)
+    kernel_cache = tmp_path / "kernel-selection.json"
+
+    measured, cached, transformers, torch = _start_and_leave(home, kernel_cache)
+    assert measured > 0 and cached == 0 and transformers and not torch
+    tokenizers = _snapshot(home / "tokenizers")
+    assert any(name.endswith("tokenizer.json") for name in tokenizers)
+    verdicts = json.loads(kernel_cache.read_text())
+    ((device, first),) = verdicts.items()
+    assert len(first) == measured
+    provisional = {key for key, entry in first.items() if entry["quiet"] is False}
+
+    measured, cached, transformers, torch = _start_and_leave(home, kernel_cache)
+    assert not transformers and not torch
+    assert _snapshot(home / "tokenizers") == tokenizers  # not rebuilt, not rewritten
+    assert measured + cached == len(first) and measured <= len(provisional)
+    second = json.loads(kernel_cache.read_text())[device]
+    assert second.keys() == first.keys()
+    changed = {key for key in first if second[key] != first[key]}
+    assert len(changed) == measured and changed <= provisional  # only busy verdicts, re-measured quietly
+    assert all(second[key]["quiet"] is True for key in changed)

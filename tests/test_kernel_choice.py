@@ -200,6 +200,9 @@ def test_auto_keeps_native_only_where_it_measured_faster(tiny_dir, tmp_path, mon
     # shapes measured once each: q/o (64x64), k/v (32x64: 2 kv heads), gate/up, down, head, fused gate·up
     assert sorted(measured) == sorted([64, 32, 128, 64, 256, 128])
     assert info["layers"] == {"quantized": {"native": 14, "builtin": 1}, "gate_up_fused": {"native": 2}}
+    assert info["verdicts"] == {"measured": 6, "reused": 0}
+    again = load_builtin(tiny_dir, monkeypatch, bits=4, group_size=64).use_kernels(native(fake, "auto", selector=sel))
+    assert again["verdicts"] == {"measured": 0, "reused": 6} and len(measured) == 6  # a second load measures nothing
     assert isinstance(model.module.lm_head, QuantizedLinear)
     assert model.module.lm_head._backends == ("builtin", "builtin")
 

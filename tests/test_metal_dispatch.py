@@ -222,17 +222,42 @@ def test_auto_measures_once_per_device_and_shape_and_keeps_the_verdict(emulated,
     assert again.quantized(*weights, group_size=GROUP, bits=BITS).backend == "metal"
 
 
-def test_a_verdict_measured_on_a_busy_machine_is_not_kept_on_disk(tmp_path):
+def test_a_busy_verdict_is_kept_provisionally_and_replaced_by_the_first_quiet_measurement(tmp_path):
     path = tmp_path / "s.json"
     seen = []
-    busy = selection.Selector(path=path, quiet=lambda: False,
-                              measure_fn=lambda c, b: seen.append(1) or {"custom_s": 1, "builtin_s": 2, "agree": True})
+
+    def selector(quiet: bool, custom_s: float):
+        return selection.Selector(path=path, quiet=lambda: quiet, measure_fn=lambda c, b: seen.append(quiet) or
+                                  {"custom_s": custom_s, "builtin_s": 2, "agree": True})
+
+    busy = selector(False, 1)
     assert busy.prefers_custom("cpu", "qmm:k", None, None) and busy.prefers_custom("cpu", "qmm:k", None, None)
-    assert len(seen) == 1 and not path.exists()  # kept for this process only
-    fresh = selection.Selector(path=path, quiet=lambda: True,
-                               measure_fn=lambda c, b: seen.append(1) or {"custom_s": 3, "builtin_s": 2, "agree": True})
-    assert fresh.prefers_custom("cpu", "qmm:k", None, None) is False and len(seen) == 2
-    assert json.loads(path.read_text())["cpu"]["qmm:k"]["custom"] is False
+    assert seen == [False] and (busy.measured, busy.reused) == (1, 0)
+    assert json.loads(path.read_text())["cpu"]["qmm:k"]["quiet"] is False  # on disk, marked provisional
+
+    again_busy = selector(False, 3)  # a later start on a busy machine: reuses it, measures nothing
+    assert again_busy.prefers_custom("cpu", "qmm:k", None, None) is True
+    assert seen == [False] and (again_busy.measured, again_busy.reused) == (0, 1)
+
+    quiet = selector(True, 3)  # the first quiet start measures once more and keeps that for good
+    assert quiet.prefers_custom("cpu", "qmm:k", None, None) is False and seen == [False, True]
+    saved = json.loads(path.read_text())["cpu"]["qmm:k"]
+    assert saved["custom"] is False and saved["quiet"] is True
+
+    later = selector(False, 1)
+    assert later.prefers_custom("cpu", "qmm:k", None, None) is False and seen == [False, True]
+
+
+def test_verdicts_saved_by_another_process_meanwhile_are_kept(tmp_path):
+    path = tmp_path / "s.json"
+    verdict = {"custom_s": 1, "builtin_s": 2, "agree": True}
+    first = selection.Selector(path=path, quiet=lambda: True, measure_fn=lambda c, b: dict(verdict))
+    second = selection.Selector(path=path, quiet=lambda: True, measure_fn=lambda c, b: dict(verdict))
+    assert second.lookup("cpu", "a") is None  # second has read the file before first saves "a"
+    first.prefers_custom("cpu", "a", None, None)
+    second.prefers_custom("cpu", "b", None, None)
+    first.prefers_custom("cpu", "c", None, None)
+    assert sorted(json.loads(path.read_text())["cpu"]) == ["a", "b", "c"]
 
 
 def test_auto_keeps_verdicts_apart_per_device(tmp_path):

@@ -88,3 +88,89 @@ def test_a_coarser_convert_is_refused_and_with_the_flag_prints_its_measured_cost
     # the issue's gibberish case is measurably worse than the source (KLD 0.37 / top-1 73% at ctx 256 before)
     assert cost["kld_mean"] > 0.05 and cost["top1_agreement"] < 0.95
     print(f"4-bit g64 over Q4_1 g32: mean KLD {cost['kld_mean']:.4f}, top-1 {100 * cost['top1_agreement']:.1f}%")
+
+
+# ------------------------------------------------------------------------------------------------ bench and eval
+
+@pytest.fixture(scope="module")
+def quantized_gguf(tmp_path_factory):
+    """A tiny llama GGUF stored quantized (Q4_0 attention, Q5_1 MLP, Q8_0 embedding: all group 32)."""
+    from gguf_tiny import TINY, tiny_model, write_gguf
+
+    return write_gguf(tiny_model("llama"), tmp_path_factory.mktemp("quantized") / "tiny-q.gguf",
+                      TINY["llama"]["types"])
+
+
+@pytest.fixture
+def counted_loads(monkeypatch, tmp_path):
+    """Every mlxedge.load the commands make, recorded (bench and eval load through the public API)."""
+    from mlxedge import bench
+
+    monkeypatch.setenv("MLXEDGE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(bench, "BANDWIDTH_PROBE_BYTES", 16 << 20)
+    monkeypatch.setattr(bench, "BANDWIDTH_REPS", 2)
+    calls, real = [], mlxedge.load
+    monkeypatch.setattr(mlxedge, "load", lambda *a, **k: calls.append(k) or real(*a, **k))
+    return calls
+
+
+def _invoke(*args):
+    from mlxedge.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+BENCH_QUICK = ["--pp", "8", "--tg", "2", "-r", "1"]
+
+
+@pytest.mark.parametrize("command", ["bench", "eval"])
+def test_bench_and_eval_refuse_a_coarser_grid_in_one_line_before_anything_runs(command, quantized_gguf,
+                                                                                counted_loads):
+    # 8-bit g64 over 4-bit g32 is fine (not coarser); the 4-bit g64 after it is refused before the 8-bit one runs
+    result = _invoke(command, quantized_gguf, "--bits", "8,4", "--group-size", "64")
+    assert result.exit_code == 1, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "coarser grid" in line and "--allow-requantize" in line
+    assert result.stdout == "" and counted_loads == []
+
+
+def test_bench_with_allow_requantize_runs_and_prints_the_measured_cost(quantized_gguf, counted_loads):
+    result = _invoke("bench", quantized_gguf, "--bits", "4", "--group-size", "64", "--allow-requantize",
+                     *BENCH_QUICK, "--json")
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.stdout)["variants"]
+    assert row["label"] == "q4 g64" and row["bits"] == 4 and row["group_size"] == 64 and row["tg_tps_mean"] > 0
+    cost = row["requantization_cost"]
+    assert len(row["requantized_coarser"]) > 0 and cost["tokens_scored"] > 0
+    assert cost["kld_mean"] > 0 and 0 <= cost["top1_agreement"] <= 1
+    assert {k.get("allow_requantize") for k in counted_loads} == {True, None}  # the variant, the source as stored
+
+    text = _invoke("bench", quantized_gguf, "--bits", "4", "--group-size", "64", "--allow-requantize", *BENCH_QUICK)
+    assert text.exit_code == 0, text.output
+    assert (f"q4 g64: re-quantized {len(row['requantized_coarser'])} modules onto a coarser grid; measured cost "
+            f"against the source on {cost['tokens_scored']} tokens of built-in text: mean KLD") in text.stdout
+
+
+def test_eval_with_allow_requantize_reports_the_cost_it_measured_or_measures_it_apart(quantized_gguf, counted_loads):
+    from mlxedge.evaluate import COST_CTX
+
+    same_text = ["--ctx", COST_CTX, "--chunks", "1", "--json"]  # the text the cost is measured on alone
+    with_reference = _invoke("eval", quantized_gguf, "--bits", "4", "--group-size", "64", "--allow-requantize",
+                             *same_text)
+    assert with_reference.exit_code == 0, with_reference.output
+    (row,) = json.loads(with_reference.stdout)["variants"]
+    cost = row["requantization_cost"]
+    assert cost["kld_mean"] == row["kld_mean"] > 0 and cost["top1_agreement"] == row["top1_agreement"]
+
+    apart = _invoke("eval", quantized_gguf, "--bits", "4", "--group-size", "64", "--allow-requantize",
+                    "--no-reference", *same_text)
+    assert apart.exit_code == 0, apart.output
+    (alone,) = json.loads(apart.stdout)["variants"]
+    assert "kld_mean" not in alone  # no reference in the eval itself: the cost was measured on its own
+    assert alone["requantization_cost"]["kld_mean"] == pytest.approx(cost["kld_mean"], rel=1e-5)
+    assert alone["requantization_cost"]["tokens_scored"] == cost["tokens_scored"]
+
+    text = _invoke("eval", quantized_gguf, "--bits", "4", "--group-size", "64", "--allow-requantize",
+                   "--ctx", COST_CTX, "--chunks", "1")
+    assert text.exit_code == 0, text.output
+    assert "q4 g64: re-quantized" in text.stdout and "top-1 agreement" in text.stdout

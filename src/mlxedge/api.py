@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from .adapters import read_adapter
-from .loading import load_checkpoint, resolve_dtype
+from .loading import load_checkpoint, quantization_targets, resolve_dtype
 from .memory.budget import device_budget
 from .memory.fit import check_plan
 from .memory.plan import MemoryPlan, default_context_length, make_plan
@@ -43,6 +43,21 @@ def plan(source, bits: Optional[int] = None, group_size: Optional[int] = None, d
     result = _plan_checkpoint(checkpoint, spec.bits if spec else None, group_size, dtype, memory_budget,
                               context_length, check=False, kv_bits=kv_bits)
     return result.to_dict()
+
+
+def check_requantize(source, bits: Optional[int], group_size: Optional[int] = None,
+                     allow_requantize: bool = False) -> dict:
+    """What `load(source, bits, group_size)` would do to modules stored quantized, decided without reading a
+    weight (config, tensor headers, the architecture): raises the QuantizationError load would raise for a
+    coarser grid unless allow_requantize; else {"requantized_coarser": [...], "kept_stored_precision": [...]}.
+    Front-ends that load several settings (bench, eval) call it for all of them before the first one runs."""
+    validate_settings(bits, group_size or 64)
+    checkpoint = open_source(source)
+    requested = validate_settings(bits, default_group_size(group_size, checkpoint.quantization))
+    if requested is None or not checkpoint.quantization:
+        return {"requantized_coarser": [], "kept_stored_precision": []}
+    targets = quantization_targets(checkpoint, requested, allow_requantize)
+    return {"requantized_coarser": list(targets.requantized_coarser), "kept_stored_precision": list(targets.kept_stored)}
 
 
 def load(source, bits: Optional[int] = None, group_size: Optional[int] = None, dtype: Optional[str] = None,

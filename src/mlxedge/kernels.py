@@ -98,6 +98,7 @@ class KernelChoice:
         self._selector = selector
         self._verdicts = {}  # shape key -> bool, so a shape is measured once per choice
         self._bindings = {}  # layer shape -> Binding
+        self.verdicts = {"measured": 0, "reused": 0}  # auto mode: shapes timed now vs read from the cache
         self.candidate = self._find_candidate()
 
     # ---------------------------------------------------------------------------------------- device
@@ -295,13 +296,19 @@ class KernelChoice:
             x = mx.random.normal((1, k), key=mx.random.key(0)).astype(dtype)
             if self._selector is None:
                 self._selector = default_selector()
+            before = getattr(self._selector, "measured", 0)
             self._verdicts[key] = self._selector.prefers_custom(self._device_key(), key, lambda: run_candidate(x),
                                                                 lambda: run_builtin(x))
+            self.verdicts["measured" if getattr(self._selector, "measured", 0) > before else "reused"] += 1
         return self._verdicts[key]
 
     def summary(self, report: dict) -> dict:
-        """info["kernels"]: the mode, what runs instead of the built-ins, and layer counts per backend."""
-        return {"mode": self.mode, "backend": self.backend, "layers": report}
+        """info["kernels"]: the mode, what runs instead of the built-ins, layer counts per backend, and (auto)
+        how many shape verdicts were measured at this load vs read from the per-device cache."""
+        summary = {"mode": self.mode, "backend": self.backend, "layers": report}
+        if self.mode == "auto":
+            summary["verdicts"] = dict(self.verdicts)
+        return summary
 
 
 _selector: Optional[Selector] = None

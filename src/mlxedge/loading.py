@@ -142,6 +142,28 @@ def _surviving_names(model: nn.Module, checkpoint: Checkpoint) -> set:
     return set(kept)
 
 
+def _build_model(checkpoint: Checkpoint) -> tuple:
+    """(normalized config, the architecture's module) — parameters not yet materialised (MLX is lazy)."""
+    config = normalize_config(checkpoint.config)
+    model_class, args_class = model_classes(config)
+    try:
+        model = model_class(args_class.from_dict(config))
+    except (TypeError, ValueError, KeyError, ZeroDivisionError, OverflowError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise SourceError(f"config.json does not describe a valid {config['model_type']} model: {reason}") from None
+    return config, model
+
+
+def quantization_targets(checkpoint: Checkpoint, requested: Optional[QuantSpec],
+                         allow_requantize: bool = False) -> Targets:
+    """What `load_checkpoint` would do to each module at `requested`, decided the same way but without reading
+    a weight: raises the same QuantizationError where it would refuse a coarser grid."""
+    config, model = _build_model(checkpoint)
+    modules = quantizable_modules(model)
+    return _target_specs(modules, source_quant_specs(checkpoint, modules), requested, allow_requantize,
+                         int(config.get("num_hidden_layers", 0)))
+
+
 def load_checkpoint(checkpoint: Checkpoint, requested: Optional[QuantSpec], dtype=None,
                     progress: Optional[Callable[[int, int], None]] = None, for_compute: bool = True,
                     adapter: Optional[Adapter] = None, allow_requantize: bool = False) -> LoadedModel:
@@ -150,13 +172,7 @@ def load_checkpoint(checkpoint: Checkpoint, requested: Optional[QuantSpec], dtyp
     adapter: a LoRA/DoRA adapter attached, unfused, on top of the loaded layers (see adapters.py).
     allow_requantize: let already-quantized modules go onto a coarser grid (see quant.requantize).
     """
-    config = normalize_config(checkpoint.config)
-    model_class, args_class = model_classes(config)
-    try:
-        model = model_class(args_class.from_dict(config))
-    except (TypeError, ValueError, KeyError, ZeroDivisionError, OverflowError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise SourceError(f"config.json does not describe a valid {config['model_type']} model: {reason}") from None
+    config, model = _build_model(checkpoint)
     compute_dtype = resolve_dtype(dtype, checkpoint, for_compute)
     outcomes = plan_tensors(model, checkpoint, requested, allow_requantize)
     chosen = outcomes.targets

@@ -12,8 +12,9 @@ import click
 from ..errors import MlxedgeError
 from ..evaluate import DEFAULT_CTX, QUICK_CHUNKS, QUICK_CTX
 from ..table import render_table
-from .common import (GROUP_SIZE_HELP, _isatty, emit_json, format_bytes, format_quantization, handles_errors, load_model,
-                     progress_bar, resolve_source)
+from .common import (ALLOW_REQUANTIZE_HELP, GROUP_SIZE_HELP, _isatty, emit_json, format_bytes, format_quantization,
+                     handles_errors, load_model, progress_bar, resolve_source)
+from .requantization import cost_line, measure_cost
 
 DTYPE_CHOICE = click.Choice(["float32", "float16", "bfloat16"])
 
@@ -39,7 +40,8 @@ def _check_plot_available(path: Optional[str]) -> None:
 
 
 def variant_options(fn):
-    """--bits LIST / --group-size / --dtype: the precisions bench and eval run (see bench.parse_variants)."""
+    """--bits LIST / --group-size / --dtype / --allow-requantize: the precisions bench and eval run (see
+    bench.parse_variants)."""
     options = [
         click.option("--bits", default=None, metavar="LIST",
                      help="Precisions, e.g. 16,8,4 (16 = unquantized in --dtype, 32 = float32). "
@@ -49,6 +51,8 @@ def variant_options(fn):
         click.option("--dtype", type=DTYPE_CHOICE, default=None,
                      help="compute dtype (16 = bfloat16 unless set; quantized variants default to float32 "
                           "without Metal)."),
+        click.option("--allow-requantize", is_flag=True,
+                     help=ALLOW_REQUANTIZE_HELP + " With it, the measured cost is printed per variant."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -73,31 +77,43 @@ def variant_options(fn):
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
               help="Draw the variants side by side (needs mlxedge[plot]).")
 @click.option("--remeasure-bandwidth", is_flag=True, help="Measure the memory bandwidth again (it is cached).")
-def bench_command(model, bits, group_size, dtype, n_prompt, n_gen, repetitions, compare, as_json, as_md,
-                  plot_path, remeasure_bandwidth):
+def bench_command(model, bits, group_size, dtype, allow_requantize, n_prompt, n_gen, repetitions, compare, as_json,
+                  as_md, plot_path, remeasure_bandwidth):
     """Prompt-processing and generation speed of MODEL, per precision (llama-bench's pp/tg conventions)."""
     B = _bench_module()
-
 
     if as_json and as_md:
         raise MlxedgeError("choose one of --json and --md.")
     _check_plot_available(plot_path)
-    variants = B.parse_variants(bits, group_size, dtype)
+    variants = B.parse_variants(bits, group_size, dtype, allow_requantize)
     source = resolve_source(model, quiet=as_json)
+    coarser = B.check_variants(source, variants)  # a refused variant stops here, before any runs
     steps = len(variants) * repetitions
     with progress_bar("Benchmarking", unit="repetitions", enabled=not as_json) as progress:
         result = B.bench(source, variants, p=n_prompt, n=n_gen, reps=repetitions, compare=compare,
                          remeasure_bandwidth=remeasure_bandwidth,
                          log=None if as_json else _bench_log(progress, steps))
     result["model"] = model
+    by_label = {v.label: v for v in variants}
+    for row in result["variants"]:
+        if row["label"] in coarser:
+            row["requantized_coarser"] = coarser[row["label"]]
+            row["requantization_cost"] = measure_cost(source, as_json, **by_label[row["label"]].load_kwargs())
     if plot_path:
         result["plot"] = str(B.plot(result, plot_path))
     if as_json:
         emit_json(result)
     else:
         click.echo(B.format_table(result, markdown=as_md))
+        _echo_costs(result["variants"])
         if plot_path:
             _stderr(f"plot written to {plot_path}")
+
+
+def _echo_costs(rows) -> None:
+    for row in rows:
+        if row.get("requantization_cost"):
+            click.echo(cost_line(len(row["requantized_coarser"]), row["requantization_cost"], row["label"]))
 
 
 def _bench_log(progress, steps: int):
@@ -204,8 +220,8 @@ def run_eval(model: str, variants, reference: Optional[str], text: str, text_lab
               help=f"llama-perplexity's setting: ctx {DEFAULT_CTX} over the whole text (hours on a slow CPU).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--md", "as_md", is_flag=True, help="Print a markdown table.")
-def eval_command(model, bits, group_size, dtype, reference, no_reference, text_path, ctx, chunks, full, as_json,
-                 as_md):
+def eval_command(model, bits, group_size, dtype, allow_requantize, reference, no_reference, text_path, ctx, chunks,
+                 full, as_json, as_md):
     """Perplexity of MODEL (llama-perplexity's way) and KL divergence / top-1 agreement against a reference."""
     B = _bench_module()
 
@@ -213,7 +229,8 @@ def eval_command(model, bits, group_size, dtype, reference, no_reference, text_p
 
     if as_json and as_md:
         raise MlxedgeError("choose one of --json and --md.")
-    variants = B.parse_variants(bits, group_size, dtype)
+    variants = B.parse_variants(bits, group_size, dtype, allow_requantize)
+    coarser = B.check_variants(resolve_source(model, quiet=as_json), variants)  # refused: before anything loads
     ctx = ctx or (DEFAULT_CTX if full else QUICK_CTX)
     chunks = chunks or (None if full else QUICK_CHUNKS)
     if no_reference:
@@ -229,10 +246,30 @@ def eval_command(model, bits, group_size, dtype, reference, no_reference, text_p
             raise MlxedgeError(f"{text_path} is not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
         label = text_path
     result = run_eval(model, variants, reference, text, label, ctx, chunks, quiet=as_json)
+    _add_costs(result, model, reference, variants, coarser, quiet=as_json)
     if as_json:
         emit_json(result)
     else:
         click.echo(format_eval(result, markdown=as_md))
+        _echo_costs(result["variants"])
+
+
+def _add_costs(result: dict, model: str, reference: Optional[str], variants, coarser: dict, quiet: bool) -> None:
+    """Each variant re-quantized coarser gets its measured cost: this eval's own KLD and top-1 agreement when
+    the reference is MODEL as stored (then it is exactly that measurement, on more text), else measured apart."""
+    by_label = {v.label: v for v in variants}
+    for row in result["variants"]:
+        if row["label"] not in coarser:
+            continue
+        row["requantized_coarser"] = coarser[row["label"]]
+        if reference == model and "kld_mean" in row:
+            row["requantization_cost"] = {"kld_mean": row["kld_mean"], "top1_agreement": row["top1_agreement"],
+                                          "tokens_scored": row["tokens_scored"], "ctx": result["settings"]["ctx"],
+                                          "text": "built-in text" if result["text"].startswith("built-in")
+                                          else result["text"]}
+        else:
+            row["requantization_cost"] = measure_cost(resolve_source(model, quiet=True), quiet,
+                                                      **by_label[row["label"]].load_kwargs())
 
 
 __all__ = ["bench_command", "eval_command", "run_eval", "format_eval"]

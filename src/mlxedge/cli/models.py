@@ -9,6 +9,7 @@ import click
 
 from .common import (apply_options_of, dtype_option, echo_table, emit_json, format_bytes, format_count, handles_errors,
                      format_quantization, load_model, progress_bar, quantization_options, resolve_source)
+from .requantization import cost_line, measure_cost
 
 
 def bytes_on_disk(path: Path) -> Optional[int]:
@@ -181,16 +182,9 @@ def convert_command(src: str, dest: Path, bits: Optional[str], group_size: Optio
                    f"--allow-requantize): {', '.join(summary['kept_stored_precision'])}")
     cost = summary.get("requantization_cost")
     if cost:
-        click.echo(f"re-quantized {len(summary['requantized_coarser'])} modules onto a coarser grid; measured cost "
-                   f"against the source on {cost['tokens_scored']} tokens of built-in text: mean KLD "
-                   f"{cost['kld_mean']:.4f}, top-1 agreement {100 * cost['top1_agreement']:.1f}%")
+        click.echo(cost_line(len(summary["requantized_coarser"]), cost))
 
 
 def _requantization_cost(source: str, dest: Path, quiet: bool) -> dict:
     """KLD and top-1 agreement of the converted model against the source as stored, on a short text."""
-    from ..evaluate import requantization_cost
-
-    reference = load_model(source, quiet=quiet)
-    converted = load_model(str(dest), quiet=quiet)
-    with progress_bar("Measuring the cost", unit="forward passes", enabled=not quiet) as progress:
-        return requantization_cost(reference, converted, progress=progress)
+    return measure_cost(source, quiet, model=load_model(str(dest), quiet=quiet))

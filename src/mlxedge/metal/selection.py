@@ -6,9 +6,11 @@ inputs, their outputs are compared (a kernel that disagrees with the built-in is
 is timed as a chain of launches evaluated at once — enough launches that the chain takes about
 CHAIN_TARGET_S, so the latency of one synchronisation does not swamp a kernel of a few microseconds. The
 candidate wins only if it was clearly faster. The verdict is written to a JSON file (the caller names it:
-mlxedge.kernels.selection_file), keyed by device, and reused by every later load on that device — unless
-the machine was oversubscribed while it was measured (load average above the core count): such a verdict
-serves the current process only.
+mlxedge.kernels.selection_file), keyed by device, and reused by every later load on that device, so a
+model starts without measuring anything the second time. A verdict measured while the machine was
+oversubscribed (load average above the core count) is kept as provisional (`"quiet": false`): later loads
+on a busy machine reuse it rather than measure again under the same noise, and the first load on a quiet
+machine measures that shape once more and keeps the quiet verdict for good.
 Imports only mlx and the standard library, so the Metal and the native CPU kernels share it.
 """
 
@@ -79,9 +81,11 @@ def machine_is_quiet() -> bool:
 class Selector:
     """Holds measured verdicts per device; `measure_fn` and `quiet` are injectable so tests decide them.
 
-    A verdict measured while the machine is oversubscribed (`quiet()` False) serves this process only and
-    is not written to disk: timings of thread pools fighting other processes for cores would otherwise
-    decide every later load.
+    A verdict measured while the machine is oversubscribed (`quiet()` False) is saved as provisional:
+    timings of thread pools fighting other processes for cores should not decide every later load, but
+    measuring again on every start of a busy machine costs seconds and is no less noisy. So a provisional
+    verdict is reused while the machine stays busy and replaced by the first quiet measurement.
+    `measured` and `reused` count this selector's decisions (shown by `mlxedge ... --debug`).
     """
 
     def __init__(self, path, measure_fn=measure, quiet=machine_is_quiet):
@@ -89,7 +93,9 @@ class Selector:
         self.measure_fn = measure_fn
         self.quiet = quiet
         self._data = None
-        self._session = {}  # (device, key) -> verdict kept in memory only
+        self._decided = {}  # (device, key) -> verdict already settled in this process
+        self.measured = 0
+        self.reused = 0
 
     def _load(self) -> dict:
         if self._data is None:
@@ -111,23 +117,38 @@ class Selector:
         except OSError as e:  # a read-only cache costs a re-measurement next time, nothing more
             warnings.warn(f"mlxedge: could not save kernel selection to {self.path}: {e}")
 
+    def _entry(self, device: str, key: str):
+        entry = self._load().get(device, {}).get(key)
+        return entry if isinstance(entry, dict) and "custom" in entry else None
+
     def lookup(self, device: str, key: str):
-        entry = self._load().get(device, {}).get(key) or self._session.get((device, key))
+        """The saved verdict (provisional or not) for this shape on this device, or None."""
+        if (device, key) in self._decided:
+            return self._decided[(device, key)]
+        entry = self._entry(device, key)
         return None if entry is None else bool(entry["custom"])
 
     def prefers_custom(self, device: str, key: str, run_custom, run_builtin) -> bool:
-        known = self.lookup(device, key)
-        if known is not None:
-            return known
+        if (device, key) in self._decided:
+            return self._decided[(device, key)]
+        entry = self._entry(device, key)
+        quiet = None
+        if entry is not None and entry.get("quiet", True) is False:  # provisional: keep it unless quiet now
+            quiet = self.quiet()
+        if entry is not None and (entry.get("quiet", True) or not quiet):
+            self.reused += 1
+            self._decided[(device, key)] = bool(entry["custom"])
+            return self._decided[(device, key)]
         try:
             result = self.measure_fn(run_custom, run_builtin)
         except Exception as e:  # e.g. inside mx.compile, or a kernel the device rejects: use the built-in
             warnings.warn(f"mlxedge: kernel measurement for {key} failed ({e}); using MLX's built-in")
             return False
+        self.measured += 1
         custom = bool(result["agree"]) and result["custom_s"] < WIN_MARGIN * result["builtin_s"]
-        if self.quiet():
-            self._load().setdefault(device, {})[key] = {**result, "custom": custom}
-            self._save()
-        else:
-            self._session[(device, key)] = {**result, "custom": custom}
+        quiet = self.quiet() if quiet is None else quiet
+        self._data = None  # re-read: another process may have saved verdicts meanwhile
+        self._load().setdefault(device, {})[key] = {**result, "custom": custom, "quiet": bool(quiet)}
+        self._save()
+        self._decided[(device, key)] = custom
         return custom

@@ -62,6 +62,12 @@ def pack_bits(q: np.ndarray, bits: int) -> np.ndarray:
     *lead, n = q.shape
     if n % 32:
         raise ValueError(f"last axis {n} is not a multiple of 32")
+    # the two widths every start-up converts (Q4_*, Q8_0) pack byte by byte: a few times faster
+    if bits == 8:
+        return np.ascontiguousarray(q, dtype=np.uint8).view(np.uint32)
+    if bits == 4:
+        q = q.astype(np.uint8, copy=False)
+        return np.ascontiguousarray(q[..., 0::2] | (q[..., 1::2] << 4)).view(np.uint32)
     eight = q.reshape(*lead, n // 8, 8)
     acc = np.zeros(eight.shape[:-1], dtype=np.uint64)
     for k in range(8):  # 8 elements of b bits = b bytes, so every run of 8 ends on a byte boundary

@@ -224,10 +224,25 @@ def _read_array(cur: _Cursor, key: str):
     if code != STRING:
         values = np.frombuffer(cur.buf, dtype=_NUMPY[code], count=count, offset=cur.skip(count * item, f"metadata {quote(key)}"))
         return values.astype(bool) if code == 7 else values
-    for j in range(count):  # walk the strings (length-prefixed) without decoding them
-        n = cur.u64(f"the length of element {j} of metadata {quote(key)}")
-        cur.skip(n, f"element {j} of metadata {quote(key)}")
+    _skip_strings(cur, key, count)
     return StringArray(count)
+
+
+def _skip_strings(cur: _Cursor, key: str, count: int) -> None:
+    """Walk `count` length-prefixed strings without decoding them (a vocabulary: 50k-260k of them, so the loop
+    is kept tight: bounds are checked per element, messages are built only for the error)."""
+    buf, pos, size, unpack = cur.buf, cur.pos, cur.size, struct.Struct("<Q").unpack_from
+    for j in range(count):
+        if pos + 8 > size:
+            cur.pos = pos
+            cur.u64(f"the length of element {j} of metadata {quote(key)}")  # raises the truncation error
+        (n,) = unpack(buf, pos)
+        pos += 8
+        if pos + n > size:
+            cur.pos = pos
+            cur.skip(n, f"element {j} of metadata {quote(key)}")  # raises the truncation error
+        pos += n
+    cur.pos = pos
 
 
 def _read_tensor_info(cur: _Cursor, i: int):
