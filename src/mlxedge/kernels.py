@@ -280,8 +280,15 @@ class KernelChoice:
         if key not in self._verdicts:
             if self._selector is None:
                 self._selector = default_selector()
-            self._verdicts[key] = self._selector.prefers_custom(self._device_key(), key, run_candidate, run_builtin)
+            self._verdicts[key] = self._decide(key, run_candidate, run_builtin)
         return self._verdicts[key]
+
+    def _decide(self, key: str, run_candidate, run_builtin) -> bool:
+        """The selector's verdict for `key`, counted as measured now or read from the cache."""
+        before = getattr(self._selector, "measured", 0)
+        verdict = self._selector.prefers_custom(self._device_key(), key, run_candidate, run_builtin)
+        self.verdicts["measured" if getattr(self._selector, "measured", 0) > before else "reused"] += 1
+        return verdict
 
     def _binding(self, fn, rows: int, builtin) -> Binding:
         if rows == ALL_ROWS:
@@ -296,10 +303,7 @@ class KernelChoice:
             x = mx.random.normal((1, k), key=mx.random.key(0)).astype(dtype)
             if self._selector is None:
                 self._selector = default_selector()
-            before = getattr(self._selector, "measured", 0)
-            self._verdicts[key] = self._selector.prefers_custom(self._device_key(), key, lambda: run_candidate(x),
-                                                                lambda: run_builtin(x))
-            self.verdicts["measured" if getattr(self._selector, "measured", 0) > before else "reused"] += 1
+            self._verdicts[key] = self._decide(key, lambda: run_candidate(x), lambda: run_builtin(x))
         return self._verdicts[key]
 
     def summary(self, report: dict) -> dict:

@@ -20,7 +20,7 @@ from .quant.affine import QuantSpec
 from .quant.layers import QuantizedEmbedding, QuantizedLinear
 from .quant.outcome import STORED_PARTS, Layout, Outcomes, tensor_outcomes
 from .quant.recipes import Recipe
-from .quant.requantize import refusal
+from .quant.requantize import Targets, refusal
 from .sources.checkpoint import Checkpoint
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -156,12 +156,10 @@ def _build_model(checkpoint: Checkpoint) -> tuple:
 
 def quantization_targets(checkpoint: Checkpoint, requested: Optional[QuantSpec],
                          allow_requantize: bool = False) -> Targets:
-    """What `load_checkpoint` would do to each module at `requested`, decided the same way but without reading
-    a weight: raises the same QuantizationError where it would refuse a coarser grid."""
-    config, model = _build_model(checkpoint)
-    modules = quantizable_modules(model)
-    return _target_specs(modules, source_quant_specs(checkpoint, modules), requested, allow_requantize,
-                         int(config.get("num_hidden_layers", 0)))
+    """What `load_checkpoint` would do to each module at `requested`, decided by the same plan_tensors but
+    without reading a weight: raises the same QuantizationError where it would refuse a coarser grid."""
+    _, model = _build_model(checkpoint)
+    return plan_tensors(model, checkpoint, requested, allow_requantize).targets
 
 
 def load_checkpoint(checkpoint: Checkpoint, requested: Optional[QuantSpec], dtype=None,
