@@ -57,7 +57,7 @@ def test_mixed_model_info_keeps_int_bits_and_lists_every_spec(tiny):
 
 
 def test_front_ends_show_a_mixed_model_as_mixed():
-    from mlxedge.cli.common import format_quantization
+    from mlxedge.cli.output import format_quantization
     from mlxedge.server.ollama_api import _details
 
     mixed = {"bits": 4, "group_size": 32, "dtype": "float32", "architecture": "llama", "parameters": 10,

@@ -8,7 +8,10 @@ from typing import Optional
 import click
 
 from ..errors import MlxedgeError
-from .common import format_bytes, handles_errors, load_model, load_options
+from .errors import handles_errors
+from .options import load_options
+from .model_loading import load_model
+from .output import format_bytes
 from .decoding import kv_bits_option
 
 

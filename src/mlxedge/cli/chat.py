@@ -18,8 +18,10 @@ from typing import List, Optional
 import click
 
 from ..errors import MlxedgeError
-from .common import (EXIT_INTERRUPTED, default_model, echo_footer, format_bytes, format_count, format_quantization,
-                     handles_errors, load_model, load_options, sampling_options)
+from .errors import EXIT_INTERRUPTED, handles_errors
+from .options import load_options, sampling_options
+from .model_loading import default_model, load_model
+from .output import echo_footer, format_bytes, format_count, format_quantization
 from .decoding import draft_options, kv_bits_option, resolve_draft
 from .reply import Interrupt, stream_reply  # noqa: F401  (Interrupt: kept importable from here)
 from .sampling import DEFAULTS_HELP, describe, resolve_sampling

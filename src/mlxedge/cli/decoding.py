@@ -41,7 +41,7 @@ def resolve_draft(draft: dict, load: dict) -> dict:
         if draft.get("bits"):
             raise click.UsageError(f"--draft-bits applies to a draft model, not to --draft {source}")
         return {"draft": source, "num_draft_tokens": draft["num_draft_tokens"]}
-    from .common import load_model
+    from .model_loading import load_model
 
     options = {k: load[k] for k in ("dtype", "context_length") if load.get(k) is not None}
     model = load_model(source, bits=draft.get("bits"), **options)

@@ -12,8 +12,11 @@ import click
 from ..errors import MlxedgeError
 from ..evaluate import DEFAULT_CTX, QUICK_CHUNKS, QUICK_CTX
 from ..table import render_table
-from .common import (ALLOW_REQUANTIZE_HELP, GROUP_SIZE_HELP, _isatty, emit_json, format_bytes, format_quantization,
-                     handles_errors, load_model, progress_bar, resolve_source)
+from .errors import handles_errors
+from .options import ALLOW_REQUANTIZE_HELP, GROUP_SIZE_HELP
+from .model_loading import load_model, resolve_source
+from .progress import _isatty, progress_bar
+from .output import emit_json, format_bytes, format_quantization
 from .requantization import cost_line, measure_cost
 
 DTYPE_CHOICE = click.Choice(["float32", "float16", "bfloat16"])

@@ -8,8 +8,10 @@ from typing import Optional, Tuple
 import click
 
 from ..errors import MlxedgeError
-from .common import (EXIT_INTERRUPTED, default_model, echo_footer, emit_json, handles_errors, load_model, load_options,
-                     sampling_options)
+from .errors import EXIT_INTERRUPTED, handles_errors
+from .options import load_options, sampling_options
+from .model_loading import default_model, load_model
+from .output import echo_footer, emit_json
 from .decoding import draft_options, kv_bits_option, resolve_draft
 from .reply import stream_reply
 from .sampling import DEFAULTS_HELP, resolve_sampling

@@ -7,8 +7,11 @@ from typing import Optional
 
 import click
 
-from .common import (apply_options_of, dtype_option, echo_table, emit_json, format_bytes, format_count, handles_errors,
-                     format_quantization, load_model, progress_bar, quantization_options, resolve_source)
+from .errors import handles_errors
+from .options import apply_options_of, dtype_option, quantization_options
+from .model_loading import load_model, resolve_source
+from .progress import progress_bar
+from .output import echo_table, emit_json, format_bytes, format_count, format_quantization
 from .requantization import cost_line, measure_cost
 
 

@@ -6,7 +6,10 @@ from typing import Optional
 
 import click
 
-from .common import apply_options_of, dtype_option, echo_table, emit_json, format_bytes, handles_errors, quantization_options, resolve_source
+from .errors import handles_errors
+from .options import apply_options_of, dtype_option, quantization_options
+from .model_loading import resolve_source
+from .output import echo_table, emit_json, format_bytes
 
 
 def plan_rows(plan: dict) -> list:

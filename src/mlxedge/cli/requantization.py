@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .common import load_model, progress_bar
+from .model_loading import load_model
+from .progress import progress_bar
 
 
 def cost_line(count: int, cost: dict, label: Optional[str] = None) -> str:

@@ -8,7 +8,8 @@ from typing import Tuple
 
 import click
 
-from .common import handles_errors, load_options
+from .errors import handles_errors
+from .options import load_options
 
 
 def model_names(specs: Tuple[str, ...]) -> dict:
