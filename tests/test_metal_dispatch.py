@@ -346,3 +346,16 @@ def test_emulator_runner_takes_the_same_call_as_the_metal_runner():
         return [p.name for p in inspect.signature(fn).parameters.values() if p.kind == p.KEYWORD_ONLY]
 
     assert keywords(EmulatorRunner.__call__) == keywords(MetalRunner.__call__)
+
+
+def test_agreement_is_judged_against_the_reference_a_builtin_carries(tmp_path):
+    """Half precision: MLX's CPU quantized matmul accumulates in bfloat16 and misses a float32-accumulating
+    kernel by ~10%; the kernel choice then hands the built-in a float32 reference (WithReference), and the
+    candidate is judged against that, so an accurate kernel is not refused for the built-in's error."""
+    exact = mx.arange(8, dtype=mx.float32)
+    sloppy = exact * 1.1
+    result = selection.measure(lambda: exact, selection.WithReference(lambda: sloppy, lambda: exact), repetitions=1)
+    assert result["agree"]
+    assert not selection.measure(lambda: exact, lambda: sloppy, repetitions=1)["agree"]
+    assert not selection.measure(lambda: sloppy, selection.WithReference(lambda: exact, lambda: exact),
+                                 repetitions=1)["agree"]

@@ -27,7 +27,7 @@ import mlx.core as mx
 from .metal import dispatch as metal
 from .metal.kernels import MAX_ROWS
 from .metal.runner import MetalRunner
-from .metal.selection import Selector
+from .metal.selection import Selector, WithReference
 from .paths import cache_root
 
 ENV_VAR = "MLXEDGE_KERNELS"
@@ -177,7 +177,9 @@ class KernelChoice:
         else:
             return Binding(BUILTIN, builtin, builtin, 0, BUILTIN)
         key = f"qmm:{self.candidate}:bits{bits}:group{group_size}:{_name(dtype)}:n{n}:k{k}"
-        if not self._wins(key, k, dtype, lambda x: fn(x, w, scales, biases), lambda x: builtin(x, w, scales, biases)):
+        f32 = [a.astype(mx.float32) if a is not None else None for a in (scales, biases)]
+        if not self._wins(key, k, dtype, lambda x: fn(x, w, scales, biases), lambda x: builtin(x, w, scales, biases),
+                          reference=lambda x: builtin(x.astype(mx.float32), w, *f32)):
             return Binding(BUILTIN, builtin, builtin, 0, BUILTIN)
         return self._binding(fn, rows, builtin)
 
@@ -202,8 +204,12 @@ class KernelChoice:
         g = self.quantized(wg, sg, bg, group_size=group_size, bits=bits).decode
         u = self.quantized(wu, su, bu, group_size=group_size, bits=bits).decode
         key = f"gate_up:{self.candidate}:bits{bits}:group{group_size}:{_name(dtype)}:n{n}:k{k}"
+        g32, u32 = [(w_, s_.astype(mx.float32), b_.astype(mx.float32)) for w_, s_, b_ in (gate, up)]
+        q32 = partial(mx.quantized_matmul, transpose=True, group_size=group_size, bits=bits)
         if not self._wins(key, k, dtype, lambda x: fn(x, gate, up),
-                          lambda x: metal.swiglu(g(x, wg, sg, bg), u(x, wu, su, bu))):
+                          lambda x: metal.swiglu(g(x, wg, sg, bg), u(x, wu, su, bu)),
+                          reference=lambda x: metal.swiglu(q32(x.astype(mx.float32), *g32),
+                                                           q32(x.astype(mx.float32), *u32))):
             return None
         return Binding(self.candidate, fn, None, DECODE_ROWS, BUILTIN)
 
@@ -295,15 +301,20 @@ class KernelChoice:
             return Binding(self.candidate, fn, fn, ALL_ROWS, self.candidate)
         return Binding(self.candidate, fn, builtin, rows, BUILTIN)
 
-    def _wins(self, key: str, k: int, dtype, run_candidate, run_builtin) -> bool:
-        """custom/native/metal modes: always; auto: the measured verdict for this shape on this device."""
+    def _wins(self, key: str, k: int, dtype, run_candidate, run_builtin, reference=None) -> bool:
+        """custom/native/metal modes: always; auto: the measured verdict for this shape on this device.
+        reference(x): what the candidate must agree with when it is not the built-in itself (half precision:
+        the built-in in float32)."""
         if self.mode != "auto":
             return True
         if key not in self._verdicts:
             x = mx.random.normal((1, k), key=mx.random.key(0)).astype(dtype)
             if self._selector is None:
                 self._selector = default_selector()
-            self._verdicts[key] = self._decide(key, lambda: run_candidate(x), lambda: run_builtin(x))
+            builtin = lambda: run_builtin(x)  # noqa: E731
+            if reference is not None and dtype != mx.float32:
+                builtin = WithReference(builtin, lambda: reference(x))
+            self._verdicts[key] = self._decide(key, lambda: run_candidate(x), builtin)
         return self._verdicts[key]
 
     def summary(self, report: dict) -> dict:
