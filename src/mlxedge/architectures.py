@@ -40,3 +40,16 @@ def _lazy_package(name: str) -> None:
 
     package.__getattr__ = initialise_on_first_use
     sys.modules[name] = package
+
+
+def classes_by_name(rows) -> dict:
+    """{class: value} for rows of (module name, class name, value) whose module imports and has the class
+    (tables of known mlx-lm classes: an architecture missing from this mlx-lm is simply not in the result)."""
+    table = {}
+    for module_name, class_name, value in rows:
+        _lazy_package(module_name.split(".")[0])  # as import_architecture: no mlx-lm package init for a class
+        try:
+            table[getattr(importlib.import_module(module_name), class_name)] = value
+        except (ImportError, AttributeError):
+            continue
+    return table

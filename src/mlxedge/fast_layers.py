@@ -20,7 +20,6 @@ are unchanged; `unbound()` gives the MLX / mlx-lm module back (the built-in choi
 
 from __future__ import annotations
 
-import importlib
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -28,6 +27,8 @@ from typing import Callable, Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
+
+from .architectures import classes_by_name
 
 # mlx-lm attention classes whose forward BoundAttention restates: (module, class, per-head q/k norm)
 KNOWN_ATTENTIONS = (
@@ -91,13 +92,7 @@ class BoundRoPE(nn.RoPE):
 
 def known_attentions() -> dict:
     """{class: has per-head q/k norm} for the KNOWN_ATTENTIONS rows that import in this mlx-lm."""
-    table = {}
-    for module_name, class_name, qk_norm in KNOWN_ATTENTIONS:
-        try:
-            table[getattr(importlib.import_module(module_name), class_name)] = qk_norm
-        except (ImportError, AttributeError):
-            continue
-    return table
+    return classes_by_name(KNOWN_ATTENTIONS)
 
 
 def _mlx_lm_attention():

@@ -12,11 +12,10 @@ the original module back.
 
 from __future__ import annotations
 
-import importlib
-
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..architectures import classes_by_name
 from ..metal.dispatch import swiglu
 
 # mlx-lm MLP classes with gate_proj/up_proj/down_proj -> the activation of their gate (module, class, act).
@@ -35,13 +34,7 @@ HALF_RTOL = 2e-2
 
 def known_activations() -> dict:
     """{class: activation} for the KNOWN_MLPS rows whose module imports in this mlx-lm."""
-    table = {}
-    for module_name, class_name, activation in KNOWN_MLPS:
-        try:
-            table[getattr(importlib.import_module(module_name), class_name)] = activation
-        except (ImportError, AttributeError):
-            continue
-    return table
+    return classes_by_name(KNOWN_MLPS)
 
 
 def _quantized(layer) -> bool:

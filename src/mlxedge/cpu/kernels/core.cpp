@@ -24,11 +24,7 @@
 #include <pthread.h>
 #include <signal.h>
 
-// -DMLXEDGE_NO_X86_SIMD builds only the portable path on x86-64 (it is what non-x86 targets compile)
-#if (defined(__x86_64__) || defined(_M_X64)) && !defined(MLXEDGE_NO_X86_SIMD)
-#define MLXE_X86 1
-#include <immintrin.h>
-#endif
+#include "simd.h"  // MLXE_X86, MLXE_AVX2_FN, hsum8
 
 #if defined(MLXEDGE_PLANT_NIBBLE_SHIFT)
 #define PLANT_NAME "nibble_shift"
@@ -396,15 +392,7 @@ void gemm_nt_scalar(const float* A, const float* B, float* C, int64_t M, int64_t
 
 // ---- avx2 path
 #ifdef MLXE_X86
-#define AVX2_FN __attribute__((target("avx2,fma,f16c")))
-
-AVX2_FN inline float hsum(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
-  return _mm_cvtss_f32(lo);
-}
+#define AVX2_FN MLXE_AVX2_FN
 
 AVX2_FN void row_params_avx2(const QW& q, int64_t n, float* s, float* b) {
   const int64_t G = q.groups();
@@ -534,7 +522,7 @@ AVX2_FN void qdot_avx2_t(const QW& q, int64_t n, const XPrep& xp, int64_t m0, co
     __m256 bt = _mm256_setzero_ps();
     int64_t g = 0;
     for (; g + 8 <= G; g += 8) bt = _mm256_fmadd_ps(_mm256_loadu_ps(b + g), _mm256_loadu_ps(xs + g), bt);
-    float r = hsum(tot[i]) + hsum(bt) + tail[i];
+    float r = hsum8(tot[i]) + hsum8(bt) + tail[i];
     for (; g < G; g++) r += b[g] * xs[g];
     res[i] = r;
   }
@@ -593,7 +581,7 @@ AVX2_FN float fdot_avx2(const float* a, const float* b, int64_t K) {
     for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), a0);
     for (; k < K; k++) r += a[k] * b[k];
   }
-  return hsum(_mm256_add_ps(a0, a1)) + r;
+  return hsum8(_mm256_add_ps(a0, a1)) + r;
 }
 
 // 4x4 register-blocked C = A * B^T micro-kernel over K (vectorised along K).
@@ -617,7 +605,7 @@ AVX2_FN void gemm_nt_avx2(const float* A, const float* B, float* C, int64_t M, i
       }
       for (int i = 0; i < 4; i++)
         for (int j = 0; j < 4; j++) {
-          float r = hsum(acc[i][j]);
+          float r = hsum8(acc[i][j]);
           if (REMAINDER_ON)
             for (int64_t kk = k; kk < K; kk++) r += A[(m + i) * K + kk] * B[(c + j) * K + kk];
           C[(m + i) * ldc + c + j] = r;

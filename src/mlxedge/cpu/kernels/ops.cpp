@@ -19,10 +19,7 @@
 
 #include "dtype.h"
 
-#if (defined(__x86_64__) || defined(_M_X64)) && !defined(MLXEDGE_NO_X86_SIMD)
-#define MLXE_OPS_X86 1
-#include <immintrin.h>
-#endif
+#include "simd.h"  // MLXE_X86, MLXE_AVX2_FN, hsum8
 
 // planted bugs (tests/test_cpu_mutations.py): each must make the op checks fail
 #ifdef MLXEDGE_PLANT_ROPE_HALF
@@ -69,7 +66,7 @@ void parallel_for(int64_t ntasks, F&& f) {
 }
 
 inline bool use_avx2() {
-#ifdef MLXE_OPS_X86
+#ifdef MLXE_X86
   return mlxe_isa() == MLXE_ISA_AVX2;
 #else
   return false;
@@ -136,16 +133,8 @@ void axpy_scalar(float a, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
 }
 
-#ifdef MLXE_OPS_X86
-#define OPS_AVX2 __attribute__((target("avx2,fma")))
-
-OPS_AVX2 inline float hsum8(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
-  return _mm_cvtss_f32(lo);
-}
+#ifdef MLXE_X86
+#define OPS_AVX2 MLXE_AVX2_FN
 
 OPS_AVX2 float dot_avx2(const float* a, const float* b, int64_t n) {
   __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
@@ -221,21 +210,21 @@ OPS_AVX2 float sum_squares_avx2(const float* x, int64_t n) {
 #endif
 
 float dot(const float* a, const float* b, int64_t n) {
-#ifdef MLXE_OPS_X86
+#ifdef MLXE_X86
   if (use_avx2()) return dot_avx2(a, b, n);
 #endif
   return dot_scalar(a, b, n);
 }
 
 void axpy(float a, const float* x, float* y, int64_t n) {
-#ifdef MLXE_OPS_X86
+#ifdef MLXE_X86
   if (use_avx2()) return axpy_avx2(a, x, y, n);
 #endif
   axpy_scalar(a, x, y, n);
 }
 
 float exp_sum(float* p, int64_t n, float m) {
-#ifdef MLXE_OPS_X86
+#ifdef MLXE_X86
   if (use_avx2()) return exp_sum_avx2(p, n, m);
 #endif
   float s = 0;
@@ -247,7 +236,7 @@ float exp_sum(float* p, int64_t n, float m) {
 }
 
 float sum_squares(const float* x, int64_t n) {
-#ifdef MLXE_OPS_X86
+#ifdef MLXE_X86
   if (use_avx2()) return sum_squares_avx2(x, n);
 #endif
   double s = 0;  // the portable path accumulates in double: a reference-quality sum
