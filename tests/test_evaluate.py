@@ -1,5 +1,6 @@
 """mlxedge.evaluate and `mlxedge eval`: perplexity against transformers' logits, KLD against hand-computed values
-and against itself (zero), llama-perplexity's chunking and error bars, the driver `run`, and the JSON schema of `eval --json`."""
+and against itself (zero), llama-perplexity's chunking and error bars, the driver `run`, and the JSON schema of
+`eval --json`."""
 
 from __future__ import annotations
 
@@ -174,7 +175,7 @@ def test_eval_refuses_a_text_too_short(tiny_llama_tok, tmp_path):
 
 def test_run_loads_each_variant_and_the_reference_and_returns_what_evaluate_text_measures(tiny_llama_tok, prose):
     import mlxedge
-    from mlxedge.bench import parse_variants
+    from mlxedge.bench.variants import parse_variants
 
     loaded = []
 

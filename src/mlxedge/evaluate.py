@@ -269,7 +269,7 @@ def run(source: str, variants, text: str, text_label: str, ctx: int = DEFAULT_CT
         describe: Optional[Callable[[dict], str]] = None) -> dict:
     """Load every variant of `source` (and `reference`), evaluate them on `text`, return the JSON-ready result.
 
-    `variants`: objects with `label` and `load_kwargs()` (bench.Variant). `load(source, **kwargs)` returns a
+    `variants`: objects with `label` and `load_kwargs()` (bench.variants.Variant). `load(source, **kwargs)` returns a
     Model (default `mlxedge.load`; the CLI passes its own, which pulls aliases with progress bars).
     `describe(info)` names the reference's precision in the result (its "label"; left out without it).
     Returns {"model", "text", "settings", "reference" (None without one), "variants": [row per variant]}.

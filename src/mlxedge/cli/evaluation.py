@@ -23,13 +23,6 @@ from .requantization import cost_line, measure_cost
 DTYPE_CHOICE = click.Choice(["float32", "float16", "bfloat16"])
 
 
-def _bench_module():
-    """mlxedge.bench, imported when a command runs (it imports MLX; `--help` should not)."""
-    from .. import bench
-
-    return bench
-
-
 def _stderr(message: str) -> None:
     click.echo(message, err=True)
 
@@ -45,7 +38,7 @@ def _check_plot_available(path: Optional[str]) -> None:
 
 def variant_options(fn):
     """--bits LIST / --group-size / --dtype / --allow-requantize: the precisions bench and eval run (see
-    bench.parse_variants)."""
+    bench.variants.parse_variants)."""
     options = [
         click.option("--bits", default=None, metavar="LIST",
                      help="Precisions, e.g. 16,8,4 (16 = unquantized in --dtype, 32 = float32). "
@@ -84,17 +77,19 @@ def variant_options(fn):
 def bench_command(model, bits, group_size, dtype, allow_requantize, n_prompt, n_gen, repetitions, compare, as_json,
                   as_md, plot_path, remeasure_bandwidth):
     """Prompt-processing and generation speed of MODEL, per precision (llama-bench's pp/tg conventions)."""
-    B = _bench_module()
+    from ..bench import bench  # imported when the command runs (MLX); `--help` should not
+    from ..bench.variants import check_variants, parse_variants
+    from ..bench.views import format_table, plot
 
     if as_json and as_md:
         raise MlxedgeError("choose one of --json and --md.")
     _check_plot_available(plot_path)
-    variants = B.parse_variants(bits, group_size, dtype, allow_requantize)
+    variants = parse_variants(bits, group_size, dtype, allow_requantize)
     source = resolve_source(model, quiet=as_json)
-    coarser = B.check_variants(source, variants)  # a refused variant stops here, before any runs
+    coarser = check_variants(source, variants)  # a refused variant stops here, before any runs
     steps = len(variants) * repetitions
     with progress_bar("Benchmarking", unit="repetitions", enabled=not as_json) as progress:
-        result = B.bench(source, variants, p=n_prompt, n=n_gen, reps=repetitions, compare=compare,
+        result = bench(source, variants, p=n_prompt, n=n_gen, reps=repetitions, compare=compare,
                          remeasure_bandwidth=remeasure_bandwidth,
                          log=None if as_json else _bench_log(progress, steps))
     result["model"] = model
@@ -104,11 +99,11 @@ def bench_command(model, bits, group_size, dtype, allow_requantize, n_prompt, n_
             row["requantized_coarser"] = coarser[row["label"]]
             row["requantization_cost"] = measure_cost(source, as_json, **by_label[row["label"]].load_kwargs())
     if plot_path:
-        result["plot"] = str(B.plot(result, plot_path))
+        result["plot"] = str(plot(result, plot_path))
     if as_json:
         emit_json(result)
     else:
-        click.echo(B.format_table(result, markdown=as_md))
+        click.echo(format_table(result, markdown=as_md))
         _echo_costs(result["variants"])
         if plot_path:
             _stderr(f"plot written to {plot_path}")
@@ -213,14 +208,13 @@ def _evaluate(model: str, variants, reference: Optional[str], text: str, text_la
 def eval_command(model, bits, group_size, dtype, allow_requantize, reference, no_reference, text_path, ctx, chunks,
                  full, as_json, as_md):
     """Perplexity of MODEL (llama-perplexity's way) and KL divergence / top-1 agreement against a reference."""
-    B = _bench_module()
-
+    from ..bench.variants import check_variants, parse_variants  # imported when the command runs (MLX)
     from ..evaluate import builtin_text
 
     if as_json and as_md:
         raise MlxedgeError("choose one of --json and --md.")
-    variants = B.parse_variants(bits, group_size, dtype, allow_requantize)
-    coarser = B.check_variants(resolve_source(model, quiet=as_json), variants)  # refused: before anything loads
+    variants = parse_variants(bits, group_size, dtype, allow_requantize)
+    coarser = check_variants(resolve_source(model, quiet=as_json), variants)  # refused: before anything loads
     ctx = ctx or (DEFAULT_CTX if full else QUICK_CTX)
     chunks = chunks or (None if full else QUICK_CHUNKS)
     if no_reference:
