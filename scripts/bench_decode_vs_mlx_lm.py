@@ -24,7 +24,7 @@ from pathlib import Path
 import mlx.core as mx
 
 import mlxedge
-from mlxedge.bench import MlxLmRunner, OursRunner, time_tokens
+from mlxedge.bench.timing import MlxLmRunner, OursRunner, time_tokens
 
 PROMPT = "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle."
 

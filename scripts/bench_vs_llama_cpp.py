@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import mlxedge
-from mlxedge.bench import MlxLmRunner, OursRunner, prompt_ids, run_pp, run_tg
+from mlxedge.bench.timing import MlxLmRunner, OursRunner, prompt_ids, run_pp, run_tg
 from mlxedge.kernels import KernelChoice
 
 

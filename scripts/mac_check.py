@@ -40,7 +40,7 @@ MLXEDGE_CLI = "from mlxedge.cli import main; main()"
 def machine() -> dict:
     import mlx.core as mx
 
-    from mlxedge.bench import device_info
+    from mlxedge.bench.device import device_info
 
     info = device_info()
     info.update({"platform": sys.platform, "python": platform.python_version(),

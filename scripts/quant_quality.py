@@ -28,7 +28,8 @@ from pathlib import Path
 import mlx.core as mx
 
 import mlxedge
-from mlxedge.bench import OursRunner, Variant, mean_stdev, parse_variants, prompt_ids, run_tg
+from mlxedge.bench.timing import OursRunner, mean_stdev, prompt_ids, run_tg
+from mlxedge.bench.variants import Variant, parse_variants
 from mlxedge.evaluate import builtin_text, evaluate_text
 
 DEFAULT_VARIANTS = "16,8:64,4:32,4:64,4:128"

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from mlxedge import bench as B
+from mlxedge.bench import bench, device, roofline, variants, views
 from mlxedge.errors import MlxedgeError
 
 
@@ -18,19 +18,19 @@ from mlxedge.errors import MlxedgeError
 def small_probe(monkeypatch, tmp_path):
     """Bandwidth cache in a fresh MLXEDGE_HOME and a 16 MiB probe, so tests stay quick."""
     monkeypatch.setenv("MLXEDGE_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(B, "BANDWIDTH_PROBE_BYTES", 16 << 20)
-    monkeypatch.setattr(B, "BANDWIDTH_REPS", 2)
+    monkeypatch.setattr(device, "BANDWIDTH_PROBE_BYTES", 16 << 20)
+    monkeypatch.setattr(device, "BANDWIDTH_REPS", 2)
     return tmp_path / "home"
 
 
 def test_parse_variants():
-    labels = [v.label for v in B.parse_variants("16,8,4", 32)]
+    labels = [v.label for v in variants.parse_variants("16,8,4", 32)]
     assert labels == ["bf16", "q8 g32", "q4 g32"]
-    assert B.parse_variants(None)[0].load_kwargs() == {"bits": None, "group_size": None, "dtype": None}
-    assert B.parse_variants("32,16", dtype="float16")[1].dtype == "float16"
+    assert variants.parse_variants(None)[0].load_kwargs() == {"bits": None, "group_size": None, "dtype": None}
+    assert variants.parse_variants("32,16", dtype="float16")[1].dtype == "float16"
     for bad in ("7", "four", ","):
         with pytest.raises(MlxedgeError):
-            B.parse_variants(bad)
+            variants.parse_variants(bad)
 
 
 def test_weight_bytes_per_token_against_the_checkpoint(tiny_llama_tok, tmp_path):
@@ -47,12 +47,12 @@ def test_weight_bytes_per_token_against_the_checkpoint(tiny_llama_tok, tmp_path)
     total = sum(4 * int(math.prod(s)) for s in shapes.values())
     embed = shapes["model.embed_tokens.weight"]
     model = mlxedge.load(tiny_llama_tok)
-    assert B.weight_bytes_per_token(model.module) == total - 4 * embed[0] * embed[1] + 4 * embed[1]
+    assert roofline.weight_bytes_per_token(model.module) == total - 4 * embed[0] * embed[1] + 4 * embed[1]
 
     tied = build_tiny("llama", tmp_path / "tied", vocab_size=512, tie_word_embeddings=True)
     shapes = header_bytes(tied)
     assert "lm_head.weight" not in shapes
-    assert B.weight_bytes_per_token(mlxedge.load(tied).module) == sum(
+    assert roofline.weight_bytes_per_token(mlxedge.load(tied).module) == sum(
         4 * int(math.prod(s)) for s in shapes.values())
 
 
@@ -67,35 +67,35 @@ def test_kv_bytes_per_position_against_mlx_lm_cache(tiny_llama_tok):
     model.module(mx.array([[5, 6, 7, 8, 9, 10, 11]]), cache=cache)
     held = sum(c.keys[..., :c.offset, :].nbytes + c.values[..., :c.offset, :].nbytes for c in cache)
     assert all(c.offset == 7 for c in cache)
-    assert B.kv_bytes_per_position(model.config, B._kv_dtype_bytes(model.module)) * 7 == held
+    assert roofline.kv_bytes_per_position(model.config, roofline.kv_dtype_bytes(model.module)) * 7 == held
 
 
 def test_bandwidth_is_measured_once_and_cached(small_probe):
-    first = B.device_bandwidth()
+    first = device.device_bandwidth()
     assert first["cached"] is False and first["bytes_per_s"] > 0
-    assert (small_probe / "bench" / B.BANDWIDTH_CACHE_NAME).is_file()
-    again = B.device_bandwidth()
+    assert (small_probe / "bench" / device.BANDWIDTH_CACHE_NAME).is_file()
+    again = device.device_bandwidth()
     assert again["cached"] is True and again["bytes_per_s"] == first["bytes_per_s"]
-    assert B.device_bandwidth(remeasure=True)["cached"] is False
+    assert device.device_bandwidth(remeasure=True)["cached"] is False
 
 
 def test_a_figure_from_an_older_probe_is_measured_again(small_probe):
     import json
 
-    B.device_bandwidth()
-    path = small_probe / "bench" / B.BANDWIDTH_CACHE_NAME
+    device.device_bandwidth()
+    path = small_probe / "bench" / device.BANDWIDTH_CACHE_NAME
     cache = json.loads(path.read_text())
     for entry in cache.values():
         entry["method"], entry["bytes_per_s"] = "MLX copy y = x + 1", 1.0
     path.write_text(json.dumps(cache))
-    fresh = B.device_bandwidth()
-    assert fresh["cached"] is False and fresh["method"] == B.BANDWIDTH_METHOD and fresh["bytes_per_s"] > 1.0
+    fresh = device.device_bandwidth()
+    assert fresh["cached"] is False and fresh["method"] == device.BANDWIDTH_METHOD and fresh["bytes_per_s"] > 1.0
 
 
 def test_roofline_arithmetic():
-    r = B._roofline(50.0, 10**9, 200e9)
+    r = roofline.roofline_fields(50.0, 10**9, 200e9)
     assert r["roofline_tps"] == pytest.approx(200.0) and r["roofline_pct"] == pytest.approx(25.0)
-    assert B._roofline(50.0, 10**9, None)["roofline_pct"] is None
+    assert roofline.roofline_fields(50.0, 10**9, None)["roofline_pct"] is None
 
 
 def test_bench_json_schema_with_mlx_lm_compare(tiny_llama_tok, small_probe):
@@ -137,8 +137,8 @@ def test_bench_json_schema_with_mlx_lm_compare(tiny_llama_tok, small_probe):
 
 
 def test_bench_table_and_markdown(tiny_llama_tok, small_probe):
-    result = B.bench(tiny_llama_tok, B.parse_variants(None), p=4, n=3, reps=1)
-    text, md = B.format_table(result), B.format_table(result, markdown=True)
+    result = bench(tiny_llama_tok, variants.parse_variants(None), p=4, n=3, reps=1)
+    text, md = views.format_table(result), views.format_table(result, markdown=True)
     assert "measured bandwidth" in text and "pp4 t/s" in text and "roofline %" in text
     assert md.splitlines()[-1].startswith("| as stored | float32 | 25.5 MB | 32.00 |")
     assert f"kernels: {result['variants'][0]['kernels']}" in text
@@ -160,5 +160,5 @@ def test_plot_draws_the_variants(tmp_path):
     result = {"model": "m", "device": {"line": "cpu"}, "settings": {"prompt_tokens": 8, "gen_tokens": 4,
                                                                     "compare": "mlx-lm"},
               "variants": [{"label": "bf16", **row, "mlx_lm": row}, {"label": "q4 g64", **row, "mlx_lm": row}]}
-    path = B.plot(result, tmp_path / "bench.png")
+    path = views.plot(result, tmp_path / "bench.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

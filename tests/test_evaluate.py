@@ -1,5 +1,6 @@
 """mlxedge.evaluate and `mlxedge eval`: perplexity against transformers' logits, KLD against hand-computed values
-and against itself (zero), llama-perplexity's chunking and error bars, and the JSON schema of `eval --json`."""
+and against itself (zero), llama-perplexity's chunking and error bars, the driver `run`, and the JSON schema of
+`eval --json`."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 from mlxedge.errors import MlxedgeError
 from mlxedge.evaluate import (DivergenceStats, PerplexityStats, compare_rows, evaluate_chunks, evaluate_text,
-                              make_chunks, token_nll)
+                              make_chunks, run, token_nll)
 
 
 # ------------------------------------------------------------------------------------------------ pure numerics
@@ -170,3 +171,35 @@ def test_eval_refuses_a_text_too_short(tiny_llama_tok, tmp_path):
     assert result.exit_code == 1
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "needs at least 128" in lines[0]
+
+
+def test_run_loads_each_variant_and_the_reference_and_returns_what_evaluate_text_measures(tiny_llama_tok, prose):
+    import mlxedge
+    from mlxedge.bench.variants import parse_variants
+
+    loaded = []
+
+    def load(source, **kwargs):
+        loaded.append((source, kwargs))
+        return mlxedge.load(source, **kwargs)
+
+    variants = parse_variants("32,4", group_size=32)
+    result = run(str(tiny_llama_tok), variants, prose, "prose", ctx=16, chunks=2, reference=str(tiny_llama_tok),
+                 load=load, describe=lambda info: f"described {info['dtype']}")
+    assert loaded == [(str(tiny_llama_tok), v.load_kwargs()) for v in variants] + [(str(tiny_llama_tok), {})]
+    expected = evaluate_text({v.label: mlxedge.load(tiny_llama_tok, **v.load_kwargs()) for v in variants}, prose,
+                             ctx=16, max_chunks=2, reference=mlxedge.load(tiny_llama_tok))
+    assert result["model"] == str(tiny_llama_tok) and result["text"] == "prose"
+    assert result["settings"] == expected["settings"]
+    assert list(result["reference"])[:3] == ["source", "label", "bytes"]
+    assert result["reference"]["label"] == "described float32"
+    assert {k: result["reference"][k] for k in expected["reference"]} == expected["reference"]
+    for v, row in zip(variants, result["variants"]):
+        assert row["label"] == v.label
+        assert {k: row[k] for k in expected["results"][v.label]} == expected["results"][v.label]
+        assert row["ln_ppl_ratio"] == row["nll_mean"] - expected["reference"]["nll_mean"]
+    assert result["variants"][1]["bits"] == 4 and result["variants"][1]["group_size"] == 32
+
+    plain = run(str(tiny_llama_tok), variants[:1], prose, "prose", ctx=16, chunks=2)  # mlxedge.load, no reference
+    assert plain["reference"] is None and "ln_ppl_ratio" not in plain["variants"][0]
+    assert plain["variants"][0]["perplexity"] == result["variants"][0]["perplexity"]

@@ -10,7 +10,8 @@ from click.testing import CliRunner
 
 import mlxedge
 from mlxedge.cli import main
-from mlxedge.cli.chat import ChatSession, _command
+from mlxedge.cli.chat import _command
+from mlxedge.cli.chat_session import ChatSession
 from mlxedge.errors import GenerationError, SourceError
 from tiny_chat import tiny_chat, tiny_chat_model  # noqa: F401 (tiny_chat: a fixture)
 from tiny_chat import tiny_chat_loaded as model  # noqa: F401 (a fixture)

@@ -68,7 +68,8 @@ def test_cache_root_default_and_overrides(monkeypatch, tmp_path):
 
 def test_every_cache_lives_under_the_one_root(monkeypatch, tmp_path):
     """Models, tokenizers, kernel verdicts and bandwidth figures all follow MLXEDGE_HOME."""
-    from mlxedge import bench, kernels
+    from mlxedge import kernels
+    from mlxedge.bench import device
     from mlxedge.sources import tokenizer_cache
 
     root = tmp_path / "root"
@@ -77,7 +78,7 @@ def test_every_cache_lives_under_the_one_root(monkeypatch, tmp_path):
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
     paths = [registry.cached_path(registry.ALIASES["smollm2"]), kernels.selection_file(),
-             bench._bandwidth_cache_path(), tokenizer_cache._cache_entry(gguf)]
+             device.bandwidth_cache_path(), tokenizer_cache._cache_entry(gguf)]
     assert all(root in p.parents for p in paths), paths
     monkeypatch.setenv("MLXEDGE_KERNEL_CACHE", str(tmp_path / "k.json"))
     assert kernels.selection_file() == tmp_path / "k.json"

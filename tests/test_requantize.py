@@ -104,11 +104,11 @@ def quantized_gguf(tmp_path_factory):
 @pytest.fixture
 def counted_loads(monkeypatch, tmp_path):
     """Every mlxedge.load the commands make, recorded (bench and eval load through the public API)."""
-    from mlxedge import bench
+    from mlxedge.bench import device
 
     monkeypatch.setenv("MLXEDGE_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(bench, "BANDWIDTH_PROBE_BYTES", 16 << 20)
-    monkeypatch.setattr(bench, "BANDWIDTH_REPS", 2)
+    monkeypatch.setattr(device, "BANDWIDTH_PROBE_BYTES", 16 << 20)
+    monkeypatch.setattr(device, "BANDWIDTH_REPS", 2)
     calls, real = [], mlxedge.load
     monkeypatch.setattr(mlxedge, "load", lambda *a, **k: calls.append(k) or real(*a, **k))
     return calls

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from mlxedge.errors import GenerationError
-from mlxedge.generate import chat_template as ct
+from mlxedge.generate import template_sandbox as sandbox
 from mlxedge.generate.chat_template import render_chat
 from test_chat_template import CONVERSATION, GEMMA3, LLAMA3, QWEN_STYLE, TOOLS, smol, transformers_render  # noqa: F401 (fixture)
 
@@ -122,7 +122,7 @@ def test_ordinary_templates_render_exactly_as_before(smol, name, add_generation_
 def test_long_conversations_are_not_mistaken_for_attacks(smol):
     """The size limit grows with the conversation: ~3 MB of history renders, through every template."""
     messages = long_conversation(turns=40, words=8000)  # ~2.9 MB of text, well past MIN_SIZE_LIMIT
-    assert sum(len(m["content"]) for m in messages) > 2 * ct.MIN_SIZE_LIMIT
+    assert sum(len(m["content"]) for m in messages) > 2 * sandbox.MIN_SIZE_LIMIT
     for name, (template, bos, eos, _) in SEVEN.items():
         expected = transformers_render(smol, messages, template, True, bos_token=bos, eos_token=eos)
         assert render_chat(template, messages, bos_token=bos, eos_token=eos) == expected, name
@@ -172,12 +172,12 @@ HOSTILE = {
 
 @pytest.mark.parametrize("template", sorted(HOSTILE))
 def test_hostile_templates_stop_at_once_with_the_limit_named(template):
-    message, _ = rendering_error(template, seconds=ct.TIME_LIMIT_S)
+    message, _ = rendering_error(template, seconds=sandbox.TIME_LIMIT_S)
     assert HOSTILE[template] in message, message
 
 
 def test_a_loop_that_builds_nothing_is_stopped_by_the_clock(monkeypatch):
-    monkeypatch.setattr(ct, "TIME_LIMIT_S", 1.0)
+    monkeypatch.setattr(sandbox, "TIME_LIMIT_S", 1.0)
     template = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
     message, elapsed = rendering_error(template)
     assert "rendering took longer than 1 s (a runaway loop?)" in message
@@ -185,7 +185,7 @@ def test_a_loop_that_builds_nothing_is_stopped_by_the_clock(monkeypatch):
 
 
 def test_the_clock_also_stops_a_runaway_render_on_a_worker_thread(monkeypatch):
-    monkeypatch.setattr(ct, "TIME_LIMIT_S", 1.0)
+    monkeypatch.setattr(sandbox, "TIME_LIMIT_S", 1.0)
     outcome = {}
 
     def worker():
@@ -202,7 +202,7 @@ def test_the_clock_also_stops_a_runaway_render_on_a_worker_thread(monkeypatch):
 
 
 def test_a_finished_render_leaves_no_pending_timeout_behind(monkeypatch):
-    monkeypatch.setattr(ct, "TIME_LIMIT_S", 0.2)
+    monkeypatch.setattr(sandbox, "TIME_LIMIT_S", 0.2)
     for _ in range(20):
         assert render_chat(PHI3, CONVERSATION).endswith("<|assistant|>\n")
     time.sleep(0.5)  # any leftover watchdog would have raised here, in this thread

@@ -11,6 +11,9 @@ KLD(ref ‖ model) = Σ p_ref (log p_ref − log p) per token: mean (± standard
 max; top-1 agreement ("same top p": argmax equal) with its binomial error; RMS Δp, Δp being the change of
 the probability given to the actual next token, with llama.cpp's delta-method error.
 
+`run` is the driver (as `bench.bench` is for speed): it loads every variant and the reference through a
+`load` callable, evaluates them on one text and returns the JSON-ready result `mlxedge eval` prints.
+
 Numerics: logits come out of the model as float32 and every softmax, NLL and KLD is computed in float64
 numpy, row block by row block. Memory stays bounded by one chunk: nothing holds [T, V] for the whole text.
 """
@@ -33,6 +36,7 @@ COST_CTX = 256     # the short text a coarser re-quantization is measured on (on
 ROW_BLOCK = 64  # rows of [rows, V] float64 worked on at once (64 × 128k vocab × 8 B = 64 MB)
 
 Progress = Callable[[int, int], None]
+Load = Callable[..., object]  # (source, **load settings) -> an mlxedge Model
 
 
 # ------------------------------------------------------------------------------------------------ text
@@ -256,3 +260,42 @@ def requantization_cost(reference, model, ctx: int = COST_CTX, chunks: int = 1,
     r = out["results"]["model"]
     return {"kld_mean": r["kld_mean"], "top1_agreement": r["top1_agreement"], "tokens_scored": r["tokens_scored"],
             "ctx": ctx}
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+def run(source: str, variants, text: str, text_label: str, ctx: int = DEFAULT_CTX, chunks: Optional[int] = None,
+        reference: Optional[str] = None, load: Optional[Load] = None, progress: Optional[Progress] = None,
+        describe: Optional[Callable[[dict], str]] = None) -> dict:
+    """Load every variant of `source` (and `reference`), evaluate them on `text`, return the JSON-ready result.
+
+    `variants`: objects with `label` and `load_kwargs()` (bench.variants.Variant). `load(source, **kwargs)` returns a
+    Model (default `mlxedge.load`; the CLI passes its own, which pulls aliases with progress bars).
+    `describe(info)` names the reference's precision in the result (its "label"; left out without it).
+    Returns {"model", "text", "settings", "reference" (None without one), "variants": [row per variant]}.
+    """
+    if load is None:
+        from . import load
+    models, meta = {}, {}
+    for v in variants:
+        m = load(source, **v.load_kwargs())
+        models[v.label] = m
+        meta[v.label] = m.info
+    ref_model = load(reference) if reference is not None else None
+    out = evaluate_text(models, text, ctx=ctx, reference=ref_model, max_chunks=chunks, progress=progress)
+    rows = []
+    for v in variants:
+        info, r = meta[v.label], out["results"][v.label]
+        row = {"label": v.label, "bits": info.get("bits"), "group_size": info.get("group_size"),
+               "dtype": info.get("dtype"), "parameters": info.get("parameters"), "bytes": info.get("bytes"),
+               "bits_per_weight": 8.0 * info["bytes"] / info["parameters"] if info.get("parameters") else None,
+               **r}
+        if out["reference"] is not None:
+            row["ln_ppl_ratio"] = r["nll_mean"] - out["reference"]["nll_mean"]
+        rows.append(row)
+    ref = None
+    if out["reference"] is not None:
+        ref_info = ref_model.info
+        ref = {"source": reference, **({"label": describe(ref_info)} if describe else {}),
+               "bytes": ref_info.get("bytes"), **out["reference"]}
+    return {"model": source, "text": text_label, "settings": out["settings"], "reference": ref, "variants": rows}

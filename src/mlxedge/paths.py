@@ -2,7 +2,7 @@
 
     cache_root()/models/<alias>/       fetched models (sources/registry.py)
     cache_root()/tokenizers/<key>/     tokenizers built from GGUF metadata (sources/tokenizer_cache.py)
-    cache_root()/bench/                the measured memory bandwidth per device (bench.py)
+    cache_root()/bench/                the measured memory bandwidth per device (bench/device.py)
     cache_root()/kernel-selection.json the custom-vs-built-in kernel verdicts (kernels.py; metal/selection.py)
     cache_root()/chat_history          the chat prompt's line history (cli/chat.py)
 

@@ -1,9 +1,10 @@
 """`mlxedge bench` (speed, llama-bench style) and `mlxedge eval` (perplexity and KL divergence, llama-perplexity
-style): parse flags, call mlxedge.bench / mlxedge.evaluate, print a table, JSON or a plot."""
+style): parse flags, call bench.bench / evaluate.run, print a table, JSON or a plot."""
 
 from __future__ import annotations
 
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Optional
 
@@ -22,13 +23,6 @@ from .requantization import cost_line, measure_cost
 DTYPE_CHOICE = click.Choice(["float32", "float16", "bfloat16"])
 
 
-def _bench_module():
-    """mlxedge.bench, imported when a command runs (it imports MLX; `--help` should not)."""
-    from .. import bench
-
-    return bench
-
-
 def _stderr(message: str) -> None:
     click.echo(message, err=True)
 
@@ -44,7 +38,7 @@ def _check_plot_available(path: Optional[str]) -> None:
 
 def variant_options(fn):
     """--bits LIST / --group-size / --dtype / --allow-requantize: the precisions bench and eval run (see
-    bench.parse_variants)."""
+    bench.variants.parse_variants)."""
     options = [
         click.option("--bits", default=None, metavar="LIST",
                      help="Precisions, e.g. 16,8,4 (16 = unquantized in --dtype, 32 = float32). "
@@ -83,17 +77,19 @@ def variant_options(fn):
 def bench_command(model, bits, group_size, dtype, allow_requantize, n_prompt, n_gen, repetitions, compare, as_json,
                   as_md, plot_path, remeasure_bandwidth):
     """Prompt-processing and generation speed of MODEL, per precision (llama-bench's pp/tg conventions)."""
-    B = _bench_module()
+    from ..bench import bench  # imported when the command runs (MLX); `--help` should not
+    from ..bench.variants import check_variants, parse_variants
+    from ..bench.views import format_table, plot
 
     if as_json and as_md:
         raise MlxedgeError("choose one of --json and --md.")
     _check_plot_available(plot_path)
-    variants = B.parse_variants(bits, group_size, dtype, allow_requantize)
+    variants = parse_variants(bits, group_size, dtype, allow_requantize)
     source = resolve_source(model, quiet=as_json)
-    coarser = B.check_variants(source, variants)  # a refused variant stops here, before any runs
+    coarser = check_variants(source, variants)  # a refused variant stops here, before any runs
     steps = len(variants) * repetitions
     with progress_bar("Benchmarking", unit="repetitions", enabled=not as_json) as progress:
-        result = B.bench(source, variants, p=n_prompt, n=n_gen, reps=repetitions, compare=compare,
+        result = bench(source, variants, p=n_prompt, n=n_gen, reps=repetitions, compare=compare,
                          remeasure_bandwidth=remeasure_bandwidth,
                          log=None if as_json else _bench_log(progress, steps))
     result["model"] = model
@@ -103,11 +99,11 @@ def bench_command(model, bits, group_size, dtype, allow_requantize, n_prompt, n_
             row["requantized_coarser"] = coarser[row["label"]]
             row["requantization_cost"] = measure_cost(source, as_json, **by_label[row["label"]].load_kwargs())
     if plot_path:
-        result["plot"] = str(B.plot(result, plot_path))
+        result["plot"] = str(plot(result, plot_path))
     if as_json:
         emit_json(result)
     else:
-        click.echo(B.format_table(result, markdown=as_md))
+        click.echo(format_table(result, markdown=as_md))
         _echo_costs(result["variants"])
         if plot_path:
             _stderr(f"plot written to {plot_path}")
@@ -169,39 +165,25 @@ def format_eval(result: dict, markdown: bool = False) -> str:
     return "\n".join(lines + render_table(header, rows, markdown))
 
 
-def run_eval(model: str, variants, reference: Optional[str], text: str, text_label: str, ctx: int,
-             chunks: Optional[int], quiet: bool = False) -> dict:
-    """Load the variants (and the reference), evaluate them on `text`, return the JSON-ready result."""
-    from ..evaluate import evaluate_text
+def _evaluate(model: str, variants, reference: Optional[str], text: str, text_label: str, ctx: int,
+              chunks: Optional[int], quiet: bool = False) -> dict:
+    """evaluate.run with the CLI's loading (aliases pulled, a bar per model) and an "Evaluating" bar that
+    starts with the first forward pass, once every model is loaded."""
+    from .. import evaluate
 
-    source = resolve_source(model, quiet=quiet)
-    models, meta = {}, {}
-    for v in variants:
-        m = load_model(source, quiet=quiet, **v.load_kwargs())
-        models[v.label] = m
-        meta[v.label] = m.info
-    ref_model, ref_info = None, None
-    if reference is not None:
-        ref_source = resolve_source(reference, quiet=quiet)
-        ref_model = load_model(ref_source, quiet=quiet)
-        ref_info = ref_model.info
-    with progress_bar("Evaluating", unit="forward passes", enabled=not quiet) as progress:
-        out = evaluate_text(models, text, ctx=ctx, reference=ref_model, max_chunks=chunks, progress=progress)
-    rows = []
-    for v in variants:
-        info, r = meta[v.label], out["results"][v.label]
-        row = {"label": v.label, "bits": info.get("bits"), "group_size": info.get("group_size"),
-               "dtype": info.get("dtype"), "parameters": info.get("parameters"), "bytes": info.get("bytes"),
-               "bits_per_weight": 8.0 * info["bytes"] / info["parameters"] if info.get("parameters") else None,
-               **r}
-        if out["reference"] is not None:
-            row["ln_ppl_ratio"] = r["nll_mean"] - out["reference"]["nll_mean"]
-        rows.append(row)
-    ref = None
-    if out["reference"] is not None:
-        ref = {"source": reference, "label": format_quantization(ref_info, short=True), "bytes": ref_info.get("bytes"),
-               **out["reference"]}
-    return {"model": model, "text": text_label, "settings": out["settings"], "reference": ref, "variants": rows}
+    def load(source, **kwargs):
+        return load_model(resolve_source(source, quiet=quiet), quiet=quiet, **kwargs)
+
+    with ExitStack() as stack:
+        bar = []
+
+        def progress(done: int, total: int) -> None:
+            if not bar:
+                bar.append(stack.enter_context(progress_bar("Evaluating", unit="forward passes", enabled=not quiet)))
+            bar[0](done, total)
+
+        return evaluate.run(model, variants, text, text_label, ctx=ctx, chunks=chunks, reference=reference,
+                            load=load, progress=progress, describe=lambda info: format_quantization(info, short=True))
 
 
 @click.command("eval")
@@ -226,14 +208,13 @@ def run_eval(model: str, variants, reference: Optional[str], text: str, text_lab
 def eval_command(model, bits, group_size, dtype, allow_requantize, reference, no_reference, text_path, ctx, chunks,
                  full, as_json, as_md):
     """Perplexity of MODEL (llama-perplexity's way) and KL divergence / top-1 agreement against a reference."""
-    B = _bench_module()
-
+    from ..bench.variants import check_variants, parse_variants  # imported when the command runs (MLX)
     from ..evaluate import builtin_text
 
     if as_json and as_md:
         raise MlxedgeError("choose one of --json and --md.")
-    variants = B.parse_variants(bits, group_size, dtype, allow_requantize)
-    coarser = B.check_variants(resolve_source(model, quiet=as_json), variants)  # refused: before anything loads
+    variants = parse_variants(bits, group_size, dtype, allow_requantize)
+    coarser = check_variants(resolve_source(model, quiet=as_json), variants)  # refused: before anything loads
     ctx = ctx or (DEFAULT_CTX if full else QUICK_CTX)
     chunks = chunks or (None if full else QUICK_CHUNKS)
     if no_reference:
@@ -248,7 +229,7 @@ def eval_command(model, bits, group_size, dtype, allow_requantize, reference, no
         except UnicodeDecodeError as exc:
             raise MlxedgeError(f"{text_path} is not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
         label = text_path
-    result = run_eval(model, variants, reference, text, label, ctx, chunks, quiet=as_json)
+    result = _evaluate(model, variants, reference, text, label, ctx, chunks, quiet=as_json)
     _add_costs(result, model, reference, variants, coarser, quiet=as_json)
     if as_json:
         emit_json(result)
@@ -275,4 +256,4 @@ def _add_costs(result: dict, model: str, reference: Optional[str], variants, coa
                                                       **by_label[row["label"]].load_kwargs())
 
 
-__all__ = ["bench_command", "eval_command", "run_eval", "format_eval"]
+__all__ = ["bench_command", "eval_command", "format_eval"]

@@ -4,9 +4,10 @@
 the returned `Handle`. Errors carry a protocol `code` (see `errors.CODES`).
 """
 
-from .engine import Engine, token_logprobs
+from .engine import Engine
 from .errors import (CODES, BadRequestError, BusyError, CancelledError, EngineError, ModelNotFoundError,
                      OverBudgetError, error_code, error_message)
+from .logprobs import token_logprobs
 from .registry import Registry, canonical_name
 from .request import Event, Handle, Request
 

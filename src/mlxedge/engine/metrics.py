@@ -12,6 +12,14 @@ from typing import Callable, Dict, Iterable, Tuple
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TPS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
+HELP = {  # the help line of each counter (a series without one is described by its name)
+    "mlxedge_requests_total": "finished requests by model and outcome (stop, length, cancelled or an error code)",
+    "mlxedge_prompt_tokens_total": "prompt tokens processed",
+    "mlxedge_generated_tokens_total": "tokens generated",
+    "mlxedge_rejected_total": "requests refused at the door",
+    "mlxedge_http_requests_total": "HTTP requests by route and status",
+}
+
 
 class Histogram:
     def __init__(self, buckets: Iterable[float]):
