@@ -8,6 +8,7 @@ import json
 import math
 import sys
 
+import time
 import pytest
 
 from mlxedge.bench import bench, device, roofline, variants, views
@@ -89,7 +90,26 @@ def test_a_figure_from_an_older_probe_is_measured_again(small_probe):
         entry["method"], entry["bytes_per_s"] = "MLX copy y = x + 1", 1.0
     path.write_text(json.dumps(cache))
     fresh = device.device_bandwidth()
-    assert fresh["cached"] is False and fresh["method"] == device.BANDWIDTH_METHOD and fresh["bytes_per_s"] > 1.0
+    assert fresh["cached"] is False and fresh["method"] == device._method_here() and fresh["bytes_per_s"] > 1.0
+
+
+def test_the_cpu_probe_reads_with_one_numpy_slice_per_core(small_probe, monkeypatch):
+    """On MLX's CPU backend the ceiling is numpy summing one slice per core in parallel (MLX's sum runs on one
+    thread, far below what the memory gives the multi-threaded native kernels); on a GPU it is MLX's sum."""
+    import mlx.core as mx
+
+    result = device.measure_bandwidth(nbytes=64 << 20, reps=2)
+    if mx.default_device().type == mx.DeviceType.cpu:
+        assert result["method"] == device.CPU_BANDWIDTH_METHOD and result["threads"] == device._cores()
+        sliced = []
+        import numpy as np
+
+        monkeypatch.setattr(np, "array_split", lambda x, k: sliced.append(k) or [x[i::k] for i in range(k)])
+        device.measure_bandwidth(nbytes=8 << 20, reps=1)
+        assert sliced == [device._cores()]
+    else:
+        assert result["method"] == device.BANDWIDTH_METHOD
+    assert result["bytes_per_s"] > 0 and math.isfinite(result["bytes_per_s"])
 
 
 def test_roofline_arithmetic():
