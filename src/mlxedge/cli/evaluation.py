@@ -151,30 +151,39 @@ def format_eval(result: dict, markdown: bool = False) -> str:
 
 
 def run_eval(model: str, variants, reference: Optional[str], text: str, text_label: str, ctx: int,
-             chunks: Optional[int], quiet: bool = False) -> dict:
-    """Load the variants (and the reference), evaluate them on `text`, return the JSON-ready result."""
+             chunks: Optional[int], quiet: bool = False, dequantize: bool = False) -> dict:
+    """Load the variants (and the reference), evaluate them on `text`, return the JSON-ready result.
+
+    dequantize: MODEL and the reference are read as float32 holding exactly their files' weights (see
+    mlxedge.load), so a GGUF from another tool is scored as that tool's model, block types MLX cannot hold
+    included.
+    """
     from ..evaluate import evaluate_text
 
     source = resolve_source(model, quiet=quiet)
     models, meta = {}, {}
     for v in variants:
-        m = load_model(source, quiet=quiet, **v.load_kwargs())
-        models[v.label] = m
-        meta[v.label] = m.info
+        m = load_model(source, quiet=quiet, dequantize=dequantize, **v.load_kwargs())
+        label = f"{v.label} (exact f32)" if dequantize and v.bits is None else v.label
+        models[label] = m
+        meta[label] = m.info
     ref_model, ref_info = None, None
     if reference is not None:
         ref_source = resolve_source(reference, quiet=quiet)
-        ref_model = load_model(ref_source, quiet=quiet)
+        ref_model = load_model(ref_source, quiet=quiet, dequantize=dequantize)
         ref_info = ref_model.info
     with progress_bar("Evaluating", unit="forward passes", enabled=not quiet) as progress:
         out = evaluate_text(models, text, ctx=ctx, reference=ref_model, max_chunks=chunks, progress=progress)
     rows = []
-    for v in variants:
-        info, r = meta[v.label], out["results"][v.label]
-        row = {"label": v.label, "bits": info.get("bits"), "group_size": info.get("group_size"),
-               "dtype": info.get("dtype"), "parameters": info.get("parameters"), "bytes": info.get("bytes"),
-               "bits_per_weight": 8.0 * info["bytes"] / info["parameters"] if info.get("parameters") else None,
-               **r}
+    for label in models:
+        info, r = meta[label], out["results"][label]
+        nbytes, weights = info.get("bytes"), info.get("parameters")
+        gguf_file = info.get("gguf") or {}
+        if gguf_file.get("dequantized") and info.get("bits") is None:  # run as float32, but the size is the file's: its blocks as stored
+            nbytes, weights = gguf_file["stored_bytes"], gguf_file["stored_weights"]
+        row = {"label": label, "bits": info.get("bits"), "group_size": info.get("group_size"),
+               "dtype": info.get("dtype"), "parameters": weights, "bytes": nbytes,
+               "bits_per_weight": 8.0 * nbytes / weights if weights else None, **r}
         if out["reference"] is not None:
             row["ln_ppl_ratio"] = r["nll_mean"] - out["reference"]["nll_mean"]
         rows.append(row)
@@ -202,10 +211,14 @@ def run_eval(model: str, variants, reference: Optional[str], text: str, text_lab
                    "on a CPU; --full: all of the text).")
 @click.option("--full", is_flag=True,
               help=f"llama-perplexity's setting: ctx {DEFAULT_CTX} over the whole text (hours on a slow CPU).")
+@click.option("--dequantize", is_flag=True,
+              help="Read MODEL and the reference as float32 holding exactly their files' weights (every GGUF block "
+                   "type decoded by gguf's own dequantizer, Q6_K included): scores a GGUF made by another tool as "
+                   "that tool's model. Size and bpw are then the file's.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--md", "as_md", is_flag=True, help="Print a markdown table.")
-def eval_command(model, bits, group_size, dtype, reference, no_reference, text_path, ctx, chunks, full, as_json,
-                 as_md):
+def eval_command(model, bits, group_size, dtype, reference, no_reference, text_path, ctx, chunks, full, dequantize,
+                 as_json, as_md):
     """Perplexity of MODEL (llama-perplexity's way) and KL divergence / top-1 agreement against a reference."""
     B = _bench_module()
 
@@ -228,7 +241,7 @@ def eval_command(model, bits, group_size, dtype, reference, no_reference, text_p
         except UnicodeDecodeError as exc:
             raise MlxedgeError(f"{text_path} is not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
         label = text_path
-    result = run_eval(model, variants, reference, text, label, ctx, chunks, quiet=as_json)
+    result = run_eval(model, variants, reference, text, label, ctx, chunks, quiet=as_json, dequantize=dequantize)
     if as_json:
         emit_json(result)
     else:
