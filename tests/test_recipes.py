@@ -93,6 +93,20 @@ def test_weighted_search_beats_round_to_nearest_on_the_weighted_error(bits, grou
     assert (imp * (ours - w) ** 2).sum() < 0.9 * (imp * (rtn - w) ** 2).sum()
 
 
+def test_weighted_search_in_row_slices_equals_one_pass(monkeypatch):
+    """Rows are searched in slices to bound memory; the slicing must not change a single level or scale."""
+    import mlxedge.quant.weighted as weighted
+
+    rng = np.random.default_rng(1)
+    w = (rng.standard_t(4, (37, 128)) * 0.05).astype(np.float32)
+    imp = rng.gamma(0.5, 1.0, 128).astype(np.float32)
+    whole = [np.array(a) for a in weighted_quantize(mx.array(w), imp, QuantSpec(4, 32))]
+    monkeypatch.setattr(weighted, "ROW_SLICE_ELEMENTS", 5 * 128)  # slices of 5 rows, the last one of 2
+    sliced = [np.array(a) for a in weighted_quantize(mx.array(w), imp, QuantSpec(4, 32))]
+    for a, b in zip(whole, sliced):
+        assert np.array_equal(a, b)
+
+
 def test_allocate_respects_the_budget_and_favours_sensitive_modules():
     shapes = {f"m{i}": (64, 256) for i in range(6)}
     impact = {p: {b: (100.0 if p == "m0" else 1.0) * 2.0 ** (-b) for b in (3, 4, 5, 6, 8)} for p in shapes}
