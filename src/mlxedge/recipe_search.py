@@ -39,6 +39,18 @@ def calibration_chunks(tokenizer, text: Optional[str], n_chunks: int = CALIBRATI
     return chunks
 
 
+def _measuring_kernels(float_model):
+    """Bind the float model's matmuls to this device's kernels (the native OpenBLAS path on a CPU, where MLX's
+    built-in GEMM is the reference BLAS) for the calibration passes; the choice also serves the backward
+    passes (quant/fast_gradients.py)."""
+    from .kernels import KernelChoice
+    from .quant.binding import bind_kernels
+
+    choice = KernelChoice()
+    bind_kernels(float_model, choice)
+    return choice
+
+
 def _read_calibration(calibration) -> Optional[str]:
     if calibration is None:
         return None
@@ -78,12 +90,13 @@ def resolve_quantization(checkpoint, bits, group_size: int, *, recipe: Optional[
         return chosen
     text = _read_calibration(calibration)
     float_model = load_checkpoint(checkpoint, None, dtype="float32").model
+    modules = quantizable_modules(float_model)  # before binding: the plain float layers, by path
     chunks = calibration_chunks(checkpoint.load_tokenizer(), text)
+    choice = _measuring_kernels(float_model)
     quantizer = DataAwareQuantizer(collect_importance(float_model, chunks)) if data_aware else None
     if target_bpw is not None:
-        modules = quantizable_modules(float_model)
         weights = quantizable_weights(modules, group_size)
-        fisher = fisher_diagonal(float_model, chunks, list(weights), progress=progress)
+        fisher = fisher_diagonal(float_model, chunks, list(weights), progress=progress, choice=choice)
         impact = impacts(weights, fisher, group_size, quantize=quantizer)
         shapes = {p: tuple(w.shape) for p, w in weights.items()}
         specs = allocate(shapes, impact, float(target_bpw), group_size)
