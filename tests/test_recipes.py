@@ -220,3 +220,24 @@ def test_gguf_export_refuses_what_it_cannot_write(tiny8, tmp_path):
     with pytest.raises(mlxedge.MlxedgeError, match="target_bpw and data-aware search apply to mlx-lm directories"):
         mlxedge.convert(tiny8, tmp_path / "x.gguf", target_bpw=5.0)
     assert not list(tmp_path.iterdir())
+
+
+def test_reuse_measurements_measures_a_source_once_and_only_inside_the_block(tiny8, tmp_path, monkeypatch):
+    """Several targets of one model inside reuse_measurements() share one Fisher pass; outside, every load
+    measures again (nothing is kept), and the recipes are the same either way."""
+    import mlxedge.recipe_search as rs
+
+    calls = []
+    real = rs.fisher_diagonal
+    monkeypatch.setattr(rs, "fisher_diagonal", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calib = tmp_path / "calib.txt"
+    calib.write_text("a tiny corpus for a tiny tokenizer, with a few words " * 200)
+    specs = {}
+    with rs.reuse_measurements():
+        for target in (5.0, 6.0):
+            m = mlxedge.load(tiny8, group_size=32, target_bpw=target, calibration=calib, dtype="float32")
+            specs[target] = m.info["bits"]
+    assert len(calls) == 1
+    again = mlxedge.load(tiny8, group_size=32, target_bpw=5.0, calibration=calib, dtype="float32")
+    assert len(calls) == 2 and rs._reused is None
+    assert again.info["bits"] == specs[5.0]
