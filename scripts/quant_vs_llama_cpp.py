@@ -7,7 +7,8 @@ dequantizer) and written as an F32 GGUF by mlxedge's exporter. That file is
   - the input of llama.cpp's quantizer (`llama_model_quantize` through llama-cpp-python) at Q4_0, Q4_K_M and
     Q8_0 (no imatrix: llama-cpp-python cannot hand one over);
   - the input of mlxedge's quantization: plain 4/8-bit (g64/g32, round to nearest), the q4_k_m preset, and
-    target-bpw recipes at llama.cpp Q4_K_M's bits per weight, with and without data-aware scales.
+    target-bpw recipes at llama.cpp Q4_0's and Q4_K_M's bits per weight (as the files measure, so never above
+    them), with and without data-aware scales.
 
 Scoring (mlxedge.evaluate's numerics, llama-perplexity's rules: non-overlapping chunks of --ctx tokens, BOS
 first where the tokenizer adds one, second half scored): every row runs on the same float32 engine with its
@@ -67,11 +68,14 @@ ROWS = [
     Row("q4g64", "mlxedge 4-bit g64", "mlxedge", {"bits": 4, "group_size": 64}),
     Row("q4g64-da", "mlxedge 4-bit g64 data-aware", "mlxedge", {"bits": 4, "group_size": 64, "data_aware": True}),
     Row("q4g32", "mlxedge 4-bit g32", "mlxedge", {"bits": 4, "group_size": 32}),
+    Row("target-q4_0", "mlxedge target-bpw g64 at Q4_0's bpw", "mlxedge", {"group_size": 64}, target="q4_0"),
+    Row("target-q4_0-da", "mlxedge target-bpw g64 at Q4_0's bpw, data-aware", "mlxedge",
+        {"group_size": 64, "data_aware": True}, target="q4_0"),
     Row("llama:q4_k_m", "llama.cpp Q4_K_M", "llama.cpp", llama_type="q4_k_m"),
     Row("q4km", "mlxedge q4_k_m preset g64", "mlxedge", {"recipe": "q4_k_m", "group_size": 64}),
-    Row("target", "mlxedge target-bpw g64", "mlxedge", {"group_size": 64}, target="q4_k_m"),
-    Row("target-da", "mlxedge target-bpw g64 data-aware", "mlxedge", {"group_size": 64, "data_aware": True},
-        target="q4_k_m"),
+    Row("target", "mlxedge target-bpw g64 at Q4_K_M's bpw", "mlxedge", {"group_size": 64}, target="q4_k_m"),
+    Row("target-da", "mlxedge target-bpw g64 at Q4_K_M's bpw, data-aware", "mlxedge",
+        {"group_size": 64, "data_aware": True}, target="q4_k_m"),
     Row("llama:q8_0", "llama.cpp Q8_0", "llama.cpp", llama_type="q8_0"),
     Row("q8g64", "mlxedge 8-bit g64", "mlxedge", {"bits": 8, "group_size": 64}),
     Row("q8g32", "mlxedge 8-bit g32", "mlxedge", {"bits": 8, "group_size": 32}),
@@ -215,6 +219,18 @@ def embedding_at_source_blocks(model, reference, source: Path) -> str:
     return name, affine
 
 
+def head_error(model, reference) -> float:
+    """Relative RMS error of the output head's weights (the tied embedding, or lm_head) against the reference's."""
+    import mlx.core as mx
+
+    def head(m):
+        module = m.module
+        return module.lm_head.weight if "lm_head" in module else module.model.embed_tokens.weight
+
+    a, b = head(model).astype(mx.float32), head(reference).astype(mx.float32)
+    return float((mx.sqrt(mx.mean((a - b) ** 2)) / mx.sqrt(mx.mean(b * b))).item())
+
+
 def dense_copy(model, embedding=None) -> None:
     """Swap quantized layers for dense float32 ones holding exactly their dequantized weights (the token
     embedding replaced by `embedding` when given), then bind the model's kernels again (float matmuls go to
@@ -331,6 +347,64 @@ def llama_runtime_logits(path: Path, ctx: int, threads: int):
     return llm, logits_of
 
 
+def run_row(row: Row, args, scorer: Scorer, reference, source: Path, f32: Path, llama_files: dict,
+            llama_info: dict) -> dict:
+    """Build one row's model (a llama.cpp file read exactly, or mlxedge's quantization of the F32 file) and score it."""
+    import mlx.core as mx
+
+    import mlxedge
+
+    t = time.perf_counter()
+    out = {"key": row.key, "label": row.label, "side": row.side}
+    if row.side == "llama.cpp":
+        path = llama_files[row.llama_type]
+        bits, weights, _, types = llama_info[row.llama_type]
+        out.update(bpw=bits / weights, bytes=bits // 8, types=types)
+        if row.llama_type != "f32":
+            model = mlxedge.load(str(path), dequantize=True)  # the file's exact weights, as float32
+            out["head_error"] = head_error(model, reference)
+            out["weights"] = scorer.score(mlx_logits(model))
+            del model
+        if not args.no_llama_runtime:
+            llm, logits_of = llama_runtime_logits(path, args.ctx, args.threads)
+            out["runtime"] = scorer.score(logits_of)
+            llm.close() if hasattr(llm, "close") else None
+            del llm
+    else:
+        load = dict(row.load)
+        if row.target:
+            bits, weights, vectors, _ = llama_info[row.target]
+            # the target counts quantizable matrices only; norms are float32 on both sides
+            load["target_bpw"] = (bits - 32 * vectors) / (weights - vectors)
+            out["target_bpw_matrices"] = load["target_bpw"]
+        model = mlxedge.load(str(f32), **load)
+        round_scales_to_f16(model)
+        bits, weights = stored_bits(model)
+        if row.embedding_from_source:
+            name, affine = embedding_at_source_blocks(model, reference, source)
+            emb = model.module.model.embed_tokens
+            rows_, cols = reference.module.model.embed_tokens.weight.shape
+            bits -= rows_ * cols * emb.bits + 2 * emb.scales.size * SCALE_BITS
+            bits += rows_ * cols * affine.bits + 2 * affine.scales.size * SCALE_BITS
+            out["embedding"] = f"source {name} blocks (8-bit g32, exact)"
+        dense_copy(model, reference.module.model.embed_tokens.weight if row.embedding_from_source else None)
+        out.update(bpw=bits / weights, bytes=bits // 8, bits_used=model.info.get("bits"))
+        if row.target:
+            limit = llama_info[row.target][0] / llama_info[row.target][1]
+            if out["bpw"] > limit:
+                raise SystemExit(f"{row.label}: {out['bpw']:.5f} bpw is over llama.cpp {row.target}'s {limit:.5f}")
+        out["head_error"] = head_error(model, reference)
+        out["weights"] = scorer.score(mlx_logits(model))
+        del model
+    mx.clear_cache()
+    out["seconds"] = time.perf_counter() - t
+    w = out.get("weights") or out.get("runtime")
+    log(f"{row.label}: {out['bpw']:.3f} bpw, KLD {w['kld_mean']:.5f}, top-1 {100 * w['top1_agreement']:.2f}% "
+        f"({out['seconds']:.0f}s)")
+
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 def main() -> int:
@@ -353,6 +427,7 @@ def main() -> int:
 
     import mlxedge
     from mlxedge.evaluate import builtin_text, make_chunks, tokenize_for_perplexity
+    from mlxedge.recipe_search import reuse_measurements
 
     wanted = [k.strip() for k in args.rows.split(",") if k.strip()]
     unknown = [k for k in wanted if k not in {r.key for r in ROWS}]
@@ -392,56 +467,12 @@ def main() -> int:
     llama_info = {kind: gguf_bits(path) for kind, path in llama_files.items()}
 
     results = []
-    for row in rows:
-        t = time.perf_counter()
-        out = {"key": row.key, "label": row.label, "side": row.side}
-        if row.side == "llama.cpp":
-            path = llama_files[row.llama_type]
-            bits, weights, _, types = llama_info[row.llama_type]
-            out.update(bpw=bits / weights, bytes=bits // 8, types=types)
-            if row.llama_type != "f32":
-                model = mlxedge.load(str(path), dequantize=True)  # the file's exact weights, as float32
-                out["weights"] = scorer.score(mlx_logits(model))
-                del model
-            if not args.no_llama_runtime:
-                llm, logits_of = llama_runtime_logits(path, args.ctx, args.threads)
-                out["runtime"] = scorer.score(logits_of)
-                llm.close() if hasattr(llm, "close") else None
-                del llm
-        else:
-            load = dict(row.load)
-            if row.target:
-                bits, weights, vectors, _ = llama_info[row.target]
-                # the target counts quantizable matrices only; norms are float32 on both sides
-                load["target_bpw"] = (bits - 32 * vectors) / (weights - vectors)
-                out["target_bpw_matrices"] = load["target_bpw"]
-            model = mlxedge.load(str(f32), **load)
-            round_scales_to_f16(model)
-            bits, weights = stored_bits(model)
-            if row.embedding_from_source:
-                name, affine = embedding_at_source_blocks(model, reference, source)
-                emb = model.module.model.embed_tokens
-                rows_, cols = reference.module.model.embed_tokens.weight.shape
-                bits -= rows_ * cols * emb.bits + 2 * emb.scales.size * SCALE_BITS
-                bits += rows_ * cols * affine.bits + 2 * affine.scales.size * SCALE_BITS
-                out["embedding"] = f"source {name} blocks (8-bit g32, exact)"
-            dense_copy(model, reference.module.model.embed_tokens.weight if row.embedding_from_source else None)
-            out.update(bpw=bits / weights, bytes=bits // 8, bits_used=model.info.get("bits"))
-            if row.target:
-                limit = llama_info[row.target][0] / llama_info[row.target][1]
-                if out["bpw"] > limit:
-                    raise SystemExit(f"{row.label}: {out['bpw']:.5f} bpw is over llama.cpp {row.target}'s {limit:.5f}")
-            out["weights"] = scorer.score(mlx_logits(model))
-            del model
-        mx.clear_cache()
-        out["seconds"] = time.perf_counter() - t
-        results.append(out)
-        w = out.get("weights") or out.get("runtime")
-        log(f"{row.label}: {out['bpw']:.3f} bpw, KLD {w['kld_mean']:.5f}, top-1 {100 * w['top1_agreement']:.2f}% "
-            f"({out['seconds']:.0f}s)")
-
+    with reuse_measurements():  # one calibration measurement of the F32 model serves every target/data-aware row
+        for row in rows:
+            results.append(run_row(row, args, scorer, reference, source, f32, llama_files, llama_info))
     settings = {"model": str(args.model), "source": str(source), "f32": str(f32), "ctx": args.ctx,
                 "chunks": len(chunks), "tokens_scored": ref_ppl["tokens_scored"], "near_tie": args.near_tie,
+                "reference_near_ties": int((scorer.gap < args.near_tie).sum()),
                 "reference_perplexity": ref_ppl, "texts": texts, "threads": args.threads,
                 "load_average_start": load_start, "load_average_end": os.getloadavg(),
                 "seconds": time.perf_counter() - started, "mlx": mx.__version__}
@@ -472,19 +503,21 @@ def format_table(settings: dict, results: List[dict]) -> str:
         f"ctx {s['ctx']}, {s['chunks']} chunks, {s['tokens_scored']} tokens scored (second halves). Calibration "
         f"(target-bpw, data-aware): mlxedge's default, topics from the end ({t['calibration_topics']} topics, "
         f"first {t['first_calibration_topic']!r}), none shared.",
-        f"near tie: reference top-1 − top-2 logit < {s['near_tie']}; 'decided' top-1 counts only the other tokens. "
+        f"near tie: reference top-1 − top-2 logit < {s['near_tie']} ({s['reference_near_ties']} of the "
+        f"{s['tokens_scored']} scored tokens); 'decided' top-1 counts only the other tokens. head error: relative "
+        "RMS error of the output head's (tied embedding's) weights. "
         f"mlx {s['mlx']}, llama-cpp-python {s.get('llama_cpp_python', '-')}, {s['threads']} threads; load average "
         f"{s['load_average_start'][0]:.1f} at start, {s['load_average_end'][0]:.1f} at end; {s['seconds'] / 60:.1f} min.",
         "",
         "| row | bits/weight | size MB | PPL | mean KLD | p99 KLD | top-1 % | disagreements (near ties) | "
-        "top-1 % decided | llama.cpp runtime: KLD · top-1 % |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "top-1 % decided | head error | llama.cpp runtime: KLD · top-1 % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         w, rt = r.get("weights"), r.get("runtime")
         runtime = f"{rt['kld_mean']:.5f} · {100 * rt['top1_agreement']:.2f}" if rt else "-"
         if w is None:
-            lines.append(f"| {r['label']} | {r['bpw']:.4f} | {r['bytes'] / 1e6:.1f} | - | - | - | - | - | - | "
+            lines.append(f"| {r['label']} | {r['bpw']:.4f} | {r['bytes'] / 1e6:.1f} | - | - | - | - | - | - | 0 | "
                          f"{runtime} |")
             continue
         lines.append(
@@ -492,7 +525,7 @@ def format_table(settings: dict, results: List[dict]) -> str:
             f"{w['perplexity']:.3f} ± {w['perplexity_error']:.3f} | {w['kld_mean']:.5f} ± {w['kld_mean_error']:.5f} | "
             f"{w['kld_p99']:.4f} | {_pct(w['top1_agreement'], w['top1_agreement_error'])} | "
             f"{w['disagreements']} ({w['near_tie_disagreements']}) | {100 * w['top1_agreement_decided']:.2f} | "
-            f"{runtime} |")
+            f"{r['head_error']:.2e} | {runtime} |")
     return "\n".join(lines)
 
 
