@@ -14,9 +14,10 @@ Scoring (mlxedge.evaluate's numerics, llama-perplexity's rules: non-overlapping 
 first where the tokenizer adds one, second half scored): every row runs on the same float32 engine with its
 exact weights — mlxedge rows as their dequantized values with scales and biases rounded to float16 (how a
 converted file stores them), llama.cpp rows read with `mlxedge.load(..., dequantize=True)` (every block
-type, Q6_K included, decoded exactly) — so only the weights differ between rows. The `llama.cpp runtime`
-columns score llama.cpp's own forward pass on the same chunks for its files (it also rounds activations to
-8 bits inside its quantized matmuls); its F32 row is the two engines' floor.
+type, Q6_K included, decoded exactly) — so only the weights differ between rows. The `as run`
+column scores llama.cpp's own forward pass on the same chunks for its files (it also rounds activations to
+8 bits inside its quantized matmuls; its F32 row is the two engines' floor) and, for the mlxedge rows named in
+--as-run, the quantized model as mlxedge runs it (its kernels, float32 activations).
 
 Text: pydoc's topic texts from the start (evaluate.builtin_text); the calibration text that target-bpw and
 data-aware rows measure on is mlxedge's default (the same topics from the other end); the script checks the
@@ -380,6 +381,8 @@ def run_row(row: Row, args, scorer: Scorer, reference, source: Path, f32: Path, 
         model = mlxedge.load(str(f32), **load)
         round_scales_to_f16(model)
         bits, weights = stored_bits(model)
+        if row.key in args.as_run.split(","):  # the quantized model as mlxedge runs it (its kernels, float32)
+            out["runtime"] = scorer.score(mlx_logits(model))
         if row.embedding_from_source:
             name, affine = embedding_at_source_blocks(model, reference, source)
             emb = model.module.model.embed_tokens
@@ -417,6 +420,8 @@ def main() -> int:
     parser.add_argument("--near-tie", type=float, default=0.1,
                         help="a reference top-1/top-2 logit gap below this is a near tie")
     parser.add_argument("--no-llama-runtime", action="store_true", help="skip llama.cpp's own forward pass")
+    parser.add_argument("--as-run", default="", metavar="KEYS",
+                        help="mlxedge rows also scored as mlxedge runs them (quantized layers, its kernels)")
     parser.add_argument("--work", default=None, help="directory for the F32 and llama.cpp files (default: a temp dir)")
     parser.add_argument("--out", default=None, help="also write the markdown table here")
     parser.add_argument("--json", dest="json_out", default=None, help="write every number as JSON here")
@@ -510,7 +515,7 @@ def format_table(settings: dict, results: List[dict]) -> str:
         f"{s['load_average_start'][0]:.1f} at start, {s['load_average_end'][0]:.1f} at end; {s['seconds'] / 60:.1f} min.",
         "",
         "| row | bits/weight | size MB | PPL | mean KLD | p99 KLD | top-1 % | disagreements (near ties) | "
-        "top-1 % decided | head error | llama.cpp runtime: KLD · top-1 % |",
+        "top-1 % decided | head error | as run: KLD · top-1 % |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
