@@ -95,6 +95,20 @@ def test_weighted_search_beats_round_to_nearest_on_the_weighted_error(bits, grou
     assert (imp * (ours - w) ** 2).sum() < 0.9 * (imp * (rtn - w) ** 2).sum()
 
 
+def test_weighted_search_in_row_slices_equals_one_pass(monkeypatch):
+    """Rows are searched in slices to bound memory; the slicing must not change a single level or scale."""
+    import mlxedge.quant.weighted as weighted
+
+    rng = np.random.default_rng(1)
+    w = (rng.standard_t(4, (37, 128)) * 0.05).astype(np.float32)
+    imp = rng.gamma(0.5, 1.0, 128).astype(np.float32)
+    whole = [np.array(a) for a in weighted_quantize(mx.array(w), imp, QuantSpec(4, 32))]
+    monkeypatch.setattr(weighted, "ROW_SLICE_ELEMENTS", 5 * 128)  # slices of 5 rows, the last one of 2
+    sliced = [np.array(a) for a in weighted_quantize(mx.array(w), imp, QuantSpec(4, 32))]
+    for a, b in zip(whole, sliced):
+        assert np.array_equal(a, b)
+
+
 def test_allocate_respects_the_budget_and_favours_sensitive_modules():
     shapes = {f"m{i}": (64, 256) for i in range(6)}
     impact = {p: {b: (100.0 if p == "m0" else 1.0) * 2.0 ** (-b) for b in (3, 4, 5, 6, 8)} for p in shapes}
@@ -208,3 +222,24 @@ def test_gguf_export_refuses_what_it_cannot_write(tiny8, tmp_path):
     with pytest.raises(mlxedge.MlxedgeError, match="target_bpw and data-aware search apply to mlx-lm directories"):
         mlxedge.convert(tiny8, tmp_path / "x.gguf", target_bpw=5.0)
     assert not list(tmp_path.iterdir())
+
+
+def test_reuse_measurements_measures_a_source_once_and_only_inside_the_block(tiny8, tmp_path, monkeypatch):
+    """Several targets of one model inside reuse_measurements() share one Fisher pass; outside, every load
+    measures again (nothing is kept), and the recipes are the same either way."""
+    import mlxedge.recipe_search as rs
+
+    calls = []
+    real = rs.fisher_diagonal
+    monkeypatch.setattr(rs, "fisher_diagonal", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calib = tmp_path / "calib.txt"
+    calib.write_text("a tiny corpus for a tiny tokenizer, with a few words " * 200)
+    specs = {}
+    with rs.reuse_measurements():
+        for target in (5.0, 6.0):
+            m = mlxedge.load(tiny8, group_size=32, target_bpw=target, calibration=calib, dtype="float32")
+            specs[target] = m.info["bits"]
+    assert len(calls) == 1
+    again = mlxedge.load(tiny8, group_size=32, target_bpw=5.0, calibration=calib, dtype="float32")
+    assert len(calls) == 2 and rs._reused is None
+    assert again.info["bits"] == specs[5.0]

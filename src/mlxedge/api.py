@@ -65,7 +65,7 @@ def load(source, bits: Optional[int] = None, group_size: Optional[int] = None, d
          kv_overflow: str = "error", progress: Optional[Callable[[int, int], None]] = None,
          adapter=None, allow_requantize: bool = False, recipe: Optional[str] = None,
          target_bpw: Optional[float] = None, calibration=None, data_aware: bool = False,
-         kv_bits: Optional[int] = None) -> "Model":
+         kv_bits: Optional[int] = None, dequantize: bool = False) -> "Model":
     """Load a model (directory, .gguf file, alias or hub id); bits=4|8 quantizes group-wise while loading.
 
     The memory plan is checked before any weight is read: a load that would not fit the budget raises
@@ -79,6 +79,11 @@ def load(source, bits: Optional[int] = None, group_size: Optional[int] = None, d
     A source stored quantized keeps its precision unless `bits` is given; a grid coarser than the stored
     one is refused unless allow_requantize=True (quant.requantize). group_size None: the source's own
     for a quantized source, else 64.
+
+    dequantize=True reads a quantized source as float32 holding exactly the file's weights (every GGUF block
+    type through gguf's own dequantizer, Q6_K/Q3_K/Q2_K included; mlx-lm files through mx.dequantize), so
+    what is run and scored is the file's model, not its nearest MLX affine form; bits/recipes then start
+    from those floats.
     """
     if kv_overflow not in KV_OVERFLOW:
         raise UnsupportedError(f"kv_overflow must be one of {', '.join(map(repr, KV_OVERFLOW))}, got {kv_overflow!r}.")
@@ -89,7 +94,7 @@ def load(source, bits: Optional[int] = None, group_size: Optional[int] = None, d
         raise UnsupportedError("a quantized KV cache (kv_bits) cannot also be a rotating window; "
                                "drop kv_bits or kv_overflow='rotate'.")
     lora = read_adapter(adapter) if adapter is not None else None
-    checkpoint = open_source(source)
+    checkpoint = open_source(source, dequantize=dequantize)
     group_size = default_group_size(group_size, checkpoint.quantization)
     requested = resolve_quantization(checkpoint, bits, group_size, recipe=recipe, target_bpw=target_bpw,
                                      calibration=calibration, data_aware=data_aware)

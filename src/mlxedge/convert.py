@@ -57,6 +57,8 @@ def convert(source, dest, bits="auto", group_size: Optional[int] = None, dtype: 
     fsutil.refuse_existing(dest, force, sources, flag="force=True (--force)")
     if bits != "auto" and recipe is None and target_bpw is None:
         validate_settings(bits, group_size or 64)  # bad settings fail before the source is opened
+    if bits == 32:  # "float32": keep float, stored as float32
+        bits, dtype = None, dtype or "float32"
     lora = read_adapter(adapter) if adapter is not None else None
     checkpoint = open_source(source)
     if bits == "auto":
@@ -111,7 +113,7 @@ def convert(source, dest, bits="auto", group_size: Optional[int] = None, dtype: 
 
 
 def _convert_to_gguf(source, dest: Path, bits, recipe, target_bpw, data_aware, force, progress) -> dict:
-    """DEST ending in .gguf: a GGUF file for llama.cpp/Ollama (F16, Q8_0, Q4_0 or the q4_k_m mix)."""
+    """DEST ending in .gguf: a GGUF file for llama.cpp/Ollama (F32, F16, Q8_0, Q4_0 or the q4_k_m mix)."""
     from .export.gguf import export_gguf, export_type
 
     if target_bpw is not None or data_aware:

@@ -266,30 +266,38 @@ def requantization_cost(reference, model, ctx: int = COST_CTX, chunks: int = 1,
 
 def run(source: str, variants, text: str, text_label: str, ctx: int = DEFAULT_CTX, chunks: Optional[int] = None,
         reference: Optional[str] = None, load: Optional[Load] = None, progress: Optional[Progress] = None,
-        describe: Optional[Callable[[dict], str]] = None) -> dict:
+        describe: Optional[Callable[[dict], str]] = None, dequantize: bool = False) -> dict:
     """Load every variant of `source` (and `reference`), evaluate them on `text`, return the JSON-ready result.
 
-    `variants`: objects with `label` and `load_kwargs()` (bench.variants.Variant). `load(source, **kwargs)` returns a
-    Model (default `mlxedge.load`; the CLI passes its own, which pulls aliases with progress bars).
+    `variants`: objects with `label`, `bits` and `load_kwargs()` (bench.variants.Variant). `load(source, **kwargs)`
+    returns a Model (default `mlxedge.load`; the CLI passes its own, which pulls aliases with progress bars).
     `describe(info)` names the reference's precision in the result (its "label"; left out without it).
+    `dequantize`: the source and the reference are read as float32 holding exactly their files' weights (see
+    mlxedge.load), so a GGUF from another tool is scored as that tool's model; a variant kept as stored is then
+    labelled "(exact f32)" and sized as its file stores it.
     Returns {"model", "text", "settings", "reference" (None without one), "variants": [row per variant]}.
     """
     if load is None:
         from . import load
+    extra = {"dequantize": True} if dequantize else {}
     models, meta = {}, {}
     for v in variants:
-        m = load(source, **v.load_kwargs())
-        models[v.label] = m
-        meta[v.label] = m.info
-    ref_model = load(reference) if reference is not None else None
+        label = f"{v.label} (exact f32)" if dequantize and getattr(v, "bits", None) is None else v.label
+        m = load(source, **v.load_kwargs(), **extra)
+        models[label] = m
+        meta[label] = m.info
+    ref_model = load(reference, **extra) if reference is not None else None
     out = evaluate_text(models, text, ctx=ctx, reference=ref_model, max_chunks=chunks, progress=progress)
     rows = []
-    for v in variants:
-        info, r = meta[v.label], out["results"][v.label]
-        row = {"label": v.label, "bits": info.get("bits"), "group_size": info.get("group_size"),
-               "dtype": info.get("dtype"), "parameters": info.get("parameters"), "bytes": info.get("bytes"),
-               "bits_per_weight": 8.0 * info["bytes"] / info["parameters"] if info.get("parameters") else None,
-               **r}
+    for label in models:
+        info, r = meta[label], out["results"][label]
+        nbytes, weights = info.get("bytes"), info.get("parameters")
+        stored = info.get("gguf") or {}
+        if stored.get("dequantized") and info.get("bits") is None:  # run as float32; the size is the file's
+            nbytes, weights = stored["stored_bytes"], stored["stored_weights"]
+        row = {"label": label, "bits": info.get("bits"), "group_size": info.get("group_size"),
+               "dtype": info.get("dtype"), "parameters": weights, "bytes": nbytes,
+               "bits_per_weight": 8.0 * nbytes / weights if weights else None, **r}
         if out["reference"] is not None:
             row["ln_ppl_ratio"] = r["nll_mean"] - out["reference"]["nll_mean"]
         rows.append(row)

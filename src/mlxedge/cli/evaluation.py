@@ -166,7 +166,7 @@ def format_eval(result: dict, markdown: bool = False) -> str:
 
 
 def _evaluate(model: str, variants, reference: Optional[str], text: str, text_label: str, ctx: int,
-              chunks: Optional[int], quiet: bool = False) -> dict:
+              chunks: Optional[int], quiet: bool = False, dequantize: bool = False) -> dict:
     """evaluate.run with the CLI's loading (aliases pulled, a bar per model) and an "Evaluating" bar that
     starts with the first forward pass, once every model is loaded."""
     from .. import evaluate
@@ -183,7 +183,8 @@ def _evaluate(model: str, variants, reference: Optional[str], text: str, text_la
             bar[0](done, total)
 
         return evaluate.run(model, variants, text, text_label, ctx=ctx, chunks=chunks, reference=reference,
-                            load=load, progress=progress, describe=lambda info: format_quantization(info, short=True))
+                            load=load, progress=progress, describe=lambda info: format_quantization(info, short=True),
+                            dequantize=dequantize)
 
 
 @click.command("eval")
@@ -203,10 +204,14 @@ def _evaluate(model: str, variants, reference: Optional[str], text: str, text_la
                    "on a CPU; --full: all of the text).")
 @click.option("--full", is_flag=True,
               help=f"llama-perplexity's setting: ctx {DEFAULT_CTX} over the whole text (hours on a slow CPU).")
+@click.option("--dequantize", is_flag=True,
+              help="Read MODEL and the reference as float32 holding exactly their files' weights (every GGUF block "
+                   "type decoded by gguf's own dequantizer, Q6_K included): scores a GGUF made by another tool as "
+                   "that tool's model. Size and bpw are then the file's.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--md", "as_md", is_flag=True, help="Print a markdown table.")
 def eval_command(model, bits, group_size, dtype, allow_requantize, reference, no_reference, text_path, ctx, chunks,
-                 full, as_json, as_md):
+                 full, dequantize, as_json, as_md):
     """Perplexity of MODEL (llama-perplexity's way) and KL divergence / top-1 agreement against a reference."""
     from ..bench.variants import check_variants, parse_variants  # imported when the command runs (MLX)
     from ..evaluate import builtin_text
@@ -229,7 +234,7 @@ def eval_command(model, bits, group_size, dtype, allow_requantize, reference, no
         except UnicodeDecodeError as exc:
             raise MlxedgeError(f"{text_path} is not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
         label = text_path
-    result = _evaluate(model, variants, reference, text, label, ctx, chunks, quiet=as_json)
+    result = _evaluate(model, variants, reference, text, label, ctx, chunks, quiet=as_json, dequantize=dequantize)
     _add_costs(result, model, reference, variants, coarser, quiet=as_json)
     if as_json:
         emit_json(result)

@@ -124,8 +124,9 @@ def info_command(model: str, as_json: bool) -> None:
 @click.argument("src")
 @click.argument("dest", type=click.Path(dir_okay=True, file_okay=True, path_type=Path))
 @apply_options_of(quantization_options(
-    bits_help="Quantization bits (16 = keep float). Default: as stored for a quantized source, else 4.",
-    bits_choices=("4", "8", "16")))
+    bits_help="Quantization bits (16 = keep float, 32 = keep float as float32). Default: as stored for a "
+              "quantized source, else 4.",
+    bits_choices=("4", "8", "16", "32")))
 @dtype_option("dtype of the tensors left unquantized (default: the checkpoint's).")
 @click.option("--force", is_flag=True,
               help="Replace DEST if it is a model directory (one mlxedge wrote, or config.json + *.safetensors) "
@@ -146,7 +147,7 @@ def convert_command(src: str, dest: Path, bits: Optional[str], group_size: Optio
                     dtype: Optional[str], force: bool, adapter: Optional[str], recipe: Optional[str],
                     target_bpw: Optional[float], calibration: Optional[str], data_aware: bool, as_json: bool) -> None:
     """Convert SRC (HF directory, .gguf file or alias) to an mlx-lm directory at DEST (or a GGUF file when
-    DEST ends in .gguf: --bits 16 F16, 8 Q8_0 (the default), 4 Q4_0, --recipe q4_k_m the K-quant mix).
+    DEST ends in .gguf: --bits 32 F32, 16 F16, 8 Q8_0 (the default), 4 Q4_0, --recipe q4_k_m the K-quant mix).
 
     A source stored quantized keeps its precision unless --bits says otherwise; a coarser grid than the
     stored one is refused unless --allow-requantize, which also measures and prints what it cost.

@@ -1,8 +1,9 @@
-"""Write a model as a GGUF file that llama.cpp and Ollama run: F16, Q8_0, Q4_0 or a Q4_K_M-style mix.
+"""Write a model as a GGUF file that llama.cpp and Ollama run: F32, F16, Q8_0, Q4_0 or a Q4_K_M-style mix.
 
-Weights come from any mlxedge source (HF or mlx directory, GGUF, alias), dequantized to float32 one
+Weights come from any mlxedge source (HF or mlx directory, GGUF, alias), read as float32 exactly as the source
+defines them (open_source's dequantize: a GGUF's blocks through gguf's own dequantizer, every type), one
 tensor at a time, renamed with the `gguf` package's tensor-name map, q/k rows permuted into llama.cpp's
-rotary layout for llama, and encoded with gguf's quantizers (Q8_0, Q4_0, Q5_0) or ours (Q4_K, Q6_K in
+rotary layout for llama, gemma3's RMSNorm weights stored as `w + 1` (llama.cpp's convention), and encoded with gguf's quantizers (Q8_0, Q4_0, Q5_0) or ours (Q4_K, Q6_K in
 export/kquants.py). The q4_k_m mix follows llama.cpp's rule: Q4_K, with Q6_K for attention values and FFN
 down projections on `use_more_bits` layers and for the output head (or a tied embedding); rows whose length
 is not a multiple of 256 fall back as llama.cpp's do (Q4_K → Q5_0, Q6_K → Q8_0). Tokenizer and chat
@@ -28,27 +29,30 @@ from ..quant.recipes import use_more_bits
 from ..sources import open_source
 from .kquants import QK_K, quantize_q4_k, quantize_q6_k
 
-ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}
-FILE_TYPES = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3,
+         "gemma3_text": gguf.MODEL_ARCH.GEMMA3}
+FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
               "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M}
 _FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q6_K: Q.Q8_0}  # llama.cpp's choice when a row is not whole super-blocks
 
 
 def export_type(bits: Optional[int], recipe: Optional[str]) -> str:
     """The GGUF file type for convert's settings: recipe q4_k_m, else bits 8 (and the default "auto") → q8_0,
-    4 → q4_0, none/16 → f16, 32 → f32."""
+    4 → q4_0, none/16 → f16, 32 → f32 (every matrix as float32: the input llama.cpp's quantizer starts from)."""
     if recipe is not None:
         if recipe.lower().replace("-", "_") != "q4_k_m":
             raise MlxedgeError(f"GGUF export knows the recipe q4_k_m, not {recipe!r}; or give bits=8 (Q8_0), 4 "
                                "(Q4_0) or 16 (F16).")
         return "q4_k_m"
-    return {None: "f16", 16: "f16", 32: "f16", 8: "q8_0", 4: "q4_0"}[bits]
+    return {None: "f16", 16: "f16", 32: "f32", 8: "q8_0", 4: "q4_0"}[bits]
 
 
 def _tensor_type(file_type: str, gguf_name: str, shape: tuple, n_layers: int, tied: bool) -> Q:
     if len(shape) == 1:
         return Q.F32
     cols = shape[-1]
+    if file_type == "f32":
+        return Q.F32
     if file_type == "f16":
         chosen = Q.F16
     elif file_type == "q8_0":
@@ -86,24 +90,37 @@ def _permute(rows: np.ndarray, n_head: int) -> np.ndarray:
     return rows.reshape(n_head, 2, rows.shape[0] // n_head // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
+def _add_gemma3(writer: gguf.GGUFWriter, config: dict) -> None:
+    """gemma3's own keys: the local-attention window (llama.cpp fixes the 5-local:1-global pattern and the
+    local rope base itself) and linear rope scaling of the global layers (4B and up). What llama.cpp fixes
+    rather than reads must match the model, or the file would run as another model."""
+    pattern = int(config.get("sliding_window_pattern", 6))
+    local_base = float(config.get("rope_local_base_freq", 10000.0))
+    head_dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+    scalar = float(config.get("query_pre_attn_scalar", head_dim))
+    if int(config["num_hidden_layers"]) == 62:  # llama.cpp's 27B rule: scale by hidden / heads
+        expected_scalar = config["hidden_size"] / config["num_attention_heads"]
+    else:
+        expected_scalar = head_dim
+    if pattern != 6 or local_base != 10000.0 or scalar != expected_scalar:
+        raise UnsupportedError(f"llama.cpp runs gemma3 with 5 local layers per global one, local rope base 10000 "
+                               f"and query scale 1/sqrt({expected_scalar:g}); this model has pattern {pattern}, "
+                               f"base {local_base:g}, scale 1/sqrt({scalar:g}), so it cannot be exported for it.")
+    window = config.get("sliding_window")
+    if window:
+        writer.add_sliding_window(int(window))
+    scaling = config.get("rope_scaling") or {}
+    if scaling.get("rope_type", scaling.get("type")) == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
+    elif scaling:
+        raise UnsupportedError(f"GGUF export of gemma3 knows linear rope scaling, not {scaling!r}.")
+
+
 def _float_tensors(checkpoint):
-    """(HF name, float32 numpy array), dequantizing quantized triplets as they complete."""
-    q = checkpoint.quantization or {}
-    pending: dict = {}
+    """(HF name, float32 numpy array) for a checkpoint opened dequantized (every tensor float)."""
     for name, array in checkpoint.iter_tensors():
-        path, _, part = name.rpartition(".")
-        if f"{path}.scales" in checkpoint.tensor_infos and part in ("weight", "scales", "biases"):
-            pending.setdefault(path, {})[part] = array
-            if len(pending[path]) < 3:
-                continue
-            parts = pending.pop(path)
-            spec = q.get(path) if isinstance(q.get(path), dict) else q
-            dense = mx.dequantize(parts["weight"], parts["scales"].astype(mx.float32),
-                                  parts["biases"].astype(mx.float32), group_size=int(spec["group_size"]),
-                                  bits=int(spec["bits"]))
-            yield f"{path}.weight", np.array(dense)
-        else:
-            yield name, np.array(array.astype(mx.float32))
+        yield name, np.array(array.astype(mx.float32))
 
 
 def _add_tokenizer(writer: gguf.GGUFWriter, checkpoint, config: dict) -> None:
@@ -169,7 +186,7 @@ def _copy_field(writer: gguf.GGUFWriter, field) -> None:
 def export_gguf(source, dest, file_type: str = "q8_0", progress: Optional[Callable[[int, int], None]] = None) -> dict:
     """Write `source` as a GGUF file at `dest`; returns a summary (path, bytes, tensor types)."""
     dest = Path(dest).expanduser()
-    checkpoint = open_source(source)
+    checkpoint = open_source(source, dequantize=True)  # the source's exact weights, whatever its block types
     config = normalize_config(checkpoint.config)
     arch = config["model_type"]
     if arch not in ARCHS:
@@ -195,9 +212,11 @@ def export_gguf(source, dest, file_type: str = "q8_0", progress: Optional[Callab
         writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
         writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
         writer.add_vocab_size(int(config["vocab_size"]))
-        if arch == "qwen3" or head_dim != config["hidden_size"] // heads:
+        if arch in ("qwen3", "gemma3_text") or head_dim != config["hidden_size"] // heads:
             writer.add_key_length(head_dim)
             writer.add_value_length(head_dim)
+        if arch == "gemma3_text":
+            _add_gemma3(writer, config)
         writer.add_file_type(FILE_TYPES[file_type])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _add_tokenizer(writer, checkpoint, config)
@@ -209,6 +228,8 @@ def export_gguf(source, dest, file_type: str = "q8_0", progress: Optional[Callab
                 raise UnsupportedError(f"GGUF export does not know where tensor {name} goes for {arch}.")
             if arch == "llama" and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
                 data = _permute(data, heads if ".attn_q." in gguf_name else kv_heads)
+            if arch == "gemma3_text" and name.endswith("norm.weight"):
+                data = data + np.float32(1.0)  # llama.cpp stores gemma's (1 + w) gain, as its converter does
             qtype = _tensor_type(file_type, gguf_name, data.shape, n_layers, tied)
             writer.add_tensor(gguf_name, _encode(data, qtype), raw_dtype=qtype)
             counts[qtype.name] = counts.get(qtype.name, 0) + 1

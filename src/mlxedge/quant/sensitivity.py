@@ -31,8 +31,17 @@ def quantized_bytes(rows: int, cols: int, spec: QuantSpec, scale_bytes: int) -> 
 
 
 def fisher_diagonal(model: nn.Module, chunks: Sequence[Sequence[int]], paths: Sequence[str],
-                    progress: Optional[Callable[[int, int], None]] = None) -> dict:
-    """path -> mean squared gradient of the next-token log-likelihood w.r.t. that module's weight."""
+                    progress: Optional[Callable[[int, int], None]] = None, choice=None) -> dict:
+    """path -> mean squared gradient of the next-token log-likelihood w.r.t. that module's weight.
+
+    choice: a KernelChoice whose float kernels run the matmuls, backward included (quant/fast_gradients.py);
+    None: MLX's built-in matmul.
+    """
+    if choice is not None:
+        from .fast_gradients import fast_gradients
+
+        with fast_gradients(model, choice):
+            return fisher_diagonal(model, chunks, paths, progress)
     wanted = {f"{p}.weight" for p in paths}
 
     def loss_fn(model, ids):

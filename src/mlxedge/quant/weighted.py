@@ -37,14 +37,34 @@ def pack_bits(q: np.ndarray, bits: int) -> np.ndarray:
     return out.astype(np.uint32)
 
 
+ROW_SLICE_ELEMENTS = 1 << 21  # rows are searched in slices of about this many weights, to bound temporaries
+
+
 def weighted_quantize(weight, importance: Optional[np.ndarray], spec: QuantSpec):
-    """(packed uint32, scales, biases) as mx arrays (float32 scales) for weight [out, in]."""
+    """(packed uint32, scales, biases) as mx arrays (float32 scales) for weight [out, in].
+
+    Rows are independent (each group's search sees only its own row), so they are searched in slices: the
+    temporaries stay a few times ROW_SLICE_ELEMENTS floats whatever the matrix (a 262k-token embedding too).
+    """
     w = np.asarray(weight.astype(mx.float32) if isinstance(weight, mx.array) else weight, dtype=np.float32)
+    rows, cols = w.shape
+    imp = np.ones(cols, np.float32) if importance is None else np.asarray(importance, np.float32)
+    imp = np.maximum(imp, 1e-12 * max(float(imp.max()), 1e-30))
+    q = np.empty((rows, cols), np.uint32)
+    scales = np.empty((rows, cols // spec.group_size), np.float32)
+    biases = np.empty_like(scales)
+    step = max(1, ROW_SLICE_ELEMENTS // cols)
+    for start in range(0, rows, step):
+        end = min(rows, start + step)
+        q[start:end], scales[start:end], biases[start:end] = _search_rows(w[start:end], imp, spec)
+    return mx.array(pack_bits(q, spec.bits)), mx.array(scales), mx.array(biases)
+
+
+def _search_rows(w: np.ndarray, imp: np.ndarray, spec: QuantSpec):
+    """Levels [rows, cols], scales and biases [rows, groups] of the weighted search for these rows."""
     rows, cols = w.shape
     g, nmax = spec.group_size, (1 << spec.bits) - 1
     x = w.reshape(rows, cols // g, g)
-    imp = np.ones(cols, np.float32) if importance is None else np.asarray(importance, np.float32)
-    imp = np.maximum(imp, 1e-12 * max(float(imp.max()), 1e-30))
     # as llama.cpp weighs its K-quant searches: importance × sqrt(σ² + w²), σ² = 2·mean(w²) of the row, so
     # large weights (the outliers that matter most) are not clipped away for a smaller average error
     sigma2 = 2.0 * (w * w).mean(axis=1, keepdims=True)
@@ -54,7 +74,6 @@ def weighted_quantize(weight, importance: Optional[np.ndarray], spec: QuantSpec)
     sw = wt.sum(-1, keepdims=True)
     best_err = np.full(lo.shape, np.inf, np.float32)
     best_s, best_b = span / nmax, lo.copy()
-    best_q = None
     for step in range(SEARCH_STEPS + 1):  # llama.cpp's make_qkx2_quants range: nmax − 0.5 … nmax + 1.5
         iscale = (nmax - 0.5 + 0.1 * step * 20 / SEARCH_STEPS) / span
         if np.any(iscale <= 0):
@@ -71,12 +90,10 @@ def weighted_quantize(weight, importance: Optional[np.ndarray], spec: QuantSpec)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_s, best_b = np.where(better, s, best_s), np.where(better, b, best_b)
-        best_q = q if best_q is None else np.where(better, q, best_q)
     # the final levels for the chosen (s, b): nearest level, so dequantization is exactly s·q + b
     safe_s = np.where(np.abs(best_s) > 1e-30, best_s, 1.0)
     q = np.clip(np.rint((x - best_b) / safe_s), 0, nmax).reshape(rows, cols).astype(np.uint32)
-    packed = pack_bits(q, spec.bits)
-    return mx.array(packed), mx.array(best_s[..., 0]), mx.array(best_b[..., 0])
+    return q, best_s[..., 0], best_b[..., 0]
 
 
 class _Recorder(nn.Module):

@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from ...errors import SourceError, UnsupportedError
@@ -44,10 +45,11 @@ def _block_report(plans: List[TensorPlan], deviations: Optional[Dict[str, float]
     """Per block type: tensor counts, how it maps to MLX, and (once read) the largest requantization deviation."""
     report: Dict[str, dict] = {}
     for p in plans:
-        exact_type = p.qtype in gb.FLOAT_TYPES or p.qtype in gb.EXACT_BITS
+        exact_type = p.qtype in gb.FLOAT_TYPES or p.qtype in gb.EXACT_BITS or p.dequantize
         entry = report.setdefault(p.qtype.name, {
             "tensors": 0, "exact": 0,
             "mapping": ("float" if p.qtype in gb.FLOAT_TYPES else
+                        "dequantized exactly to float32 (gguf's dequantizer)" if p.dequantize else
                         f"exact affine {gb.EXACT_BITS[p.qtype]}-bit g32" if p.qtype in gb.EXACT_BITS else
                         f"requantized affine {gb.REQUANT_BITS}-bit g32"),
             "max_abs_deviation": 0.0 if exact_type else (deviations or {}).get(p.qtype.name),
@@ -69,8 +71,13 @@ def _quantization(plans: List[TensorPlan]) -> Optional[dict]:
     return quantization
 
 
-def open_gguf(path: Path, source: str) -> Checkpoint:
-    """Open a GGUF file: validate it, map names and block types, and return a lazy `Checkpoint`."""
+def open_gguf(path: Path, source: str, dequantize: bool = False) -> Checkpoint:
+    """Open a GGUF file: validate it, map names and block types, and return a lazy `Checkpoint`.
+
+    dequantize: every tensor comes out as float32 decoded by gguf's own dequantizer, so the model holds
+    exactly the file's weights whatever the block type (Q6_K, Q3_K, Q2_K included, which the affine mapping
+    can only approximate); the checkpoint is then a float one (no quantization).
+    """
     path = Path(path)
     file = read_gguf(path)
     meta = Meta(file)
@@ -100,15 +107,19 @@ def open_gguf(path: Path, source: str) -> Checkpoint:
             raise SourceError(f"tensor {quote(t.name)} in {path.name} maps to {name}, which another tensor already "
                               "provides; the file is corrupt")
         hf_names.add(name)
-        plans.append(TensorPlan(t, name, arch, provisional))
-    config = dict(provisional, torch_dtype=_torch_dtype(plans))
+        plans.append(TensorPlan(t, name, arch, provisional, dequantize=dequantize))
+    # dequantized: float32, so a default load keeps the file's weights exactly (a cast down would round them)
+    config = dict(provisional, torch_dtype="float32" if dequantize else _torch_dtype(plans))
 
     tensor_infos: Dict[str, TensorInfo] = {}
     for p in plans:
         tensor_infos.update(p.infos())
 
     info = {"gguf": {"file": str(path), "architecture": arch, "block_types": _block_report(plans),
-                     "name": meta.str("general.name")}}
+                     "name": meta.str("general.name"), "dequantized": dequantize,
+                     # what the file stores for the model's tensors (block bytes, scales included)
+                     "stored_bytes": sum(p.tensor.nbytes for p in plans),
+                     "stored_weights": sum(int(np.prod(p.rows_first)) for p in plans)}}
     if skipped:
         info["gguf"]["skipped_vision_tensors"] = len(skipped)
 

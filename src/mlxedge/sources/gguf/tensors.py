@@ -27,7 +27,9 @@ def check_type(t: GGUFTensor, file_name: str) -> None:
 class TensorPlan:
     """How one GGUF tensor becomes Checkpoint tensors (a float array, or an MLX affine triplet)."""
 
-    def __init__(self, tensor: GGUFTensor, name: str, arch: str, cfg: dict):
+    def __init__(self, tensor: GGUFTensor, name: str, arch: str, cfg: dict, dequantize: bool = False):
+        """dequantize: yield every tensor as float32 decoded by gguf's own dequantizer (exact for every block
+        type, Q6_K/Q3_K/Q2_K included) instead of an MLX affine triplet."""
         self.tensor = tensor
         self.name = name
         self.qtype = tensor.qtype
@@ -36,7 +38,9 @@ class TensorPlan:
         if self.permute_heads is not None:
             check_permutable(tensor.name, self.rows_first[0], self.permute_heads)
         self.norm_shift = arch == "gemma3" and tensor.name.endswith("norm.weight")
-        self.affine = self.qtype not in gb.FLOAT_TYPES and len(self.rows_first) == 2 and name.endswith(".weight")
+        self.dequantize = dequantize
+        self.affine = (not dequantize and self.qtype not in gb.FLOAT_TYPES and len(self.rows_first) == 2
+                       and name.endswith(".weight"))
         self.module = name[: -len(".weight")] if name.endswith(".weight") else None
 
     @property
@@ -82,7 +86,7 @@ class TensorPlan:
             values = (np.asarray(data).astype(np.uint32) << 16).view(np.float32)
         elif self.qtype in (T.F32, T.F16):
             values = np.asarray(data)
-        else:  # a quantized non-matrix (rare): gguf's own dequantizer, as float32
+        else:  # dequantizing on request, or a quantized non-matrix (rare): gguf's own dequantizer, as float32
             with np.errstate(all="ignore"):
                 values = dequantize(np.asarray(data), self.qtype).reshape(self.rows_first)
         if self.permute_heads:
