@@ -24,6 +24,13 @@ data-aware rows measure on is mlxedge's default (the same topics from the other 
 two share no topic. Bits per weight count every tensor as stored: GGUF blocks as written; mlxedge's packed
 weights plus float16 scales and biases; norms as float32 on both sides.
 
+Read the llama.cpp rows with the source in mind: the "float32" weights are dequantized from a quantized GGUF,
+so they sit on that file's grids, and llama.cpp's quantizer reproduces a tensor exactly when it picks the
+block type the source used (it is idempotent on its own grid). Gemma 3 270M's only GGUF here is llama.cpp's
+own Q4_K_M, so its Q4_K_M row scores KLD 0 by construction; both sources store the tied embedding as Q8_0,
+which every llama.cpp type here keeps (head error 0). The `head error` column shows where that happens; the
+mlxedge row "embedding/head at source Q8_0" gives mlxedge the same exact head to compare the rest.
+
     python scripts/quant_vs_llama_cpp.py [MODEL] [--ctx 256] [--chunks 8] [--rows LIST] [--threads 2]
                                          [--near-tie 0.1] [--work DIR] [--out table.md] [--json out.json]
 
