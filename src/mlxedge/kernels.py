@@ -280,7 +280,8 @@ class KernelChoice:
         return cpu.filter_logits
 
     def _wins_with(self, key: str, run_candidate, run_builtin) -> bool:
-        """As _wins, for thunks that carry their own inputs."""
+        """custom/native/metal modes: always; auto: the measured (or cached) verdict for `key` on this device,
+        for thunks that carry their own inputs."""
         if self.mode != "auto":
             return True
         if key not in self._verdicts:
@@ -305,17 +306,11 @@ class KernelChoice:
         """custom/native/metal modes: always; auto: the measured verdict for this shape on this device.
         reference(x): what the candidate must agree with when it is not the built-in itself (half precision:
         the built-in in float32)."""
-        if self.mode != "auto":
-            return True
-        if key not in self._verdicts:
-            x = mx.random.normal((1, k), key=mx.random.key(0)).astype(dtype)
-            if self._selector is None:
-                self._selector = default_selector()
-            builtin = lambda: run_builtin(x)  # noqa: E731
-            if reference is not None and dtype != mx.float32:
-                builtin = WithReference(builtin, lambda: reference(x))
-            self._verdicts[key] = self._decide(key, lambda: run_candidate(x), builtin)
-        return self._verdicts[key]
+        x = mx.random.normal((1, k), key=mx.random.key(0)).astype(dtype)  # lazy: evaluated only if measured
+        builtin = lambda: run_builtin(x)  # noqa: E731
+        if reference is not None and dtype != mx.float32:
+            builtin = WithReference(builtin, lambda: reference(x))
+        return self._wins_with(key, lambda: run_candidate(x), builtin)
 
     def summary(self, report: dict) -> dict:
         """info["kernels"]: the mode, what runs instead of the built-ins, layer counts per backend, and (auto)
