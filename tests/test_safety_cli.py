@@ -198,10 +198,8 @@ def test_ctrl_c_during_start_up_and_load_is_one_line(env, stage):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=default_sigint)
     wait_for(lambda: STAGES[stage](proc.pid), 120, proc, stage, poll=0.002)
-    # A Ctrl-C inside a native module's own initialisation (the first milliseconds after libmlx or the
-    # tokenizers library is mapped) is reported by nanobind/PyO3 itself, like one during the interpreter's
-    # start: out of our reach. So those stages are entered a moment later, when Python code runs again.
-    time.sleep(0.05 if stage.startswith("importing") else 0)
+    # No pause: a Ctrl-C inside a native module's own initialisation (the first milliseconds after libmlx
+    # or the tokenizers library is mapped) is the hardest case (cli/interrupts.py); it must be one line too.
     # hold the process where it is, so the Ctrl-C lands in this stage however fast the rest runs
     os.kill(proc.pid, signal.SIGSTOP)
     proc.send_signal(signal.SIGINT)

@@ -15,7 +15,8 @@ try:  # a Ctrl-C while the commands (and what they import) load: one line, not a
     from .models import convert_command, info_command, list_command, pull_command
     from .plan import plan_command
     from .serve import serve_command  # fastapi/uvicorn are imported only when `serve` runs
-    from .startup import keep_torch_out
+    from .interrupts import hold_interrupts_in_native_imports
+    from .startup import keep_torch_out, running_as_program
 except KeyboardInterrupt:
     sys.stderr.write("interrupted\n")
     raise SystemExit(130) from None
@@ -34,6 +35,8 @@ def main(ctx: click.Context, debug: bool) -> None:
     `mlxedge run MODEL "PROMPT"` for one answer.
     """
     keep_torch_out()
+    if running_as_program():
+        hold_interrupts_in_native_imports()
     ctx.obj = {"debug": debug}
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from .errors import _debug_requested
+from .interrupts import interrupts_remembered
 from .progress import progress_bar
 
 def resolve_source(source: str, quiet: bool = False) -> str:
@@ -42,8 +43,14 @@ def load_model(source: str, quiet: bool = False, warm_up: bool = False, **load):
 
     The bar covers everything until the model can answer: the weights (one step per tensor), then the
     tokenizer (built from a GGUF on first use, cached after), then with `warm_up` one forward pass so
-    the first reply does not pay MLX's first-call costs.
+    the first reply does not pay MLX's first-call costs. A Ctrl-C anywhere in it ends the command
+    (`interrupts_remembered`), even one that lands where Python would swallow it.
     """
+    with interrupts_remembered():
+        return _load_model(source, quiet=quiet, warm_up=warm_up, **load)
+
+
+def _load_model(source: str, quiet: bool, warm_up: bool, **load):
     started = time.monotonic()
     import mlxedge
 
