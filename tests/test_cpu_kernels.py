@@ -26,7 +26,20 @@ U32 = 2.0**-24
 U_OUT = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
 TINY_OUT = {"float32": 2.0**-150, "float16": 2.0**-25, "bfloat16": 2.0**-134}  # half the smallest subnormal
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-ISAS = ["scalar", "avx2"] if os.uname().machine in ("x86_64", "AMD64") else ["scalar"]
+
+
+def _isas() -> list:
+    """The ISA paths this machine runs: scalar everywhere; avx2 on x86-64; avx512 where the CPU has AVX-512F."""
+    if os.uname().machine not in ("x86_64", "AMD64"):
+        return ["scalar"]
+    try:
+        flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split()
+    except OSError:
+        flags = []
+    return ["scalar", "avx2"] + (["avx512"] if "avx512f" in flags else [])
+
+
+ISAS = _isas()
 
 
 # ------------------------------------------------------------------ cases and references (shared)
@@ -143,6 +156,17 @@ def check_matmul(run, M, N, K, x_dtype="float32", w_dtype="float32", seed=0, wha
 # ------------------------------------------------------------------ the MLX extension
 
 needs_ext = pytest.mark.skipif(not cpu.available(), reason=f"native CPU kernels: {cpu.describe()}")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def every_gemv_split_over_the_pool():
+    """Small GEMVs run on one thread by default; here each is split over the pool, so the partition is tested."""
+    if not cpu.available():
+        yield
+        return
+    previous = cpu._ext.set_gemv_parallel_min_bytes(0)
+    yield
+    cpu._ext.set_gemv_parallel_min_bytes(previous)
 
 
 @pytest.fixture(params=ISAS)

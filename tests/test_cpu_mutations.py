@@ -38,7 +38,7 @@ PLANTS = OPS_PLANTS + [
     "race_partition",
 ]
 CODES = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
-ISA_CODES = {"scalar": 1, "avx2": 2}
+ISA_CODES = {"scalar": 1, "avx2": 2, "avx512": 4}
 
 pytestmark = pytest.mark.skipif(
     shutil.which(os.environ.get("CXX", "g++")) is None or sys.platform == "win32",
@@ -86,6 +86,8 @@ class Core:
         lib.mlxe_set_blas.argtypes = [ctypes.c_char_p]
         lib.mlxe_use_blas.argtypes = [i32]
         lib.mlxe_plant.restype = ctypes.c_char_p
+        lib.mlxe_set_gemv_parallel_min_bytes.argtypes = [i64]
+        lib.mlxe_set_gemv_parallel_min_bytes.restype = i64
         lib.mlxe_qmm.argtypes = [vp, i32, vp, vp, vp, i32, vp, i32, i64, i64, i64, i32, i32]
         lib.mlxe_gate_up_silu.argtypes = [vp, i32, vp, vp, vp, vp, vp, vp, i32, vp, i32, i64, i64, i64, i32, i32]
         lib.mlxe_matmul.argtypes = [vp, i32, vp, i32, vp, i32, i64, i64, i64]
@@ -101,6 +103,7 @@ class Core:
 
     def configure(self, isa: str, blas: bool):
         self.lib.mlxe_init(ISA_CODES[isa], self.threads)
+        self.lib.mlxe_set_gemv_parallel_min_bytes(0)  # split every GEMV over the pool: the partition is tested
         path = _openblas()
         if blas and path:
             self.lib.mlxe_set_blas(path.encode())

@@ -7,13 +7,15 @@ The operations return lazy MLX arrays made by a custom Primitive that runs only 
 never raises: when the compiled extension is missing or fails its self-check, ``available()`` is False
 and ``describe()`` says why. Environment, read once at import:
 
-- ``MLXEDGE_CPU_ISA``: ``auto`` (default), ``avx2`` or ``scalar`` (the portable path; arm64 runs it with
+- ``MLXEDGE_CPU_ISA``: ``auto`` (default), ``avx512``, ``avx2`` or ``scalar`` (the portable path; arm64 runs it with
   NEON as the compiler's baseline).
 - ``MLXEDGE_CPU_THREADS``: size of the persistent thread pool (default: the cores this process may use).
 - ``MLXEDGE_CPU_BLAS``: ``openblas`` (default; the scipy-openblas32 wheel, for prefill GEMM tiles) or
   ``none`` (the built-in micro-kernel).
 - ``MLXEDGE_CPU_SPIN``: pause-loop iterations an idle pool worker spins before sleeping (default: 2000
   where the cores outnumber the pool by two, else 0 — spinning steals the core the decode loop needs).
+- ``MLXEDGE_CPU_PARALLEL_MIN_KB``: a GEMV reading fewer KiB than this runs on one thread (default 1024:
+  waking a sleeping worker costs more than it saves on a small matrix).
 - ``MLXEDGE_CPU_EXT``: path of an alternative build of the extension (the sanitizer build uses it).
 """
 
@@ -25,7 +27,7 @@ import os
 
 import mlx.core as mx  # loads libmlx before the extension, which links against it
 
-_ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "neon": 3}
+_ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "neon": 3, "avx512": 4}
 _ISA_NAMES = {v: k for k, v in _ISAS.items()}
 _FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 
@@ -138,7 +140,7 @@ def describe() -> str:
     """One line for `mlxedge info` / bench: which native path runs, or why none does."""
     if not available():
         return f"unavailable: {_reason or 'the extension is not built'}"
-    isa = {"avx2": "avx2+fma", "scalar": "portable scalar", "neon": "neon"}[_ISA_NAMES[_ext.isa()]]
+    isa = {"avx512": "avx-512 gemv, avx2+fma", "avx2": "avx2+fma", "scalar": "portable scalar", "neon": "neon"}[_ISA_NAMES[_ext.isa()]]
     gemm = "openblas gemm tiles" if _blas_on else "built-in gemm"
     return f"native cpu ({isa}, {_ext.threads()} threads, {gemm})"
 

@@ -184,6 +184,7 @@ NB_MODULE(_ext, m) {
   m.def("use_blas", [](bool on) { return mlxe_use_blas(on) != 0; });
   m.def("has_blas", [] { return mlxe_has_blas() != 0; });
   m.def("set_gemv_max_rows", &mlxe_set_gemv_max_rows);
+  m.def("set_gemv_parallel_min_bytes", &mlxe_set_gemv_parallel_min_bytes, "bytes"_a);
   m.def("plant", [] { return std::string(mlxe_plant()); });
   register_ops(m);
 }

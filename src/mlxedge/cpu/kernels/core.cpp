@@ -4,6 +4,7 @@
 //   scalar  portable C++ (the reference path; also what arm64 runs, where NEON is the compiler's
 //           baseline and -O3 vectorises the dequantise-then-dot loops)
 //   avx2    x86-64 AVX2+FMA+F16C through target attributes, chosen at run time from cpuid
+//   avx512  the avx2 path with the quantized GEMV (qdot) in 512-bit vectors, where the CPU has AVX-512F
 // Work is split over output rows (N) on a persistent thread pool; the caller thread takes part.
 //
 // Planted bugs for the mutation tests: compile with -DMLXEDGE_PLANT_<NAME> (see PLANT_NAME below).
@@ -44,11 +45,11 @@
 #define PLANT_NAME ""
 #endif
 
-// Which group holds element k of a row.
+// Which group holds element k of a row (gs is a power of two: a shift, not a division in the hot loops).
 #ifdef MLXEDGE_PLANT_GROUP_INDEX
 #define GROUP_OF(k, gs) ((k) / 64)  // planted: assumes the default group size
 #else
-#define GROUP_OF(k, gs) ((k) / (gs))
+#define GROUP_OF(k, gs) ((k) >> __builtin_ctz(unsigned(gs)))
 #endif
 
 // Shift of the i-th 4-bit element inside its 32-bit word (little-endian bitstream).
@@ -300,7 +301,20 @@ struct XPrep {
   std::vector<float> xf, xp, xsum;
   int64_t M, K;
   int64_t G;
+  int64_t ldp = 0;  // row stride of xp (K, or K rounded up to whole 512-bit blocks, zero-padded)
 };
+
+// The SIMD GEMVs unpack element s of a packed word without a shift where they can: (word & (mask <<
+// shift)) is q * 2^shift, exact as an int32 and as a float, and the permuted activations carry the
+// matching 2^-shift (a power of two: exact unless x is below ~1e-30). That takes the shift off the
+// FP ports' busiest path. Only the element in the top bits is shifted down instead, since as a signed
+// int32 it would read negative.
+constexpr int sub_shift(int bits, int s) { return bits == 4 ? NIBBLE_SHIFT(s) : 8 * s; }
+constexpr bool sub_by_shift(int bits, int s) { return sub_shift(bits, s) == 32 - bits; }
+constexpr uint32_t sub_mask(int bits, int s) { return ((1u << bits) - 1u) << sub_shift(bits, s); }
+inline float sub_x_scale(int bits, int s) {
+  return sub_by_shift(bits, s) ? 1.f : std::ldexp(1.f, -sub_shift(bits, s));
+}
 
 // scales/biases of one weight row as float
 void row_params(const QW& q, int64_t n, float* s, float* b) {
@@ -411,28 +425,29 @@ AVX2_FN void row_params_avx2(const QW& q, int64_t n, float* s, float* b) {
   }
 }
 
-// Permuted activations for the avx2 GEMV: within each block of 8 words, lane j of the vector for
-// sub-element s must hold the x matching element s of word j.
-//   4 bits: 64-element blocks, xp[blk*64 + s*8 + j] = x[blk*64 + 8j + s]; a trailing 32-element
-//           block (K % 64 == 32) is kept in natural order for the remainder loop.
-//   8 bits: 32-element blocks, xp[blk*32 + s*8 + j] = x[blk*32 + 4j + s].
-void permute_x(XPrep& p, int bits) {
-  const int64_t M = p.M, K = p.K;
-  p.xp.resize(size_t(M * K));
+// Permuted activations for the SIMD GEMVs: within each block of L words (L = 8 lanes for avx2, 16
+// for avx512), lane j of the vector for sub-element s holds the x matching element s of word j, times
+// sub_x_scale(bits, s). With E = 32/bits elements per word and blocks of L*E elements:
+//   xp[blk*L*E + s*L + j] = x[blk*L*E + E*j + s] * sub_x_scale(bits, s)
+// avx2 (L = 8): a trailing 32-element 4-bit block (K % 64 == 32) is kept in natural order, unscaled,
+// for the remainder loop. avx512 (L = 16): a trailing partial block is zero-padded to a whole one (ldp).
+void permute_x(XPrep& p, int bits, int lanes) {
+  const int64_t M = p.M, K = p.K, E = 32 / bits, BE = lanes * E;
+  p.ldp = lanes == 16 ? (K + BE - 1) / BE * BE : K;
+  p.xp.assign(size_t(M * p.ldp), 0.f);
+  float scale[8];
+  for (int e = 0; e < E; e++) scale[e] = sub_x_scale(bits, e);
   for (int64_t m = 0; m < M; m++) {
     const float* x = p.xf.data() + m * K;
-    float* y = p.xp.data() + m * K;
-    if (bits == 4) {
-      int64_t k0 = 0;
-      for (; k0 + 64 <= K; k0 += 64)
-        for (int s = 0; s < 8; s++)
-          for (int j = 0; j < 8; j++) y[k0 + s * 8 + j] = x[k0 + 8 * j + s];
-      for (; k0 < K; k0++) y[k0] = x[k0];
-    } else {
-      for (int64_t k0 = 0; k0 < K; k0 += 32)
-        for (int s = 0; s < 4; s++)
-          for (int j = 0; j < 8; j++) y[k0 + s * 8 + j] = x[k0 + 4 * j + s];
+    float* y = p.xp.data() + m * p.ldp;
+    int64_t k0 = 0;
+    for (; k0 < K; k0 += BE) {
+      const int64_t words = std::min<int64_t>(lanes, (K - k0) / E);
+      if (words < lanes && lanes == 8) break;  // avx2's natural-order tail
+      for (int e = 0; e < E; e++)
+        for (int64_t j = 0; j < words; j++) y[k0 + e * lanes + j] = x[k0 + E * j + e] * scale[e];
     }
+    for (; k0 < K; k0++) y[k0] = x[k0];
   }
 }
 
@@ -444,13 +459,12 @@ AVX2_FN void qdot_avx2_t(const QW& q, int64_t n, const XPrep& xp, int64_t m0, co
   const float* xb[MR];
   __m256 tot[MR];
   for (int i = 0; i < MR; i++) {
-    xb[i] = xp.xp.data() + (m0 + i) * K;
+    xb[i] = xp.xp.data() + (m0 + i) * xp.ldp;
     tot[i] = _mm256_setzero_ps();
   }
   float tail[MR];
   for (int i = 0; i < MR; i++) tail[i] = 0.f;
   if (q.bits == 4) {
-    const __m256i mask = _mm256_set1_epi32(0xF);
     int64_t k0 = 0;
     for (; k0 + 64 <= K; k0 += 64) {
       const __m256i wv = _mm256_loadu_si256((const __m256i*)(wr + k0 / 8));
@@ -461,7 +475,8 @@ AVX2_FN void qdot_avx2_t(const QW& q, int64_t n, const XPrep& xp, int64_t m0, co
         for (int i = 0; i < MR; i++) acc[a][i] = _mm256_setzero_ps();
 #define MLXE_Q4_STEP(S)                                                                         \
   {                                                                                            \
-    const __m256 qf = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(wv, NIBBLE_SHIFT(S)), mask)); \
+    const __m256 qf = _mm256_cvtepi32_ps(sub_by_shift(4, S) ? _mm256_srli_epi32(wv, 28)             \
+                                         : _mm256_and_si256(wv, _mm256_set1_epi32(int(sub_mask(4, S))))); \
     for (int i = 0; i < MR; i++)                                                               \
       acc[(S) % NACC][i] = _mm256_fmadd_ps(qf, _mm256_loadu_ps(xb[i] + k0 + (S) * 8), acc[(S) % NACC][i]); \
   }
@@ -490,7 +505,6 @@ AVX2_FN void qdot_avx2_t(const QW& q, int64_t n, const XPrep& xp, int64_t m0, co
       }
     }
   } else {
-    const __m256i mask = _mm256_set1_epi32(0xFF);
     __m256 tot2[MR];  // a second chain for alternate blocks: one block's four FMAs are short
     for (int i = 0; i < MR; i++) tot2[i] = _mm256_setzero_ps();
     int64_t blk = 0;
@@ -501,7 +515,8 @@ AVX2_FN void qdot_avx2_t(const QW& q, int64_t n, const XPrep& xp, int64_t m0, co
         for (int i = 0; i < MR; i++) acc[a][i] = _mm256_setzero_ps();
 #define MLXE_Q8_STEP(S)                                                                         \
   {                                                                                            \
-    const __m256 qf = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(wv, 8 * (S)), mask)); \
+    const __m256 qf = _mm256_cvtepi32_ps(sub_by_shift(8, S) ? _mm256_srli_epi32(wv, 24)             \
+                                         : _mm256_and_si256(wv, _mm256_set1_epi32(int(sub_mask(8, S))))); \
     for (int i = 0; i < MR; i++)                                                               \
       acc[(S) % NACC][i] = _mm256_fmadd_ps(qf, _mm256_loadu_ps(xb[i] + k0 + (S) * 8), acc[(S) % NACC][i]); \
   }
@@ -536,6 +551,150 @@ AVX2_FN void qdot_avx2(const QW& q, int64_t n, const XPrep& xp, int64_t m0, int 
     case 3: return qdot_avx2_t<3>(q, n, xp, m0, s, b, res);
     default: return qdot_avx2_t<4>(q, n, xp, m0, s, b, res);
   }
+}
+
+// ---- avx512 path: the quantized GEMV only
+
+#define AVX512_FN MLXE_AVX512_FN
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12's own _mm512_undefined_ps in permutexvar
+
+// One 512-bit block is 16 packed words (128 elements at 4 bits, 64 at 8): lane j of the vector for
+// sub-element e holds element e of word j (the permuted x matches, permute_x with 16 lanes). A trailing
+// partial block loads only its words (a masked load) against zero-padded x, so there is no scalar tail.
+// Lane j's group: (k0 + E*j) / gs, i.e. a per-lane index into the block's scales.
+template <int MR, int BITS, int NACC = (MR <= 2 ? 4 : 2)>
+AVX512_FN void qdot_avx512_t(const QW& q, int64_t n, const XPrep& xp, int64_t m0, const float* s,
+                             const float* b, float* res) {
+  constexpr int E = 32 / BITS, BE = 16 * E;
+  const int64_t K = q.K, G = q.groups(), wpr = q.words_per_row();
+  const uint32_t* wr = q.w + n * wpr;
+  const float* xb[MR];
+  __m512 tot[MR];
+  for (int i = 0; i < MR; i++) {
+    xb[i] = xp.xp.data() + (m0 + i) * xp.ldp;
+    tot[i] = _mm512_setzero_ps();
+  }
+  const int gshift = __builtin_ctz(unsigned(q.gs));
+  const int per_block = std::max(1, BE >> gshift);  // groups a block spans
+  // lane j's group within the block, (E*j) >> log2(gs) (all 0 when a group spans the block)
+  const __m512i gidx = _mm512_srl_epi32(
+      _mm512_setr_epi32(0, E, 2 * E, 3 * E, 4 * E, 5 * E, 6 * E, 7 * E, 8 * E, 9 * E, 10 * E, 11 * E, 12 * E,
+                        13 * E, 14 * E, 15 * E),
+      _mm_cvtsi32_si128(gshift));
+  for (int64_t k0 = 0; k0 < K; k0 += BE) {
+    const int64_t w0 = k0 / E, words = std::min<int64_t>(16, wpr - w0);
+    if (!REMAINDER_ON && words < 16) break;
+    const __m512i wv = words == 16 ? _mm512_loadu_si512(wr + w0)
+                                   : _mm512_maskz_loadu_epi32(__mmask16((1u << words) - 1u), wr + w0);
+    const int64_t g0 = GROUP_OF(k0, q.gs);
+    const int ng = int(std::min<int64_t>(per_block, G - g0));
+    const __m512 sc = _mm512_permutexvar_ps(gidx, _mm512_maskz_loadu_ps(__mmask16((1u << ng) - 1u), s + g0));
+    __m512 acc[NACC][MR];
+    for (int a = 0; a < NACC; a++)
+      for (int i = 0; i < MR; i++) acc[a][i] = _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int e = 0; e < E; e++) {  // fully unrolled: acc[e % NACC] must stay in registers
+      const __m512i el = sub_by_shift(BITS, e) ? _mm512_srli_epi32(wv, 32 - BITS)
+                                               : _mm512_and_si512(wv, _mm512_set1_epi32(int(sub_mask(BITS, e))));
+      const __m512 qf = _mm512_cvtepi32_ps(el);
+      for (int i = 0; i < MR; i++)
+        acc[e % NACC][i] = _mm512_fmadd_ps(qf, _mm512_loadu_ps(xb[i] + k0 + e * 16), acc[e % NACC][i]);
+    }
+    for (int i = 0; i < MR; i++) {
+      __m512 sum = acc[0][i];
+      for (int a = 1; a < NACC && a < E; a++) sum = _mm512_add_ps(sum, acc[a][i]);
+      tot[i] = _mm512_fmadd_ps(sum, sc, tot[i]);
+    }
+  }
+  for (int i = 0; i < MR; i++) {
+    const float* xs = xp.xsum.data() + (m0 + i) * G;
+    __m512 bt = _mm512_setzero_ps();
+    int64_t g = 0;
+    for (; g + 16 <= G; g += 16) bt = _mm512_fmadd_ps(_mm512_loadu_ps(b + g), _mm512_loadu_ps(xs + g), bt);
+    if (g < G) {
+      const __mmask16 m = __mmask16((1u << (G - g)) - 1u);
+      bt = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, b + g), _mm512_maskz_loadu_ps(m, xs + g), bt);
+    }
+    res[i] = _mm512_reduce_add_ps(tot[i]) + _mm512_reduce_add_ps(bt);
+  }
+}
+
+// Decode (one activation row): four weight rows at once. Each x vector is loaded once for the four
+// rows and the per-row costs (call, set-up, horizontal sums) are paid once per four rows: with a
+// 576-element row they took more time than the dot product itself.
+template <int BITS>
+AVX512_FN void qdot4_avx512_t(const QW& q, int64_t n, const XPrep& xp, const float* const* s,
+                              const float* const* b, float* res) {
+  constexpr int E = 32 / BITS, BE = 16 * E, R = 4;
+  const int64_t K = q.K, G = q.groups(), wpr = q.words_per_row();
+  const uint32_t* wr = q.w + n * wpr;
+  const float* x = xp.xp.data();
+  const int gshift = __builtin_ctz(unsigned(q.gs));
+  const int per_block = std::max(1, BE >> gshift);
+  const __m512i gidx = _mm512_srl_epi32(
+      _mm512_setr_epi32(0, E, 2 * E, 3 * E, 4 * E, 5 * E, 6 * E, 7 * E, 8 * E, 9 * E, 10 * E, 11 * E, 12 * E,
+                        13 * E, 14 * E, 15 * E),
+      _mm_cvtsi32_si128(gshift));
+  __m512 tot[R];
+  for (int r = 0; r < R; r++) tot[r] = _mm512_setzero_ps();
+  for (int64_t k0 = 0; k0 < K; k0 += BE) {
+    const int64_t w0 = k0 / E, words = std::min<int64_t>(16, wpr - w0);
+    if (!REMAINDER_ON && words < 16) break;
+    const __mmask16 wmask = __mmask16((1u << words) - 1u);
+    __m512i wv[R];
+    for (int r = 0; r < R; r++)  // a masked load only for a partial block (one that misses L1 is slow)
+      wv[r] = words == 16 ? _mm512_loadu_si512(wr + r * wpr + w0) : _mm512_maskz_loadu_epi32(wmask, wr + r * wpr + w0);
+    __m512 acc[R][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int e = 0; e < E; e++) {
+      const __m512 xv = _mm512_loadu_ps(x + k0 + e * 16);
+      for (int r = 0; r < R; r++) {
+        const __m512i el = sub_by_shift(BITS, e) ? _mm512_srli_epi32(wv[r], 32 - BITS)
+                                                 : _mm512_and_si512(wv[r], _mm512_set1_epi32(int(sub_mask(BITS, e))));
+        acc[r][e & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(el), xv, acc[r][e & 1]);
+      }
+    }
+    const int64_t g0 = GROUP_OF(k0, q.gs);
+    const __mmask16 smask = __mmask16((1u << std::min<int64_t>(per_block, G - g0)) - 1u);
+    for (int r = 0; r < R; r++) {
+      const __m512 sc = _mm512_permutexvar_ps(gidx, _mm512_maskz_loadu_ps(smask, s[r] + g0));
+      tot[r] = _mm512_fmadd_ps(_mm512_add_ps(acc[r][0], acc[r][1]), sc, tot[r]);
+    }
+  }
+  const float* xs = xp.xsum.data();
+  for (int r = 0; r < R; r++) {  // the biases: sum_g b[g] * sum(x in g), into the same lanes
+    int64_t g = 0;
+    for (; g + 16 <= G; g += 16) tot[r] = _mm512_fmadd_ps(_mm512_loadu_ps(b[r] + g), _mm512_loadu_ps(xs + g), tot[r]);
+    if (g < G) {
+      const __mmask16 m = __mmask16((1u << (G - g)) - 1u);
+      tot[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, b[r] + g), _mm512_maskz_loadu_ps(m, xs + g), tot[r]);
+    }
+    res[r] = _mm512_reduce_add_ps(tot[r]);
+  }
+}
+
+AVX512_FN void qdot4_avx512(const QW& q, int64_t n, const XPrep& xp, const float* const* s, const float* const* b,
+                            float* res) {
+  if (q.bits == 4) return qdot4_avx512_t<4>(q, n, xp, s, b, res);
+  qdot4_avx512_t<8>(q, n, xp, s, b, res);
+}
+
+template <int BITS>
+AVX512_FN void qdot_avx512_bits(const QW& q, int64_t n, const XPrep& xp, int64_t m0, int mr,
+                                const float* s, const float* b, float* res) {
+  switch (mr) {
+    case 1: return qdot_avx512_t<1, BITS>(q, n, xp, m0, s, b, res);
+    case 2: return qdot_avx512_t<2, BITS>(q, n, xp, m0, s, b, res);
+    case 3: return qdot_avx512_t<3, BITS>(q, n, xp, m0, s, b, res);
+    default: return qdot_avx512_t<4, BITS>(q, n, xp, m0, s, b, res);
+  }
+}
+
+AVX512_FN void qdot_avx512(const QW& q, int64_t n, const XPrep& xp, int64_t m0, int mr, const float* s,
+                           const float* b, float* res) {
+  if (q.bits == 4) return qdot_avx512_bits<4>(q, n, xp, m0, mr, s, b, res);
+  qdot_avx512_bits<8>(q, n, xp, m0, mr, s, b, res);
 }
 
 AVX2_FN void dequant_avx2(const QW& q, int64_t n0, int64_t n1, float* dst) {
@@ -631,13 +790,24 @@ bool cpu_has_avx2() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
          __builtin_cpu_supports("f16c");
 }
+
+bool cpu_has_avx512() { return cpu_has_avx2() && __builtin_cpu_supports("avx512f"); }
 #endif  // MLXE_X86
 
 // ---------------------------------------------------------------- ISA dispatch helpers
 
+// the AVX2 code runs on both x86 SIMD paths; avx512 replaces only the quantized GEMV
 inline bool avx2() {
 #ifdef MLXE_X86
-  return g_isa == MLXE_ISA_AVX2;
+  return g_isa == MLXE_ISA_AVX2 || g_isa == MLXE_ISA_AVX512;
+#else
+  return false;
+#endif
+}
+
+inline bool avx512() {
+#ifdef MLXE_X86
+  return g_isa == MLXE_ISA_AVX512;
 #else
   return false;
 #endif
@@ -646,9 +816,19 @@ inline bool avx2() {
 void qdot(const QW& q, int64_t n, const XPrep& xp, int64_t m0, int mr, const float* s,
           const float* b, float* res) {
 #ifdef MLXE_X86
+  if (avx512()) return qdot_avx512(q, n, xp, m0, mr, s, b, res);
   if (avx2()) return qdot_avx2(q, n, xp, m0, mr, s, b, res);
 #endif
   qdot_scalar(q, n, xp, m0, mr, s, b, res);
+}
+
+// rows n..n+3 against activation row 0 (decode); only on the avx512 path (the caller checks)
+void qdot4(const QW& q, int64_t n, const XPrep& xp, const float* const* s, const float* const* b, float* res) {
+#ifdef MLXE_X86
+  qdot4_avx512(q, n, xp, s, b, res);
+#else
+  (void)q, (void)n, (void)xp, (void)s, (void)b, (void)res;
+#endif
 }
 
 void rparams(const QW& q, int64_t n, float* s, float* b) {
@@ -721,7 +901,7 @@ void prep_x(XPrep& p, const void* x, int xdt, int64_t M, int64_t K, int gs, int 
       p.xsum[size_t(m * p.G + g)] = a;
     }
 #ifdef MLXE_X86
-  if (permute && avx2()) permute_x(p, bits);
+  if (permute && avx2()) permute_x(p, bits, avx512() ? 16 : 8);
 #else
   (void)permute;
   (void)bits;
@@ -729,29 +909,83 @@ void prep_x(XPrep& p, const void* x, int xdt, int64_t M, int64_t K, int gs, int 
 }
 
 // rows of W per task: small enough to balance two or more threads, large enough to amortise
-int64_t gemv_chunk(int64_t N) {
+// A GEMV reading fewer bytes than this runs on the calling thread alone: waking a sleeping worker costs
+// more than it saves on a small matrix (576x576 at 4 bits: 19 us on one thread, 31-47 us on two, here).
+int64_t g_parallel_min_bytes = [] {
+  const char* e = std::getenv("MLXEDGE_CPU_PARALLEL_MIN_KB");
+  return e ? int64_t(std::max(0, std::atoi(e))) << 10 : int64_t(1) << 20;
+}();
+
+int64_t gemv_chunk(int64_t N, int64_t bytes) {
+  if (bytes < g_parallel_min_bytes) return N;
   int64_t T = pool().size();
   int64_t c = (N + T * 8 - 1) / (T * 8);
   c = (c + 7) / 8 * 8;
   return std::max<int64_t>(c, 8);
 }
 
+// Software prefetch for the GEMVs, which stream their weights once from DRAM: the hardware prefetcher
+// stops at each 4 KB page and ramps up again, so a single thread got ~40% of the read bandwidth; asking
+// for the rows ~8 KB ahead while computing took the 49152x576 8-bit head from 42% to 75-80% of it on
+// one thread (measured here, scripts/bench_cpu_kernels.py). Harmless where the hardware does it already.
+constexpr int64_t kPrefetchBytes = 8192;
+
+void prefetch_bytes(const void* p, int64_t nbytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < nbytes; off += 64) {
+#ifdef MLXE_X86
+    // GCC emits no prefetch instruction for the generic x86-64 target (no -march): __builtin_prefetch
+    // and _mm_prefetch compile to nothing there, so say it directly (SSE, on every x86-64)
+    asm volatile("prefetcht0 %0" : : "m"(*(c + off)));
+#else
+    __builtin_prefetch(c + off, 0, 3);
+#endif
+  }
+}
+
+// weight rows to run ahead by, for rows of `row_bytes`
+int64_t prefetch_rows_ahead(int64_t row_bytes) { return std::max<int64_t>(1, kPrefetchBytes / row_bytes); }
+
+// prefetch quantized rows [n0, n1) (clipped to the matrix): packed words, scales and biases
+void prefetch_qrows(const QW& q, int64_t n0, int64_t n1) {
+  n1 = std::min(n1, q.N);
+  if (n0 >= n1) return;
+  const int64_t wpr = q.words_per_row(), G = q.groups(), ssz = q.sdt == MLXE_F32 ? 4 : 2;
+  prefetch_bytes(q.w + n0 * wpr, (n1 - n0) * wpr * 4);
+  prefetch_bytes(static_cast<const char*>(q.s) + n0 * G * ssz, (n1 - n0) * G * ssz);
+  prefetch_bytes(static_cast<const char*>(q.b) + n0 * G * ssz, (n1 - n0) * G * ssz);
+}
+
+int64_t qrow_bytes(const QW& q) { return q.words_per_row() * 4 + 2 * q.groups() * (q.sdt == MLXE_F32 ? 4 : 2); }
+
 constexpr int64_t kTileN = 64;  // weight rows dequantised per GEMM tile
 
 // y[M, N] f32 (ldy = N) = x @ deq(W).T through the GEMV path
 void qgemv(const QW& q, const XPrep& xp, float* y, int64_t M) {
-  const int64_t N = q.N, chunk = gemv_chunk(N), G = q.groups();
+  const int64_t N = q.N, chunk = gemv_chunk(N, N * qrow_bytes(q)), G = q.groups();
   const int64_t ntasks = (COLS_END(N) + chunk - 1) / chunk;
   const int64_t Mend = ROWS_END(M);
   parallel_for(ntasks, [&](int64_t t) {
     auto& rs = row_scratch();
-    if (rs.size() < size_t(2 * G)) rs.resize(size_t(2 * G));
+    if (rs.size() < size_t(8 * G)) rs.resize(size_t(8 * G));
     float* s = rs.data();
     float* b = s + G;
     const int64_t n0 = t * chunk, n1 = std::min(n0 + chunk, COLS_END(N));
+    const int64_t ahead = prefetch_rows_ahead(qrow_bytes(q));
+    prefetch_qrows(q, n0, std::min(n1, n0 + ahead));
     float res[4];
     const float *sn, *bn;
-    for (int64_t n = n0; n < n1; n++) {
+    int64_t n = n0;
+    if (M == 1 && avx512()) {  // decode: four weight rows per call
+      const float *s4[4], *b4[4];
+      for (; n + 4 <= n1; n += 4) {
+        prefetch_qrows(q, n + ahead, std::min(n1, n + ahead + 4));
+        for (int r = 0; r < 4; r++) row_params_at(q, n + r, rs.data() + 2 * r * G, rs.data() + (2 * r + 1) * G, &s4[r], &b4[r]);
+        qdot4(q, n, xp, s4, b4, y + n);
+      }
+    }
+    for (; n < n1; n++) {
+      prefetch_qrows(q, n + ahead, std::min(n1, n + ahead + 1));
       row_params_at(q, n, s, b, &sn, &bn);
       for (int64_t m0 = 0; m0 < Mend; m0 += 4) {
         const int mr = int(std::min<int64_t>(4, Mend - m0));
@@ -810,8 +1044,8 @@ void init_locked(int isa, int nthreads) {
   (void)isa;  // unused where only the portable path exists
   int chosen = MLXE_ISA_SCALAR;
 #ifdef MLXE_X86
-  bool has = cpu_has_avx2();
-  if ((isa == MLXE_ISA_AUTO || isa == MLXE_ISA_AVX2) && has) chosen = MLXE_ISA_AVX2;
+  if ((isa == MLXE_ISA_AUTO || isa == MLXE_ISA_AVX2) && cpu_has_avx2()) chosen = MLXE_ISA_AVX2;
+  if ((isa == MLXE_ISA_AUTO || isa == MLXE_ISA_AVX512) && cpu_has_avx512()) chosen = MLXE_ISA_AVX512;
 #endif
 #if defined(__aarch64__)
   // arm64: the portable path, compiled with NEON as the baseline ISA
@@ -841,6 +1075,12 @@ int mlxe_threads(void) { return g_pool ? g_pool->size() : 0; }
 void mlxe_set_gemv_max_rows(int rows) {
   std::lock_guard<std::mutex> lk(g_call_mu);
   g_gemv_max_rows = std::max(1, rows);
+}
+int64_t mlxe_set_gemv_parallel_min_bytes(int64_t bytes) {
+  std::lock_guard<std::mutex> lk(g_call_mu);
+  const int64_t previous = g_parallel_min_bytes;
+  g_parallel_min_bytes = std::max<int64_t>(0, bytes);
+  return previous;
 }
 const char* mlxe_plant(void) { return PLANT_NAME; }
 
@@ -894,17 +1134,38 @@ void mlxe_gate_up_silu(const void* x, int xdt, const uint32_t* wg, const void* s
   float* y = ybuf.data();
   if (gemv) {
     // fused: each task reads its rows of Wg and Wu once and writes silu(g) * u
-    const int64_t chunk = gemv_chunk(N), G = K / group_size;
+    const int64_t chunk = gemv_chunk(N, 2 * N * qrow_bytes(qg)), G = K / group_size;
     const int64_t ntasks = (COLS_END(N) + chunk - 1) / chunk;
     const int64_t Mend = ROWS_END(M);
     parallel_for(ntasks, [&](int64_t t) {
       auto& rs = row_scratch();
-      if (rs.size() < size_t(4 * G)) rs.resize(size_t(4 * G));
+      if (rs.size() < size_t(16 * G)) rs.resize(size_t(16 * G));
       float *s1 = rs.data(), *b1 = s1 + G, *s2 = b1 + G, *b2 = s2 + G;
       const int64_t n0 = t * chunk, n1 = std::min(n0 + chunk, COLS_END(N));
+      const int64_t ahead = prefetch_rows_ahead(2 * qrow_bytes(qg));
+      prefetch_qrows(qg, n0, std::min(n1, n0 + ahead));
+      prefetch_qrows(qu, n0, std::min(n1, n0 + ahead));
       float rg[4], ru[4];
       const float *sgn, *bgn, *sun, *bun;
-      for (int64_t n = n0; n < n1; n++) {
+      int64_t n = n0;
+      if (M == 1 && avx512()) {  // decode: four rows of each matrix per call
+        const float *sg4[4], *bg4[4], *su4[4], *bu4[4];
+        for (; n + 4 <= n1; n += 4) {
+          prefetch_qrows(qg, n + ahead, std::min(n1, n + ahead + 4));
+          prefetch_qrows(qu, n + ahead, std::min(n1, n + ahead + 4));
+          for (int r = 0; r < 4; r++) {
+            float* sc = rs.data() + 4 * G * (r + 0);
+            row_params_at(qg, n + r, sc, sc + G, &sg4[r], &bg4[r]);
+            row_params_at(qu, n + r, sc + 2 * G, sc + 3 * G, &su4[r], &bu4[r]);
+          }
+          qdot4(qg, n, xp, sg4, bg4, rg);
+          qdot4(qu, n, xp, su4, bu4, ru);
+          for (int r = 0; r < 4; r++) y[n + r] = silu(rg[r]) * ru[r];
+        }
+      }
+      for (; n < n1; n++) {
+        prefetch_qrows(qg, n + ahead, std::min(n1, n + ahead + 1));
+        prefetch_qrows(qu, n + ahead, std::min(n1, n + ahead + 1));
         row_params_at(qg, n, s1, b1, &sgn, &bgn);
         row_params_at(qu, n, s2, b2, &sun, &bun);
         for (int64_t m0 = 0; m0 < Mend; m0 += 4) {
@@ -938,13 +1199,17 @@ void mlxe_matmul(const void* x, int xdt, const void* w, int wdt, void* out, int 
   const int64_t Mend = ROWS_END(M);
   const size_t wsz = wdt == MLXE_F32 ? 4 : 2;
   if (M <= g_gemv_max_rows) {
-    const int64_t chunk = gemv_chunk(N);
+    const int64_t chunk = gemv_chunk(N, N * K * int64_t(wsz));
     const int64_t ntasks = (COLS_END(N) + chunk - 1) / chunk;
     parallel_for(ntasks, [&](int64_t t) {
       const int64_t n0 = t * chunk, n1 = std::min(n0 + chunk, COLS_END(N));
       auto& rs = row_scratch();
       if (wdt != MLXE_F32 && rs.size() < size_t(K)) rs.resize(size_t(K));
+      const char* wbytes = static_cast<const char*>(w);
+      const int64_t row_bytes = K * int64_t(wsz), ahead = prefetch_rows_ahead(row_bytes);
+      prefetch_bytes(wbytes + n0 * row_bytes, (std::min(n1, n0 + ahead) - n0) * row_bytes);
       for (int64_t n = n0; n < n1; n++) {
+        if (n + ahead < n1) prefetch_bytes(wbytes + (n + ahead) * row_bytes, row_bytes);
         const float* wr;
         if (wdt == MLXE_F32) {
           wr = static_cast<const float*>(w) + n * K;

@@ -5,7 +5,7 @@
 //
 // Layout (MLX affine quantization, transpose=True): W is [N, K] packed into uint32 words holding a
 // little-endian bitstream (element i at bits [i*b, (i+1)*b) of the row), scales and biases are
-// [N, K/group_size], w[n,k] = scale[n, k/gs] * q[n,k] + bias[n, k/gs]. Results y[m,n] = sum_k x[m,k] w[n,k].
+// [N, K/group_size] (group_size 32, 64 or 128), w[n,k] = scale[n, k/gs] * q[n,k] + bias[n, k/gs]. Results y[m,n] = sum_k x[m,k] w[n,k].
 // All accumulation is float32. Arrays are dense row-major.
 #pragma once
 #include <stdint.h>
@@ -17,7 +17,8 @@ extern "C" {
 // dtype codes for x, scales/biases, float weights and outputs
 enum { MLXE_F32 = 0, MLXE_F16 = 1, MLXE_BF16 = 2 };
 // instruction-set paths
-enum { MLXE_ISA_AUTO = 0, MLXE_ISA_SCALAR = 1, MLXE_ISA_AVX2 = 2, MLXE_ISA_NEON = 3 };
+// AVX512: the quantized GEMV in 512-bit vectors (AVX-512F), everything else on the AVX2 code.
+enum { MLXE_ISA_AUTO = 0, MLXE_ISA_SCALAR = 1, MLXE_ISA_AVX2 = 2, MLXE_ISA_NEON = 3, MLXE_ISA_AVX512 = 4 };
 
 // Choose the ISA path (AUTO picks the best this CPU supports; a path the CPU lacks falls back to
 // scalar) and size the persistent thread pool (<= 0: the cores available). Returns the ISA in use.
@@ -29,6 +30,9 @@ void mlxe_parallel_for(int64_t ntasks, void (*fn)(void* ctx, int64_t task), void
 int mlxe_threads(void);
 // Rows up to this count take the GEMV path; more take the blocked (dequantize tile + GEMM) path.
 void mlxe_set_gemv_max_rows(int rows);
+// A GEMV reading fewer bytes than this runs on the calling thread alone (0: every GEMV is split over
+// the pool). Returns the previous value. Default 1 MiB, or MLXEDGE_CPU_PARALLEL_MIN_KB.
+int64_t mlxe_set_gemv_parallel_min_bytes(int64_t bytes);
 // Load an OpenBLAS with scipy_-prefixed symbols (scipy-openblas32) from `path`; 1 on success.
 int mlxe_set_blas(const char* path);
 // 1: use the loaded BLAS for GEMM tiles, 0: use the built-in micro-kernel. Returns whether BLAS is used.

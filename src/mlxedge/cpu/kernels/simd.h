@@ -1,6 +1,6 @@
-// mlxedge native CPU kernels: the x86-64 SIMD switch and the AVX2 helpers core.cpp and ops.cpp share.
+// mlxedge native CPU kernels: the x86-64 SIMD switch and the AVX2/AVX-512 helpers core.cpp and ops.cpp share.
 //
-// The AVX2 code is compiled through target attributes (no -mavx2 for the whole file) and chosen at run
+// The AVX2 and AVX-512 code is compiled through target attributes (no -mavx2 for the whole file) and chosen at run
 // time (mlxe_init), so one build runs on any x86-64. -DMLXEDGE_NO_X86_SIMD builds only the portable path.
 #pragma once
 
@@ -8,6 +8,7 @@
 #define MLXE_X86 1
 #include <immintrin.h>
 #define MLXE_AVX2_FN __attribute__((target("avx2,fma,f16c")))
+#define MLXE_AVX512_FN __attribute__((target("avx512f,avx2,fma,f16c")))
 
 namespace mlxe {
 
