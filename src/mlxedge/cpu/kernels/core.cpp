@@ -553,6 +553,72 @@ AVX2_FN void qdot_avx2(const QW& q, int64_t n, const XPrep& xp, int64_t m0, int 
   }
 }
 
+// Decode (one activation row), several weight rows at once, as qdot4_avx512_t does on the avx512 path:
+// each x vector is loaded once for the R rows and the per-row costs are paid once per R rows. Blocks of
+// 8 words (64 elements at 4 bits, 32 at 8); a trailing 32-element 4-bit chunk takes the scalar loop on
+// the natural-order tail of xp (see permute_x). 16 ymm registers hold R accumulators, R totals and the
+// R packed words of a block for R = 4.
+template <int BITS, int R>
+AVX2_FN void qdotr_avx2_t(const QW& q, int64_t n, const XPrep& xp, const float* const* s, const float* const* b,
+                          float* res) {
+  constexpr int E = 32 / BITS, BE = 8 * E;
+  const int64_t K = q.K, G = q.groups(), wpr = q.words_per_row();
+  const uint32_t* wr = q.w + n * wpr;
+  const float* x = xp.xp.data();
+  __m256 tot[R];
+  for (int r = 0; r < R; r++) tot[r] = _mm256_setzero_ps();
+  int64_t k0 = 0;
+  for (; k0 + BE <= K; k0 += BE) {
+    __m256i wv[R];
+    __m256 acc[R];
+    for (int r = 0; r < R; r++) {
+      wv[r] = _mm256_loadu_si256((const __m256i*)(wr + r * wpr + k0 / E));
+      acc[r] = _mm256_setzero_ps();
+    }
+#pragma GCC unroll 8
+    for (int e = 0; e < E; e++) {
+      const __m256 xv = _mm256_loadu_ps(x + k0 + e * 8);
+      for (int r = 0; r < R; r++) {
+        const __m256i el = sub_by_shift(BITS, e) ? _mm256_srli_epi32(wv[r], 32 - BITS)
+                                                 : _mm256_and_si256(wv[r], _mm256_set1_epi32(int(sub_mask(BITS, e))));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(el), xv, acc[r]);
+      }
+    }
+    // 4 bits: words 0-3 hold elements k0..k0+31, words 4-7 the next 32 (groups of 32 may differ);
+    // 8 bits: the block's 32 elements lie in one group
+    const int64_t g0 = GROUP_OF(k0, q.gs), g1 = GROUP_OF(k0 + BE / 2, q.gs);
+    for (int r = 0; r < R; r++) {
+      const __m256 sc = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(s[r][g0])), _mm_set1_ps(s[r][g1]), 1);
+      tot[r] = _mm256_fmadd_ps(acc[r], sc, tot[r]);
+    }
+  }
+  float tail[R];
+  for (int r = 0; r < R; r++) tail[r] = 0.f;
+  if (REMAINDER_ON && k0 < K) {  // 4 bits only: one trailing 32-element chunk, x in natural order
+    for (int r = 0; r < R; r++) {
+      const uint32_t* wk = wr + r * wpr + k0 / 8;
+      float a = 0;
+      for (int j = 0; j < 4; j++)
+        for (int e = 0; e < 8; e++) a += float((wk[j] >> NIBBLE_SHIFT(e)) & 0xFu) * x[k0 + 8 * j + e];
+      tail[r] = s[r][GROUP_OF(k0, q.gs)] * a;
+    }
+  }
+  const float* xs = xp.xsum.data();
+  for (int r = 0; r < R; r++) {
+    int64_t g = 0;
+    for (; g + 8 <= G; g += 8) tot[r] = _mm256_fmadd_ps(_mm256_loadu_ps(b[r] + g), _mm256_loadu_ps(xs + g), tot[r]);
+    float t = hsum8(tot[r]) + tail[r];
+    for (; g < G; g++) t += b[r][g] * xs[g];
+    res[r] = t;
+  }
+}
+
+AVX2_FN void qdot4_avx2(const QW& q, int64_t n, const XPrep& xp, const float* const* s, const float* const* b,
+                        float* res) {
+  if (q.bits == 4) return qdotr_avx2_t<4, 4>(q, n, xp, s, b, res);
+  qdotr_avx2_t<8, 4>(q, n, xp, s, b, res);
+}
+
 // ---- avx512 path: the quantized GEMV only
 
 #define AVX512_FN MLXE_AVX512_FN
@@ -822,10 +888,11 @@ void qdot(const QW& q, int64_t n, const XPrep& xp, int64_t m0, int mr, const flo
   qdot_scalar(q, n, xp, m0, mr, s, b, res);
 }
 
-// rows n..n+3 against activation row 0 (decode); only on the avx512 path (the caller checks)
+// rows n..n+3 against activation row 0 (decode); on the x86 SIMD paths only (the caller checks avx2())
 void qdot4(const QW& q, int64_t n, const XPrep& xp, const float* const* s, const float* const* b, float* res) {
 #ifdef MLXE_X86
-  qdot4_avx512(q, n, xp, s, b, res);
+  if (avx512()) return qdot4_avx512(q, n, xp, s, b, res);
+  qdot4_avx2(q, n, xp, s, b, res);
 #else
   (void)q, (void)n, (void)xp, (void)s, (void)b, (void)res;
 #endif
@@ -976,7 +1043,7 @@ void qgemv(const QW& q, const XPrep& xp, float* y, int64_t M) {
     float res[4];
     const float *sn, *bn;
     int64_t n = n0;
-    if (M == 1 && avx512()) {  // decode: four weight rows per call
+    if (M == 1 && avx2()) {  // decode: four weight rows per call
       const float *s4[4], *b4[4];
       for (; n + 4 <= n1; n += 4) {
         prefetch_qrows(q, n + ahead, std::min(n1, n + ahead + 4));
@@ -1148,7 +1215,7 @@ void mlxe_gate_up_silu(const void* x, int xdt, const uint32_t* wg, const void* s
       float rg[4], ru[4];
       const float *sgn, *bgn, *sun, *bun;
       int64_t n = n0;
-      if (M == 1 && avx512()) {  // decode: four rows of each matrix per call
+      if (M == 1 && avx2()) {  // decode: four rows of each matrix per call
         const float *sg4[4], *bg4[4], *su4[4], *bu4[4];
         for (; n + 4 <= n1; n += 4) {
           prefetch_qrows(qg, n + ahead, std::min(n1, n + ahead + 4));
