@@ -87,13 +87,7 @@ namespace {
 
 using namespace mlxe;  // dtype conversions (dtype.h)
 
-void to_f32(const void* src, int dt, int64_t n, float* dst) {
-  if (dt == MLXE_F32) {
-    std::memcpy(dst, src, size_t(n) * 4);
-    return;
-  }
-  for (int64_t i = 0; i < n; i++) dst[i] = load_as_f32(src, dt, i);
-}
+void to_f32(const void* src, int dt, int64_t n, float* dst) { load_row(src, dt, 0, n, dst); }
 
 // ---------------------------------------------------------------- thread pool
 
@@ -622,7 +616,9 @@ AVX2_FN void qdot4_avx2(const QW& q, int64_t n, const XPrep& xp, const float* co
 // ---- avx512 path: the quantized GEMV only
 
 #define AVX512_FN MLXE_AVX512_FN
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12's own _mm512_undefined_ps in permutexvar
+// GCC 12's own headers: _mm512_undefined_* (permutexvar, reduce_add) read as uninitialised under -Wall
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 // One 512-bit block is 16 packed words (128 elements at 4 bits, 64 at 8): lane j of the vector for
 // sub-element e holds element e of word j (the permuted x matches, permute_x with 16 lanes). A trailing
@@ -1082,13 +1078,7 @@ void qmm_f32(const QW& q, const XPrep& xp, float* y, int64_t M) {
   else qgemm(q, xp, y, M);
 }
 
-void store_out(const float* y, void* out, int odt, int64_t n) {
-  if (odt == MLXE_F32) {
-    if (y != out) std::memcpy(out, y, size_t(n) * 4);
-    return;
-  }
-  for (int64_t i = 0; i < n; i++) store_from_f32(out, odt, i, y[i]);
-}
+void store_out(const float* y, void* out, int odt, int64_t n) { store_row(out, odt, 0, n, y); }
 
 inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
 

@@ -1,4 +1,5 @@
-// mlxedge native CPU kernels: float32 <-> float16/bfloat16 conversions (portable, round to nearest even).
+// mlxedge native CPU kernels: float32 <-> float16/bfloat16 conversions (portable, round to nearest even),
+// element by element and a row at a time.
 // Shared by core.cpp and ops.cpp; header-only.
 #pragma once
 #include <stdint.h>
@@ -90,6 +91,23 @@ inline void store_from_f32(void* p, int dt, int64_t i, float v) {
     case MLXE_BF16: static_cast<uint16_t*>(p)[i] = f32_to_bf16(v); break;
     default: static_cast<float*>(p)[i] = v;
   }
+}
+
+// elements [start, start + n) of an array of dtype dt, as float32 (dst) / from float32 (src)
+inline void load_row(const void* p, int dt, int64_t start, int64_t n, float* dst) {
+  if (dt == MLXE_F32) {
+    std::memcpy(dst, static_cast<const float*>(p) + start, size_t(n) * 4);
+    return;
+  }
+  for (int64_t i = 0; i < n; i++) dst[i] = load_as_f32(p, dt, start + i);
+}
+
+inline void store_row(void* p, int dt, int64_t start, int64_t n, const float* src) {
+  if (dt == MLXE_F32) {
+    if (static_cast<float*>(p) + start != src) std::memcpy(static_cast<float*>(p) + start, src, size_t(n) * 4);
+    return;
+  }
+  for (int64_t i = 0; i < n; i++) store_from_f32(p, dt, start + i, src[i]);
 }
 
 }  // namespace mlxe

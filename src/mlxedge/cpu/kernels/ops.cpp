@@ -81,22 +81,6 @@ inline float rnd(float v, int dt) {  // round a float32 value through dtype dt
   }
 }
 
-void load_row(const void* p, int dt, int64_t start, int64_t n, float* dst) {
-  if (dt == MLXE_F32) {
-    std::memcpy(dst, static_cast<const float*>(p) + start, size_t(n) * 4);
-    return;
-  }
-  for (int64_t i = 0; i < n; i++) dst[i] = load_as_f32(p, dt, start + i);
-}
-
-void store_row(void* p, int dt, int64_t start, int64_t n, const float* src) {
-  if (dt == MLXE_F32) {
-    std::memcpy(static_cast<float*>(p) + start, src, size_t(n) * 4);
-    return;
-  }
-  for (int64_t i = 0; i < n; i++) store_from_f32(p, dt, start + i, src[i]);
-}
-
 std::vector<float>& scratch(int which) {
   thread_local std::vector<float> bufs[4];
   return bufs[which];
