@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <cstdlib>
@@ -107,12 +108,17 @@ class Pool {
   using Fn = void (*)(void* ctx, int64_t task);
 
   explicit Pool(int n) : n_(std::max(1, n)) {
-    // Idle workers spin briefly before sleeping only where cores are left over: beside the pool, the
-    // Python thread (building the next step's graph) and MLX's stream thread are busy during decode, and
-    // a spinning worker on a 2-core machine took ~20% of the decode speed from them (measured here).
+    // Idle workers spin (pause loop) briefly before sleeping only where cores are left over: beside the
+    // pool, the Python thread (building the next step's graph) and MLX's stream thread are busy during
+    // decode, and a pause-spinning worker on a 2-core machine took ~20% of the decode speed from them.
+    // Then, everywhere, a worker polls for yield_us_ while yielding its core to any runnable thread:
+    // waking a sleeping worker costs 10-30 us on a VM (a halted vCPU), more than a small GEMV, and decode
+    // issues its jobs a few tens of us apart. SmolLM2 decode on this 2-core VM: 125-127 -> 139-146
+    // tok/s with 100-300 us (interleaved A/B, five rounds each).
     const int cores = int(std::thread::hardware_concurrency());
     spin_limit_ = (cores > 0 && n_ + 2 <= cores) ? 2000 : 0;
     if (const char* e = std::getenv("MLXEDGE_CPU_SPIN")) spin_limit_ = std::max(0, std::atoi(e));
+    if (const char* e = std::getenv("MLXEDGE_CPU_YIELD_US")) yield_us_ = std::max(0, std::atoi(e));
     for (int i = 1; i < n_; i++) workers_.emplace_back([this] {
       // Workers take no signals: a Ctrl-C must reach the thread Python waits in (a SIGINT delivered
       // here would leave the main thread blocked in read(), e.g. at the chat prompt).
@@ -198,6 +204,13 @@ class Pool {
         }
         cpu_relax();
       }
+      if (!woke && yield_us_ > 0) {
+        const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(yield_us_);
+        while (!woke && std::chrono::steady_clock::now() < until) {
+          if (gen_.load(std::memory_order_acquire) != seen) woke = true;
+          else std::this_thread::yield();
+        }
+      }
       if (!woke) {
         std::unique_lock<std::mutex> lk(mu_);
         sleepers_++;
@@ -219,6 +232,7 @@ class Pool {
   std::atomic<int> refs_{0};
   int sleepers_ = 0;
   int spin_limit_ = 0;  // pause-loop iterations an idle worker spins before it sleeps
+  int yield_us_ = 300;  // then microseconds it polls, yielding its core to any other runnable thread
   std::atomic<bool> stop_{false};
 };
 
