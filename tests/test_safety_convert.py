@@ -242,7 +242,8 @@ def test_stale_temporaries_of_ours_are_cleaned_and_nothing_else(source, tmp_path
 
 
 def test_temporary_names_carry_pid_time_and_purpose(tmp_path):
-    directory = fsutil.make_temp_dir(tmp_path, "convert")
+    with fsutil.temp_dir(tmp_path, "convert") as directory:
+        assert directory.is_dir()
     pid, created, purpose = directory.name[len(fsutil.TMP_PREFIX):].split("-")[:3]
     assert int(pid) == os.getpid() and abs(int(created) - time.time()) < 60 and purpose == "convert"
     assert not fsutil.is_stale(directory.name)  # ours, alive
@@ -308,3 +309,62 @@ def test_enospc_from_any_writer_maps_to_the_disk_full_line(source, tmp_path, mon
         mlxedge.convert(source, tmp_path / "out", bits=4)
     assert one_line(e).startswith(f"no space left on {fsutil.mount_point(tmp_path)} to write {tmp_path / 'out'}: ")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_ctrl_c_at_any_point_of_a_temporary_leaves_nothing(tmp_path, monkeypatch):
+    """The temporary is named first and created inside the guard: a Ctrl-C right after the mkdir (before
+    any caller code could register it for cleanup) or inside the block leaves no directory behind."""
+    with pytest.raises(KeyboardInterrupt):
+        with fsutil.temp_dir(tmp_path, "convert", private=False):
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+    real_mkdir = Path.mkdir
+
+    def mkdir_then_ctrl_c(self, *args, **kwargs):
+        real_mkdir(self, *args, **kwargs)
+        if self.name.startswith(fsutil.TMP_PREFIX):
+            raise KeyboardInterrupt  # the signal lands as mkdir returns
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        with fsutil.temp_dir(tmp_path, "fetch", always=True):
+            pass
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+
+    with fsutil.temp_dir(tmp_path, "fetch", always=True) as work:
+        (work / "part").write_text("x")
+    assert list(tmp_path.iterdir()) == []  # `always`: gone after a normal end too
+    with fsutil.temp_dir(tmp_path, "convert", private=False) as kept:
+        pass
+    assert kept.is_dir() and (kept.stat().st_mode & 0o777) == 0o777 & ~_current_umask()
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_a_ctrl_c_between_the_two_renames_of_a_replace_puts_the_old_directory_back(tmp_path, monkeypatch):
+    """replace_dir moves dest aside, then new into place: interrupted between the two, dest is restored."""
+    dest, new = tmp_path / "model", tmp_path / "new"
+    for d, text in ((dest, "old"), (new, "new")):
+        d.mkdir()
+        (d / "config.json").write_text(text)
+        fsutil.write_marker(d, tmp_path / "src", {})
+    real_rename, calls = os.rename, []
+
+    def rename_then_ctrl_c(src, dst):
+        real_rename(src, dst)
+        calls.append(dst)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # lands right after dest was moved aside
+
+    monkeypatch.setattr(os, "rename", rename_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        fsutil.replace_dir(new, dest)
+    monkeypatch.undo()
+    assert (dest / "config.json").read_text() == "old"
+    assert (new / "config.json").read_text() == "new"

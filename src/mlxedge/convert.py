@@ -10,7 +10,6 @@ Free space is checked up front from the plan's weight bytes; a disk filling up m
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Callable, Optional
@@ -78,9 +77,7 @@ def convert(source, dest, bits="auto", group_size: Optional[int] = None, dtype: 
     fsutil.check_free_space(dest.parent, needed, dest)
     loaded = load_checkpoint(checkpoint, requested, dtype=dtype, progress=progress, for_compute=False,
                              allow_requantize=allow_requantize)
-    tmp = fsutil.make_temp_dir(dest.parent, "convert")
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700); the result is an ordinary directory
-    try:
+    with fsutil.temp_dir(dest.parent, "convert", private=False) as tmp:  # removed on any failure or Ctrl-C
         try:
             total = _write_weights(tmp, dict(tree_flatten(loaded.model.parameters())))
             _write_config(tmp, loaded, checkpoint)
@@ -95,14 +92,11 @@ def convert(source, dest, bits="auto", group_size: Optional[int] = None, dtype: 
         except (OSError, RuntimeError) as exc:
             if not fsutil.is_no_space(exc):
                 raise
-            fsutil.remove_path(tmp)
+            fsutil.remove_path(tmp)  # now, so the free space below is measured without it
             if isinstance(exc, OSError) or fsutil.free_bytes(dest.parent) < needed:
                 raise fsutil.no_space_error(dest.parent, needed, dest) from exc
             raise MlxedgeError(f"could not write {dest}: {exc}") from exc
         fsutil.replace_dir(tmp, dest, sources)
-    except BaseException:
-        fsutil.remove_path(tmp)
-        raise
     return {"path": str(dest), "bytes": total, "architecture": loaded.config["model_type"],
             "quantized_modules": len(loaded.quantized), "unquantized_modules": loaded.unquantized,
             **quantization_summary(loaded.quantized),
@@ -175,8 +169,3 @@ def _write_tokenizer(directory: Path, checkpoint) -> None:
         if Path(checkpoint.path).is_dir() and src.exists():
             shutil.copy(src, directory / name)
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -23,11 +23,11 @@ import os
 import re
 import secrets
 import shutil
-import tempfile
 import time
 from fnmatch import fnmatch
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import Iterable, Iterator, List, Optional
 
 from .errors import MlxedgeError
 
@@ -51,11 +51,25 @@ def temp_name(purpose: str) -> str:
     return f"{TMP_PREFIX}{os.getpid()}-{int(time.time())}-{purpose}-{secrets.token_hex(4)}"
 
 
-def make_temp_dir(parent: Path, purpose: str) -> Path:
-    """Create our temporary directory inside `parent` (created if needed) and return it."""
+@contextmanager
+def temp_dir(parent: Path, purpose: str, *, private: bool = True, always: bool = False) -> Iterator[Path]:
+    """Our temporary directory inside `parent` (created if needed), removed if the block raises anything
+    (Ctrl-C included), or whenever it ends with `always`.
+
+    It is named before it exists and created inside the guard, so an interrupt at any moment — even between
+    the mkdir and the caller's own `try` — cannot leave it behind. `private`: mode 0700 (downloads); else an
+    ordinary directory (the umask's mode), e.g. one that becomes the user's model directory."""
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-{int(time.time())}-{purpose}-", dir=parent))
+    path = parent / temp_name(purpose)
+    try:
+        path.mkdir(mode=0o700 if private else 0o777)
+        yield path
+    except BaseException:
+        remove_path(path)
+        raise
+    if always:
+        remove_path(path)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -237,11 +251,12 @@ def replace_dir(new: Path, dest, sources: Iterable = ()) -> None:
         return
     refuse_existing(dest, True, sources)
     aside = dest.parent / temp_name("old")
-    os.rename(dest, aside)
-    try:
+    try:  # both renames inside: a Ctrl-C between them finds dest gone and aside present, and puts it back
+        os.rename(dest, aside)
         os.rename(new, dest)
     except BaseException:
-        os.rename(aside, dest)
+        if not os.path.lexists(dest) and os.path.lexists(aside):
+            os.rename(aside, dest)
         raise
     remove_path(aside)
 

