@@ -37,6 +37,13 @@ def text_of(events):
     return "".join(e.text for e in events if e.kind == "delta")
 
 
+def assert_row_is_alone(events, alone, what):
+    """A batched request's events against the same request generated alone: tokens, text, finish reason."""
+    assert tokens_of(events) == alone.tokens, what
+    assert text_of(events) == alone.text, what
+    assert events[-1].finish_reason == alone.finish_reason, what
+
+
 def run_concurrently(engine, requests, join_late=None, after_tokens=3):
     """Submit `requests` together; with join_late, submit that one from the worker thread right after the
     first request's `after_tokens`-th token, so it joins a batch that is already decoding. Events per request."""
@@ -94,9 +101,7 @@ def test_greedy_batch_equals_each_request_alone(tiny_chat, mode, bits):
         results = run_concurrently(eng, requests, join_late=late)
         for request, events in zip(requests + [late], results):
             alone = alone_model.generate(request.prompt, raw=True, max_tokens=request.max_tokens)
-            assert tokens_of(events) == alone.tokens, (kernels, request.prompt)
-            assert text_of(events) == alone.text
-            assert events[-1].finish_reason == alone.finish_reason
+            assert_row_is_alone(events, alone, (kernels, request.prompt))
             assert events[-1].stats["generation_tokens"] == len(alone.tokens)
         stats = eng.batching_status()["tiny"]
         assert stats["batched"] is True
@@ -128,9 +133,7 @@ def test_per_request_sampling_settings_stay_per_row(tiny_chat):
         for request, events in zip(requests, results):
             alone = model.generate(request.prompt, raw=True, max_tokens=request.max_tokens,
                                    stop=request.stop or None, **request.sampling)
-            assert tokens_of(events) == alone.tokens, request
-            assert text_of(events) == alone.text
-            assert events[-1].finish_reason == alone.finish_reason
+            assert_row_is_alone(events, alone, request)
         assert results[4][-1].finish_reason == "stop" and stop not in text_of(results[4])
         # the two seeded rows share a prompt but not a key stream: their replies differ
         assert tokens_of(results[1]) != tokens_of(results[2])
@@ -244,9 +247,8 @@ def test_sliding_window_layers_batch_past_their_window(smollm2_hf):
         late = Request("sliding", PROMPTS[3], raw=True, max_tokens=16)
         results = run_concurrently(eng, requests, join_late=late, after_tokens=9)
         for request, events in zip(requests + [late], results):
-            alone = model.generate(request.prompt, raw=True, max_tokens=request.max_tokens)
-            assert tokens_of(events) == alone.tokens, request.prompt
-            assert events[-1].finish_reason == alone.finish_reason
+            assert_row_is_alone(events, model.generate(request.prompt, raw=True, max_tokens=request.max_tokens),
+                                request.prompt)
         assert len(model.tokenizer.prompt_ids(PROMPTS[1], raw=True)) > 8
         status = eng.batching_status()["sliding"]
         assert status["batched"] is True and status["max_rows"] == 4, status
@@ -289,8 +291,8 @@ def test_one_token_prompts_and_one_token_replies_batch_too(tiny_chat):
         results = run_concurrently(eng, requests, join_late=late, after_tokens=2)
         for request, events in zip(requests + [late], results):
             alone = model.generate(request.prompt, raw=True, max_tokens=request.max_tokens)
-            assert tokens_of(events) == alone.tokens and len(alone.tokens) <= request.max_tokens
-            assert events[-1].finish_reason == alone.finish_reason
+            assert_row_is_alone(events, alone, request.prompt)
+            assert len(alone.tokens) <= request.max_tokens
         assert eng.batching_status()["tiny"]["max_rows"] >= 3
     finally:
         eng.close()
