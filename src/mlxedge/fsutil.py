@@ -24,8 +24,8 @@ import re
 import secrets
 import shutil
 import time
-from fnmatch import fnmatch
 from contextlib import contextmanager
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Iterable, Iterator, List, Optional
 

@@ -634,6 +634,26 @@ AVX2_FN void qdot4_avx2(const QW& q, int64_t n, const XPrep& xp, const float* co
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 
+// Lane j of a 512-bit block covers elements E*j .. E*j+E-1 of it (E elements per word): its group within
+// the block is (E*j) >> log2(gs) — all 0 when one group spans the block.
+template <int E>
+AVX512_FN __m512i lane_groups_avx512(int gshift) {
+  return _mm512_srl_epi32(_mm512_setr_epi32(0, E, 2 * E, 3 * E, 4 * E, 5 * E, 6 * E, 7 * E, 8 * E, 9 * E, 10 * E,
+                                            11 * E, 12 * E, 13 * E, 14 * E, 15 * E),
+                          _mm_cvtsi32_si128(gshift));
+}
+
+// acc + b[g] * xs[g] for every group g < G, spread over the lanes (a masked load for the last < 16)
+AVX512_FN __m512 add_bias_terms_avx512(__m512 acc, const float* b, const float* xs, int64_t G) {
+  int64_t g = 0;
+  for (; g + 16 <= G; g += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(b + g), _mm512_loadu_ps(xs + g), acc);
+  if (g < G) {
+    const __mmask16 m = __mmask16((1u << (G - g)) - 1u);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, b + g), _mm512_maskz_loadu_ps(m, xs + g), acc);
+  }
+  return acc;
+}
+
 // One 512-bit block is 16 packed words (128 elements at 4 bits, 64 at 8): lane j of the vector for
 // sub-element e holds element e of word j (the permuted x matches, permute_x with 16 lanes). A trailing
 // partial block loads only its words (a masked load) against zero-padded x, so there is no scalar tail.
@@ -652,11 +672,7 @@ AVX512_FN void qdot_avx512_t(const QW& q, int64_t n, const XPrep& xp, int64_t m0
   }
   const int gshift = __builtin_ctz(unsigned(q.gs));
   const int per_block = std::max(1, BE >> gshift);  // groups a block spans
-  // lane j's group within the block, (E*j) >> log2(gs) (all 0 when a group spans the block)
-  const __m512i gidx = _mm512_srl_epi32(
-      _mm512_setr_epi32(0, E, 2 * E, 3 * E, 4 * E, 5 * E, 6 * E, 7 * E, 8 * E, 9 * E, 10 * E, 11 * E, 12 * E,
-                        13 * E, 14 * E, 15 * E),
-      _mm_cvtsi32_si128(gshift));
+  const __m512i gidx = lane_groups_avx512<E>(gshift);
   for (int64_t k0 = 0; k0 < K; k0 += BE) {
     const int64_t w0 = k0 / E, words = std::min<int64_t>(16, wpr - w0);
     if (!REMAINDER_ON && words < 16) break;
@@ -683,14 +699,7 @@ AVX512_FN void qdot_avx512_t(const QW& q, int64_t n, const XPrep& xp, int64_t m0
     }
   }
   for (int i = 0; i < MR; i++) {
-    const float* xs = xp.xsum.data() + (m0 + i) * G;
-    __m512 bt = _mm512_setzero_ps();
-    int64_t g = 0;
-    for (; g + 16 <= G; g += 16) bt = _mm512_fmadd_ps(_mm512_loadu_ps(b + g), _mm512_loadu_ps(xs + g), bt);
-    if (g < G) {
-      const __mmask16 m = __mmask16((1u << (G - g)) - 1u);
-      bt = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, b + g), _mm512_maskz_loadu_ps(m, xs + g), bt);
-    }
+    const __m512 bt = add_bias_terms_avx512(_mm512_setzero_ps(), b, xp.xsum.data() + (m0 + i) * G, G);
     res[i] = _mm512_reduce_add_ps(tot[i]) + _mm512_reduce_add_ps(bt);
   }
 }
@@ -706,11 +715,8 @@ AVX512_FN void qdot4_avx512_t(const QW& q, int64_t n, const XPrep& xp, const flo
   const uint32_t* wr = q.w + n * wpr;
   const float* x = xp.xp.data();
   const int gshift = __builtin_ctz(unsigned(q.gs));
-  const int per_block = std::max(1, BE >> gshift);
-  const __m512i gidx = _mm512_srl_epi32(
-      _mm512_setr_epi32(0, E, 2 * E, 3 * E, 4 * E, 5 * E, 6 * E, 7 * E, 8 * E, 9 * E, 10 * E, 11 * E, 12 * E,
-                        13 * E, 14 * E, 15 * E),
-      _mm_cvtsi32_si128(gshift));
+  const int per_block = std::max(1, BE >> gshift);  // groups a block spans
+  const __m512i gidx = lane_groups_avx512<E>(gshift);
   __m512 tot[R];
   for (int r = 0; r < R; r++) tot[r] = _mm512_setzero_ps();
   for (int64_t k0 = 0; k0 < K; k0 += BE) {
@@ -738,16 +744,8 @@ AVX512_FN void qdot4_avx512_t(const QW& q, int64_t n, const XPrep& xp, const flo
       tot[r] = _mm512_fmadd_ps(_mm512_add_ps(acc[r][0], acc[r][1]), sc, tot[r]);
     }
   }
-  const float* xs = xp.xsum.data();
-  for (int r = 0; r < R; r++) {  // the biases: sum_g b[g] * sum(x in g), into the same lanes
-    int64_t g = 0;
-    for (; g + 16 <= G; g += 16) tot[r] = _mm512_fmadd_ps(_mm512_loadu_ps(b[r] + g), _mm512_loadu_ps(xs + g), tot[r]);
-    if (g < G) {
-      const __mmask16 m = __mmask16((1u << (G - g)) - 1u);
-      tot[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, b[r] + g), _mm512_maskz_loadu_ps(m, xs + g), tot[r]);
-    }
-    res[r] = _mm512_reduce_add_ps(tot[r]);
-  }
+  for (int r = 0; r < R; r++)  // the biases, sum_g b[g] * sum(x in g), into the same lanes
+    res[r] = _mm512_reduce_add_ps(add_bias_terms_avx512(tot[r], b[r], xp.xsum.data(), G));
 }
 
 AVX512_FN void qdot4_avx512(const QW& q, int64_t n, const XPrep& xp, const float* const* s, const float* const* b,
@@ -985,7 +983,6 @@ void prep_x(XPrep& p, const void* x, int xdt, int64_t M, int64_t K, int gs, int 
 #endif
 }
 
-// rows of W per task: small enough to balance two or more threads, large enough to amortise
 // A GEMV reading fewer bytes than this runs on the calling thread alone: waking a sleeping worker costs
 // more than it saves on a small matrix (576x576 at 4 bits: 19 us on one thread, 31-47 us on two, here).
 int64_t g_parallel_min_bytes = [] {
@@ -993,6 +990,8 @@ int64_t g_parallel_min_bytes = [] {
   return e ? int64_t(std::max(0, std::atoi(e))) << 10 : int64_t(1) << 20;
 }();
 
+// rows of W per task for a GEMV reading `bytes`: all of them under g_parallel_min_bytes, else small
+// enough to balance two or more threads, large enough to amortise
 int64_t gemv_chunk(int64_t N, int64_t bytes) {
   if (bytes < g_parallel_min_bytes) return N;
   int64_t T = pool().size();
