@@ -29,14 +29,18 @@ DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
 def _isas() -> list:
-    """The ISA paths this machine runs: scalar everywhere; avx2 on x86-64; avx512 where the CPU has AVX-512F."""
+    """The ISA paths this machine runs: scalar everywhere; avx2 on x86-64; avx512 where the CPU has AVX-512F;
+    avx512vnni where it also has AVX-512 BW, VNNI and VBMI (the kernels' own cpuid check, mirrored here)."""
     if os.uname().machine not in ("x86_64", "AMD64"):
         return ["scalar"]
     try:
         flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split()
     except OSError:
         flags = []
-    return ["scalar", "avx2"] + (["avx512"] if "avx512f" in flags else [])
+    isas = ["scalar", "avx2"] + (["avx512"] if "avx512f" in flags else [])
+    if {"avx512f", "avx512bw", "avx512_vnni", "avx512vbmi"} <= set(flags):
+        isas.append("avx512vnni")
+    return isas
 
 
 ISAS = _isas()
@@ -212,6 +216,51 @@ def test_supports_is_a_cheap_predicate():
     assert not cpu.supports(mx.float32, 3, 64)
     assert not cpu.supports(mx.float32, 4, 16)
     assert not cpu.supports(mx.int32, 4, 64)
+
+
+def _decode_case(x_row: np.ndarray, N: int, bits: int, gs: int, seed: int):
+    wq, s, b = make_quantized(N, x_row.size, bits, gs, seed)
+    x = mx.array(x_row.reshape(1, -1).astype(np.float32))
+    return x, wq, s, b
+
+
+@needs_ext
+@pytest.mark.parametrize("gs", [32, 64, 128])
+def test_decode_gemv_activations_across_magnitudes(isa, gs):
+    """One activation row (decode) whose 128-element blocks span magnitudes: a 1e4 outlier beside ~0.04s, a
+    block of ~1e-30s, an all-zero block, a ragged tail; then a row with a block at ~1e-37 (where a float
+    path's x * 2^-shift and the digits' 2^E near the subnormals). Every output within the float32 bound, on every path; 4-bit (the digits path) and 8-bit."""
+    K = 5 * 128 + max(gs, 64)  # a partial last block unless gs = 128
+    base = make_x(1, K, seed=gs).astype(mx.float32)
+    x = np.array(base).reshape(-1).copy()
+    x[3] = 1.0e4
+    x[128:256] *= np.float32(1e-30)
+    x[256:384] = 0.0
+    tiny = np.array(base).reshape(-1).copy()
+    tiny[384:512] *= np.float32(1e-37)
+    for bits in (4, 8):
+        for name, row in (("outlier, tiny and zero blocks", x), ("a block near the float minimum", tiny)):
+            xa, wq, s, b = _decode_case(row, 77, bits, gs, seed=bits)
+            want, err = qmm_reference(xa, wq, s, b, gs, bits)
+            assert_within(ext_qmm(xa, wq, s, b, gs, bits), want, err, "float32", f"qmm[{isa}] {bits}-bit: {name}")
+
+
+@needs_ext
+def test_decode_gemv_non_finite_activations(isa):
+    """An inf or a NaN in the activation row makes every output it touches non-finite, as float arithmetic
+    does (the digits path cannot hold them, so it must hand the row to the float GEMV rather than return
+    finite numbers). Which of inf and NaN comes out may differ: the affine split s*sum(q x) + b*sum(x) gives
+    inf - inf where the reference's dequantized weights give inf."""
+    K = 256
+    for bad in (np.inf, -np.inf, np.nan):
+        row = np.array(make_x(1, K, seed=5)).reshape(-1).copy()
+        row[130] = bad
+        xa, wq, s, b = _decode_case(row, 21, 4, 64, seed=11)
+        with np.errstate(invalid="ignore"):
+            want, _ = qmm_reference(xa, wq, s, b, 64, 4)
+        got = ext_qmm(xa, wq, s, b, 64, 4).reshape(want.shape)
+        assert not np.isfinite(want).any()
+        assert not np.isfinite(got).any(), f"qmm[{isa}] x has {bad}: finite outputs {got[np.isfinite(got)]}"
 
 
 @needs_ext

@@ -38,7 +38,7 @@ PLANTS = OPS_PLANTS + [
     "race_partition",
 ]
 CODES = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
-ISA_CODES = {"scalar": 1, "avx2": 2, "avx512": 4}
+ISA_CODES = {"scalar": 1, "avx2": 2, "avx512": 4, "avx512vnni": 5}
 
 pytestmark = pytest.mark.skipif(
     shutil.which(os.environ.get("CXX", "g++")) is None or sys.platform == "win32",

@@ -7,8 +7,9 @@ The operations return lazy MLX arrays made by a custom Primitive that runs only 
 never raises: when the compiled extension is missing or fails its self-check, ``available()`` is False
 and ``describe()`` says why. Environment, read once at import:
 
-- ``MLXEDGE_CPU_ISA``: ``auto`` (default), ``avx512``, ``avx2`` or ``scalar`` (the portable path; arm64 runs it with
-  NEON as the compiler's baseline).
+- ``MLXEDGE_CPU_ISA``: ``auto`` (default), ``avx512vnni``, ``avx512``, ``avx2`` or ``scalar`` (the portable path;
+  arm64 runs it with NEON as the compiler's baseline). ``avx512vnni`` runs the 4-bit decode GEMV in integer
+  dot products on activations split exactly into 8-bit digits; ``avx512`` the same GEMV in float.
 - ``MLXEDGE_CPU_THREADS``: size of the persistent thread pool (default: the cores this process may use).
 - ``MLXEDGE_CPU_BLAS``: ``openblas`` (default; the scipy-openblas32 wheel, for prefill GEMM tiles) or
   ``none`` (the built-in micro-kernel).
@@ -29,7 +30,7 @@ import os
 
 import mlx.core as mx  # loads libmlx before the extension, which links against it
 
-_ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "neon": 3, "avx512": 4}
+_ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "neon": 3, "avx512": 4, "avx512vnni": 5}
 _ISA_NAMES = {v: k for k, v in _ISAS.items()}
 _FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 
@@ -142,7 +143,13 @@ def describe() -> str:
     """One line for `mlxedge info` / bench: which native path runs, or why none does."""
     if not available():
         return f"unavailable: {_reason or 'the extension is not built'}"
-    isa = {"avx512": "avx-512 gemv, avx2+fma", "avx2": "avx2+fma", "scalar": "portable scalar", "neon": "neon"}[_ISA_NAMES[_ext.isa()]]
+    isa = {
+        "avx512vnni": "avx-512 vnni 4-bit gemv, avx-512 gemv, avx2+fma",
+        "avx512": "avx-512 gemv, avx2+fma",
+        "avx2": "avx2+fma",
+        "scalar": "portable scalar",
+        "neon": "neon",
+    }[_ISA_NAMES[_ext.isa()]]
     gemm = "openblas gemm tiles" if _blas_on else "built-in gemm"
     return f"native cpu ({isa}, {_ext.threads()} threads, {gemm})"
 

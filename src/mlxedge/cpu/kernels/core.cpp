@@ -5,6 +5,8 @@
 //           baseline and -O3 vectorises the dequantise-then-dot loops)
 //   avx2    x86-64 AVX2+FMA+F16C through target attributes, chosen at run time from cpuid
 //   avx512  the avx2 path with the quantized GEMV (qdot) in 512-bit vectors, where the CPU has AVX-512F
+//   avx512vnni  the avx512 path with the 4-bit decode GEMV in integer dot products (AVX-512 VNNI, BW, VBMI) on
+//           x split exactly into 8-bit digits (see digits_x)
 // Work is split over output rows (N) on a persistent thread pool; the caller thread takes part.
 //
 // Planted bugs for the mutation tests: compile with -DMLXEDGE_PLANT_<NAME> (see PLANT_NAME below).
@@ -18,6 +20,7 @@
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -310,6 +313,11 @@ struct XPrep {
   int64_t M, K;
   int64_t G;
   int64_t ldp = 0;  // row stride of xp (K, or K rounded up to whole 512-bit blocks, zero-padded)
+  // avx512vnni, 4-bit decode: x as three signed 8-bit digits per element (digits_x), and each 128-element
+  // block's power of two; `digits` says they hold x (else the float GEMV runs)
+  std::vector<int8_t> xq;
+  std::vector<float> xexp;
+  bool digits = false;
 };
 
 // The SIMD GEMVs unpack element s of a packed word without a shift where they can: (word & (mask <<
@@ -643,6 +651,16 @@ AVX512_FN __m512i lane_groups_avx512(int gshift) {
                           _mm_cvtsi32_si128(gshift));
 }
 
+// The scales of a block's ng (1 to 4) groups, spread over its lanes by gidx (lane_groups_avx512). Plain
+// loads of exactly ng floats: masked 512-bit loads are slow on AMD's Zen 5 when they miss L1.
+AVX512_FN inline __m512 block_scales_avx512(const float* s, int ng, __m512i gidx) {
+  if (ng == 1) return _mm512_set1_ps(*s);
+  const __m128 v = ng == 2   ? _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s)))  // unaligned
+                   : ng == 3 ? _mm_setr_ps(s[0], s[1], s[2], 0.f)  // a partial last block
+                             : _mm_loadu_ps(s);
+  return _mm512_permutexvar_ps(gidx, _mm512_castps128_ps512(v));
+}
+
 // acc + b[g] * xs[g] for every group g < G, spread over the lanes (a masked load for the last < 16)
 AVX512_FN __m512 add_bias_terms_avx512(__m512 acc, const float* b, const float* xs, int64_t G) {
   int64_t g = 0;
@@ -752,6 +770,185 @@ AVX512_FN void qdot4_avx512(const QW& q, int64_t n, const XPrep& xp, const float
                             float* res) {
   if (q.bits == 4) return qdot4_avx512_t<4>(q, n, xp, s, b, res);
   qdot4_avx512_t<8>(q, n, xp, s, b, res);
+}
+
+// ---- avx512vnni path: the 4-bit decode GEMV in integer dot products
+
+void prefetch_qrows(const QW& q, int64_t n0, int64_t n1);
+inline void row_params_at(const QW& q, int64_t n, float* s, float* b, const float** sp, const float** bp);
+
+#define VNNI_FN __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi,avx2,fma,f16c")))
+
+// x for the VNNI GEMV (4 bits, one activation row), per block of 128 elements (16 packed words): a power
+// of two 2^E with max|x| < 2^(E+22), m = round(x / 2^E) (|m| <= 2^22: x to within 2^-23 of the block's
+// largest element, where float32 holds 2^-24), and m = d2*2^16 + d1*2^8 + d0 with d0, d1 in [-128, 127]
+// and |d2| <= 65 - three signed bytes whose products with the 4-bit weights the VNNI dot products sum
+// exactly in int32. Layout per block: [half][digit][64 bytes]; byte 4i+j of (half, digit) holds the
+// digit of the element in word i's byte j, low nibble (half 0) or high nibble (half 1). Returns false
+// (the float GEMV runs) when x holds a non-finite value or a block's 2^E would not be a normal float.
+constexpr int64_t kDigitBlock = 128, kDigitBlockBytes = 2 * 3 * 64;
+
+VNNI_FN bool digits_x(XPrep& p) {
+  const int64_t K = p.K, nblk = (K + kDigitBlock - 1) / kDigitBlock;
+  p.xq.resize(size_t(nblk * kDigitBlockBytes));
+  p.xexp.resize(size_t(nblk));
+  // byte b of half h takes the block's element 8*(b/4) + e, e the element at bits 8*(b%4) + 4*h of a word
+  alignas(64) uint8_t perm[2][64];
+  for (int e = 0; e < 8; e++)
+    for (int i = 0; i < 16; i++) {
+      const int h = (NIBBLE_SHIFT(e) % 8) / 4, j = NIBBLE_SHIFT(e) / 8;
+      perm[h][4 * i + j] = uint8_t(8 * i + e);
+    }
+  const __m512i pick[2] = {_mm512_load_si512(perm[0]), _mm512_load_si512(perm[1])};
+  const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
+  const __m512 fmax = _mm512_set1_ps(std::numeric_limits<float>::max());
+  alignas(64) int8_t dig[3][kDigitBlock];
+  for (int64_t blk = 0; blk < nblk; blk++) {
+    const int64_t k0 = blk * kDigitBlock, n = std::min(kDigitBlock, K - k0);
+    __m512 v[8];
+    __m512 big = _mm512_setzero_ps();
+    for (int c = 0; c < 8; c++) {
+      const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, n - 16 * c));
+      v[c] = _mm512_maskz_loadu_ps(__mmask16((1u << left) - 1u), p.xf.data() + k0 + 16 * c);
+      const __m512 a = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v[c]), magnitude));
+      if (_mm512_cmp_ps_mask(a, fmax, _CMP_NLE_UQ)) return false;  // inf or NaN
+      big = _mm512_max_ps(big, a);
+    }
+    int8_t* out = p.xq.data() + blk * kDigitBlockBytes;
+    const float top = _mm512_reduce_max_ps(big);
+    if (top == 0.f) {
+      p.xexp[size_t(blk)] = 1.f;
+      std::memset(out, 0, size_t(kDigitBlockBytes));
+      continue;
+    }
+    const int E = std::ilogb(top) - 21;
+    if (E < -126) return false;
+    p.xexp[size_t(blk)] = std::ldexp(1.f, E);
+    const __m512 inv = _mm512_set1_ps(std::ldexp(1.f, -E));
+    for (int c = 0; c < 8; c++) {
+      const __m512i m = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v[c], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m512i d0 = _mm512_srai_epi32(_mm512_slli_epi32(m, 24), 24);
+      const __m512i m1 = _mm512_srai_epi32(_mm512_sub_epi32(m, d0), 8);
+      const __m512i d1 = _mm512_srai_epi32(_mm512_slli_epi32(m1, 24), 24);
+      const __m512i d2 = _mm512_srai_epi32(_mm512_sub_epi32(m1, d1), 8);
+      _mm_store_si128(reinterpret_cast<__m128i*>(dig[0] + 16 * c), _mm512_cvtepi32_epi8(d0));
+      _mm_store_si128(reinterpret_cast<__m128i*>(dig[1] + 16 * c), _mm512_cvtepi32_epi8(d1));
+      _mm_store_si128(reinterpret_cast<__m128i*>(dig[2] + 16 * c), _mm512_cvtepi32_epi8(d2));
+    }
+    for (int d = 0; d < 3; d++) {
+      const __m512i lo = _mm512_load_si512(dig[d]), hi = _mm512_load_si512(dig[d] + 64);
+      for (int h = 0; h < 2; h++) _mm512_storeu_si512(out + h * 192 + d * 64, _mm512_permutex2var_epi8(lo, pick[h], hi));
+    }
+  }
+  return true;
+}
+
+// {sum of a's lanes, b's, c's, d's}
+AVX512_FN __m128 hsum4_avx512(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+  const __m512 abcd = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+  // 128-bit quarters of abcd: a, b, c, d, each four partial sums
+  const __m256 lo = _mm512_castps512_ps256(abcd);
+  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1));
+  const __m256 h1 = _mm256_hadd_ps(lo, hi);  // a01 a23 c01 c23 | b01 b23 d01 d23
+  const __m256 h2 = _mm256_hadd_ps(h1, h1);  // a c a c | b d b d
+  return _mm_unpacklo_ps(_mm256_castps256_ps128(h2), _mm256_extractf128_ps(h2, 1));
+}
+
+// tot + (the block's dot product of one row, as an integer) * sc: the packed words' low and high nibbles
+// against x's digits d0, d1, d2 (l* for the low nibbles, h* for the high ones), combined exactly in int32
+VNNI_FN inline __attribute__((always_inline)) __m512 vnni_block_row(__m512i wv, __m512i l0, __m512i l1, __m512i l2,
+                                                                     __m512i h0, __m512i h1, __m512i h2, __m512 sc,
+                                                                     __m512 tot) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const __m512i lo = _mm512_and_si512(wv, low4), hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), low4);
+  const __m512i d2 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, l2), hi, h2);
+  const __m512i d1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, l1), hi, h1);
+  const __m512i d0 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, l0), hi, h0);
+  const __m512i m = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(_mm512_slli_epi32(d2, 8), d1), 8), d0);
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(m), sc, tot);
+}
+
+// Decode rows [n0, n1) in fours against x's digits (digits_x): out[n - n0]; returns n1. Per 128-element block and row: the 64 bytes of packed words split
+// into low and high nibbles (unsigned bytes), each multiplied with x's three digit vectors by vpdpbusd,
+// which sums four byte products into each int32 lane. Lane i then holds word i's eight elements (as the
+// float path's lanes do, so lane_groups_avx512<8> gives its group). The digit sums combine exactly in
+// int32 (|sum d2*q| <= 8*65*15, so (sum d2*q) << 16 < 2^30), convert once to float, and take the group's
+// scale times the block's 2^E. Three instructions cover 64 weights where the float path needs twelve
+// (mask, convert, multiply-add per 16, the last two sharing two ports). The whole row loop is one
+// function so the per-row costs (set-up, prefetch, horizontal sums: a call's worth per four rows) stay
+// small beside 576-element rows.
+// One 128-element block of four rows (w: their packed words, s: their scales) into their totals
+template <bool PARTIAL>
+VNNI_FN inline __attribute__((always_inline)) void vnni_block4(const XPrep& xp, int64_t k0, int64_t blk,
+                                                               const uint32_t* const* w, const float* const* s, int gs,
+                                                               int ng, __m512i gidx, __mmask16 tail_mask, __m512& t0,
+                                                               __m512& t1, __m512& t2, __m512& t3) {
+  const int8_t* xb = xp.xq.data() + blk * kDigitBlockBytes;
+  const __m512i l0 = _mm512_loadu_si512(xb), l1 = _mm512_loadu_si512(xb + 64), l2 = _mm512_loadu_si512(xb + 128);
+  const __m512i h0 = _mm512_loadu_si512(xb + 192), h1 = _mm512_loadu_si512(xb + 256), h2 = _mm512_loadu_si512(xb + 320);
+  const __m512 xe = _mm512_set1_ps(xp.xexp[size_t(blk)]);
+  const int64_t wo = k0 / 8, g0 = GROUP_OF(k0, gs);
+  __m512i wv[4];
+  for (int r = 0; r < 4; r++)  // a masked load only for a partial block (one that misses L1 is slow)
+    wv[r] = PARTIAL ? _mm512_maskz_loadu_epi32(tail_mask, w[r] + wo) : _mm512_loadu_si512(w[r] + wo);
+  t0 = vnni_block_row(wv[0], l0, l1, l2, h0, h1, h2, _mm512_mul_ps(block_scales_avx512(s[0] + g0, ng, gidx), xe), t0);
+  t1 = vnni_block_row(wv[1], l0, l1, l2, h0, h1, h2, _mm512_mul_ps(block_scales_avx512(s[1] + g0, ng, gidx), xe), t1);
+  t2 = vnni_block_row(wv[2], l0, l1, l2, h0, h1, h2, _mm512_mul_ps(block_scales_avx512(s[2] + g0, ng, gidx), xe), t2);
+  t3 = vnni_block_row(wv[3], l0, l1, l2, h0, h1, h2, _mm512_mul_ps(block_scales_avx512(s[3] + g0, ng, gidx), xe), t3);
+}
+
+template <int NG>  // groups per 128-element block: 1, 2 or 4 (group size 128, 64, 32)
+VNNI_FN int64_t decode_rows4_vnni_t(const QW& q, const XPrep& xp, int64_t n0, int64_t n1, int64_t nlim, int64_t ahead,
+                                    float* out) {
+  const int64_t K = q.K, G = q.groups(), wpr = q.words_per_row(), kfull = K / kDigitBlock * kDigitBlock;
+  const int gs = q.gs;
+  const __m512i gidx = lane_groups_avx512<8>(__builtin_ctz(unsigned(gs)));
+  const int64_t tail_words = (K - kfull) / 8;  // a partial last block: its words load masked, x's digits are 0
+  const __mmask16 tail_mask = __mmask16((1u << tail_words) - 1u);
+  const int tail_groups = int(std::min<int64_t>(NG, G - GROUP_OF(kfull, gs)));
+  const float* xs = xp.xsum.data();
+  auto& rs = row_scratch();
+  if (rs.size() < size_t(8 * G)) rs.resize(size_t(8 * G));
+  int64_t n = n0;
+  for (; n < n1; n += 4) {  // the last one to three rows: computed four times over, the copies dropped
+    const int rows = int(std::min<int64_t>(4, n1 - n));
+    prefetch_qrows(q, n + ahead, std::min(nlim, n + ahead + 4));
+    const float *s[4], *b[4];
+    const uint32_t* w[4];
+    for (int r = 0; r < 4; r++) {
+      const int64_t row = n + std::min(r, rows - 1);
+      row_params_at(q, row, rs.data() + 2 * r * G, rs.data() + (2 * r + 1) * G, &s[r], &b[r]);
+      w[r] = q.w + row * wpr;
+    }
+    __m512 t0 = _mm512_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;  // four rows' totals, kept in registers
+    int64_t k0 = 0, blk = 0;
+    for (; k0 < kfull; k0 += kDigitBlock, blk++) vnni_block4<false>(xp, k0, blk, w, s, gs, NG, gidx, 0, t0, t1, t2, t3);
+    if (REMAINDER_ON && k0 < K) vnni_block4<true>(xp, k0, blk, w, s, gs, tail_groups, gidx, tail_mask, t0, t1, t2, t3);
+    t0 = add_bias_terms_avx512(t0, b[0], xs, G);  // sum_g b[g] * sum(x in g)
+    t1 = add_bias_terms_avx512(t1, b[1], xs, G);
+    t2 = add_bias_terms_avx512(t2, b[2], xs, G);
+    t3 = add_bias_terms_avx512(t3, b[3], xs, G);
+    const __m128 y4 = hsum4_avx512(t0, t1, t2, t3);
+    if (rows == 4) {
+      _mm_storeu_ps(out + (n - n0), y4);
+    } else {
+      alignas(16) float y[4];
+      _mm_store_ps(y, y4);
+      std::copy(y, y + rows, out + (n - n0));
+    }
+  }
+  return n1;
+}
+
+VNNI_FN int64_t decode_rows4_vnni(const QW& q, const XPrep& xp, int64_t n0, int64_t n1, int64_t nlim, int64_t ahead,
+                                  float* out) {
+  switch (kDigitBlock / q.gs) {
+    case 1: return decode_rows4_vnni_t<1>(q, xp, n0, n1, nlim, ahead, out);
+    case 2: return decode_rows4_vnni_t<2>(q, xp, n0, n1, nlim, ahead, out);
+    default: return decode_rows4_vnni_t<4>(q, xp, n0, n1, nlim, ahead, out);
+  }
 }
 
 template <int BITS>
@@ -866,6 +1063,10 @@ bool cpu_has_avx2() {
 }
 
 bool cpu_has_avx512() { return cpu_has_avx2() && __builtin_cpu_supports("avx512f"); }
+bool cpu_has_avx512vnni() {
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni") &&
+         __builtin_cpu_supports("avx512vbmi");
+}
 #endif  // MLXE_X86
 
 // ---------------------------------------------------------------- ISA dispatch helpers
@@ -873,7 +1074,7 @@ bool cpu_has_avx512() { return cpu_has_avx2() && __builtin_cpu_supports("avx512f
 // the AVX2 code runs on both x86 SIMD paths; avx512 replaces only the quantized GEMV
 inline bool avx2() {
 #ifdef MLXE_X86
-  return g_isa == MLXE_ISA_AVX2 || g_isa == MLXE_ISA_AVX512;
+  return g_isa == MLXE_ISA_AVX2 || g_isa == MLXE_ISA_AVX512 || g_isa == MLXE_ISA_AVX512_VNNI;
 #else
   return false;
 #endif
@@ -881,7 +1082,15 @@ inline bool avx2() {
 
 inline bool avx512() {
 #ifdef MLXE_X86
-  return g_isa == MLXE_ISA_AVX512;
+  return g_isa == MLXE_ISA_AVX512 || g_isa == MLXE_ISA_AVX512_VNNI;
+#else
+  return false;
+#endif
+}
+
+inline bool vnni() {
+#ifdef MLXE_X86
+  return g_isa == MLXE_ISA_AVX512_VNNI;
 #else
   return false;
 #endif
@@ -976,7 +1185,8 @@ void prep_x(XPrep& p, const void* x, int xdt, int64_t M, int64_t K, int gs, int 
       p.xsum[size_t(m * p.G + g)] = a;
     }
 #ifdef MLXE_X86
-  if (permute && avx2()) permute_x(p, bits, avx512() ? 16 : 8);
+  p.digits = permute && vnni() && M == 1 && bits == 4 && digits_x(p);
+  if (permute && avx2() && !p.digits) permute_x(p, bits, avx512() ? 16 : 8);
 #else
   (void)permute;
   (void)bits;
@@ -1036,30 +1246,43 @@ int64_t qrow_bytes(const QW& q) { return q.words_per_row() * 4 + 2 * q.groups() 
 
 constexpr int64_t kTileN = 64;  // weight rows dequantised per GEMM tile
 
+// Decode (one activation row, on the x86 SIMD paths): out[n - n0] for rows [n0, n1) in fours, prefetching
+// `ahead` rows forward (up to row nlim); returns the first row not done (the float paths leave the last
+// n % 4 rows to the caller; the VNNI path does them all, as the caller's qdot has no float x to work on).
+int64_t decode_rows4(const QW& q, const XPrep& xp, int64_t n0, int64_t n1, int64_t nlim, int64_t ahead, float* out) {
+#ifdef MLXE_X86
+  if (xp.digits) return decode_rows4_vnni(q, xp, n0, n1, nlim, ahead, out);
+#endif
+  const int64_t G = q.groups();
+  auto& rs = row_scratch();
+  if (rs.size() < size_t(8 * G)) rs.resize(size_t(8 * G));
+  const float *s4[4], *b4[4];
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    prefetch_qrows(q, n + ahead, std::min(nlim, n + ahead + 4));
+    for (int r = 0; r < 4; r++) row_params_at(q, n + r, rs.data() + 2 * r * G, rs.data() + (2 * r + 1) * G, &s4[r], &b4[r]);
+    qdot4(q, n, xp, s4, b4, out + (n - n0));
+  }
+  return n;
+}
+
 // y[M, N] f32 (ldy = N) = x @ deq(W).T through the GEMV path
 void qgemv(const QW& q, const XPrep& xp, float* y, int64_t M) {
   const int64_t N = q.N, chunk = gemv_chunk(N, N * qrow_bytes(q)), G = q.groups();
   const int64_t ntasks = (COLS_END(N) + chunk - 1) / chunk;
   const int64_t Mend = ROWS_END(M);
   parallel_for(ntasks, [&](int64_t t) {
-    auto& rs = row_scratch();
-    if (rs.size() < size_t(8 * G)) rs.resize(size_t(8 * G));
-    float* s = rs.data();
-    float* b = s + G;
     const int64_t n0 = t * chunk, n1 = std::min(n0 + chunk, COLS_END(N));
     const int64_t ahead = prefetch_rows_ahead(qrow_bytes(q));
     prefetch_qrows(q, n0, std::min(n1, n0 + ahead));
+    int64_t n = n0;
+    if (M == 1 && avx2()) n = decode_rows4(q, xp, n0, n1, n1, ahead, y + n0);  // decode: four weight rows at once
+    auto& rs = row_scratch();
+    if (rs.size() < size_t(2 * G)) rs.resize(size_t(2 * G));
+    float* s = rs.data();
+    float* b = s + G;
     float res[4];
     const float *sn, *bn;
-    int64_t n = n0;
-    if (M == 1 && avx2()) {  // decode: four weight rows per call
-      const float *s4[4], *b4[4];
-      for (; n + 4 <= n1; n += 4) {
-        prefetch_qrows(q, n + ahead, std::min(n1, n + ahead + 4));
-        for (int r = 0; r < 4; r++) row_params_at(q, n + r, rs.data() + 2 * r * G, rs.data() + (2 * r + 1) * G, &s4[r], &b4[r]);
-        qdot4(q, n, xp, s4, b4, y + n);
-      }
-    }
     for (; n < n1; n++) {
       prefetch_qrows(q, n + ahead, std::min(n1, n + ahead + 1));
       row_params_at(q, n, s, b, &sn, &bn);
@@ -1116,6 +1339,7 @@ void init_locked(int isa, int nthreads) {
 #ifdef MLXE_X86
   if ((isa == MLXE_ISA_AUTO || isa == MLXE_ISA_AVX2) && cpu_has_avx2()) chosen = MLXE_ISA_AVX2;
   if ((isa == MLXE_ISA_AUTO || isa == MLXE_ISA_AVX512) && cpu_has_avx512()) chosen = MLXE_ISA_AVX512;
+  if ((isa == MLXE_ISA_AUTO || isa == MLXE_ISA_AVX512_VNNI) && cpu_has_avx512vnni()) chosen = MLXE_ISA_AVX512_VNNI;
 #endif
 #if defined(__aarch64__)
   // arm64: the portable path, compiled with NEON as the baseline ISA
@@ -1208,31 +1432,25 @@ void mlxe_gate_up_silu(const void* x, int xdt, const uint32_t* wg, const void* s
     const int64_t ntasks = (COLS_END(N) + chunk - 1) / chunk;
     const int64_t Mend = ROWS_END(M);
     parallel_for(ntasks, [&](int64_t t) {
-      auto& rs = row_scratch();
-      if (rs.size() < size_t(16 * G)) rs.resize(size_t(16 * G));
-      float *s1 = rs.data(), *b1 = s1 + G, *s2 = b1 + G, *b2 = s2 + G;
       const int64_t n0 = t * chunk, n1 = std::min(n0 + chunk, COLS_END(N));
       const int64_t ahead = prefetch_rows_ahead(2 * qrow_bytes(qg));
       prefetch_qrows(qg, n0, std::min(n1, n0 + ahead));
       prefetch_qrows(qu, n0, std::min(n1, n0 + ahead));
-      float rg[4], ru[4];
-      const float *sgn, *bgn, *sun, *bun;
+      constexpr int64_t kPiece = 64;  // decode: rows of Wg then the same rows of Wu, a piece at a time
+      float rg[kPiece], ru[kPiece];
       int64_t n = n0;
-      if (M == 1 && avx2()) {  // decode: four rows of each matrix per call
-        const float *sg4[4], *bg4[4], *su4[4], *bu4[4];
-        for (; n + 4 <= n1; n += 4) {
-          prefetch_qrows(qg, n + ahead, std::min(n1, n + ahead + 4));
-          prefetch_qrows(qu, n + ahead, std::min(n1, n + ahead + 4));
-          for (int r = 0; r < 4; r++) {
-            float* sc = rs.data() + 4 * G * (r + 0);
-            row_params_at(qg, n + r, sc, sc + G, &sg4[r], &bg4[r]);
-            row_params_at(qu, n + r, sc + 2 * G, sc + 3 * G, &su4[r], &bu4[r]);
-          }
-          qdot4(qg, n, xp, sg4, bg4, rg);
-          qdot4(qu, n, xp, su4, bu4, ru);
-          for (int r = 0; r < 4; r++) y[n + r] = silu(rg[r]) * ru[r];
-        }
+      while (M == 1 && avx2() && (n + 4 <= n1 || (xp.digits && n < n1))) {
+        const int64_t end = std::min(n1, n + kPiece);
+        const int64_t done = decode_rows4(qg, xp, n, end, n1, ahead, rg);
+        decode_rows4(qu, xp, n, end, n1, ahead, ru);
+        for (int64_t i = n; i < done; i++) y[i] = silu(rg[i - n]) * ru[i - n];
+        n = done;
       }
+      auto& rs = row_scratch();
+      if (rs.size() < size_t(4 * G)) rs.resize(size_t(4 * G));
+      float *s1 = rs.data(), *b1 = s1 + G, *s2 = b1 + G, *b2 = s2 + G;
+      float rg1[4], ru1[4];
+      const float *sgn, *bgn, *sun, *bun;
       for (; n < n1; n++) {
         prefetch_qrows(qg, n + ahead, std::min(n1, n + ahead + 1));
         prefetch_qrows(qu, n + ahead, std::min(n1, n + ahead + 1));
@@ -1240,9 +1458,9 @@ void mlxe_gate_up_silu(const void* x, int xdt, const uint32_t* wg, const void* s
         row_params_at(qu, n, s2, b2, &sun, &bun);
         for (int64_t m0 = 0; m0 < Mend; m0 += 4) {
           const int mr = int(std::min<int64_t>(4, Mend - m0));
-          qdot(qg, n, xp, m0, mr, sgn, bgn, rg);
-          qdot(qu, n, xp, m0, mr, sun, bun, ru);
-          for (int i = 0; i < mr; i++) y[(m0 + i) * N + n] = silu(rg[i]) * ru[i];
+          qdot(qg, n, xp, m0, mr, sgn, bgn, rg1);
+          qdot(qu, n, xp, m0, mr, sun, bun, ru1);
+          for (int i = 0; i < mr; i++) y[(m0 + i) * N + n] = silu(rg1[i]) * ru1[i];
         }
       }
     });

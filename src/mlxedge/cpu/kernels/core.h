@@ -18,7 +18,15 @@ extern "C" {
 enum { MLXE_F32 = 0, MLXE_F16 = 1, MLXE_BF16 = 2 };
 // instruction-set paths
 // AVX512: the quantized GEMV in 512-bit vectors (AVX-512F), everything else on the AVX2 code.
-enum { MLXE_ISA_AUTO = 0, MLXE_ISA_SCALAR = 1, MLXE_ISA_AVX2 = 2, MLXE_ISA_NEON = 3, MLXE_ISA_AVX512 = 4 };
+// AVX512_VNNI: AVX512 with the 4-bit decode GEMV in integer dot products (AVX-512 VNNI and BW).
+enum {
+  MLXE_ISA_AUTO = 0,
+  MLXE_ISA_SCALAR = 1,
+  MLXE_ISA_AVX2 = 2,
+  MLXE_ISA_NEON = 3,
+  MLXE_ISA_AVX512 = 4,
+  MLXE_ISA_AVX512_VNNI = 5
+};
 
 // Choose the ISA path (AUTO picks the best this CPU supports; a path the CPU lacks falls back to
 // scalar) and size the persistent thread pool (<= 0: the cores available). Returns the ISA in use.

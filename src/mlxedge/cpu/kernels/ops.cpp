@@ -67,7 +67,7 @@ void parallel_for(int64_t ntasks, F&& f) {
 
 inline bool use_avx2() {
 #ifdef MLXE_X86
-  return mlxe_isa() == MLXE_ISA_AVX2 || mlxe_isa() == MLXE_ISA_AVX512;
+  return mlxe_isa() == MLXE_ISA_AVX2 || mlxe_isa() == MLXE_ISA_AVX512 || mlxe_isa() == MLXE_ISA_AVX512_VNNI;
 #else
   return false;
 #endif
