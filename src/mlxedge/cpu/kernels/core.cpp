@@ -569,7 +569,7 @@ AVX2_FN void qdot_avx2(const QW& q, int64_t n, const XPrep& xp, int64_t m0, int 
   }
 }
 
-// Decode (one activation row), several weight rows at once, as qdot4_avx512_t does on the avx512 path:
+// Decode (one activation row), several weight rows at once, as decode_rows4_avx512_t does on the avx512 path:
 // each x vector is loaded once for the R rows and the per-row costs are paid once per R rows. Blocks of
 // 8 words (64 elements at 4 bits, 32 at 8); a trailing 32-element 4-bit chunk takes the scalar loop on
 // the natural-order tail of xp (see permute_x). 16 ymm registers hold R accumulators, R totals and the
@@ -722,60 +722,110 @@ AVX512_FN void qdot_avx512_t(const QW& q, int64_t n, const XPrep& xp, int64_t m0
   }
 }
 
-// Decode (one activation row): four weight rows at once. Each x vector is loaded once for the four
-// rows and the per-row costs (call, set-up, horizontal sums) are paid once per four rows: with a
-// 576-element row they took more time than the dot product itself.
-template <int BITS>
-AVX512_FN void qdot4_avx512_t(const QW& q, int64_t n, const XPrep& xp, const float* const* s,
-                              const float* const* b, float* res) {
-  constexpr int E = 32 / BITS, BE = 16 * E, R = 4;
-  const int64_t K = q.K, G = q.groups(), wpr = q.words_per_row();
-  const uint32_t* wr = q.w + n * wpr;
-  const float* x = xp.xp.data();
-  const int gshift = __builtin_ctz(unsigned(q.gs));
-  const int per_block = std::max(1, BE >> gshift);  // groups a block spans
-  const __m512i gidx = lane_groups_avx512<E>(gshift);
-  __m512 tot[R];
-  for (int r = 0; r < R; r++) tot[r] = _mm512_setzero_ps();
-  for (int64_t k0 = 0; k0 < K; k0 += BE) {
-    const int64_t w0 = k0 / E, words = std::min<int64_t>(16, wpr - w0);
-    if (!REMAINDER_ON && words < 16) break;
-    const __mmask16 wmask = __mmask16((1u << words) - 1u);
-    __m512i wv[R];
-    for (int r = 0; r < R; r++)  // a masked load only for a partial block (one that misses L1 is slow)
-      wv[r] = words == 16 ? _mm512_loadu_si512(wr + r * wpr + w0) : _mm512_maskz_loadu_epi32(wmask, wr + r * wpr + w0);
-    __m512 acc[R][2];
-    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-#pragma GCC unroll 8
-    for (int e = 0; e < E; e++) {
-      const __m512 xv = _mm512_loadu_ps(x + k0 + e * 16);
-      for (int r = 0; r < R; r++) {
-        const __m512i el = sub_by_shift(BITS, e) ? _mm512_srli_epi32(wv[r], 32 - BITS)
-                                                 : _mm512_and_si512(wv[r], _mm512_set1_epi32(int(sub_mask(BITS, e))));
-        acc[r][e & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(el), xv, acc[r][e & 1]);
-      }
-    }
-    const int64_t g0 = GROUP_OF(k0, q.gs);
-    const __mmask16 smask = __mmask16((1u << std::min<int64_t>(per_block, G - g0)) - 1u);
-    for (int r = 0; r < R; r++) {
-      const __m512 sc = _mm512_permutexvar_ps(gidx, _mm512_maskz_loadu_ps(smask, s[r] + g0));
-      tot[r] = _mm512_fmadd_ps(_mm512_add_ps(acc[r][0], acc[r][1]), sc, tot[r]);
-    }
-  }
-  for (int r = 0; r < R; r++)  // the biases, sum_g b[g] * sum(x in g), into the same lanes
-    res[r] = _mm512_reduce_add_ps(add_bias_terms_avx512(tot[r], b[r], xp.xsum.data(), G));
+void prefetch_qrows(const QW& q, int64_t n0, int64_t n1);
+inline void row_params_at(const QW& q, int64_t n, float* s, float* b, const float** sp, const float** bp);
+
+// {sum of a's lanes, b's, c's, d's}
+AVX512_FN __m128 hsum4_avx512(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+  const __m512 abcd = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+  // 128-bit quarters of abcd: a, b, c, d, each four partial sums
+  const __m256 lo = _mm512_castps512_ps256(abcd);
+  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1));
+  const __m256 h1 = _mm256_hadd_ps(lo, hi);  // a01 a23 c01 c23 | b01 b23 d01 d23
+  const __m256 h2 = _mm256_hadd_ps(h1, h1);  // a c a c | b d b d
+  return _mm_unpacklo_ps(_mm256_castps256_ps128(h2), _mm256_extractf128_ps(h2, 1));
 }
 
-AVX512_FN void qdot4_avx512(const QW& q, int64_t n, const XPrep& xp, const float* const* s, const float* const* b,
-                            float* res) {
-  if (q.bits == 4) return qdot4_avx512_t<4>(q, n, xp, s, b, res);
-  qdot4_avx512_t<8>(q, n, xp, s, b, res);
+// One 512-bit block (16 packed words: 128 elements at 4 bits, 64 at 8) of four rows (w: their packed
+// words, s: their scales, ng groups in the block) against the permuted x (permute_x, 16 lanes) into their
+// totals. Each x vector is loaded once for the four rows; lane j of the vector for sub-element e holds
+// element e of word j, so its group is gidx's (lane_groups_avx512). A partial last block loads its words
+// masked against zero-padded x.
+template <int BITS, bool PARTIAL>
+AVX512_FN inline __attribute__((always_inline)) void float_block4(const float* xb, const uint32_t* const* w, int64_t wo,
+                                                                  const float* const* s, int64_t g0, int ng, __m512i gidx,
+                                                                  __mmask16 tail_mask, __m512& t0, __m512& t1,
+                                                                  __m512& t2, __m512& t3) {
+  constexpr int E = 32 / BITS;
+  __m512i wv[4];
+#pragma GCC unroll 4
+  for (int r = 0; r < 4; r++)  // a masked load only for a partial block (one that misses L1 is slow)
+    wv[r] = PARTIAL ? _mm512_maskz_loadu_epi32(tail_mask, w[r] + wo) : _mm512_loadu_si512(w[r] + wo);
+  __m512 a[4][2];  // two accumulators per row: eight independent FMA chains
+#pragma GCC unroll 4
+  for (int r = 0; r < 4; r++) a[r][0] = a[r][1] = _mm512_setzero_ps();
+#pragma GCC unroll 8
+  for (int e = 0; e < E; e++) {
+    const __m512 xv = _mm512_loadu_ps(xb + e * 16);
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; r++) {
+      const __m512i el = sub_by_shift(BITS, e) ? _mm512_srli_epi32(wv[r], 32 - BITS)
+                                               : _mm512_and_si512(wv[r], _mm512_set1_epi32(int(sub_mask(BITS, e))));
+      a[r][e & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(el), xv, a[r][e & 1]);
+    }
+  }
+  t0 = _mm512_fmadd_ps(_mm512_add_ps(a[0][0], a[0][1]), block_scales_avx512(s[0] + g0, ng, gidx), t0);
+  t1 = _mm512_fmadd_ps(_mm512_add_ps(a[1][0], a[1][1]), block_scales_avx512(s[1] + g0, ng, gidx), t1);
+  t2 = _mm512_fmadd_ps(_mm512_add_ps(a[2][0], a[2][1]), block_scales_avx512(s[2] + g0, ng, gidx), t2);
+  t3 = _mm512_fmadd_ps(_mm512_add_ps(a[3][0], a[3][1]), block_scales_avx512(s[3] + g0, ng, gidx), t3);
+}
+
+// Decode (one activation row) on the avx512 path: rows [n0, n1) in fours, out[n - n0]; returns n1 (the
+// last one to three rows are computed four times over, the copies dropped). Four rows at once so each x
+// vector is loaded once for them and the per-row costs (set-up, prefetch, horizontal sums) are paid once
+// per four rows: with a 576-element row they took more time than the dot product itself. The whole row
+// loop is one function with the totals in named registers: GCC had kept an array of them in memory.
+template <int BITS>
+AVX512_FN int64_t decode_rows4_avx512_t(const QW& q, const XPrep& xp, int64_t n0, int64_t n1, int64_t nlim,
+                                        int64_t ahead, float* out) {
+  constexpr int E = 32 / BITS, BE = 16 * E;
+  const int64_t K = q.K, G = q.groups(), wpr = q.words_per_row(), kfull = K / BE * BE;
+  const int gs = q.gs;
+  const int per_block = std::max(1, BE / gs);  // groups a block spans
+  const __m512i gidx = lane_groups_avx512<E>(__builtin_ctz(unsigned(gs)));
+  const __mmask16 tail_mask = __mmask16((1u << ((K - kfull) / E)) - 1u);
+  const int tail_groups = int(std::min<int64_t>(per_block, G - GROUP_OF(kfull, gs)));
+  const float* x = xp.xp.data();
+  const float* xs = xp.xsum.data();
+  auto& rs = row_scratch();
+  if (rs.size() < size_t(8 * G)) rs.resize(size_t(8 * G));
+  for (int64_t n = n0; n < n1; n += 4) {
+    const int rows = int(std::min<int64_t>(4, n1 - n));
+    prefetch_qrows(q, n + ahead, std::min(nlim, n + ahead + 4));
+    const float *s[4], *b[4];
+    const uint32_t* w[4];
+    for (int r = 0; r < 4; r++) {
+      const int64_t row = n + std::min(r, rows - 1);
+      row_params_at(q, row, rs.data() + 2 * r * G, rs.data() + (2 * r + 1) * G, &s[r], &b[r]);
+      w[r] = q.w + row * wpr;
+    }
+    __m512 t0 = _mm512_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;
+    int64_t k0 = 0;
+    for (; k0 < kfull; k0 += BE)
+      float_block4<BITS, false>(x + k0, w, k0 / E, s, GROUP_OF(k0, gs), per_block, gidx, 0, t0, t1, t2, t3);
+    if (REMAINDER_ON && k0 < K)
+      float_block4<BITS, true>(x + k0, w, k0 / E, s, GROUP_OF(k0, gs), tail_groups, gidx, tail_mask, t0, t1, t2, t3);
+    t0 = add_bias_terms_avx512(t0, b[0], xs, G);  // the biases, sum_g b[g] * sum(x in g), into the same lanes
+    t1 = add_bias_terms_avx512(t1, b[1], xs, G);
+    t2 = add_bias_terms_avx512(t2, b[2], xs, G);
+    t3 = add_bias_terms_avx512(t3, b[3], xs, G);
+    alignas(16) float y[4];
+    _mm_store_ps(y, hsum4_avx512(t0, t1, t2, t3));
+    std::copy(y, y + rows, out + (n - n0));
+  }
+  return n1;
+}
+
+AVX512_FN int64_t decode_rows4_avx512(const QW& q, const XPrep& xp, int64_t n0, int64_t n1, int64_t nlim,
+                                      int64_t ahead, float* out) {
+  if (q.bits == 4) return decode_rows4_avx512_t<4>(q, xp, n0, n1, nlim, ahead, out);
+  return decode_rows4_avx512_t<8>(q, xp, n0, n1, nlim, ahead, out);
 }
 
 // ---- avx512vnni path: the 4-bit decode GEMV in integer dot products
 
-void prefetch_qrows(const QW& q, int64_t n0, int64_t n1);
-inline void row_params_at(const QW& q, int64_t n, float* s, float* b, const float** sp, const float** bp);
 
 #define VNNI_FN __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi,avx2,fma,f16c")))
 
@@ -843,18 +893,6 @@ VNNI_FN bool digits_x(XPrep& p) {
   return true;
 }
 
-// {sum of a's lanes, b's, c's, d's}
-AVX512_FN __m128 hsum4_avx512(__m512 a, __m512 b, __m512 c, __m512 d) {
-  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
-  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
-  const __m512 abcd = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
-  // 128-bit quarters of abcd: a, b, c, d, each four partial sums
-  const __m256 lo = _mm512_castps512_ps256(abcd);
-  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1));
-  const __m256 h1 = _mm256_hadd_ps(lo, hi);  // a01 a23 c01 c23 | b01 b23 d01 d23
-  const __m256 h2 = _mm256_hadd_ps(h1, h1);  // a c a c | b d b d
-  return _mm_unpacklo_ps(_mm256_castps256_ps128(h2), _mm256_extractf128_ps(h2, 1));
-}
 
 // tot + (the block's dot product of one row, as an integer) * sc: the packed words' low and high nibbles
 // against x's digits d0, d1, d2 (l* for the low nibbles, h* for the high ones), combined exactly in int32
@@ -1105,10 +1143,9 @@ void qdot(const QW& q, int64_t n, const XPrep& xp, int64_t m0, int mr, const flo
   qdot_scalar(q, n, xp, m0, mr, s, b, res);
 }
 
-// rows n..n+3 against activation row 0 (decode); on the x86 SIMD paths only (the caller checks avx2())
+// rows n..n+3 against activation row 0 (decode) on the avx2 path (avx512 runs decode_rows4_avx512)
 void qdot4(const QW& q, int64_t n, const XPrep& xp, const float* const* s, const float* const* b, float* res) {
 #ifdef MLXE_X86
-  if (avx512()) return qdot4_avx512(q, n, xp, s, b, res);
   qdot4_avx2(q, n, xp, s, b, res);
 #else
   (void)q, (void)n, (void)xp, (void)s, (void)b, (void)res;
@@ -1252,6 +1289,7 @@ constexpr int64_t kTileN = 64;  // weight rows dequantised per GEMM tile
 int64_t decode_rows4(const QW& q, const XPrep& xp, int64_t n0, int64_t n1, int64_t nlim, int64_t ahead, float* out) {
 #ifdef MLXE_X86
   if (xp.digits) return decode_rows4_vnni(q, xp, n0, n1, nlim, ahead, out);
+  if (avx512()) return decode_rows4_avx512(q, xp, n0, n1, nlim, ahead, out);
 #endif
   const int64_t G = q.groups();
   auto& rs = row_scratch();
