@@ -835,8 +835,16 @@ AVX512_FN int64_t decode_rows4_avx512(const QW& q, const XPrep& xp, int64_t n0, 
 // and |d2| <= 65 - three signed bytes whose products with the 4-bit weights the VNNI dot products sum
 // exactly in int32. Layout per block: [half][digit][64 bytes]; byte 4i+j of (half, digit) holds the
 // digit of the element in word i's byte j, low nibble (half 0) or high nibble (half 1). Returns false
-// (the float GEMV runs) when x holds a non-finite value or a block's 2^E would not be a normal float.
+// (the float GEMV runs) when x holds a non-finite value or a block's largest element is below 2^-100.
 constexpr int64_t kDigitBlock = 128, kDigitBlockBytes = 2 * 3 * 64;
+
+// 2^e for -126 <= e <= 127, from its bits
+inline float pow2f(int e) {
+  const uint32_t bits = uint32_t(e + 127) << 23;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
 
 VNNI_FN bool digits_x(XPrep& p) {
   const int64_t K = p.K, nblk = (K + kDigitBlock - 1) / kDigitBlock;
@@ -871,10 +879,12 @@ VNNI_FN bool digits_x(XPrep& p) {
       std::memset(out, 0, size_t(kDigitBlockBytes));
       continue;
     }
-    const int E = std::ilogb(top) - 21;
-    if (E < -126) return false;
-    p.xexp[size_t(blk)] = std::ldexp(1.f, E);
-    const __m512 inv = _mm512_set1_ps(std::ldexp(1.f, -E));
+    if (top < 0x1p-100f) return false;  // 2^E below the normal floats (and no subnormal top to take apart)
+    uint32_t bits;
+    std::memcpy(&bits, &top, 4);
+    const int E = int(bits >> 23) - 127 - 21;  // ilogb(top) - 21, top being normal
+    p.xexp[size_t(blk)] = pow2f(E);
+    const __m512 inv = _mm512_set1_ps(pow2f(-E));
     for (int c = 0; c < 8; c++) {
       const __m512i m = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v[c], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       const __m512i d0 = _mm512_srai_epi32(_mm512_slli_epi32(m, 24), 24);
@@ -1213,13 +1223,14 @@ void prep_x(XPrep& p, const void* x, int xdt, int64_t M, int64_t K, int gs, int 
   p.G = K / gs;
   p.xf.resize(size_t(M * K));
   convert_f32(x, xdt, M * K, p.xf.data());
-  p.xsum.assign(size_t(M * p.G), 0.f);
+  p.xsum.resize(size_t(M * p.G));
   for (int64_t m = 0; m < M; m++)
     for (int64_t g = 0; g < p.G; g++) {
       const float* xg = p.xf.data() + m * K + g * gs;
-      float a = 0;
-      for (int k = 0; k < gs; k++) a += xg[k];
-      p.xsum[size_t(m * p.G + g)] = a;
+      float a[8] = {};  // eight independent sums (gs is a multiple of 8): the compiler vectorises them
+      for (int k = 0; k < gs; k += 8)
+        for (int j = 0; j < 8; j++) a[j] += xg[k + j];
+      p.xsum[size_t(m * p.G + g)] = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
     }
 #ifdef MLXE_X86
   p.digits = permute && vnni() && M == 1 && bits == 4 && digits_x(p);
@@ -1441,7 +1452,10 @@ void mlxe_qmm(const void* x, int xdt, const uint32_t* w, const void* scales, con
               int group_size) {
   auto lock = enter_kernel();
   QW q{w, scales, biases, sdt, N, K, bits, group_size};
-  XPrep xp;
+  // reused: its buffers keep their capacity from call to call. A reference, so that the pool's tasks
+  // (lambdas) see this thread's XPrep: naming a thread_local inside them would give each worker its own.
+  thread_local XPrep prepared;
+  XPrep& xp = prepared;
   prep_x(xp, x, xdt, M, K, group_size, bits, M <= g_gemv_max_rows);
   std::vector<float> ybuf;
   float* y = static_cast<float*>(out);
@@ -1460,7 +1474,10 @@ void mlxe_gate_up_silu(const void* x, int xdt, const uint32_t* wg, const void* s
   QW qg{wg, sg, bg, sdt, N, K, bits, group_size};
   QW qu{wu, su, bu, sdt, N, K, bits, group_size};
   const bool gemv = M <= g_gemv_max_rows;
-  XPrep xp;
+  // reused: its buffers keep their capacity from call to call. A reference, so that the pool's tasks
+  // (lambdas) see this thread's XPrep: naming a thread_local inside them would give each worker its own.
+  thread_local XPrep prepared;
+  XPrep& xp = prepared;
   prep_x(xp, x, xdt, M, K, group_size, bits, gemv);
   std::vector<float> ybuf(size_t(M * N));
   float* y = ybuf.data();
