@@ -3,21 +3,29 @@
 
 For SmolLM2-135M's decode shapes (one activation row) at 4-bit g32, 4-bit g64 and 8-bit g32 (and the
 49152x576 8-bit g32 head), reports time per call, the bandwidth it implies (bytes of W + scales + biases
-read / time) and that bandwidth as a percentage of this machine's measured read bandwidth (a numpy
-reduction over a large array, on one thread and on as many threads as the kernels use; the larger is
-the reference). Weights are rotated over copies totalling more than the last-level cache, as a real
-decode step reads them, so the figures are DRAM figures, not cache ones. Ours and MLX's calls are
-interleaved per repetition so machine load affects both alike. The read bandwidth is the fastest of
-several streaming reductions (STREAMING_READS), measured before and after the table; the larger is the
-reference (this machine's bandwidth moves with its neighbours' load).
+read / time) and that bandwidth as a percentage of this machine's measured read bandwidth. Each of our
+ISA paths (--isas) is timed two ways:
+- kernel: the kernel alone, called in a native loop (`_ext.kernel_seconds`: no graph, no scheduling) —
+  the kernel's own bandwidth;
+- via MLX: the same calls as lazy MLX ops evaluated together, as a decode step runs them — adds MLX's
+  per-op cost (graph node, scheduling on the CPU stream, output allocation: a few µs each).
+Weights are rotated over copies totalling more than the last-level cache, as a real decode step reads
+them, so the figures are DRAM figures, not cache ones. All sides are interleaved per repetition so machine
+load affects them alike. The read bandwidth is the fastest of several streaming reductions
+(STREAMING_READS), measured before and after the table (the larger counts: this machine's bandwidth moves
+with its neighbours' load), on one thread and on as many threads as the pool has. Each kernel is compared
+with the figure for the threads it runs on, like with like: a GEMV reading less than
+MLXEDGE_CPU_PARALLEL_MIN_KB (default 1 MiB) runs on the calling thread alone, a larger one on the whole
+pool, MLX's built-in on one thread. The table also gives every kernel's share of the all-threads figure.
 
-    python scripts/bench_cpu_kernels.py [--dtype float32|bfloat16|float16] [--reps 5] [--rows 1]
+    python scripts/bench_cpu_kernels.py [--isas avx512vnni,avx512] [--dtype float32|bfloat16|float16] [--reps 5]
     python scripts/bench_cpu_kernels.py --gemm   # prefill: OpenBLAS tiles vs the built-in micro-kernel vs MLX
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import threading
 import time
 
@@ -134,6 +142,8 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--rows", type=int, default=1, help="activation rows (1 = decode)")
     ap.add_argument("--calls", type=int, default=40, help="calls per timed batch")
+    ap.add_argument("--isas", default="", help="our ISA paths to compare, comma-separated (default: the one in use)")
+    ap.add_argument("--only", default="", help="only the shapes whose name contains this (e.g. q/o)")
     ap.add_argument("--gemm", action="store_true", help="prefill GEMMs per backend instead of decode GEMVs")
     args = ap.parse_args()
     if not cpu.available():
@@ -144,18 +154,27 @@ def main():
         print(f"backend: {cpu.describe()}\n")
         return gemm_table(args.reps)
     threads = cpu._ext.threads()
+    isas = [i.strip() for i in args.isas.split(",") if i.strip()] or [cpu._ISA_NAMES[cpu._ext.isa()]]
+    for isa in isas:  # each must be one this CPU runs (an unsupported one falls back to scalar)
+        cpu._configure(isa=isa)
+        if cpu._ISA_NAMES[cpu._ext.isa()] != isa:
+            raise SystemExit(f"this CPU has no {isa} path ({cpu.describe()})")
 
-    def reference() -> float:
-        return max(read_bandwidth(threads=1), read_bandwidth(threads=threads) if threads > 1 else 0.0)
+    def reference() -> dict:
+        return {1: read_bandwidth(threads=1), threads: read_bandwidth(threads=threads)}
 
     bw = reference()
-    print(f"backend: {cpu.describe()}; activations {args.dtype}, rows {args.rows}")
-    print(f"read bandwidth before the table (best of {', '.join(STREAMING_READS)} over 512 MiB, 1 and {threads} "
-          f"threads): {bw:.1f} GB/s\n")
+    describe_isa = cpu._ISA_NAMES[cpu._ext.isa()]
+    cpu._configure(isa=isas[0])
+    print(f"backend: {cpu.describe()}; ISA paths {', '.join(isas)}; activations {args.dtype}, rows {args.rows}")
+    cpu._configure(isa=describe_isa)
+    print(f"read bandwidth before the table (best of {', '.join(STREAMING_READS)} over 512 MiB): "
+          + ", ".join(f"{t} thread(s) {g:.1f} GB/s" for t, g in bw.items()) + "\n")
+    parallel_min = int(os.environ.get("MLXEDGE_CPU_PARALLEL_MIN_KB", "1024")) << 10
     results = []
     rows = [(name, N, K, bits, gs) for name, N, K in SHAPES for bits, gs in CONFIGS]
     rows.append((*HEAD, 8, 32))
-    ours_fn = lambda x, wq, s, b, gs, bits: cpu.quantized_matmul(x, wq, s, b, group_size=gs, bits=bits)  # noqa: E731
+    rows = [r for r in rows if args.only in r[0]]
     mlx_fn = lambda x, wq, s, b, gs, bits: mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=gs, bits=bits)  # noqa: E731
     for name, N, K, bits, gs in rows:
         probe = weights(N, K, bits, gs, dtype, 1)
@@ -163,29 +182,46 @@ def main():
         copies = max(1, -(-LLC_BYTES // size))
         ws = probe + weights(N, K, bits, gs, dtype, copies - 1, seed=1) if copies > 1 else probe
         x = mx.random.normal((args.rows, K)).astype(dtype)
+        mx.eval(x)
         calls = max(args.calls, copies)  # touch every copy: nothing is served from cache
-        t_ours, t_mlx = [], []
-        f_ours = lambda x, wq, s, b: ours_fn(x, wq, s, b, gs, bits)  # noqa: E731
+        f_ours = lambda x, wq, s, b: cpu.quantized_matmul(x, wq, s, b, group_size=gs, bits=bits)  # noqa: E731
         f_mlx = lambda x, wq, s, b: mlx_fn(x, wq, s, b, gs, bits)  # noqa: E731
-        time_calls(f_ours, x, ws, 2)
+        kernel = {isa: [] for isa in isas}
+        via_mlx = {isa: [] for isa in isas}
+        t_mlx = []
         time_calls(f_mlx, x, ws, 2)
         for _ in range(args.reps):
-            t_ours.append(time_calls(f_ours, x, ws, calls))
+            for isa in isas:
+                cpu._configure(isa=isa)
+                kernel[isa].append(cpu._ext.kernel_seconds(x, ws, group_size=gs, bits=bits, calls=calls))
+                via_mlx[isa].append(time_calls(f_ours, x, ws, calls))
             t_mlx.append(time_calls(f_mlx, x, ws, max(2, calls // 4)))
-        # the best repetition is the kernel's speed; the machine may be shared (say so with the numbers)
-        results.append((name, bits, gs, size, min(t_ours), min(t_mlx)))
+        # the best repetition is each side's speed; the machine may be shared (say so with the numbers)
+        results.append((name, bits, gs, size, {i: min(kernel[i]) for i in isas}, {i: min(via_mlx[i]) for i in isas},
+                        min(t_mlx)))
         del ws
+    cpu._configure(isa=isas[0])
     after = reference()
-    print(f"read bandwidth after the table: {after:.1f} GB/s -> reference {max(bw, after):.1f} GB/s\n")
-    bw = max(bw, after)
-    print("| shape | bits/gs | bytes | mlxedge µs | GB/s | % of read bw | mlx µs | GB/s | speed-up |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, bits, gs, size, o, m in results:
-        go, gm = size / o / 1e9, size / m / 1e9
-        print(
-            f"| {name} | {bits}/{gs} | {size / 1e6:.2f} MB | {o * 1e6:.1f} | {go:.1f} | {100 * go / bw:.0f}% "
-            f"| {m * 1e6:.0f} | {gm:.2f} | {m / o:.1f}x |"
-        )
+    bw = {t: max(g, after[t]) for t, g in bw.items()}
+    print("read bandwidth after the table: " + ", ".join(f"{t} thread(s) {g:.1f} GB/s" for t, g in after.items())
+          + " -> reference " + ", ".join(f"{t} thread(s) {g:.1f} GB/s" for t, g in bw.items()) + "\n")
+    print("% = the kernel's GB/s over the read bandwidth on the threads it runs on (\"thr\"); "
+          f"% all = over the {threads}-thread figure\n")
+    head = "| shape | bits/gs | bytes | thr |"
+    rule = "|---|---|---|---|"
+    for isa in isas:
+        head += f" {isa} kernel µs | % | % all | via MLX µs | % |"
+        rule += "---|---|---|---|---|"
+    print(head + " MLX built-in µs | % | kernel speed-up over MLX |")
+    print(rule + "---|---|---|")
+    for name, bits, gs, size, kern, via, m in results:
+        t = threads if size >= parallel_min else 1
+        pct = lambda sec, t=t: f"{100 * size / sec / 1e9 / bw[t]:.0f}%"  # noqa: E731
+        line = f"| {name} | {bits}/{gs} | {size / 1e6:.2f} MB | {t} |"
+        for isa in isas:
+            line += (f" {kern[isa] * 1e6:.1f} | {pct(kern[isa])} | {pct(kern[isa], threads)} "
+                     f"| {via[isa] * 1e6:.1f} | {pct(via[isa])} |")
+        print(line + f" {m * 1e6:.0f} | {pct(m, 1)} | {m / kern[isas[0]]:.0f}x |")
 
 
 if __name__ == "__main__":

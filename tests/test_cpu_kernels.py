@@ -388,3 +388,17 @@ def test_environment_picks_the_path_once_at_import_and_never_raises():
     )
     bad = run({"MLXEDGE_CPU_ISA": "sse9"})
     assert bad.startswith("False unavailable: ValueError: MLXEDGE_CPU_ISA must be one of"), bad
+
+
+@needs_ext
+def test_kernel_seconds_runs_and_rejects_bad_input():
+    """`_ext.kernel_seconds` (scripts/bench_cpu_kernels.py's kernel-alone timer): a positive, finite time per
+    call over several weight copies, and one clear error for bad input (no timing comparison: see the bench)."""
+    x = make_x(1, 512, seed=3)
+    copies = [make_quantized(256, 512, 4, 64, seed=i) for i in range(3)]
+    t = cpu._ext.kernel_seconds(x, copies, group_size=64, bits=4, calls=7)
+    assert 0 < t < 1
+    with pytest.raises(ValueError, match="at least one weight triplet"):
+        cpu._ext.kernel_seconds(x, [], group_size=64, bits=4, calls=1)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        cpu._ext.kernel_seconds(make_x(1, 256, seed=3), copies, group_size=64, bits=4, calls=1)

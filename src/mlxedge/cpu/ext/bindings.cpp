@@ -1,5 +1,6 @@
 // mlxedge native CPU kernels as MLX operations: one Primitive (eval_cpu only) per kernel kind,
 // scheduled on the CPU stream through MLX's CPU command encoder, and the nanobind module `_ext`.
+#include <chrono>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -10,6 +11,7 @@
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/ops.h"
+#include "mlx/transforms.h"
 #include "mlx/primitives.h"
 
 #include "../kernels/core.h"
@@ -167,6 +169,43 @@ mx::array matmul(const mx::array& x, const mx::array& w) {
   return mx::array(out_shape(x, w.shape(0)), dt, std::make_shared<CpuKernel>(st, Kind::MATMUL, 0, 0), {x, w});
 }
 
+// Seconds per call of the quantized matmul kernel alone (no graph, no MLX scheduling): `calls` calls,
+// call i on weights[i % len(weights)], timed on the calling thread. For scripts/bench_cpu_kernels.py,
+// which sets this beside the same calls through MLX to show what the per-op overhead costs.
+double kernel_seconds(const mx::array& x, const nb::list& weights, int group_size, int bits, int calls) {
+  if (nb::len(weights) == 0 || calls < 1) bad("kernel_seconds: give at least one weight triplet and one call");
+  struct Triplet {
+    mx::array w, s, b;
+  };
+  std::vector<Triplet> ws;
+  int64_t N = 0;
+  for (auto item : weights) {
+    auto t = nb::cast<nb::tuple>(item);
+    if (nb::len(t) != 3) bad("kernel_seconds: weights must be (w, scales, biases) triplets");
+    Triplet q{nb::cast<mx::array>(t[0]), nb::cast<mx::array>(t[1]), nb::cast<mx::array>(t[2])};
+    N = check_quantized(x, q.w, q.s, q.b, group_size, bits, "kernel_seconds");
+    ws.push_back(q);
+  }
+  mx::array xe = x;
+  mx::eval(xe);
+  for (auto& q : ws) mx::eval(q.w, q.s, q.b);
+  for (auto& q : ws)
+    if (!q.w.flags().row_contiguous || !q.s.flags().row_contiguous || !q.b.flags().row_contiguous)
+      bad("kernel_seconds: weights must be row-contiguous");
+  if (!xe.flags().row_contiguous) bad("kernel_seconds: x must be row-contiguous");
+  const int64_t K = xe.shape(-1), M = int64_t(xe.size()) / K;
+  std::vector<float> y(size_t(M * N));
+  const int xdt = code_of(xe.dtype()), sdt = code_of(ws[0].s.dtype());
+  nb::gil_scoped_release unlocked;
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < calls; i++) {
+    const auto& q = ws[size_t(i) % ws.size()];
+    mlxe_qmm(xe.data<void>(), xdt, q.w.data<uint32_t>(), q.s.data<void>(), q.b.data<void>(), sdt, y.data(), MLXE_F32,
+             M, N, K, bits, group_size);
+  }
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / calls;
+}
+
 }  // namespace
 
 void register_ops(nb::module_& m);  // ops_bindings.cpp: rms_norm, rope, sdpa
@@ -186,5 +225,6 @@ NB_MODULE(_ext, m) {
   m.def("set_gemv_max_rows", &mlxe_set_gemv_max_rows);
   m.def("set_gemv_parallel_min_bytes", &mlxe_set_gemv_parallel_min_bytes, "bytes"_a);
   m.def("plant", [] { return std::string(mlxe_plant()); });
+  m.def("kernel_seconds", &kernel_seconds, "x"_a, "weights"_a, nb::kw_only(), "group_size"_a, "bits"_a, "calls"_a);
   register_ops(m);
 }
