@@ -402,3 +402,13 @@ def test_kernel_seconds_runs_and_rejects_bad_input():
         cpu._ext.kernel_seconds(x, [], group_size=64, bits=4, calls=1)
     with pytest.raises(ValueError, match="shapes do not match"):
         cpu._ext.kernel_seconds(make_x(1, 256, seed=3), copies, group_size=64, bits=4, calls=1)
+
+
+@needs_ext
+def test_read_bandwidth_reference_runs_and_rejects_bad_input():
+    """`_ext.read_bandwidth` (the bench's native read reference): a positive, finite figure on one thread
+    and on two, and one clear error for a buffer too small to mean anything."""
+    for threads in (1, 2):
+        assert 0 < cpu._ext.read_bandwidth(8 << 20, threads, 1) < float("inf")
+    with pytest.raises(ValueError, match="nbytes >= 1 MiB"):
+        cpu._ext.read_bandwidth(1000, 1, 1)
