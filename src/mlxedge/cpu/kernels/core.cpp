@@ -738,6 +738,41 @@ AVX512_FN __m128 hsum4_avx512(__m512 a, __m512 b, __m512 c, __m512 d) {
   return _mm_unpacklo_ps(_mm256_castps256_ps128(h2), _mm256_extractf128_ps(h2, 1));
 }
 
+// The four weight rows a decode step takes at once, from row n: their packed words, scales and biases
+// (scales/biases converted into `scratch`, 8 * groups floats, where not float32). Past the last row
+// (n1) the last one repeats, so a kernel always runs four rows; `rows` says how many results count.
+struct Rows4 {
+  const uint32_t* w[4];
+  const float *s[4], *b[4];
+  int rows;
+};
+
+inline __attribute__((always_inline)) Rows4 rows4_at(const QW& q, int64_t n, int64_t n1, float* scratch) {
+  Rows4 r4;
+  r4.rows = int(std::min<int64_t>(4, n1 - n));
+  const int64_t G = q.groups();
+  for (int r = 0; r < 4; r++) {
+    const int64_t row = n + std::min(r, r4.rows - 1);
+    row_params_at(q, row, scratch + 2 * r * G, scratch + (2 * r + 1) * G, &r4.s[r], &r4.b[r]);
+    r4.w[r] = q.w + row * q.words_per_row();
+  }
+  return r4;
+}
+
+// out[0 .. rows) = the four totals' lane sums plus their rows' bias terms, sum_g b[g] * sum(x in g)
+AVX512_FN inline __attribute__((always_inline)) void finish_rows4_avx512(const Rows4& r4, const float* xs, int64_t G, __m512 t0, __m512 t1, __m512 t2,
+                                          __m512 t3, float* out) {
+  t0 = add_bias_terms_avx512(t0, r4.b[0], xs, G);
+  t1 = add_bias_terms_avx512(t1, r4.b[1], xs, G);
+  t2 = add_bias_terms_avx512(t2, r4.b[2], xs, G);
+  t3 = add_bias_terms_avx512(t3, r4.b[3], xs, G);
+  const __m128 y4 = hsum4_avx512(t0, t1, t2, t3);
+  if (r4.rows == 4) return _mm_storeu_ps(out, y4);
+  alignas(16) float y[4];
+  _mm_store_ps(y, y4);
+  std::copy(y, y + r4.rows, out);
+}
+
 // One 512-bit block (16 packed words: 128 elements at 4 bits, 64 at 8) of four rows (w: their packed
 // words, s: their scales, ng groups in the block) against the permuted x (permute_x, 16 lanes) into their
 // totals. Each x vector is loaded once for the four rows; lane j of the vector for sub-element e holds
@@ -781,7 +816,7 @@ template <int BITS>
 AVX512_FN int64_t decode_rows4_avx512_t(const QW& q, const XPrep& xp, int64_t n0, int64_t n1, int64_t nlim,
                                         int64_t ahead, float* out) {
   constexpr int E = 32 / BITS, BE = 16 * E;
-  const int64_t K = q.K, G = q.groups(), wpr = q.words_per_row(), kfull = K / BE * BE;
+  const int64_t K = q.K, G = q.groups(), kfull = K / BE * BE;
   const int gs = q.gs;
   const int per_block = std::max(1, BE / gs);  // groups a block spans
   const __m512i gidx = lane_groups_avx512<E>(__builtin_ctz(unsigned(gs)));
@@ -792,28 +827,17 @@ AVX512_FN int64_t decode_rows4_avx512_t(const QW& q, const XPrep& xp, int64_t n0
   auto& rs = row_scratch();
   if (rs.size() < size_t(8 * G)) rs.resize(size_t(8 * G));
   for (int64_t n = n0; n < n1; n += 4) {
-    const int rows = int(std::min<int64_t>(4, n1 - n));
     prefetch_qrows(q, n + ahead, std::min(nlim, n + ahead + 4));
-    const float *s[4], *b[4];
-    const uint32_t* w[4];
-    for (int r = 0; r < 4; r++) {
-      const int64_t row = n + std::min(r, rows - 1);
-      row_params_at(q, row, rs.data() + 2 * r * G, rs.data() + (2 * r + 1) * G, &s[r], &b[r]);
-      w[r] = q.w + row * wpr;
-    }
+    const Rows4 r4 = rows4_at(q, n, n1, rs.data());
+    const float* const* s = r4.s;
+    const uint32_t* const* w = r4.w;
     __m512 t0 = _mm512_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;
     int64_t k0 = 0;
     for (; k0 < kfull; k0 += BE)
       float_block4<BITS, false>(x + k0, w, k0 / E, s, GROUP_OF(k0, gs), per_block, gidx, 0, t0, t1, t2, t3);
     if (REMAINDER_ON && k0 < K)
       float_block4<BITS, true>(x + k0, w, k0 / E, s, GROUP_OF(k0, gs), tail_groups, gidx, tail_mask, t0, t1, t2, t3);
-    t0 = add_bias_terms_avx512(t0, b[0], xs, G);  // the biases, sum_g b[g] * sum(x in g), into the same lanes
-    t1 = add_bias_terms_avx512(t1, b[1], xs, G);
-    t2 = add_bias_terms_avx512(t2, b[2], xs, G);
-    t3 = add_bias_terms_avx512(t3, b[3], xs, G);
-    alignas(16) float y[4];
-    _mm_store_ps(y, hsum4_avx512(t0, t1, t2, t3));
-    std::copy(y, y + rows, out + (n - n0));
+    finish_rows4_avx512(r4, xs, G, t0, t1, t2, t3, out + (n - n0));
   }
   return n1;
 }
@@ -950,7 +974,7 @@ VNNI_FN inline __attribute__((always_inline)) void vnni_block4(const XPrep& xp, 
 template <int NG>  // groups per 128-element block: 1, 2 or 4 (group size 128, 64, 32)
 VNNI_FN int64_t decode_rows4_vnni_t(const QW& q, const XPrep& xp, int64_t n0, int64_t n1, int64_t nlim, int64_t ahead,
                                     float* out) {
-  const int64_t K = q.K, G = q.groups(), wpr = q.words_per_row(), kfull = K / kDigitBlock * kDigitBlock;
+  const int64_t K = q.K, G = q.groups(), kfull = K / kDigitBlock * kDigitBlock;
   const int gs = q.gs;
   const __m512i gidx = lane_groups_avx512<8>(__builtin_ctz(unsigned(gs)));
   const int64_t tail_words = (K - kfull) / 8;  // a partial last block: its words load masked, x's digits are 0
@@ -961,31 +985,15 @@ VNNI_FN int64_t decode_rows4_vnni_t(const QW& q, const XPrep& xp, int64_t n0, in
   if (rs.size() < size_t(8 * G)) rs.resize(size_t(8 * G));
   int64_t n = n0;
   for (; n < n1; n += 4) {  // the last one to three rows: computed four times over, the copies dropped
-    const int rows = int(std::min<int64_t>(4, n1 - n));
     prefetch_qrows(q, n + ahead, std::min(nlim, n + ahead + 4));
-    const float *s[4], *b[4];
-    const uint32_t* w[4];
-    for (int r = 0; r < 4; r++) {
-      const int64_t row = n + std::min(r, rows - 1);
-      row_params_at(q, row, rs.data() + 2 * r * G, rs.data() + (2 * r + 1) * G, &s[r], &b[r]);
-      w[r] = q.w + row * wpr;
-    }
+    const Rows4 r4 = rows4_at(q, n, n1, rs.data());
+    const float* const* s = r4.s;
+    const uint32_t* const* w = r4.w;
     __m512 t0 = _mm512_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;  // four rows' totals, kept in registers
     int64_t k0 = 0, blk = 0;
     for (; k0 < kfull; k0 += kDigitBlock, blk++) vnni_block4<false>(xp, k0, blk, w, s, gs, NG, gidx, 0, t0, t1, t2, t3);
     if (REMAINDER_ON && k0 < K) vnni_block4<true>(xp, k0, blk, w, s, gs, tail_groups, gidx, tail_mask, t0, t1, t2, t3);
-    t0 = add_bias_terms_avx512(t0, b[0], xs, G);  // sum_g b[g] * sum(x in g)
-    t1 = add_bias_terms_avx512(t1, b[1], xs, G);
-    t2 = add_bias_terms_avx512(t2, b[2], xs, G);
-    t3 = add_bias_terms_avx512(t3, b[3], xs, G);
-    const __m128 y4 = hsum4_avx512(t0, t1, t2, t3);
-    if (rows == 4) {
-      _mm_storeu_ps(out + (n - n0), y4);
-    } else {
-      alignas(16) float y[4];
-      _mm_store_ps(y, y4);
-      std::copy(y, y + rows, out + (n - n0));
-    }
+    finish_rows4_avx512(r4, xs, G, t0, t1, t2, t3, out + (n - n0));
   }
   return n1;
 }
