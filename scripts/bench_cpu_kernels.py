@@ -192,8 +192,8 @@ def main():
         via_mlx = {isa: [] for isa in isas}
         t_mlx = []
         time_calls(f_mlx, x, ws, 2)
-        for _ in range(args.reps):
-            for isa in isas:
+        for rep in range(args.reps):
+            for isa in (isas if rep % 2 == 0 else isas[::-1]):  # alternate which path runs first
                 cpu._configure(isa=isa)
                 kernel[isa].append(cpu._ext.kernel_seconds(x, ws, group_size=gs, bits=bits, calls=calls))
                 via_mlx[isa].append(time_calls(f_ours, x, ws, calls))
