@@ -7,7 +7,7 @@ dequantisation (one float32 rounding of s*q+b) adds u*|x||w| more. We allow 2*(K
 rounding of the result to the output dtype (u_out*|y|). A planted bug (see test_cpu_mutations.py)
 misses this bound by orders of magnitude.
 
-The same checks (check_qmm, check_gate_up, check_matmul) drive the ctypes builds of the core in the
+The same checks (check_qmm, check_qmm_many, check_gate_up, check_matmul) drive the ctypes builds of the core in the
 mutation tests: `run` callables take float32 numpy inputs.
 """
 
@@ -117,6 +117,22 @@ def check_qmm(run, M, N, K, bits, gs, dtype="float32", seed=0, what="qmm"):
 
 
 @functools.lru_cache(maxsize=128)
+def _qmm_many_case(M, Ns, K, bits, gs, dtype, seed):
+    parts = tuple(make_quantized(N, K, bits, gs, seed + i, DTYPES[dtype]) for i, N in enumerate(Ns))
+    x = make_x(M, K, seed, DTYPES[dtype])
+    return (x, parts), [qmm_reference(x, *part, gs, bits) for part in parts]
+
+
+def check_qmm_many(run, M, Ns, K, bits, gs, dtype="float32", seed=0, what="qmm_many"):
+    """run(x, parts, gs, bits) -> [x @ deq(W_i).T]; parts: (wq, s, b) per output, N = Ns[i] rows each."""
+    (x, parts), refs = _qmm_many_case(M, tuple(Ns), K, bits, gs, dtype, seed)
+    got = run(x, parts, gs, bits)
+    assert len(got) == len(parts), f"{what}: {len(got)} outputs for {len(parts)} weights"
+    for i, (y, (want, err)) in enumerate(zip(got, refs)):
+        assert_within(y, want, err, dtype, f"{what} part {i} of {list(Ns)} M={M} K={K} bits={bits} gs={gs} {dtype}")
+
+
+@functools.lru_cache(maxsize=128)
 def _gate_up_case(M, N, K, bits, gs, dtype, seed):
     dt = DTYPES[dtype]
     gate = make_quantized(N, K, bits, gs, seed, dt)
@@ -191,6 +207,11 @@ def ext_qmm(x, wq, s, b, gs, bits):
     y = cpu.quantized_matmul(x, wq, s, b, group_size=gs, bits=bits)
     assert y.dtype == mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=gs, bits=bits).dtype
     return _f64(y)
+
+
+def ext_qmm_many(x, parts, gs, bits):
+    ys = cpu.quantized_matmuls(x, parts, group_size=gs, bits=bits)
+    return [_f64(y) for y in ys]
 
 
 def ext_gate_up(x, gate, up, gs, bits):
@@ -287,6 +308,43 @@ def test_quantized_matmul_blocked_path_each_gemm(isa, gemm_backend, dtype):
     for M in (17, 33):  # above the GEMV row limit (16)
         check_qmm(ext_qmm, M, 130, 192, 4, 64, dtype, seed=M, what=f"qmm[{isa},{gemm_backend}]")
         check_qmm(ext_qmm, M, 130, 96, 8, 32, dtype, seed=M, what=f"qmm[{isa},{gemm_backend}]")
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("bits,gs", [(4, 32), (4, 64), (8, 32), (8, 128)])
+@pytest.mark.parametrize("split", ["one thread", "pool"])
+def test_quantized_matmuls_each_output(isa, bits, gs, dtype, split):
+    """q, k and v in one call: each output equals its own matmul, with ragged row counts (77, 45, 45: no
+    multiple of a chunk or of four), decode and prefill rows, on the calling thread and split over the pool."""
+    previous = cpu._ext.set_gemv_parallel_min_bytes(1 << 40 if split == "one thread" else 0)
+    try:
+        for M in (1, 2, 7, 33):
+            for K in (gs, 3 * gs):
+                check_qmm_many(ext_qmm_many, M, (77, 45, 45), K, bits, gs, dtype, seed=M + K, what=f"qmm_many[{isa}]")
+        check_qmm_many(ext_qmm_many, 1, (5,), 2 * gs, bits, gs, dtype, seed=3, what=f"qmm_many[{isa}] one part")
+    finally:
+        cpu._ext.set_gemv_parallel_min_bytes(previous)
+
+
+@needs_ext
+def test_quantized_matmuls_outputs_and_errors():
+    """One lazy array per weight, shaped and typed like quantized_matmul's; mismatched weights are one clear error."""
+    x = make_x(2, 96, 1).reshape(1, 2, 96)
+    parts = [make_quantized(n, 96, 4, 32, n) for n in (64, 16)]
+    ys = cpu.quantized_matmuls(x, parts, group_size=32, bits=4)
+    assert [y.shape for y in ys] == [(1, 2, 64), (1, 2, 16)]
+    for y, part in zip(ys, parts):
+        want = mx.quantized_matmul(x, *part, transpose=True, group_size=32, bits=4)
+        assert y.dtype == want.dtype
+        np.testing.assert_allclose(np.array(y), np.array(want), rtol=1e-5, atol=1e-5)
+    half = (parts[1][0], parts[1][1].astype(mx.float16), parts[1][2].astype(mx.float16))
+    with pytest.raises(ValueError, match="same dtype"):
+        cpu.quantized_matmuls(x, [parts[0], half], group_size=32, bits=4)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        cpu.quantized_matmuls(x, [parts[0], make_quantized(16, 64, 4, 32, 0)], group_size=32, bits=4)
+    with pytest.raises(ValueError, match="at least one"):
+        cpu.quantized_matmuls(x, [], group_size=32, bits=4)
 
 
 @needs_ext
@@ -402,6 +460,13 @@ def test_kernel_seconds_runs_and_rejects_bad_input():
         cpu._ext.kernel_seconds(x, [], group_size=64, bits=4, calls=1)
     with pytest.raises(ValueError, match="shapes do not match"):
         cpu._ext.kernel_seconds(make_x(1, 256, seed=3), copies, group_size=64, bits=4, calls=1)
+    # sets of three (q, k, v) through the one-call kernel
+    sets = [make_quantized(n, 512, 4, 64, seed=i) for i in range(2) for n in (128, 32, 32)]
+    assert 0 < cpu._ext.kernel_seconds(x, sets, group_size=64, bits=4, calls=5, parts=3) < 1
+    with pytest.raises(ValueError, match="whole number of sets"):
+        cpu._ext.kernel_seconds(x, sets[:4], group_size=64, bits=4, calls=1, parts=3)
+    with pytest.raises(ValueError, match="same shapes"):
+        cpu._ext.kernel_seconds(x, sets[:3] + sets[:2] + sets[:1], group_size=64, bits=4, calls=1, parts=3)
 
 
 @needs_ext

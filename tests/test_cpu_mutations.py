@@ -3,7 +3,7 @@
 The kernel sources (src/mlxedge/cpu/kernels/core.cpp and ops.cpp) have no MLX dependency and a C ABI, so
 they are compiled here into small shared libraries, once clean and once per planted bug
 (-DMLXEDGE_PLANT_<NAME>), and driven through ctypes by the same checks test_cpu_kernels.py and
-test_cpu_ops.py run on the MLX extension (check_qmm, check_gate_up, check_matmul against mx.dequantize +
+test_cpu_ops.py run on the MLX extension (check_qmm, check_qmm_many, check_gate_up, check_matmul against mx.dequantize +
 float64 numpy; check_rms_norm, check_rope, check_sdpa against float64 numpy). The clean build must pass
 them all; every planted build must fail at least one, on the ISA paths and GEMM backends they exercise.
 """
@@ -22,7 +22,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from test_cpu_kernels import ISAS, check_gate_up, check_matmul, check_qmm
+from test_cpu_kernels import ISAS, check_gate_up, check_matmul, check_qmm, check_qmm_many
 from test_cpu_ops import check_rms_norm, check_rope, check_sdpa
 
 KERNELS = Path(__file__).resolve().parents[1] / "src" / "mlxedge" / "cpu" / "kernels"
@@ -89,6 +89,7 @@ class Core:
         lib.mlxe_set_gemv_parallel_min_bytes.argtypes = [i64]
         lib.mlxe_set_gemv_parallel_min_bytes.restype = i64
         lib.mlxe_qmm.argtypes = [vp, i32, vp, vp, vp, i32, vp, i32, i64, i64, i64, i32, i32]
+        lib.mlxe_qmm_many.argtypes = [vp, i32, i32, vp, vp, vp, i32, vp, i32, i64, vp, i64, i32, i32]
         lib.mlxe_gate_up_silu.argtypes = [vp, i32, vp, vp, vp, vp, vp, vp, i32, vp, i32, i64, i64, i64, i32, i32]
         lib.mlxe_matmul.argtypes = [vp, i32, vp, i32, vp, i32, i64, i64, i64]
         lib.mlxe_ops_plant.restype = ctypes.c_char_p
@@ -134,6 +135,18 @@ class Core:
         self.lib.mlxe_qmm(xa.ctypes.data, CODES[x.dtype], wa.ctypes.data, sa.ctypes.data, ba.ctypes.data,
                           CODES[s.dtype], out.ctypes.data, CODES[odt], M, N, K, bits, gs)
         return self._f64(out, odt)
+
+    def qmm_many(self, x, parts, gs, bits):
+        M, K, n = x.shape[0], x.shape[1], len(parts)
+        xa = self._np(x)
+        arrs = [[self._np(a) for a in part] for part in parts]
+        outs = [self._out((M, part[0].shape[0]), x.dtype) for part in parts]
+        ptrs = lambda i: (ctypes.c_void_p * n)(*[a[i].ctypes.data for a in arrs])  # noqa: E731
+        out_ptrs = (ctypes.c_void_p * n)(*[o.ctypes.data for o in outs])
+        rows = (ctypes.c_int64 * n)(*[part[0].shape[0] for part in parts])
+        self.lib.mlxe_qmm_many(xa.ctypes.data, CODES[x.dtype], n, ptrs(0), ptrs(1), ptrs(2), CODES[parts[0][1].dtype],
+                               out_ptrs, CODES[x.dtype], M, rows, K, bits, gs)
+        return [self._f64(o, x.dtype) for o in outs]
 
     def gate_up(self, x, gate, up, gs, bits):
         M, K, N = x.shape[0], x.shape[1], gate[0].shape[0]
@@ -234,6 +247,7 @@ def _suite(core: Core, attempt) -> None:
                             attempt(check_qmm, core.qmm, M, 77, K, bits, gs, "float32", seed=M + K, what="qmm" + tag)
             for M in rows:
                 attempt(check_gate_up, core.gate_up, M, 45, 96, 4, 32, "float32", seed=M, what="gate_up" + tag)
+                attempt(check_qmm_many, core.qmm_many, M, (77, 45, 45), 192, 4, 64, "float32", seed=M, what="qmm_many" + tag)
                 attempt(check_matmul, core.matmul, M, 77, 100, seed=M, what="matmul" + tag)
             # many tiles over several threads: a shared tile buffer gets overwritten mid-GEMM
             for rep in range(5):

@@ -6,7 +6,9 @@ for the extension, so these run whether or not it is built. Checked: quantized l
 tied head go native for every row count; gate·up is fused only where the bound path has a fused kernel
 and only for decode rows; float Linear layers and a tied float head are swapped for bound stand-ins and
 given back as MLX's own classes under a built-in choice; unsupported settings, a missing extension and a
-lost `auto` measurement all bind the built-in; nothing about the choice is consulted per call.
+lost `auto` measurement all bind the built-in; nothing about the choice is consulted per call. Where the
+backend also has the attention ops (fast_layers binds a BoundAttention), q, k and v quantized alike run
+through one `quantized_matmuls` call for decode rows, and through their own bindings beyond.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import mlxedge
 from mlxedge import kernels
 from mlxedge.kernels import KernelChoice
 from mlxedge.metal import selection
+from mlxedge.quant.affine import QuantSpec
 from mlxedge.quant.fused_mlp import FusedGatedMLP
 from mlxedge.quant.layers import BoundEmbedding, BoundLinear, QuantizedLinear
 from tiny_models import build_tiny
@@ -64,6 +67,24 @@ class FakeNative:
     def matmul(self, x, w):
         self.calls.append(("matmul", self._rows(x)))
         return mx.matmul(x, mx.transpose(w))
+
+
+class FakeNativeWithOps(FakeNative):
+    """FakeNative plus the attention-step ops (MLX's own) and the q·k·v call: attentions get bound."""
+
+    def rms_norm(self, x, weight, eps):
+        return mx.fast.rms_norm(x, weight, eps)
+
+    def rope(self, x, dims, *, traditional, base, scale, offset, freqs=None):
+        return mx.fast.rope(x, dims, traditional=traditional, base=base, scale=scale, offset=offset, freqs=freqs)
+
+    def sdpa(self, q, k, v, *, scale, causal):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if causal else None)
+
+    def quantized_matmuls(self, x, parts, *, group_size, bits):
+        self.calls.append(("qkv", self._rows(x), len(parts)))
+        return [(x.astype(mx.float32) @ mx.dequantize(*p, group_size=group_size, bits=bits).astype(mx.float32).T)
+                .astype(x.dtype) for p in parts]
 
 
 class NoMetal:
@@ -224,12 +245,63 @@ def test_nothing_about_the_choice_is_consulted_per_call(tiny_dir, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("consulted per call")
 
-    for name in ("quantized", "gate_up", "linear", "_wins", "_find_candidate"):
+    for name in ("quantized", "gate_up", "projections", "linear", "_wins", "_wins_with", "_find_candidate"):
         monkeypatch.setattr(KernelChoice, name, forbidden)
     monkeypatch.setattr(kernels, "read_mode", forbidden)
     monkeypatch.setenv("MLXEDGE_KERNELS", "builtin")
     run(model)
     assert ("qmm", 1) in fake.calls and ("gate_up", 1) in fake.calls
+
+
+def test_q_k_v_run_in_one_call_for_decode_rows_and_apart_beyond(tiny_dir, monkeypatch):
+    model = load_builtin(tiny_dir, monkeypatch, bits=4, group_size=64)
+    want = run(model)
+    ids = list(range(1, kernels.DECODE_ROWS + 4))
+    want_long = model.logits(ids)
+    fake = FakeNativeWithOps()
+    info = model.use_kernels(native(fake))
+    assert info["layers"]["qkv_fused"] == {"native": 2} and info["layers"]["attention"] == {"native": 2}
+    fake.calls.clear()  # binding probed the attentions through the projections' own bindings
+    assert_matches(run(model), want)
+    # prefill (6 rows, within the decode rows) and the decode step: one call per layer for q, k and v
+    assert fake.calls.count(("qkv", len(PROMPT), 3)) == 2 and fake.calls.count(("qkv", 1, 3)) == 2
+    assert fake.calls.count(("qmm", 1)) == 2 * 2 + 1  # o_proj and down_proj per layer, and the head
+    fake.calls.clear()
+    got = model.logits(ids)
+    assert np.abs(got - want_long).max() <= 1e-4 * np.abs(want_long).max()
+    assert not [c for c in fake.calls if c[0] == "qkv"]
+    assert fake.calls.count(("qmm", len(ids))) == 2 * 7 + 1
+
+    info = model.use_kernels(KernelChoice("builtin"))  # and back: mlx-lm's attention, one call per projection
+    assert "qkv_fused" not in info["layers"]
+    for got, w in zip(run(model), want):
+        assert np.array_equal(got, w)
+
+
+def test_q_k_v_stay_apart_where_they_are_not_quantized_alike(tiny_dir, monkeypatch):
+    from mlxedge.quant.binding import bind_kernels
+
+    model = load_builtin(tiny_dir, monkeypatch, bits=4, group_size=64)
+    attn = model.module.model.layers[0].self_attn
+    v = attn.v_proj
+    dense = mx.dequantize(v["weight"], v["scales"], v["biases"], group_size=64, bits=4)
+    other = QuantizedLinear(dense.shape[1], dense.shape[0], False, QuantSpec(bits=4, group_size=32), mx.float32)
+    other.weight, other.scales, other.biases = mx.quantize(dense, group_size=32, bits=4)  # another group size
+    attn.v_proj = other
+    report = bind_kernels(model.module, native(FakeNativeWithOps()))
+    assert report["qkv_fused"] == {"native": 1} and report["attention"] == {"native": 2}
+
+
+def test_auto_fuses_q_k_v_only_where_the_one_call_measured_faster(tiny_dir, tmp_path, monkeypatch):
+    model = load_builtin(tiny_dir, monkeypatch, bits=4, group_size=64)
+
+    def verdict(run_candidate, run_builtin):
+        wins = run_candidate().shape[-1] != 64 + 32 + 32  # the joined q·k·v output "loses"
+        return {"custom_s": 1.0 if wins else 3.0, "builtin_s": 2.0, "agree": True}
+
+    sel = selection.Selector(path=tmp_path / "sel.json", measure_fn=verdict)
+    info = model.use_kernels(native(FakeNativeWithOps(), "auto", selector=sel))
+    assert "qkv_fused" not in info["layers"] and info["layers"]["attention"] == {"native": 2}
 
 
 def test_load_reports_the_backend_in_info(tiny_dir, monkeypatch):

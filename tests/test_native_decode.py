@@ -1,6 +1,6 @@
 """SmolLM2-135M (the real Q4_1 GGUF, computing in float32): 64 greedy tokens through the native CPU kernels
 equal MLX's built-in path's, and the native path is what actually ran (every quantized layer bound to it,
-gate·up fused).
+gate·up fused, q·k·v in one call).
 
 Skips only where the native extension is not available; with MLXEDGE_REQUIRE_NATIVE=1 (set by `make test`,
 which builds the extension) its absence is a failure, not a skip.
@@ -54,6 +54,7 @@ def test_smollm2_greedy_decode_native_equals_builtin(smollm2_gguf, monkeypatch):
     layers = info["layers"]
     assert set(layers["quantized"]) == {"native"}, layers  # every quantized layer, every row count
     assert layers["gate_up_fused"] == {"native": model.config["num_hidden_layers"]}
+    assert layers["qkv_fused"] == {"native": model.config["num_hidden_layers"]}  # q, k, v in one call
     assert greedy(model, ids) == builtin
     # the norms, rope and attention were native too (fast_layers), and greedy stayed identical
     assert layers["rms_norm"] == {"native": 2 * model.config["num_hidden_layers"] + 1}

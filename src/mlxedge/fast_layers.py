@@ -12,7 +12,9 @@ overhead. Where the KernelChoice offers native versions (`FastOps`), `bind_fast_
   (projections, optional per-head q/k norm, rope, cache update, attention, output projection) with the
   attention bound; a numeric probe against the class's own forward (prefill and one decode step through a
   KV cache) must agree before any instance of a class is swapped. Masks other than none/"causal",
-  quantized KV caches and mixed dtypes fall back to mlx-lm's attention for that call.
+  quantized KV caches and mixed dtypes fall back to mlx-lm's attention for that call. Its q, k and v
+  projections may then be bound to one call (`bind_projections`, from quant/binding.py): three small
+  GEMVs (k and v are 192 rows on SmolLM2) cost more apart than as one partition of their rows.
 
 Every swap keeps the children under the same names, so the parameter tree, loading, saving and adapters
 are unchanged; `unbound()` gives the MLX / mlx-lm module back (the built-in choice swaps them back).
@@ -113,7 +115,21 @@ class BoundAttention(nn.Module):
             if isinstance(value, (int, float, bool, str)) and not name.startswith("_"):
                 setattr(self, name, value)
         self._qk_norm, self._sdpa, self._fallback = qk_norm, sdpa, _mlx_lm_attention()
+        self._projections, self._projections_size = None, 0
         self.train(original.training)
+
+    def bind_projections(self, binding) -> None:
+        """Run q, k and v through `binding.decode(x, parts)` (one call) for up to its decode rows; the
+        projections are quantized alike (quant/binding.py checks). Beyond, each runs its own binding."""
+        q = self["q_proj"]
+        self._projections = binding.decode
+        self._projections_size = binding.decode_rows * q["scales"].shape[1] * q.group_size
+
+    def _project(self, x: mx.array):
+        if x.size <= self._projections_size:
+            parts = [(p["weight"], p["scales"], p["biases"]) for p in (self.q_proj, self.k_proj, self.v_proj)]
+            return self._projections(x, parts)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def _attend(self, q, k, v, cache, mask):
         if ((mask is None or (isinstance(mask, str) and mask == "causal")) and not hasattr(cache, "bits")
@@ -123,7 +139,7 @@ class BoundAttention(nn.Module):
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         B, L, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self._project(x)
         q = q.reshape(B, L, self.n_heads, -1)
         k = k.reshape(B, L, self.n_kv_heads, -1)
         if self._qk_norm:

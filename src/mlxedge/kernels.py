@@ -213,6 +213,35 @@ class KernelChoice:
             return None
         return Binding(self.candidate, fn, None, DECODE_ROWS, BUILTIN)
 
+    def projections(self, parts: tuple, *, group_size: int, bits: int) -> Optional[Binding]:
+        """[x @ W_i.T for each (w, scales, biases) part] in one native call (a layer's q, k and v projections,
+        quantized alike), or None where no such kernel runs or, in auto, it does not beat each part through
+        its own binding. Its decode callable takes (x, parts) and returns one array per part."""
+        key = ("projections", *((a.shape, a.dtype) for part in parts for a in part), group_size, bits)
+        return self._memo(key, lambda: self._projections(parts, group_size, bits))
+
+    def _projections(self, parts, group_size, bits) -> Optional[Binding]:
+        if (self.candidate != NATIVE or not hasattr(self._cpu, "quantized_matmuls") or len(parts) < 2
+                or any(b is None or w.dtype != mx.uint32 for w, _, b in parts)):
+            return None
+        words, dtype = parts[0][0].shape[1], parts[0][1].dtype
+        if (any(w.shape[1] != words or s.dtype != dtype for w, s, _ in parts)
+                or not self._native_supports(dtype, bits, group_size)):
+            return None
+        k = words * 32 // bits
+        fn = partial(self._cpu.quantized_matmuls, group_size=group_size, bits=bits)
+        each = [self.quantized(*part, group_size=group_size, bits=bits).decode for part in parts]
+        q32 = partial(mx.quantized_matmul, transpose=True, group_size=group_size, bits=bits)
+        joined = partial(mx.concatenate, axis=-1)  # one array to time and compare
+        n = "+".join(str(w.shape[0]) for w, _, _ in parts)
+        key = f"projections:{self.candidate}:bits{bits}:group{group_size}:{_name(dtype)}:n{n}:k{k}"
+        if not self._wins(key, k, dtype, lambda x: joined(fn(x, parts)),
+                          lambda x: joined([f(x, *part) for f, part in zip(each, parts)]),
+                          reference=lambda x: joined([q32(x.astype(mx.float32), w, s.astype(mx.float32),
+                                                          b.astype(mx.float32)) for w, s, b in parts])):
+            return None
+        return Binding(self.candidate, fn, None, DECODE_ROWS, BUILTIN)
+
     def linear(self, w: mx.array) -> Binding:
         """x @ w.T for a float weight [N, K] (unquantized Linear, tied float head)."""
         return self._memo(("matmul", w.shape, w.dtype), lambda: self._linear(w))

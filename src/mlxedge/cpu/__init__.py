@@ -1,6 +1,6 @@
-"""Native CPU kernels (an MLX C++ extension): quantized matmul, fused gate*up(silu), float matmul, and
-the rest of a decode step: RMS norm, rotary embedding and attention (mx.fast's ops, which on MLX's CPU
-backend expand into their reference graphs).
+"""Native CPU kernels (an MLX C++ extension): quantized matmul (also of several weights in one call, for
+q·k·v), fused gate*up(silu), float matmul, and the rest of a decode step: RMS norm, rotary embedding and
+attention (mx.fast's ops, which on MLX's CPU backend expand into their reference graphs).
 
 The operations return lazy MLX arrays made by a custom Primitive that runs only on the CPU stream
 (``mx.cpu``), so they compose with MLX graphs and ``async_eval`` like built-ins. Importing this module
@@ -162,6 +162,12 @@ def supports(x_dtype, bits: int, group_size: int) -> bool:
 def quantized_matmul(x, w, scales, biases, *, group_size: int, bits: int) -> mx.array:
     """mx.quantized_matmul(x, w, scales, biases, transpose=True, ...) for MLX's affine layout, on mx.cpu."""
     return _ext.quantized_matmul(x, w, scales, biases, group_size=group_size, bits=bits)
+
+
+def quantized_matmuls(x, weights, *, group_size: int, bits: int) -> list:
+    """[x @ deq(W_i).T for each (w, scales, biases) in `weights`]: one native call for weights quantized alike
+    (a layer's q, k and v projections), one output array each, on mx.cpu."""
+    return _ext.quantized_matmuls(x, [tuple(t) for t in weights], group_size=group_size, bits=bits)
 
 
 def gate_up_silu(x, gate: tuple, up: tuple, *, group_size: int, bits: int) -> mx.array:

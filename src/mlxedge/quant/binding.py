@@ -7,7 +7,9 @@
   the built-in, and go back to the plain MLX classes where it is;
 - a gated-silu MLP with gate and up quantized alike becomes a FusedGatedMLP where the bound path runs a
   fused kernel, and goes back to its original module where it does not (so the built-in path computes
-  exactly what mlx-lm computes).
+  exactly what mlx-lm computes);
+- an attention bound by fast_layers (BoundAttention) whose q, k and v projections are quantized alike runs
+  them through one native call (`KernelChoice.projections`) where that is the choice.
 It returns the layer counts per kind and backend that `info["kernels"]["layers"]` reports.
 """
 
@@ -19,8 +21,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from ..fast_layers import bind_fast_layers
-from .fused_mlp import FusedGatedMLP, fusable, known_activations, quantized_alike, triplet
+from ..fast_layers import BoundAttention, bind_fast_layers
+from .fused_mlp import FusedGatedMLP, fusable, known_activations, quantized_affine, quantized_alike, triplet
 from .layers import BoundEmbedding, BoundLinear, QuantizedEmbedding, QuantizedLinear
 
 
@@ -83,6 +85,27 @@ def _bind_mlps(model: nn.Module, choice, counts: dict) -> None:
         model.update_modules(tree_unflatten(swaps))
 
 
+def _bind_projections(model: nn.Module, choice, counts: dict) -> None:
+    """q, k and v in one call for each BoundAttention whose three projections are quantized alike (same
+    bits, group size, input width and scale dtype); the others keep one call per projection."""
+    if not hasattr(choice, "projections"):
+        return
+    for _, m in model.named_modules():
+        if not isinstance(m, BoundAttention):
+            continue
+        parts = [m.get(name) for name in ("q_proj", "k_proj", "v_proj")]
+        if not all(quantized_affine(p) for p in parts):
+            continue
+        q = parts[0]
+        if any((p.bits, p.group_size, p["weight"].shape[1], p["scales"].dtype)
+               != (q.bits, q.group_size, q["weight"].shape[1], q["scales"].dtype) for p in parts):
+            continue
+        binding = choice.projections(tuple(triplet(p) for p in parts), group_size=q.group_size, bits=q.bits)
+        if binding is not None:
+            m.bind_projections(binding)
+            counts["qkv_fused"][binding.backend] += 1
+
+
 def _attention_shape(model: nn.Module):
     """(heads, kv_heads, head_dim) of the first attention layer that states them, else None."""
     for _, m in model.named_modules():
@@ -105,13 +128,16 @@ def _compute_dtype(model: nn.Module):
 def bind_kernels(model: nn.Module, choice) -> dict:
     """Bind every matmul layer of `model` to `choice`'s kernels, and its norm / rope / attention layers
     to the native ones where the choice has them (fast_layers); {kind: {backend: layer count}}."""
-    counts = {"quantized": Counter(), "linear": Counter(), "tied_head": Counter(), "gate_up_fused": Counter()}
+    counts = {"quantized": Counter(), "linear": Counter(), "tied_head": Counter(), "gate_up_fused": Counter(),
+              "qkv_fused": Counter()}
     _bind_layers(model, choice, counts)
     _bind_mlps(model, choice, counts)
     shape = _attention_shape(model)
     fast = None
     if shape is not None and hasattr(choice, "fast_ops"):
         fast = choice.fast_ops(heads=shape[0], kv_heads=shape[1], head_dim=shape[2], dtype=_compute_dtype(model))
+    fast_report = bind_fast_layers(model, fast)
+    _bind_projections(model, choice, counts)
     report = {kind: dict(c) for kind, c in counts.items() if c}
-    report.update(bind_fast_layers(model, fast))
+    report.update(fast_report)
     return report

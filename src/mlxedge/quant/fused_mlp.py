@@ -37,7 +37,8 @@ def known_activations() -> dict:
     return classes_by_name(KNOWN_MLPS)
 
 
-def _quantized(layer) -> bool:
+def quantized_affine(layer) -> bool:
+    """An affine-quantized layer without a linear bias, with integer bits and group size."""
     try:
         return (isinstance(layer, nn.Module) and "weight" in layer and "scales" in layer
                 and layer.get("biases") is not None and layer["weight"].dtype == mx.uint32
@@ -57,7 +58,7 @@ def quantized_alike(module) -> bool:
     if not isinstance(module, nn.Module) or isinstance(module, FusedGatedMLP):
         return False
     gate, up = module.get("gate_proj"), module.get("up_proj")
-    if not (_quantized(gate) and _quantized(up) and isinstance(module.get("down_proj"), nn.Module)):
+    if not (quantized_affine(gate) and quantized_affine(up) and isinstance(module.get("down_proj"), nn.Module)):
         return False
     return ((gate.bits, gate.group_size) == (up.bits, up.group_size)
             and gate["weight"].shape == up["weight"].shape and gate["scales"].dtype == up["scales"].dtype)

@@ -98,6 +98,61 @@ class CpuKernel : public mx::UnaryPrimitive {
   int bits_, gs_;
 };
 
+// Several quantized matmuls of one x (a layer's q, k and v projections), one output each: inputs are
+// x then a (w, scales, biases) triplet per output, all quantized alike.
+class CpuQuantizedMatmuls : public mx::Primitive {
+ public:
+  CpuQuantizedMatmuls(mx::Stream s, int bits, int group_size) : mx::Primitive(s), bits_(bits), gs_(group_size) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : inputs) enc.set_input_array(a);
+    std::vector<mx::array> outs;
+    for (auto& o : outputs) {
+      o.set_data(mx::allocator::malloc(o.nbytes()));
+      enc.set_output_array(o);
+      outs.push_back(mx::array::unsafe_weak_copy(o));
+    }
+    enc.dispatch([inputs, outs, bits = bits_, gs = gs_]() mutable {
+      const auto& x = inputs[0];
+      const int64_t K = x.shape(-1), M = K ? int64_t(x.size()) / K : 0;
+      if (M == 0) return;
+      std::vector<std::vector<char>> bufs(inputs.size());
+      std::vector<const void*> p(inputs.size());
+      for (size_t i = 0; i < inputs.size(); i++) p[i] = dense(inputs[i], bufs[i]);
+      const size_t n = outs.size();
+      std::vector<const uint32_t*> w(n);
+      std::vector<const void*> sc(n), bi(n);
+      std::vector<void*> y(n);
+      std::vector<int64_t> N(n);
+      for (size_t i = 0; i < n; i++) {
+        w[i] = static_cast<const uint32_t*>(p[1 + 3 * i]);
+        sc[i] = p[2 + 3 * i];
+        bi[i] = p[3 + 3 * i];
+        y[i] = outs[i].data<void>();
+        N[i] = outs[i].shape(-1);
+      }
+      mlxe_qmm_many(p[0], code_of(x.dtype()), int(n), w.data(), sc.data(), bi.data(), code_of(inputs[2].dtype()),
+                    y.data(), code_of(outs[0].dtype()), M, N.data(), K, bits, gs);
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error(
+        "mlxedge native CPU kernels have no GPU implementation; schedule them on mx.cpu");
+  }
+
+  const char* name() const override { return "MlxedgeCpuQuantizedMatmuls"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const CpuQuantizedMatmuls&>(other);
+    return bits_ == o.bits_ && gs_ == o.gs_;
+  }
+
+ private:
+  int bits_, gs_;
+};
+
 [[noreturn]] void bad(const std::string& what) { throw std::invalid_argument(what); }
 
 void check_float(const mx::array& a, const char* name) {
@@ -163,6 +218,29 @@ mx::array gate_up_silu(const mx::array& x, const nb::tuple& gate, const nb::tupl
                    {x, wg, sg, bg, wu, su, bu});
 }
 
+nb::list quantized_matmuls(const mx::array& x, const nb::list& weights, int group_size, int bits) {
+  const size_t n = nb::len(weights);
+  if (n == 0) bad("quantized_matmuls: give at least one (w, scales, biases) triplet");
+  std::vector<mx::array> inputs{x};
+  std::vector<mx::Shape> shapes;
+  for (auto item : weights) {
+    auto t = nb::cast<nb::tuple>(item);
+    if (nb::len(t) != 3) bad("quantized_matmuls: weights must be (w, scales, biases) triplets");
+    auto w = nb::cast<mx::array>(t[0]), s = nb::cast<mx::array>(t[1]), b = nb::cast<mx::array>(t[2]);
+    const int64_t N = check_quantized(x, w, s, b, group_size, bits, "quantized_matmuls");
+    if (inputs.size() > 1 && s.dtype() != inputs[2].dtype())
+      bad("quantized_matmuls: every weight's scales must have the same dtype");
+    inputs.insert(inputs.end(), {w, s, b});
+    shapes.push_back(out_shape(x, N));
+  }
+  auto dt = mx::promote_types(x.dtype(), inputs[2].dtype());
+  auto outs = mx::array::make_arrays(shapes, std::vector<mx::Dtype>(n, dt),
+                                     std::make_shared<CpuQuantizedMatmuls>(cpu_stream(), bits, group_size), inputs);
+  nb::list result;
+  for (auto& o : outs) result.append(nb::cast(o));
+  return result;
+}
+
 mx::array matmul(const mx::array& x, const mx::array& w) {
   check_float(x, "x");
   check_float(w, "w");
@@ -177,20 +255,23 @@ mx::array matmul(const mx::array& x, const mx::array& w) {
 }
 
 // Seconds per call of the quantized matmul kernel alone (no graph, no MLX scheduling): `calls` calls,
-// call i on weights[i % len(weights)], timed on the calling thread. For scripts/bench_cpu_kernels.py,
-// which sets this beside the same calls through MLX to show what the per-op overhead costs.
-double kernel_seconds(const mx::array& x, const nb::list& weights, int group_size, int bits, int calls) {
-  if (nb::len(weights) == 0 || calls < 1) bad("kernel_seconds: give at least one weight triplet and one call");
+// timed on the calling thread. With parts = 1 call i runs mlxe_qmm on weights[i % len(weights)]; with
+// parts > 1 each run of `parts` consecutive triplets is one set (a layer's q, k, v) and call i runs
+// mlxe_qmm_many on set i % sets. For scripts/bench_cpu_kernels.py, which sets this beside the same calls
+// through MLX to show what the per-op overhead costs.
+double kernel_seconds(const mx::array& x, const nb::list& weights, int group_size, int bits, int calls, int parts) {
+  if (nb::len(weights) == 0 || calls < 1 || parts < 1 || nb::len(weights) % size_t(parts) != 0)
+    bad("kernel_seconds: give at least one weight triplet per part, a whole number of sets, and one call");
   struct Triplet {
     mx::array w, s, b;
+    int64_t N;
   };
   std::vector<Triplet> ws;
-  int64_t N = 0;
   for (auto item : weights) {
     auto t = nb::cast<nb::tuple>(item);
     if (nb::len(t) != 3) bad("kernel_seconds: weights must be (w, scales, biases) triplets");
-    Triplet q{nb::cast<mx::array>(t[0]), nb::cast<mx::array>(t[1]), nb::cast<mx::array>(t[2])};
-    N = check_quantized(x, q.w, q.s, q.b, group_size, bits, "kernel_seconds");
+    Triplet q{nb::cast<mx::array>(t[0]), nb::cast<mx::array>(t[1]), nb::cast<mx::array>(t[2]), 0};
+    q.N = check_quantized(x, q.w, q.s, q.b, group_size, bits, "kernel_seconds");
     ws.push_back(q);
   }
   mx::array xe = x;
@@ -201,14 +282,37 @@ double kernel_seconds(const mx::array& x, const nb::list& weights, int group_siz
       bad("kernel_seconds: weights must be row-contiguous");
   if (!xe.flags().row_contiguous) bad("kernel_seconds: x must be row-contiguous");
   const int64_t K = xe.shape(-1), M = int64_t(xe.size()) / K;
-  std::vector<float> y(size_t(M * N));
   const int xdt = code_of(xe.dtype()), sdt = code_of(ws[0].s.dtype());
+  const size_t sets = ws.size() / size_t(parts);
+  // per set: the pointers and output buffers mlxe_qmm_many takes
+  std::vector<std::vector<const uint32_t*>> wp(sets);
+  std::vector<std::vector<const void*>> sp(sets), bp(sets);
+  std::vector<std::vector<int64_t>> np(sets);
+  std::vector<std::vector<float>> ybufs;
+  std::vector<void*> yp;
+  for (int j = 0; j < parts; j++) {
+    ybufs.emplace_back(size_t(M * ws[size_t(j)].N));
+    yp.push_back(ybufs.back().data());
+  }
+  for (size_t c = 0; c < sets; c++)
+    for (int j = 0; j < parts; j++) {
+      const auto& q = ws[c * size_t(parts) + size_t(j)];
+      if (q.N != ws[size_t(j)].N) bad("kernel_seconds: every set must have the same shapes");
+      wp[c].push_back(q.w.data<uint32_t>());
+      sp[c].push_back(q.s.data<void>());
+      bp[c].push_back(q.b.data<void>());
+      np[c].push_back(q.N);
+    }
   nb::gil_scoped_release unlocked;
   const auto t0 = std::chrono::steady_clock::now();
   for (int i = 0; i < calls; i++) {
-    const auto& q = ws[size_t(i) % ws.size()];
-    mlxe_qmm(xe.data<void>(), xdt, q.w.data<uint32_t>(), q.s.data<void>(), q.b.data<void>(), sdt, y.data(), MLXE_F32,
-             M, N, K, bits, group_size);
+    const size_t c = size_t(i) % sets;
+    if (parts == 1)
+      mlxe_qmm(xe.data<void>(), xdt, wp[c][0], sp[c][0], bp[c][0], sdt, yp[0], MLXE_F32, M, np[c][0], K, bits,
+               group_size);
+    else
+      mlxe_qmm_many(xe.data<void>(), xdt, parts, wp[c].data(), sp[c].data(), bp[c].data(), sdt, yp.data(), MLXE_F32,
+                    M, np[c].data(), K, bits, group_size);
   }
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / calls;
 }
@@ -299,6 +403,7 @@ NB_MODULE(_ext, m) {
   m.def("quantized_matmul", &quantized_matmul, "x"_a, "w"_a, "scales"_a, "biases"_a, nb::kw_only(),
         "group_size"_a, "bits"_a);
   m.def("gate_up_silu", &gate_up_silu, "x"_a, "gate"_a, "up"_a, nb::kw_only(), "group_size"_a, "bits"_a);
+  m.def("quantized_matmuls", &quantized_matmuls, "x"_a, "weights"_a, nb::kw_only(), "group_size"_a, "bits"_a);
   m.def("matmul", &matmul, "x"_a, "w"_a);
   m.def("init", &mlxe_init, "isa"_a, "threads"_a);
   m.def("isa", &mlxe_isa);
@@ -310,6 +415,7 @@ NB_MODULE(_ext, m) {
   m.def("set_gemv_parallel_min_bytes", &mlxe_set_gemv_parallel_min_bytes, "bytes"_a);
   m.def("plant", [] { return std::string(mlxe_plant()); });
   m.def("read_bandwidth", &read_bandwidth, "nbytes"_a, "threads"_a, "reps"_a);
-  m.def("kernel_seconds", &kernel_seconds, "x"_a, "weights"_a, nb::kw_only(), "group_size"_a, "bits"_a, "calls"_a);
+  m.def("kernel_seconds", &kernel_seconds, "x"_a, "weights"_a, nb::kw_only(), "group_size"_a, "bits"_a, "calls"_a,
+        "parts"_a = 1);
   register_ops(m);
 }

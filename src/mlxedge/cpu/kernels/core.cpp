@@ -1323,32 +1323,65 @@ int64_t decode_rows4(const QW& q, const XPrep& xp, int64_t n0, int64_t n1, int64
   return n;
 }
 
+// rows [n0, n1) of y[M, N] f32 (ldy = N) = x @ deq(W).T through the GEMV path, on the calling thread
+void qgemv_rows(const QW& q, const XPrep& xp, float* y, int64_t M, int64_t n0, int64_t n1) {
+  const int64_t N = q.N, G = q.groups(), Mend = ROWS_END(M);
+  const int64_t ahead = prefetch_rows_ahead(qrow_bytes(q));
+  prefetch_qrows(q, n0, std::min(n1, n0 + ahead));
+  int64_t n = n0;
+  if (M == 1 && avx2()) n = decode_rows4(q, xp, n0, n1, n1, ahead, y + n0);  // decode: four weight rows at once
+  auto& rs = row_scratch();
+  if (rs.size() < size_t(2 * G)) rs.resize(size_t(2 * G));
+  float* s = rs.data();
+  float* b = s + G;
+  float res[4];
+  const float *sn, *bn;
+  for (; n < n1; n++) {
+    prefetch_qrows(q, n + ahead, std::min(n1, n + ahead + 1));
+    row_params_at(q, n, s, b, &sn, &bn);
+    for (int64_t m0 = 0; m0 < Mend; m0 += 4) {
+      const int mr = int(std::min<int64_t>(4, Mend - m0));
+      qdot(q, n, xp, m0, mr, sn, bn, res);
+      for (int i = 0; i < mr; i++) y[(m0 + i) * N + n] = res[i];
+    }
+  }
+}
+
 // y[M, N] f32 (ldy = N) = x @ deq(W).T through the GEMV path
 void qgemv(const QW& q, const XPrep& xp, float* y, int64_t M) {
-  const int64_t N = q.N, chunk = gemv_chunk(N, N * qrow_bytes(q)), G = q.groups();
+  const int64_t N = q.N, chunk = gemv_chunk(N, N * qrow_bytes(q));
   const int64_t ntasks = (COLS_END(N) + chunk - 1) / chunk;
-  const int64_t Mend = ROWS_END(M);
   parallel_for(ntasks, [&](int64_t t) {
-    const int64_t n0 = t * chunk, n1 = std::min(n0 + chunk, COLS_END(N));
-    const int64_t ahead = prefetch_rows_ahead(qrow_bytes(q));
-    prefetch_qrows(q, n0, std::min(n1, n0 + ahead));
-    int64_t n = n0;
-    if (M == 1 && avx2()) n = decode_rows4(q, xp, n0, n1, n1, ahead, y + n0);  // decode: four weight rows at once
-    auto& rs = row_scratch();
-    if (rs.size() < size_t(2 * G)) rs.resize(size_t(2 * G));
-    float* s = rs.data();
-    float* b = s + G;
-    float res[4];
-    const float *sn, *bn;
-    for (; n < n1; n++) {
-      prefetch_qrows(q, n + ahead, std::min(n1, n + ahead + 1));
-      row_params_at(q, n, s, b, &sn, &bn);
-      for (int64_t m0 = 0; m0 < Mend; m0 += 4) {
-        const int mr = int(std::min<int64_t>(4, Mend - m0));
-        qdot(q, n, xp, m0, mr, sn, bn, res);
-        for (int i = 0; i < mr; i++) y[(m0 + i) * N + n] = res[i];
-      }
-    }
+    const int64_t n0 = t * chunk;
+    qgemv_rows(q, xp, y, M, n0, std::min(n0 + chunk, COLS_END(N)));
+  });
+}
+
+// The GEMV path for several weights against one x (a layer's q, k and v projections): their rows form
+// one row space, split into tasks as one GEMV of the summed size is (all on the calling thread below
+// g_parallel_min_bytes), so three small matrices cost what one larger one does.
+void qgemv_parts(const std::vector<QW>& qs, const XPrep& xp, float* const* ys, int64_t M) {
+  int64_t rows = 0, bytes = 0;
+  for (const auto& q : qs) {
+    rows += q.N;
+    bytes += q.N * qrow_bytes(q);
+  }
+  const int64_t chunk = gemv_chunk(rows, bytes);
+  struct Task {
+    size_t part;
+    int64_t n0, n1;
+  };
+  std::vector<Task> tasks;
+  for (size_t i = 0; i < qs.size(); i++)
+    for (int64_t n0 = 0; n0 < COLS_END(qs[i].N); n0 += chunk)
+      tasks.push_back({i, n0, std::min(n0 + chunk, COLS_END(qs[i].N))});
+  if (bytes < g_parallel_min_bytes) {
+    for (const auto& t : tasks) qgemv_rows(qs[t.part], xp, ys[t.part], M, t.n0, t.n1);
+    return;
+  }
+  parallel_for(int64_t(tasks.size()), [&](int64_t i) {
+    const auto& t = tasks[size_t(i)];
+    qgemv_rows(qs[t.part], xp, ys[t.part], M, t.n0, t.n1);
   });
 }
 
@@ -1473,6 +1506,37 @@ void mlxe_qmm(const void* x, int xdt, const uint32_t* w, const void* scales, con
   }
   qmm_f32(q, xp, y, M);
   store_out(y, out, odt, M * N);
+}
+
+void mlxe_qmm_many(const void* x, int xdt, int nparts, const uint32_t* const* w, const void* const* scales,
+                   const void* const* biases, int sdt, void* const* outs, int odt, int64_t M, const int64_t* N,
+                   int64_t K, int bits, int group_size) {
+  auto lock = enter_kernel();
+  const bool gemv = M <= g_gemv_max_rows;
+  // reused: its buffers keep their capacity from call to call. A reference, so that the pool's tasks
+  // (lambdas) see this thread's XPrep: naming a thread_local inside them would give each worker its own.
+  thread_local XPrep prepared;
+  XPrep& xp = prepared;
+  prep_x(xp, x, xdt, M, K, group_size, bits, gemv);
+  std::vector<QW> qs;
+  std::vector<std::vector<float>> bufs(size_t(std::max(nparts, 0)));
+  std::vector<float*> ys;
+  for (int i = 0; i < nparts; i++) {
+    qs.push_back(QW{w[i], scales[i], biases[i], sdt, N[i], K, bits, group_size});
+    if (odt == MLXE_F32) {
+      ys.push_back(static_cast<float*>(outs[i]));
+    } else {
+      bufs[size_t(i)].resize(size_t(M * N[i]));
+      ys.push_back(bufs[size_t(i)].data());
+    }
+  }
+  if (gemv) {
+    qgemv_parts(qs, xp, ys.data(), M);
+  } else {
+    for (size_t i = 0; i < qs.size(); i++) qgemm(qs[i], xp, ys[i], M);
+  }
+  if (odt != MLXE_F32)
+    for (int i = 0; i < nparts; i++) store_out(ys[size_t(i)], outs[i], odt, M * N[i]);
 }
 
 void mlxe_gate_up_silu(const void* x, int xdt, const uint32_t* wg, const void* sg, const void* bg,

@@ -53,6 +53,12 @@ void mlxe_qmm(const void* x, int xdt, const uint32_t* w, const void* scales, con
               int sdt, void* out, int odt, int64_t M, int64_t N, int64_t K, int bits,
               int group_size);
 
+// outs[i] = x @ deq(W_i).T for nparts weights [N[i], K] quantized alike (a layer's q, k and v projections):
+// one activation preparation, and on the GEMV path one partition of all their rows over the pool.
+void mlxe_qmm_many(const void* x, int xdt, int nparts, const uint32_t* const* w, const void* const* scales,
+                   const void* const* biases, int sdt, void* const* outs, int odt, int64_t M, const int64_t* N,
+                   int64_t K, int bits, int group_size);
+
 // out = silu(x @ deq(Wg).T) * (x @ deq(Wu).T)
 void mlxe_gate_up_silu(const void* x, int xdt, const uint32_t* wg, const void* sg, const void* bg,
                        const uint32_t* wu, const void* su, const void* bu, int sdt, void* out,
