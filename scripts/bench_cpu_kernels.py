@@ -2,7 +2,9 @@
 """Per-kernel GEMV speed of mlxedge's native CPU kernels vs MLX's built-ins, side by side in one process.
 
 For SmolLM2-135M's decode shapes (one activation row) at 4-bit g32, 4-bit g64 and 8-bit g32 (and the
-49152x576 8-bit g32 head), reports time per call, the bandwidth it implies (bytes of W + scales + biases
+49152x576 8-bit g32 head), and the q·k·v projections in the one call a bound attention makes (their three
+weights, one partition of their rows: `quantized_matmuls`; MLX's built-in side runs the three matmuls),
+reports time per call, the bandwidth it implies (bytes of W + scales + biases
 read / time) and that bandwidth as a percentage of this machine's measured read bandwidth. Each of our
 ISA paths (--isas) is timed two ways:
 - kernel: the kernel alone, called in a native loop (`_ext.kernel_seconds`: no graph, no scheduling) —
@@ -34,13 +36,14 @@ import numpy as np
 
 import mlxedge.cpu as cpu
 
-SHAPES = [  # (name, N, K): out x in, nn.Linear layout
-    ("up/gate 576->1536", 1536, 576),
-    ("down 1536->576", 576, 1536),
-    ("q/o 576->576", 576, 576),
-    ("k/v 576->192", 192, 576),
+SHAPES = [  # (name, rows of each weight, K): out x in, nn.Linear layout; several weights = one call
+    ("up/gate 576->1536", (1536,), 576),
+    ("down 1536->576", (576,), 1536),
+    ("q/o 576->576", (576,), 576),
+    ("k/v 576->192", (192,), 576),
+    ("q·k·v 576->576+192+192, one call", (576, 192, 192), 576),
 ]
-HEAD = ("head 576->49152", 49152, 576)
+HEAD = ("head 576->49152", (49152,), 576)
 CONFIGS = [(4, 32), (4, 64), (8, 32)]
 LLC_BYTES = 128 << 20  # rotate weights over more than this (4x a 32 MiB L3: with 2x, the 35 MB head still hit it)
 
@@ -78,23 +81,27 @@ def read_bandwidth(nbytes: int = 512 << 20, threads: int = 1, reps: int = 5) -> 
     return max(best, cpu._ext.read_bandwidth(nbytes, threads, reps) / 1e9)
 
 
-def weights(N, K, bits, gs, dtype, copies, seed=0):
+def weights(Ns, K, bits, gs, dtype, copies, seed=0):
+    """`copies` sets of one quantized (w, scales, biases) triplet per entry of Ns."""
     out = []
     for i in range(copies):
-        w = mx.random.normal((N, K), key=mx.random.key(seed + i))
-        wq, s, b = mx.quantize(w, group_size=gs, bits=bits)
-        out.append((wq, s.astype(dtype), b.astype(dtype)))
+        one = []
+        for j, N in enumerate(Ns):
+            w = mx.random.normal((N, K), key=mx.random.key(seed + 100 * i + j))
+            wq, s, b = mx.quantize(w, group_size=gs, bits=bits)
+            one.append((wq, s.astype(dtype), b.astype(dtype)))
+        out.append(one)
     mx.eval(out)
     return out
 
 
-def nbytes(triplet) -> int:
-    return sum(a.nbytes for a in triplet)
+def nbytes(weight_set) -> int:
+    return sum(a.nbytes for triplet in weight_set for a in triplet)
 
 
 def time_calls(fn, x, ws, calls: int) -> float:
-    """Seconds per call over `calls` independent calls rotating through `ws`, evaluated together."""
-    outs = [fn(x, *ws[i % len(ws)]) for i in range(calls)]
+    """Seconds per call over `calls` independent calls rotating through the weight sets `ws`, evaluated together."""
+    outs = [fn(x, ws[i % len(ws)]) for i in range(calls)]
     t0 = time.perf_counter()
     mx.eval(outs)
     return (time.perf_counter() - t0) / calls
@@ -174,20 +181,24 @@ def main():
           + ", ".join(f"{t} thread(s) {g:.1f} GB/s" for t, g in bw.items()) + "\n")
     parallel_min = int(os.environ.get("MLXEDGE_CPU_PARALLEL_MIN_KB", "1024")) << 10
     results = []
-    rows = [(name, N, K, bits, gs) for name, N, K in SHAPES for bits, gs in CONFIGS]
+    rows = [(name, Ns, K, bits, gs) for name, Ns, K in SHAPES for bits, gs in CONFIGS]
     rows.append((*HEAD, 8, 32))
     rows = [r for r in rows if args.only in r[0]]
-    mlx_fn = lambda x, wq, s, b, gs, bits: mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=gs, bits=bits)  # noqa: E731
-    for name, N, K, bits, gs in rows:
-        probe = weights(N, K, bits, gs, dtype, 1)
+    for name, Ns, K, bits, gs in rows:
+        probe = weights(Ns, K, bits, gs, dtype, 1)
         size = nbytes(probe[0])
         copies = max(1, -(-LLC_BYTES // size))
-        ws = probe + weights(N, K, bits, gs, dtype, copies - 1, seed=1) if copies > 1 else probe
+        ws = probe + weights(Ns, K, bits, gs, dtype, copies - 1, seed=1) if copies > 1 else probe
+        flat = [t for one in ws for t in one]
         x = mx.random.normal((args.rows, K)).astype(dtype)
         mx.eval(x)
         calls = max(args.calls, copies)  # touch every copy: nothing is served from cache
-        f_ours = lambda x, wq, s, b: cpu.quantized_matmul(x, wq, s, b, group_size=gs, bits=bits)  # noqa: E731
-        f_mlx = lambda x, wq, s, b: mlx_fn(x, wq, s, b, gs, bits)  # noqa: E731
+        if len(Ns) == 1:
+            f_ours = lambda x, one: cpu.quantized_matmul(x, *one[0], group_size=gs, bits=bits)  # noqa: E731
+        else:
+            f_ours = lambda x, one: cpu.quantized_matmuls(x, one, group_size=gs, bits=bits)  # noqa: E731
+        f_mlx = lambda x, one: [mx.quantized_matmul(x, *t, transpose=True, group_size=gs, bits=bits)  # noqa: E731
+                                for t in one]
         kernel = {isa: [] for isa in isas}
         via_mlx = {isa: [] for isa in isas}
         t_mlx = []
@@ -195,7 +206,8 @@ def main():
         for rep in range(args.reps):
             for isa in (isas if rep % 2 == 0 else isas[::-1]):  # alternate which path runs first
                 cpu._configure(isa=isa)
-                kernel[isa].append(cpu._ext.kernel_seconds(x, ws, group_size=gs, bits=bits, calls=calls))
+                kernel[isa].append(cpu._ext.kernel_seconds(x, flat, group_size=gs, bits=bits, calls=calls,
+                                                           parts=len(Ns)))
                 via_mlx[isa].append(time_calls(f_ours, x, ws, calls))
             t_mlx.append(time_calls(f_mlx, x, ws, max(2, calls // 4)))
         # the best repetition is each side's speed; the machine may be shared (say so with the numbers)

@@ -7,6 +7,9 @@ affects all alike. Measures tg: --tokens tokens from a one-token prompt, EOS ign
 
     python scripts/decode_env_ab.py "default:" "no-poll:MLXEDGE_CPU_YIELD_US=0" \
         "split-all:MLXEDGE_CPU_PARALLEL_MIN_KB=0" [--rounds 5] [--tokens 128] [--model smollm2]
+
+One setting is this script's own: AB_QKV=apart runs each attention's q, k and v projections through their own
+bindings (three calls) instead of the one call the load bound (e.g. "one-call:" "apart:AB_QKV=apart").
 """
 
 from __future__ import annotations
@@ -25,6 +28,12 @@ def worker(model: str, tokens: int) -> None:
     from mlxedge.sources.registry import resolve_alias
 
     loaded = mlxedge.load(resolve_alias(model), dtype="float32")
+    if os.environ.get("AB_QKV") == "apart":
+        from mlxedge.fast_layers import BoundAttention
+
+        for m in loaded.module.modules():
+            if isinstance(m, BoundAttention):
+                m._projections_size = 0  # every input is "past the decode rows": one call per projection
     runner, ids = OursRunner(loaded), loaded.tokenizer.encode("Hello")
     run_tg(runner, ids, 16)  # warm-up
     print("ready", flush=True)
