@@ -255,9 +255,8 @@ mx::array matmul(const mx::array& x, const mx::array& w) {
 }
 
 // Seconds per call of the quantized matmul kernel alone (no graph, no MLX scheduling): `calls` calls,
-// timed on the calling thread. With parts = 1 call i runs mlxe_qmm on weights[i % len(weights)]; with
-// parts > 1 each run of `parts` consecutive triplets is one set (a layer's q, k, v) and call i runs
-// mlxe_qmm_many on set i % sets. For scripts/bench_cpu_kernels.py, which sets this beside the same calls
+// timed on the calling thread. Each run of `parts` consecutive triplets is one set (parts = 1: one weight,
+// as mlxe_qmm runs it; 3: a layer's q, k, v) and call i runs mlxe_qmm_many on set i % sets. For scripts/bench_cpu_kernels.py, which sets this beside the same calls
 // through MLX to show what the per-op overhead costs.
 double kernel_seconds(const mx::array& x, const nb::list& weights, int group_size, int bits, int calls, int parts) {
   if (nb::len(weights) == 0 || calls < 1 || parts < 1 || nb::len(weights) % size_t(parts) != 0)
@@ -307,12 +306,8 @@ double kernel_seconds(const mx::array& x, const nb::list& weights, int group_siz
   const auto t0 = std::chrono::steady_clock::now();
   for (int i = 0; i < calls; i++) {
     const size_t c = size_t(i) % sets;
-    if (parts == 1)
-      mlxe_qmm(xe.data<void>(), xdt, wp[c][0], sp[c][0], bp[c][0], sdt, yp[0], MLXE_F32, M, np[c][0], K, bits,
-               group_size);
-    else
-      mlxe_qmm_many(xe.data<void>(), xdt, parts, wp[c].data(), sp[c].data(), bp[c].data(), sdt, yp.data(), MLXE_F32,
-                    M, np[c].data(), K, bits, group_size);
+    mlxe_qmm_many(xe.data<void>(), xdt, parts, wp[c].data(), sp[c].data(), bp[c].data(), sdt, yp.data(), MLXE_F32, M,
+                  np[c].data(), K, bits, group_size);
   }
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / calls;
 }

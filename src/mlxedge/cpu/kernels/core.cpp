@@ -1351,18 +1351,8 @@ void qgemv_rows(const QW& q, const XPrep& xp, float* y, int64_t M, int64_t n0, i
   }
 }
 
-// y[M, N] f32 (ldy = N) = x @ deq(W).T through the GEMV path
-void qgemv(const QW& q, const XPrep& xp, float* y, int64_t M) {
-  const int64_t N = q.N, chunk = gemv_chunk(N, N * qrow_bytes(q));
-  const int64_t ntasks = (COLS_END(N) + chunk - 1) / chunk;
-  parallel_for(ntasks, [&](int64_t t) {
-    const int64_t n0 = t * chunk;
-    qgemv_rows(q, xp, y, M, n0, std::min(n0 + chunk, COLS_END(N)));
-  });
-}
-
-// The GEMV path for several weights against one x (a layer's q, k and v projections): their rows form
-// one row space, split into tasks as one GEMV of the summed size is (all on the calling thread below
+// The GEMV path for one or several weights against one x (a layer's q, k and v projections): their rows
+// form one row space, split into tasks as one GEMV of the summed size is (all on the calling thread below
 // g_parallel_min_bytes), so three small matrices cost what one larger one does.
 void qgemv_parts(const std::vector<QW>& qs, const XPrep& xp, float* const* ys, int64_t M) {
   int64_t rows = 0, bytes = 0;
@@ -1401,11 +1391,6 @@ void qgemm(const QW& q, const XPrep& xp, float* y, int64_t M) {
     dequant(q, n0, n1, tile);
     gemm_nt(xp.xf.data(), tile, y + n0, Mend, n1 - n0, K, N);
   });
-}
-
-void qmm_f32(const QW& q, const XPrep& xp, float* y, int64_t M) {
-  if (M <= g_gemv_max_rows) qgemv(q, xp, y, M);
-  else qgemm(q, xp, y, M);
 }
 
 void store_out(const float* y, void* out, int odt, int64_t n) { store_row(out, odt, 0, n, y); }
@@ -1492,24 +1477,11 @@ int mlxe_use_blas(int on) {
 }
 int mlxe_has_blas(void) { return g_sgemm ? 1 : 0; }
 
+// one weight: the several-weights path with one part
 void mlxe_qmm(const void* x, int xdt, const uint32_t* w, const void* scales, const void* biases,
               int sdt, void* out, int odt, int64_t M, int64_t N, int64_t K, int bits,
               int group_size) {
-  auto lock = enter_kernel();
-  QW q{w, scales, biases, sdt, N, K, bits, group_size};
-  // reused: its buffers keep their capacity from call to call. A reference, so that the pool's tasks
-  // (lambdas) see this thread's XPrep: naming a thread_local inside them would give each worker its own.
-  thread_local XPrep prepared;
-  XPrep& xp = prepared;
-  prep_x(xp, x, xdt, M, K, group_size, bits, M <= g_gemv_max_rows);
-  std::vector<float> ybuf;
-  float* y = static_cast<float*>(out);
-  if (odt != MLXE_F32) {
-    ybuf.resize(size_t(M * N));
-    y = ybuf.data();
-  }
-  qmm_f32(q, xp, y, M);
-  store_out(y, out, odt, M * N);
+  mlxe_qmm_many(x, xdt, 1, &w, &scales, &biases, sdt, &out, odt, M, &N, K, bits, group_size);
 }
 
 void mlxe_qmm_many(const void* x, int xdt, int nparts, const uint32_t* const* w, const void* const* scales,
