@@ -22,7 +22,7 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from ..fast_layers import BoundAttention, bind_fast_layers
-from .fused_mlp import FusedGatedMLP, fusable, known_activations, quantized_affine, quantized_alike, triplet
+from .fused_mlp import FusedGatedMLP, fusable, known_activations, quantized_alike, same_quantization, triplet
 from .layers import BoundEmbedding, BoundLinear, QuantizedEmbedding, QuantizedLinear
 
 
@@ -94,12 +94,9 @@ def _bind_projections(model: nn.Module, choice, counts: dict) -> None:
         if not isinstance(m, BoundAttention):
             continue
         parts = [m.get(name) for name in ("q_proj", "k_proj", "v_proj")]
-        if not all(quantized_affine(p) for p in parts):
+        if not same_quantization(parts):
             continue
         q = parts[0]
-        if any((p.bits, p.group_size, p["weight"].shape[1], p["scales"].dtype)
-               != (q.bits, q.group_size, q["weight"].shape[1], q["scales"].dtype) for p in parts):
-            continue
         binding = choice.projections(tuple(triplet(p) for p in parts), group_size=q.group_size, bits=q.bits)
         if binding is not None:
             m.bind_projections(binding)

@@ -53,15 +53,22 @@ def triplet(layer) -> tuple:
     return layer["weight"], layer["scales"], layer["biases"]
 
 
+def same_quantization(layers) -> bool:
+    """Every layer affine-quantized (quantized_affine) with the same bits, group size, input width and
+    scale dtype: what one kernel call over all of them needs (gate and up; q, k and v)."""
+    if not all(quantized_affine(layer) for layer in layers):
+        return False
+    settings = {(layer.bits, layer.group_size, layer["weight"].shape[1], layer["scales"].dtype) for layer in layers}
+    return len(settings) == 1
+
+
 def quantized_alike(module) -> bool:
     """gate_proj and up_proj quantized with the same settings and shapes, and a down_proj to follow."""
     if not isinstance(module, nn.Module) or isinstance(module, FusedGatedMLP):
         return False
     gate, up = module.get("gate_proj"), module.get("up_proj")
-    if not (quantized_affine(gate) and quantized_affine(up) and isinstance(module.get("down_proj"), nn.Module)):
-        return False
-    return ((gate.bits, gate.group_size) == (up.bits, up.group_size)
-            and gate["weight"].shape == up["weight"].shape and gate["scales"].dtype == up["scales"].dtype)
+    return (same_quantization((gate, up)) and isinstance(module.get("down_proj"), nn.Module)
+            and gate["weight"].shape == up["weight"].shape)
 
 
 def probe_gated_silu(module) -> bool:
