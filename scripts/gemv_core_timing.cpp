@@ -2,7 +2,10 @@
 // hot (the same weights every call: they sit in L2/L3, so this is the kernel's compute speed) and cold
 // (rotating over copies filling 128 MiB, as a decode step reads them from DRAM). For trying kernel
 // changes in seconds, ablating parts of the kernel (compile a copy of core.cpp with the part removed), and
-// for running under a profiler on a host that has performance counters.
+// for running under a profiler on a host that has performance counters. The cold figure is what
+// `_ext.kernel_seconds` (scripts/bench_cpu_kernels.py) measures through the built extension; use that for the
+// issue's table. This file exists for what the extension cannot do without a rebuild: time a modified copy of
+// core.cpp, the hot case, and huge-page weights.
 //
 //   K=src/mlxedge/cpu/kernels
 //   g++ -O3 -fno-math-errno -std=c++17 -I$K scripts/gemv_core_timing.cpp $K/core.cpp -o /tmp/gemv -lpthread -ldl
