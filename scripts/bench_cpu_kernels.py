@@ -2,7 +2,7 @@
 """Per-kernel GEMV speed of mlxedge's native CPU kernels vs MLX's built-ins, side by side in one process.
 
 For SmolLM2-135M's decode shapes (one activation row) at 4-bit g32, 4-bit g64 and 8-bit g32 (and the
-49152x576 8-bit g32 head), and the q·k·v projections in the one call a bound attention makes (their three
+49152x576 8-bit g32 head, and a 1B-class model's long-row MLP shapes), and the q·k·v projections in the one call a bound attention makes (their three
 weights, one partition of their rows: `quantized_matmuls`; MLX's built-in side runs the three matmuls),
 reports time per call, the bandwidth it implies (bytes of W + scales + biases
 read / time) and that bandwidth as a percentage of this machine's measured read bandwidth. Each of our
@@ -42,6 +42,10 @@ SHAPES = [  # (name, rows of each weight, K): out x in, nn.Linear layout; severa
     ("q/o 576->576", (576,), 576),
     ("k/v 576->192", (192,), 576),
     ("q·k·v 576->576+192+192, one call", (576, 192, 192), 576),
+    # a 1B-class model's MLP (Llama-3.2-1B: 2048 hidden, 8192 intermediate): rows of 1-8 KB, where the
+    # decode GEMV's prefetch has to run whole steps ahead (StepPrefetch in kernels/core.cpp)
+    ("1B up/gate 2048->8192", (8192,), 2048),
+    ("1B down 8192->2048", (2048,), 8192),
 ]
 HEAD = ("head 576->49152", (49152,), 576)
 CONFIGS = [(4, 32), (4, 64), (8, 32)]

@@ -341,6 +341,91 @@ void row_params(const QW& q, int64_t n, float* s, float* b) {
   }
 }
 
+// Software prefetch for the GEMVs, which stream their weights once from DRAM: the hardware prefetcher
+// stops at each 4 KB page and ramps up again, so a single thread got ~40% of the read bandwidth; asking
+// for the rows ~8 KB ahead while computing took the 49152x576 8-bit head from 42% to 75-80% of it on
+// one thread (Zen 5, scripts/bench_cpu_kernels.py). The lines are asked into L2, not L1 (prefetcht2, not
+// t0): each L1 prefetch holds one of L1's few miss buffers until its line arrives, which caps the lines in
+// flight — on a Zen 4 host the memory-bound GEMVs read 1.3-1.8x faster from DRAM with t2 (1536x576 8-bit
+// 80 -> 47 us, the head 2.2 -> 1.2 ms; compute-bound ones unchanged) and SmolLM2's decode went from 63-64
+// to 78-83 tok/s (scripts/decode_env_ab.py, 8 interleaved rounds). 16 KB ahead measured no better.
+constexpr int64_t kPrefetchBytes = 8192;
+
+// ask for the cache line holding p, into L2 (see above)
+inline __attribute__((always_inline)) void prefetch_line(const void* p) {
+#ifdef MLXE_X86
+  // GCC emits no prefetch instruction for the generic x86-64 target (no -march): __builtin_prefetch
+  // and _mm_prefetch compile to nothing there, so say it directly (SSE, on every x86-64)
+  asm volatile("prefetcht2 %0" : : "m"(*static_cast<const char*>(p)));
+#else
+  __builtin_prefetch(p, 0, 2);  // locality 2: into L2 (PLDL2KEEP on arm64)
+#endif
+}
+
+void prefetch_bytes(const void* p, int64_t nbytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < nbytes; off += 64) prefetch_line(c + off);
+}
+
+// weight rows to run ahead by, for rows of `row_bytes`
+int64_t prefetch_rows_ahead(int64_t row_bytes) { return std::max<int64_t>(1, kPrefetchBytes / row_bytes); }
+
+// prefetch the scales and biases of quantized rows [n0, n1) (clipped to the matrix)
+void prefetch_qparams(const QW& q, int64_t n0, int64_t n1) {
+  n1 = std::min(n1, q.N);
+  if (n0 >= n1) return;
+  const int64_t G = q.groups(), ssz = q.sdt == MLXE_F32 ? 4 : 2;
+  prefetch_bytes(static_cast<const char*>(q.s) + n0 * G * ssz, (n1 - n0) * G * ssz);
+  prefetch_bytes(static_cast<const char*>(q.b) + n0 * G * ssz, (n1 - n0) * G * ssz);
+}
+
+// prefetch quantized rows [n0, n1) (clipped to the matrix): packed words, scales and biases
+void prefetch_qrows(const QW& q, int64_t n0, int64_t n1) {
+  n1 = std::min(n1, q.N);
+  if (n0 >= n1) return;
+  prefetch_bytes(q.w + n0 * q.words_per_row(), (n1 - n0) * q.words_per_row() * 4);
+  prefetch_qparams(q, n0, n1);
+}
+
+int64_t qrow_bytes(const QW& q) { return q.words_per_row() * 4 + 2 * q.groups() * (q.sdt == MLXE_F32 ? 4 : 2); }
+
+// Prefetch for the four-row decode loops (decode_rows4_*), one step (four rows) at a time. The step runs
+// a whole number of steps ahead (`lead` rows, `ahead` rounded up to fours) and asks for one line of each of
+// those four rows per 64-byte block it computes (`line`), so the requests are spread over the step as its
+// reads are; scales and biases come in one burst at the step's start (a line or two per row). Before,
+// each step asked for its next rows in one burst, `ahead` rows on. With long rows that read DRAM at half
+// speed: at K = 4096 (2 KB of 4-bit words) `ahead` is 2 rows, fewer than a step computes, so the burst
+// asked for rows already being read, and a burst of 128 lines runs past the core's miss buffers.
+// From DRAM (Zen 4, one thread, scripts/gemv_core_timing.cpp, interleaved): 4096x4096 4-bit 10-11 -> 17-19
+// GB/s, 2048x8192 4-bit 10-11 -> 14-15, 2048x2048 8-bit 11 -> 18, 576x1536 8-bit 92 -> 55 us; SmolLM2's
+// 576-element 4-bit rows unchanged within noise, as is its decode (decode_env_ab.py, 6 rounds: 71-74
+// before, 74-77 tok/s after). The line asked for is the block's last one: asking for its first left the
+// last line of rows that are not a whole number of lines (288 bytes) unasked, and 576x576 ran 1.7x slower.
+struct StepPrefetch {
+  int64_t lead;
+  const uint32_t* next[4];  // the packed words of rows n + lead .. n + lead + 3 (row n for those past nlim)
+
+  // the caller prefetched rows [n0, n0 + ahead): complete them to the lead
+  StepPrefetch(const QW& q, int64_t n0, int64_t nlim, int64_t ahead) : lead((ahead + 3) / 4 * 4) {
+    prefetch_qrows(q, n0 + ahead, std::min(nlim, n0 + lead));
+  }
+
+  // at the start of the step computing rows n .. n + 3
+  inline __attribute__((always_inline)) void step(const QW& q, int64_t n, int64_t nlim) {
+    prefetch_qparams(q, n + lead, std::min(nlim, n + lead + 4));
+    for (int r = 0; r < 4; r++) next[r] = q.w + (n + lead + r < nlim ? n + lead + r : n) * q.words_per_row();
+  }
+
+  // while computing a block of the step's rows: wo is the word offset of the block's last word (its line
+  // ends the block; a row that is not a whole number of lines starts in the line that ends the row before)
+  inline __attribute__((always_inline)) void line(int64_t wo) const {
+    prefetch_line(next[0] + wo);
+    prefetch_line(next[1] + wo);
+    prefetch_line(next[2] + wo);
+    prefetch_line(next[3] + wo);
+  }
+};
+
 // ---- scalar path
 
 // dot(x, deq(W[n])) for `mr` activation rows at once; res[i] for x row m0+i
@@ -722,7 +807,6 @@ AVX512_FN void qdot_avx512_t(const QW& q, int64_t n, const XPrep& xp, int64_t m0
   }
 }
 
-void prefetch_qrows(const QW& q, int64_t n0, int64_t n1);
 inline void row_params_at(const QW& q, int64_t n, float* s, float* b, const float** sp, const float** bp);
 
 // {sum of a's lanes, b's, c's, d's}
@@ -826,17 +910,22 @@ AVX512_FN int64_t decode_rows4_avx512_t(const QW& q, const XPrep& xp, int64_t n0
   const float* xs = xp.xsum.data();
   auto& rs = row_scratch();
   if (rs.size() < size_t(8 * G)) rs.resize(size_t(8 * G));
+  StepPrefetch pf(q, n0, nlim, ahead);
   for (int64_t n = n0; n < n1; n += 4) {
-    prefetch_qrows(q, n + ahead, std::min(nlim, n + ahead + 4));
+    pf.step(q, n, nlim);
     const Rows4 r4 = rows4_at(q, n, n1, rs.data());
     const float* const* s = r4.s;
     const uint32_t* const* w = r4.w;
     __m512 t0 = _mm512_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;
     int64_t k0 = 0;
-    for (; k0 < kfull; k0 += BE)
+    for (; k0 < kfull; k0 += BE) {
+      pf.line(k0 / E + 15);
       float_block4<BITS, false>(x + k0, w, k0 / E, s, GROUP_OF(k0, gs), per_block, gidx, 0, t0, t1, t2, t3);
-    if (REMAINDER_ON && k0 < K)
+    }
+    if (REMAINDER_ON && k0 < K) {
+      pf.line(q.words_per_row() - 1);
       float_block4<BITS, true>(x + k0, w, k0 / E, s, GROUP_OF(k0, gs), tail_groups, gidx, tail_mask, t0, t1, t2, t3);
+    }
     finish_rows4_avx512(r4, xs, G, t0, t1, t2, t3, out + (n - n0));
   }
   return n1;
@@ -984,15 +1073,22 @@ VNNI_FN int64_t decode_rows4_vnni_t(const QW& q, const XPrep& xp, int64_t n0, in
   auto& rs = row_scratch();
   if (rs.size() < size_t(8 * G)) rs.resize(size_t(8 * G));
   int64_t n = n0;
+  StepPrefetch pf(q, n0, nlim, ahead);
   for (; n < n1; n += 4) {  // the last one to three rows: computed four times over, the copies dropped
-    prefetch_qrows(q, n + ahead, std::min(nlim, n + ahead + 4));
+    pf.step(q, n, nlim);
     const Rows4 r4 = rows4_at(q, n, n1, rs.data());
     const float* const* s = r4.s;
     const uint32_t* const* w = r4.w;
     __m512 t0 = _mm512_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;  // four rows' totals, kept in registers
     int64_t k0 = 0, blk = 0;
-    for (; k0 < kfull; k0 += kDigitBlock, blk++) vnni_block4<false>(xp, k0, blk, w, s, gs, NG, gidx, 0, t0, t1, t2, t3);
-    if (REMAINDER_ON && k0 < K) vnni_block4<true>(xp, k0, blk, w, s, gs, tail_groups, gidx, tail_mask, t0, t1, t2, t3);
+    for (; k0 < kfull; k0 += kDigitBlock, blk++) {
+      pf.line(k0 / 8 + 15);
+      vnni_block4<false>(xp, k0, blk, w, s, gs, NG, gidx, 0, t0, t1, t2, t3);
+    }
+    if (REMAINDER_ON && k0 < K) {
+      pf.line(q.words_per_row() - 1);
+      vnni_block4<true>(xp, k0, blk, w, s, gs, tail_groups, gidx, tail_mask, t0, t1, t2, t3);
+    }
     finish_rows4_avx512(r4, xs, G, t0, t1, t2, t3, out + (n - n0));
   }
   return n1;
@@ -1265,44 +1361,6 @@ int64_t gemv_chunk(int64_t N, int64_t bytes) {
   c = (c + 7) / 8 * 8;
   return std::max<int64_t>(c, 8);
 }
-
-// Software prefetch for the GEMVs, which stream their weights once from DRAM: the hardware prefetcher
-// stops at each 4 KB page and ramps up again, so a single thread got ~40% of the read bandwidth; asking
-// for the rows ~8 KB ahead while computing took the 49152x576 8-bit head from 42% to 75-80% of it on
-// one thread (Zen 5, scripts/bench_cpu_kernels.py). The lines are asked into L2, not L1 (prefetcht2, not
-// t0): each L1 prefetch holds one of L1's few miss buffers until its line arrives, which caps the lines in
-// flight — on a Zen 4 host the memory-bound GEMVs read 1.3-1.8x faster from DRAM with t2 (1536x576 8-bit
-// 80 -> 47 us, the head 2.2 -> 1.2 ms; compute-bound ones unchanged) and SmolLM2's decode went from 63-64
-// to 78-83 tok/s (scripts/decode_env_ab.py, 8 interleaved rounds). 16 KB ahead measured no better.
-constexpr int64_t kPrefetchBytes = 8192;
-
-void prefetch_bytes(const void* p, int64_t nbytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t off = 0; off < nbytes; off += 64) {
-#ifdef MLXE_X86
-    // GCC emits no prefetch instruction for the generic x86-64 target (no -march): __builtin_prefetch
-    // and _mm_prefetch compile to nothing there, so say it directly (SSE, on every x86-64)
-    asm volatile("prefetcht2 %0" : : "m"(*(c + off)));
-#else
-    __builtin_prefetch(c + off, 0, 2);  // locality 2: into L2 (PLDL2KEEP on arm64)
-#endif
-  }
-}
-
-// weight rows to run ahead by, for rows of `row_bytes`
-int64_t prefetch_rows_ahead(int64_t row_bytes) { return std::max<int64_t>(1, kPrefetchBytes / row_bytes); }
-
-// prefetch quantized rows [n0, n1) (clipped to the matrix): packed words, scales and biases
-void prefetch_qrows(const QW& q, int64_t n0, int64_t n1) {
-  n1 = std::min(n1, q.N);
-  if (n0 >= n1) return;
-  const int64_t wpr = q.words_per_row(), G = q.groups(), ssz = q.sdt == MLXE_F32 ? 4 : 2;
-  prefetch_bytes(q.w + n0 * wpr, (n1 - n0) * wpr * 4);
-  prefetch_bytes(static_cast<const char*>(q.s) + n0 * G * ssz, (n1 - n0) * G * ssz);
-  prefetch_bytes(static_cast<const char*>(q.b) + n0 * G * ssz, (n1 - n0) * G * ssz);
-}
-
-int64_t qrow_bytes(const QW& q) { return q.words_per_row() * 4 + 2 * q.groups() * (q.sdt == MLXE_F32 ? 4 : 2); }
 
 constexpr int64_t kTileN = 64;  // weight rows dequantised per GEMM tile
 
