@@ -399,7 +399,7 @@ int64_t qrow_bytes(const QW& q) { return q.words_per_row() * 4 + 2 * q.groups() 
 // From DRAM (Zen 4, one thread, scripts/gemv_core_timing.cpp, interleaved): 4096x4096 4-bit 10-11 -> 17-19
 // GB/s, 2048x8192 4-bit 10-11 -> 14-15, 2048x2048 8-bit 11 -> 18, 576x1536 8-bit 92 -> 55 us; SmolLM2's
 // 576-element 4-bit rows unchanged within noise, as is its decode (decode_env_ab.py, 6 rounds: 71-74
-// before, 74-77 tok/s after). The line asked for is the block's last one: asking for its first left the
+// before, 74-77 tok/s after). The avx2 path likewise (qdotr_avx2_t): 4096x4096 4-bit 1.50 -> 0.96 ms. The line asked for is the block's last one: asking for its first left the
 // last line of rows that are not a whole number of lines (288 bytes) unasked, and 576x576 ran 1.7x slower.
 struct StepPrefetch {
   int64_t lead;
@@ -658,10 +658,10 @@ AVX2_FN void qdot_avx2(const QW& q, int64_t n, const XPrep& xp, int64_t m0, int 
 // each x vector is loaded once for the R rows and the per-row costs are paid once per R rows. Blocks of
 // 8 words (64 elements at 4 bits, 32 at 8); a trailing 32-element 4-bit chunk takes the scalar loop on
 // the natural-order tail of xp (see permute_x). 16 ymm registers hold R accumulators, R totals and the
-// R packed words of a block for R = 4.
+// R packed words of a block for R = 4. `pf` asks for the rows a step ahead as the blocks go (StepPrefetch).
 template <int BITS, int R>
 AVX2_FN void qdotr_avx2_t(const QW& q, int64_t n, const XPrep& xp, const float* const* s, const float* const* b,
-                          float* res) {
+                          const StepPrefetch& pf, float* res) {
   constexpr int E = 32 / BITS, BE = 8 * E;
   const int64_t K = q.K, G = q.groups(), wpr = q.words_per_row();
   const uint32_t* wr = q.w + n * wpr;
@@ -670,6 +670,7 @@ AVX2_FN void qdotr_avx2_t(const QW& q, int64_t n, const XPrep& xp, const float* 
   for (int r = 0; r < R; r++) tot[r] = _mm256_setzero_ps();
   int64_t k0 = 0;
   for (; k0 + BE <= K; k0 += BE) {
+    pf.line(k0 / E + 7);  // a 32-byte block: every line is asked for once or twice
     __m256i wv[R];
     __m256 acc[R];
     for (int r = 0; r < R; r++) {
@@ -696,6 +697,7 @@ AVX2_FN void qdotr_avx2_t(const QW& q, int64_t n, const XPrep& xp, const float* 
   float tail[R];
   for (int r = 0; r < R; r++) tail[r] = 0.f;
   if (REMAINDER_ON && k0 < K) {  // 4 bits only: one trailing 32-element chunk, x in natural order
+    pf.line(wpr - 1);
     for (int r = 0; r < R; r++) {
       const uint32_t* wk = wr + r * wpr + k0 / 8;
       float a = 0;
@@ -715,9 +717,9 @@ AVX2_FN void qdotr_avx2_t(const QW& q, int64_t n, const XPrep& xp, const float* 
 }
 
 AVX2_FN void qdot4_avx2(const QW& q, int64_t n, const XPrep& xp, const float* const* s, const float* const* b,
-                        float* res) {
-  if (q.bits == 4) return qdotr_avx2_t<4, 4>(q, n, xp, s, b, res);
-  qdotr_avx2_t<8, 4>(q, n, xp, s, b, res);
+                        const StepPrefetch& pf, float* res) {
+  if (q.bits == 4) return qdotr_avx2_t<4, 4>(q, n, xp, s, b, pf, res);
+  qdotr_avx2_t<8, 4>(q, n, xp, s, b, pf, res);
 }
 
 // ---- avx512 path: the quantized GEMV only
@@ -1258,11 +1260,12 @@ void qdot(const QW& q, int64_t n, const XPrep& xp, int64_t m0, int mr, const flo
 }
 
 // rows n..n+3 against activation row 0 (decode) on the avx2 path (avx512 runs decode_rows4_avx512)
-void qdot4(const QW& q, int64_t n, const XPrep& xp, const float* const* s, const float* const* b, float* res) {
+void qdot4(const QW& q, int64_t n, const XPrep& xp, const float* const* s, const float* const* b,
+           const StepPrefetch& pf, float* res) {
 #ifdef MLXE_X86
-  qdot4_avx2(q, n, xp, s, b, res);
+  qdot4_avx2(q, n, xp, s, b, pf, res);
 #else
-  (void)q, (void)n, (void)xp, (void)s, (void)b, (void)res;
+  (void)q, (void)n, (void)xp, (void)s, (void)b, (void)pf, (void)res;
 #endif
 }
 
@@ -1377,10 +1380,11 @@ int64_t decode_rows4(const QW& q, const XPrep& xp, int64_t n0, int64_t n1, int64
   if (rs.size() < size_t(8 * G)) rs.resize(size_t(8 * G));
   const float *s4[4], *b4[4];
   int64_t n = n0;
+  StepPrefetch pf(q, n0, nlim, ahead);
   for (; n + 4 <= n1; n += 4) {
-    prefetch_qrows(q, n + ahead, std::min(nlim, n + ahead + 4));
+    pf.step(q, n, nlim);
     for (int r = 0; r < 4; r++) row_params_at(q, n + r, rs.data() + 2 * r * G, rs.data() + (2 * r + 1) * G, &s4[r], &b4[r]);
-    qdot4(q, n, xp, s4, b4, out + (n - n0));
+    qdot4(q, n, xp, s4, b4, pf, out + (n - n0));
   }
   return n;
 }
