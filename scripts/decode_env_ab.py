@@ -6,7 +6,7 @@ the rounds run every variant once, alternating the order, so a machine whose spe
 affects all alike. Measures tg: --tokens tokens from a one-token prompt, EOS ignored, as bench_vs_llama_cpp.
 
     python scripts/decode_env_ab.py "default:" "no-poll:MLXEDGE_CPU_YIELD_US=0" \
-        "split-all:MLXEDGE_CPU_PARALLEL_MIN_KB=0" [--rounds 5] [--tokens 128] [--model smollm2]
+        "split-all:MLXEDGE_CPU_PARALLEL_MIN_KB=0" [--rounds 5] [--tokens 128] [--model smollm2 | PATH] [--bits 4|8]
 
 One setting is this script's own: AB_QKV=apart runs each attention's q, k and v projections through their own
 bindings (three calls) instead of the one call the load bound (e.g. "one-call:" "apart:AB_QKV=apart").
@@ -22,12 +22,12 @@ import subprocess
 import sys
 
 
-def worker(model: str, tokens: int) -> None:
+def worker(model: str, tokens: int, bits) -> None:
     import mlxedge
     from mlxedge.bench.timing import OursRunner, run_tg
     from mlxedge.sources.registry import resolve_alias
 
-    loaded = mlxedge.load(resolve_alias(model), dtype="float32")
+    loaded = mlxedge.load(resolve_alias(model) or model, bits=bits, dtype="float32")
     if os.environ.get("AB_QKV") == "apart":
         from mlxedge.fast_layers import BoundAttention
 
@@ -52,17 +52,19 @@ def main() -> None:
     ap.add_argument("variants", nargs="*", help='NAME:VAR=VALUE,VAR=VALUE ("NAME:" = the environment as is)')
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--model", default="smollm2", help="an alias (pulled on first use)")
+    ap.add_argument("--model", default="smollm2", help="an alias (pulled on first use) or a local model path")
+    ap.add_argument("--bits", type=int, choices=[4, 8], help="quantize while loading (a float checkpoint)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        return worker(args.model, args.tokens)
+        return worker(args.model, args.tokens, args.bits)
     if len(args.variants) < 2:
         ap.error("give at least two variants")
     procs = []
     for spec in args.variants:
         name, env = parse_variant(spec)
         cmd = [sys.executable, __file__, "--worker", "--model", args.model, "--tokens", str(args.tokens)]
+        cmd += ["--bits", str(args.bits)] if args.bits else []
         proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         if proc.stdout.readline().strip() != "ready":
             raise SystemExit(f"variant {name!r}: the worker did not start")
