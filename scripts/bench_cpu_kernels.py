@@ -17,7 +17,7 @@ load affects them alike. The read bandwidth is the fastest of several streaming 
 (STREAMING_READS), measured before and after the table (the larger counts: this machine's bandwidth moves
 with its neighbours' load), on one thread and on as many threads as the pool has. Each kernel is compared
 with the figure for the threads it runs on, like with like: a GEMV reading less than
-MLXEDGE_CPU_PARALLEL_MIN_KB (default 1 MiB) runs on the calling thread alone, a larger one on the whole
+MLXEDGE_CPU_PARALLEL_MIN_KB (default 128 KiB) runs on the calling thread alone, a larger one on the whole
 pool, MLX's built-in on one thread. The table also gives every kernel's share of the all-threads figure.
 
     python scripts/bench_cpu_kernels.py [--isas avx512vnni,avx512] [--dtype float32|bfloat16|float16] [--reps 5]
@@ -27,7 +27,6 @@ pool, MLX's built-in on one thread. The table also gives every kernel's share of
 from __future__ import annotations
 
 import argparse
-import os
 import threading
 import time
 
@@ -183,7 +182,8 @@ def main():
     cpu._configure(isa=describe_isa)
     print(f"read bandwidth before the table (best of {', '.join(STREAMING_READS)}, native, over 512 MiB): "
           + ", ".join(f"{t} thread(s) {g:.1f} GB/s" for t, g in bw.items()) + "\n")
-    parallel_min = int(os.environ.get("MLXEDGE_CPU_PARALLEL_MIN_KB", "1024")) << 10
+    parallel_min = cpu._ext.set_gemv_parallel_min_bytes(0)  # the setter returns the value in force: put it back
+    cpu._ext.set_gemv_parallel_min_bytes(parallel_min)
     results = []
     rows = [(name, Ns, K, bits, gs) for name, Ns, K in SHAPES for bits, gs in CONFIGS]
     rows.append((*HEAD, 8, 32))

@@ -17,8 +17,8 @@ and ``describe()`` says why. Environment, read once at import:
   where the cores outnumber the pool by two, else 0 — spinning steals the core the decode loop needs).
 - ``MLXEDGE_CPU_YIELD_US``: then how long it keeps polling for work while yielding its core to any other
   runnable thread (default 300 µs; 0 sleeps at once — a sleeping worker takes 10-30 µs to wake on a VM).
-- ``MLXEDGE_CPU_PARALLEL_MIN_KB``: a GEMV reading fewer KiB than this runs on one thread (default 1024:
-  waking a sleeping worker costs more than it saves on a small matrix).
+- ``MLXEDGE_CPU_PARALLEL_MIN_KB``: a GEMV reading fewer KiB than this runs on one thread (default 128:
+  below it, handing half to a worker costs more than it saves).
 - ``MLXEDGE_CPU_EXT``: path of an alternative build of the extension (the sanitizer build uses it).
 """
 

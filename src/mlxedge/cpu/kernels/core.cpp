@@ -1348,11 +1348,15 @@ void prep_x(XPrep& p, const void* x, int xdt, int64_t M, int64_t K, int gs, int 
 #endif
 }
 
-// A GEMV reading fewer bytes than this runs on the calling thread alone: waking a sleeping worker costs
-// more than it saves on a small matrix (576x576 at 4 bits: 19 us on one thread, 31-47 us on two, here).
+// A GEMV reading fewer bytes than this runs on the calling thread alone: below it, handing half to a
+// worker costs more than it saves. It was 1 MiB while idle workers slept between calls (576x576 at 4 bits:
+// 19 us on one thread, 31-47 us on two, waking the worker). Since they keep polling through a decode step
+// (MLXEDGE_CPU_YIELD_US), splitting from 128 KiB made SmolLM2's 4-bit decode 7.6% faster (median of 12
+// paired rounds, all 12 faster; scripts/decode_env_ab.py, Zen 4, 2 cores), its 8-bit decode and a 1B-class
+// model's unchanged within noise. k/v at 4 bits (83 KB) stays on one thread.
 int64_t g_parallel_min_bytes = [] {
   const char* e = std::getenv("MLXEDGE_CPU_PARALLEL_MIN_KB");
-  return e ? int64_t(std::max(0, std::atoi(e))) << 10 : int64_t(1) << 20;
+  return e ? int64_t(std::max(0, std::atoi(e))) << 10 : int64_t(128) << 10;
 }();
 
 // rows of W per task for a GEMV reading `bytes`: all of them under g_parallel_min_bytes, else small

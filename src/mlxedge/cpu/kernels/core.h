@@ -39,7 +39,7 @@ int mlxe_threads(void);
 // Rows up to this count take the GEMV path; more take the blocked (dequantize tile + GEMM) path.
 void mlxe_set_gemv_max_rows(int rows);
 // A GEMV reading fewer bytes than this runs on the calling thread alone (0: every GEMV is split over
-// the pool). Returns the previous value. Default 1 MiB, or MLXEDGE_CPU_PARALLEL_MIN_KB.
+// the pool). Returns the previous value. Default 128 KiB, or MLXEDGE_CPU_PARALLEL_MIN_KB.
 int64_t mlxe_set_gemv_parallel_min_bytes(int64_t bytes);
 // Load an OpenBLAS with scipy_-prefixed symbols (scipy-openblas32) from `path`; 1 on success.
 int mlxe_set_blas(const char* path);
