@@ -2,8 +2,9 @@
 """Per-kernel GEMV speed of mlxedge's native CPU kernels vs MLX's built-ins, side by side in one process.
 
 For SmolLM2-135M's decode shapes (one activation row) at 4-bit g32, 4-bit g64 and 8-bit g32 (and the
-49152x576 8-bit g32 head, and a 1B-class model's long-row MLP shapes), and the q·k·v projections in the one call a bound attention makes (their three
-weights, one partition of their rows: `quantized_matmuls`; MLX's built-in side runs the three matmuls),
+49152x576 8-bit g32 head), a 1B-class model's long-row MLP shapes, and the q·k·v projections in the one
+call a bound attention makes (their three weights, one partition of their rows: `quantized_matmuls`; MLX's
+built-in side runs the three matmuls),
 reports time per call, the bandwidth it implies (bytes of W + scales + biases
 read / time) and that bandwidth as a percentage of this machine's measured read bandwidth. Each of our
 ISA paths (--isas) is timed two ways:

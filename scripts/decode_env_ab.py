@@ -20,9 +20,10 @@ import os
 import statistics
 import subprocess
 import sys
+from typing import Optional
 
 
-def worker(model: str, tokens: int, bits) -> None:
+def worker(model: str, tokens: int, bits: Optional[int]) -> None:
     import mlxedge
     from mlxedge.bench.timing import OursRunner, run_tg
     from mlxedge.sources.registry import resolve_alias

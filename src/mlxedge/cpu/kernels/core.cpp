@@ -391,27 +391,30 @@ int64_t qrow_bytes(const QW& q) { return q.words_per_row() * 4 + 2 * q.groups() 
 
 // Prefetch for the four-row decode loops (decode_rows4_*), one step (four rows) at a time. The step runs
 // a whole number of steps ahead (`lead` rows, `ahead` rounded up to fours) and asks for one line of each of
-// those four rows per 64-byte block it computes (`line`), so the requests are spread over the step as its
-// reads are; scales and biases come in one burst at the step's start (a line or two per row). Before,
-// each step asked for its next rows in one burst, `ahead` rows on. With long rows that read DRAM at half
-// speed: at K = 4096 (2 KB of 4-bit words) `ahead` is 2 rows, fewer than a step computes, so the burst
-// asked for rows already being read, and a burst of 128 lines runs past the core's miss buffers.
-// From DRAM (Zen 4, one thread, scripts/gemv_core_timing.cpp, interleaved): 4096x4096 4-bit 10-11 -> 17-19
-// GB/s, 2048x8192 4-bit 10-11 -> 14-15, 2048x2048 8-bit 11 -> 18, 576x1536 8-bit 92 -> 55 us; SmolLM2's
-// 576-element 4-bit rows unchanged within noise, as is its decode (decode_env_ab.py, 6 rounds: 71-74
-// before, 74-77 tok/s after). The avx2 path likewise (qdotr_avx2_t): 4096x4096 4-bit 1.50 -> 0.96 ms. The line asked for is the block's last one: asking for its first left the
-// last line of rows that are not a whole number of lines (288 bytes) unasked, and 576x576 ran 1.7x slower.
+// those four rows per block it computes (`line`), so the requests are spread over the step as its reads
+// are; scales and biases come in one burst at the step's start (a line or two per row). Before, each step
+// asked for its next rows in one burst, `ahead` rows on, and long rows read DRAM at half speed: at K = 4096
+// (2 KB of 4-bit words) `ahead` is 2 rows, fewer than a step computes, so the burst asked for rows already
+// being read, and a burst of 128 lines runs past the core's miss buffers. From DRAM (Zen 4, one thread,
+// scripts/gemv_core_timing.cpp, interleaved): 4096x4096 4-bit 10-11 -> 17-19 GB/s, 2048x8192 4-bit
+// 10-11 -> 14-15, 2048x2048 8-bit 11 -> 18, 576x1536 8-bit 92 -> 55 us; the avx2 path (qdotr_avx2_t)
+// 4096x4096 4-bit 1.50 -> 0.96 ms. SmolLM2's 576-element 4-bit rows are unchanged within noise, as is its
+// decode (decode_env_ab.py, 6 rounds: 71-74 before, 74-77 tok/s after). The line asked for is the one
+// that ends the block: asking for the first left the last line of rows that are not a whole number of
+// lines (288 bytes) unasked, and 576x576 ran 1.7x slower.
 struct StepPrefetch {
-  int64_t lead;
-  const uint32_t* next[4];  // the packed words of rows n + lead .. n + lead + 3 (row n for those past nlim)
+  const QW& q;
+  const int64_t nlim, lead;  // rows at and past nlim are not asked for
+  const uint32_t* next[4];   // the packed words of rows n + lead .. n + lead + 3 (row n for those past nlim)
 
   // the caller prefetched rows [n0, n0 + ahead): complete them to the lead
-  StepPrefetch(const QW& q, int64_t n0, int64_t nlim, int64_t ahead) : lead((ahead + 3) / 4 * 4) {
+  StepPrefetch(const QW& w, int64_t n0, int64_t row_limit, int64_t ahead)
+      : q(w), nlim(row_limit), lead((ahead + 3) / 4 * 4) {
     prefetch_qrows(q, n0 + ahead, std::min(nlim, n0 + lead));
   }
 
   // at the start of the step computing rows n .. n + 3
-  inline __attribute__((always_inline)) void step(const QW& q, int64_t n, int64_t nlim) {
+  inline __attribute__((always_inline)) void step(int64_t n) {
     prefetch_qparams(q, n + lead, std::min(nlim, n + lead + 4));
     for (int r = 0; r < 4; r++) next[r] = q.w + (n + lead + r < nlim ? n + lead + r : n) * q.words_per_row();
   }
@@ -914,7 +917,7 @@ AVX512_FN int64_t decode_rows4_avx512_t(const QW& q, const XPrep& xp, int64_t n0
   if (rs.size() < size_t(8 * G)) rs.resize(size_t(8 * G));
   StepPrefetch pf(q, n0, nlim, ahead);
   for (int64_t n = n0; n < n1; n += 4) {
-    pf.step(q, n, nlim);
+    pf.step(n);
     const Rows4 r4 = rows4_at(q, n, n1, rs.data());
     const float* const* s = r4.s;
     const uint32_t* const* w = r4.w;
@@ -1077,7 +1080,7 @@ VNNI_FN int64_t decode_rows4_vnni_t(const QW& q, const XPrep& xp, int64_t n0, in
   int64_t n = n0;
   StepPrefetch pf(q, n0, nlim, ahead);
   for (; n < n1; n += 4) {  // the last one to three rows: computed four times over, the copies dropped
-    pf.step(q, n, nlim);
+    pf.step(n);
     const Rows4 r4 = rows4_at(q, n, n1, rs.data());
     const float* const* s = r4.s;
     const uint32_t* const* w = r4.w;
@@ -1372,7 +1375,7 @@ int64_t gemv_chunk(int64_t N, int64_t bytes) {
 constexpr int64_t kTileN = 64;  // weight rows dequantised per GEMM tile
 
 // Decode (one activation row, on the x86 SIMD paths): out[n - n0] for rows [n0, n1) in fours, prefetching
-// `ahead` rows forward (up to row nlim); returns the first row not done (the float paths leave the last
+// ahead of them (StepPrefetch, from the caller's `ahead`; up to row nlim); returns the first row not done (the float paths leave the last
 // n % 4 rows to the caller; the VNNI path does them all, as the caller's qdot has no float x to work on).
 int64_t decode_rows4(const QW& q, const XPrep& xp, int64_t n0, int64_t n1, int64_t nlim, int64_t ahead, float* out) {
 #ifdef MLXE_X86
@@ -1386,7 +1389,7 @@ int64_t decode_rows4(const QW& q, const XPrep& xp, int64_t n0, int64_t n1, int64
   int64_t n = n0;
   StepPrefetch pf(q, n0, nlim, ahead);
   for (; n + 4 <= n1; n += 4) {
-    pf.step(q, n, nlim);
+    pf.step(n);
     for (int r = 0; r < 4; r++) row_params_at(q, n + r, rs.data() + 2 * r * G, rs.data() + (2 * r + 1) * G, &s4[r], &b4[r]);
     qdot4(q, n, xp, s4, b4, pf, out + (n - n0));
   }
