@@ -6,8 +6,8 @@ For SmolLM2-135M's decode shapes (one activation row) at 4-bit g32, 4-bit g64 an
 call a bound attention makes (their three weights, one partition of their rows: `quantized_matmuls`; MLX's
 built-in side runs the three matmuls),
 reports time per call, the bandwidth it implies (bytes of W + scales + biases
-read / time) and that bandwidth as a percentage of this machine's measured read bandwidth. Each of our
-ISA paths (--isas) is timed two ways:
+read / time) and that bandwidth as a percentage of this machine's measured read bandwidth, and against only reading the same
+bytes in calls of the same size (below). Each of our ISA paths (--isas) is timed two ways:
 - kernel: the kernel alone, called in a native loop (`_ext.kernel_seconds`: no graph, no scheduling) —
   the kernel's own bandwidth;
 - via MLX: the same calls as lazy MLX ops evaluated together, as a decode step runs them — adds MLX's
@@ -20,6 +20,11 @@ with its neighbours' load), on one thread and on as many threads as the pool has
 with the figure for the threads it runs on, like with like: a GEMV reading less than
 MLXEDGE_CPU_PARALLEL_MIN_KB (default 128 KiB) runs on the calling thread alone, a larger one on the whole
 pool, MLX's built-in on one thread. The table also gives every kernel's share of the all-threads figure.
+A call reading well under a megabyte cannot reach the big buffer's figure whatever it computes: its first
+lines wait for DRAM, and every 4 KiB page of MLX's arrays costs a TLB miss (on a VM, a nested page walk).
+So each row also gives the same-size read (`_ext.read_seconds`): the very buffers the calls read, call after
+call over the same copies, split over the same threads, best of a plain and a prefetching read — how fast any
+code could read them that way — and the kernel's time against it ("% of read").
 
     python scripts/bench_cpu_kernels.py [--isas avx512vnni,avx512] [--dtype float32|bfloat16|float16] [--reps 5]
     python scripts/bench_cpu_kernels.py --gemm   # prefill: OpenBLAS tiles vs the built-in micro-kernel vs MLX
@@ -206,9 +211,12 @@ def main():
                                 for t in one]
         kernel = {isa: [] for isa in isas}
         via_mlx = {isa: [] for isa in isas}
-        t_mlx = []
+        t_mlx, t_read = [], []
+        on_threads = threads if size >= parallel_min else 1
+        arrays = [a for t in flat for a in t]
         time_calls(f_mlx, x, ws, 2)
         for rep in range(args.reps):
+            t_read.append(cpu._ext.read_seconds(arrays, per_set=3 * len(Ns), calls=calls, threads=on_threads))
             for isa in (isas if rep % 2 == 0 else isas[::-1]):  # alternate which path runs first
                 cpu._configure(isa=isa)
                 kernel[isa].append(cpu._ext.kernel_seconds(x, flat, group_size=gs, bits=bits, calls=calls,
@@ -217,31 +225,31 @@ def main():
             t_mlx.append(time_calls(f_mlx, x, ws, max(2, calls // 4)))
         # the best repetition is each side's speed; the machine may be shared (say so with the numbers)
         results.append((name, bits, gs, size, {i: min(kernel[i]) for i in isas}, {i: min(via_mlx[i]) for i in isas},
-                        min(t_mlx)))
+                        min(t_mlx), min(t_read)))
         del ws
     cpu._configure(isa=isas[0])
     after = reference()
     bw = {t: max(g, after[t]) for t, g in bw.items()}
     print("read bandwidth after the table: " + ", ".join(f"{t} thread(s) {g:.1f} GB/s" for t, g in after.items())
           + " -> reference " + ", ".join(f"{t} thread(s) {g:.1f} GB/s" for t, g in bw.items()) + "\n")
-    print("% = the kernel's GB/s over the read bandwidth on the threads it runs on (\"thr\"); "
-          f"% all = over the {threads}-thread figure\n")
-    head = "| shape | bits/gs | bytes | thr |"
-    rule = "|---|---|---|---|"
+    print("% = GB/s over the read bandwidth on the threads it runs on (\"thr\"); % all = over the "
+          f"{threads}-thread figure; same-size read = only reading what one call reads (the same buffers, call after "
+          "call, split over the same threads: `_ext.read_seconds`); % of read = the kernel's time against it\n")
+    head = "| shape | bits/gs | bytes | thr | same-size read µs | % |"
+    rule = "|---|---|---|---|---|---|"
     for isa in isas:
-        head += f" {isa} kernel µs | % | % all | via MLX µs | % |"
-        rule += "---|---|---|---|---|"
+        head += f" {isa} kernel µs | % | % of read | % all | via MLX µs | % |"
+        rule += "---|---|---|---|---|---|"
     print(head + " MLX built-in µs | % | kernel speed-up over MLX |")
     print(rule + "---|---|---|")
-    for name, bits, gs, size, kern, via, m in results:
+    for name, bits, gs, size, kern, via, m, rd in results:
         t = threads if size >= parallel_min else 1
         pct = lambda sec, t=t: f"{100 * size / sec / 1e9 / bw[t]:.0f}%"  # noqa: E731
-        line = f"| {name} | {bits}/{gs} | {size / 1e6:.2f} MB | {t} |"
+        line = f"| {name} | {bits}/{gs} | {size / 1e6:.2f} MB | {t} | {rd * 1e6:.1f} | {pct(rd)} |"
         for isa in isas:
-            line += (f" {kern[isa] * 1e6:.1f} | {pct(kern[isa])} | {pct(kern[isa], threads)} "
-                     f"| {via[isa] * 1e6:.1f} | {pct(via[isa])} |")
+            line += (f" {kern[isa] * 1e6:.1f} | {pct(kern[isa])} | {100 * rd / kern[isa]:.0f}% | "
+                     f"{pct(kern[isa], threads)} | {via[isa] * 1e6:.1f} | {pct(via[isa])} |")
         print(line + f" {m * 1e6:.0f} | {pct(m, 1)} | {m / kern[isas[0]]:.0f}x |")
-
 
 if __name__ == "__main__":
     main()

@@ -477,3 +477,38 @@ def test_read_bandwidth_reference_runs_and_rejects_bad_input():
         assert 0 < cpu._ext.read_bandwidth(8 << 20, threads, 1) < float("inf")
     with pytest.raises(ValueError, match="nbytes >= 1 MiB"):
         cpu._ext.read_bandwidth(1000, 1, 1)
+
+
+@needs_ext
+@pytest.mark.parametrize("ahead", [False, True], ids=["plain", "prefetching"])
+def test_same_size_read_reads_every_byte(ahead):
+    """`_ext.read_seconds`' reads (the bench's same-size reference, here through `_ext.read_or`, the same split
+    and loops) cover every byte of every buffer, on every thread count the pool has: one set bit anywhere — the
+    first byte, a middle one, the last, in buffers that are not a whole number of lines, slices or kilobytes —
+    shows in the OR, and all-zero buffers give 0. A slice boundary or a tail loop that skipped bytes would make
+    the reference read less than the kernel does."""
+    pad = [mx.zeros((5,), dtype=mx.uint8), mx.zeros((3,), dtype=mx.float32)]
+    for threads in range(1, cpu._ext.threads() + 1):
+        for n in (1, 63, 64, 65, 1000, 4097, 70001):
+            assert cpu._ext.read_or([pad[0], mx.zeros((n,), dtype=mx.uint8), pad[1]], threads=threads, ahead=ahead) == 0
+            for pos in sorted({0, n // 2, n - 1}):
+                a = np.zeros(n, dtype=np.uint8)
+                a[pos] = 1 << (pos % 8)
+                got = cpu._ext.read_or([pad[0], mx.array(a), pad[1]], threads=threads, ahead=ahead)
+                assert got != 0, f"byte {pos} of {n} unread on {threads} thread(s)"
+
+
+@needs_ext
+def test_same_size_read_seconds_runs_and_rejects_bad_input():
+    """`_ext.read_seconds`: a positive, finite time per call for one-buffer and three-buffer sets, and one clear
+    error for sets that do not divide the list, a thread count the pool does not have, or no calls."""
+    arrays = [mx.full((4096,), i, dtype=mx.uint32) for i in range(6)]
+    for threads in range(1, cpu._ext.threads() + 1):
+        for per_set in (1, 3):
+            assert 0 < cpu._ext.read_seconds(arrays, per_set=per_set, calls=4, threads=threads) < 1
+    with pytest.raises(ValueError, match="whole number of sets"):
+        cpu._ext.read_seconds(arrays[:4], per_set=3, calls=1, threads=1)
+    with pytest.raises(ValueError, match="threads must be between 1 and"):
+        cpu._ext.read_seconds(arrays, per_set=1, calls=1, threads=cpu._ext.threads() + 1)
+    with pytest.raises(ValueError, match="calls >= 1"):
+        cpu._ext.read_seconds(arrays, per_set=1, calls=0, threads=1)

@@ -3,11 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
-#include <thread>
 #include <vector>
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -312,86 +308,10 @@ double kernel_seconds(const mx::array& x, const nb::list& weights, int group_siz
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / calls;
 }
 
-// Bytes per second of reading a fresh `nbytes` buffer once, split over `threads` threads, best of `reps`:
-// the read-bandwidth reference for scripts/bench_cpu_kernels.py beside numpy's reductions. Four
-// independent OR chains of 512-bit (where the CPU has AVX-512F) or 256-bit loads per thread (no arithmetic
-// to wait on), the buffer touched first.
-#if defined(__x86_64__) && !defined(MLXEDGE_NO_X86_SIMD)
-__attribute__((target("avx2"))) uint64_t read_span(const char* p, size_t n) {
-  __m256i a = _mm256_setzero_si256(), b = a, c = a, d = a;
-  size_t i = 0;
-  for (; i + 128 <= n; i += 128) {
-    a = _mm256_or_si256(a, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i)));
-    b = _mm256_or_si256(b, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 32)));
-    c = _mm256_or_si256(c, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 64)));
-    d = _mm256_or_si256(d, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 96)));
-  }
-  const __m256i r = _mm256_or_si256(_mm256_or_si256(a, b), _mm256_or_si256(c, d));
-  uint64_t out[4];
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), r);
-  for (; i < n; i++) out[0] |= uint8_t(p[i]);
-  return out[0] | out[1] | out[2] | out[3];
-}
-__attribute__((target("avx512f"))) uint64_t read_span512(const char* p, size_t n) {
-  __m512i a = _mm512_setzero_si512(), b = a, c = a, d = a;
-  size_t i = 0;
-  for (; i + 256 <= n; i += 256) {
-    a = _mm512_or_si512(a, _mm512_loadu_si512(p + i));
-    b = _mm512_or_si512(b, _mm512_loadu_si512(p + i + 64));
-    c = _mm512_or_si512(c, _mm512_loadu_si512(p + i + 128));
-    d = _mm512_or_si512(d, _mm512_loadu_si512(p + i + 192));
-  }
-  uint64_t out[8];
-  _mm512_storeu_si512(out, _mm512_or_si512(_mm512_or_si512(a, b), _mm512_or_si512(c, d)));
-  uint64_t acc = read_span(p + i, n - i);
-  for (uint64_t v : out) acc |= v;
-  return acc;
-}
-#else
-uint64_t read_span(const char* p, size_t n) {
-  uint64_t acc = 0, v;
-  size_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    std::memcpy(&v, p + i, 8);
-    acc |= v;
-  }
-  for (; i < n; i++) acc |= uint8_t(p[i]);
-  return acc;
-}
-#endif
-
-double read_bandwidth(size_t nbytes, int threads, int reps) {
-  if (threads < 1 || reps < 1 || nbytes < (size_t(1) << 20)) bad("read_bandwidth: nbytes >= 1 MiB, threads and reps >= 1");
-  std::vector<char> buf(nbytes, 1);
-#if defined(__x86_64__) && !defined(MLXEDGE_NO_X86_SIMD)
-  __builtin_cpu_init();
-  auto span = __builtin_cpu_supports("avx512f") ? read_span512 : read_span;
-#else
-  auto span = read_span;
-#endif
-  nb::gil_scoped_release unlocked;
-  double best = 0;
-  std::vector<uint64_t> sink(static_cast<size_t>(threads));
-  for (int r = 0; r < reps; r++) {
-    const size_t part = nbytes / size_t(threads) / 64 * 64;
-    const auto t0 = std::chrono::steady_clock::now();
-    std::vector<std::thread> pool;
-    for (int t = 1; t < threads; t++)
-      pool.emplace_back([&, t] { sink[size_t(t)] = span(buf.data() + size_t(t) * part, part); });
-    sink[0] = span(buf.data(), threads == 1 ? nbytes : part);
-    for (auto& th : pool) th.join();
-    const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    best = std::max(best, double(threads == 1 ? nbytes : part * size_t(threads)) / sec);
-  }
-  volatile uint64_t keep = 0;
-  for (auto v : sink) keep = keep | v;
-  (void)keep;
-  return best;
-}
-
 }  // namespace
 
 void register_ops(nb::module_& m);  // ops_bindings.cpp: rms_norm, rope, sdpa
+void register_read_reference(nb::module_& m);  // read_reference.cpp: the bench's read references
 
 NB_MODULE(_ext, m) {
   m.doc() = "mlxedge native CPU kernels (MLX extension)";
@@ -409,8 +329,8 @@ NB_MODULE(_ext, m) {
   m.def("set_gemv_max_rows", &mlxe_set_gemv_max_rows);
   m.def("set_gemv_parallel_min_bytes", &mlxe_set_gemv_parallel_min_bytes, "bytes"_a);
   m.def("plant", [] { return std::string(mlxe_plant()); });
-  m.def("read_bandwidth", &read_bandwidth, "nbytes"_a, "threads"_a, "reps"_a);
   m.def("kernel_seconds", &kernel_seconds, "x"_a, "weights"_a, nb::kw_only(), "group_size"_a, "bits"_a, "calls"_a,
         "parts"_a = 1);
   register_ops(m);
+  register_read_reference(m);
 }
