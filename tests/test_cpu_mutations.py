@@ -278,3 +278,23 @@ def test_core_used_before_init_is_consistent(libs, tmp_path):
     core = Core(fresh)
     check_qmm(core.qmm, 1, 77, 192, 4, 32, "float32", what="qmm[uninitialised]")
     check_qmm(core.qmm, 2, 77, 96, 8, 32, "float32", what="qmm[uninitialised]")
+
+
+@pytest.mark.parametrize("threads", [2, 3, 5])
+def test_pool_runs_every_task_exactly_once(libs, tmp_path, threads):
+    """The kernels' thread pool (core.cpp's Pool: each thread takes its own run of tasks from the front, then
+    steals the others' from the back) runs every task of every job exactly once, for task counts below, at and
+    above the thread count, with more threads than cores (late joiners, stolen runs). The tasks here are Python
+    callbacks: each waits for the GIL, so threads are held up at random and the stealing paths run."""
+    own = tmp_path / f"core-pool-{threads}.so"  # a fresh load: its own pool of `threads`
+    shutil.copy(libs[None], own)
+    lib = Core(own, threads=threads).lib
+    lib.mlxe_init(ISA_CODES["scalar"], threads)
+    task_fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64)
+    lib.mlxe_parallel_for.argtypes = [ctypes.c_int64, task_fn, ctypes.c_void_p]
+    for ntasks in (1, 2, threads - 1, threads, threads + 1, 7, 16, 64, 257):
+        for _ in range(5):
+            hits = [0] * ntasks
+            callback = task_fn(lambda _ctx, t: hits.__setitem__(t, hits[t] + 1))
+            lib.mlxe_parallel_for(ntasks, callback, None)
+            assert hits == [1] * ntasks, f"{threads} threads, {ntasks} tasks: runs per task {hits}"
