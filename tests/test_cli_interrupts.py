@@ -15,6 +15,17 @@ class _Thing:
     pass
 
 
+@pytest.fixture(autouse=True)
+def pythons_own_ctrl_c_handler():
+    """These tests need SIGINT handled the way Python starts a program. A suite launched in the background
+    (`make test &` from a script: bash ignores SIGINT in such jobs) inherits SIG_IGN, and the guards rightly leave
+    an ignored Ctrl-C alone, so every test here would fail without this."""
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def test_a_ctrl_c_swallowed_by_a_weakref_callback_is_raised_when_the_load_ends(capsys):
     thing = _Thing()
     _ = weakref.ref(thing, lambda ref: signal.raise_signal(signal.SIGINT) or sum(range(10)))
