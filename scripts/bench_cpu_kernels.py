@@ -224,8 +224,8 @@ def main():
                 via_mlx[isa].append(time_calls(f_ours, x, ws, calls))
             t_mlx.append(time_calls(f_mlx, x, ws, max(2, calls // 4)))
         # the best repetition is each side's speed; the machine may be shared (say so with the numbers)
-        results.append((name, bits, gs, size, {i: min(kernel[i]) for i in isas}, {i: min(via_mlx[i]) for i in isas},
-                        min(t_mlx), min(t_read)))
+        results.append((name, bits, gs, size, on_threads, {i: min(kernel[i]) for i in isas},
+                        {i: min(via_mlx[i]) for i in isas}, min(t_mlx), min(t_read)))
         del ws
     cpu._configure(isa=isas[0])
     after = reference()
@@ -242,14 +242,14 @@ def main():
         rule += "---|---|---|---|---|---|"
     print(head + " MLX built-in µs | % | kernel speed-up over MLX |")
     print(rule + "---|---|---|")
-    for name, bits, gs, size, kern, via, m, rd in results:
-        t = threads if size >= parallel_min else 1
+    for name, bits, gs, size, t, kern, via, m, rd in results:
         pct = lambda sec, t=t: f"{100 * size / sec / 1e9 / bw[t]:.0f}%"  # noqa: E731
         line = f"| {name} | {bits}/{gs} | {size / 1e6:.2f} MB | {t} | {rd * 1e6:.1f} | {pct(rd)} |"
         for isa in isas:
             line += (f" {kern[isa] * 1e6:.1f} | {pct(kern[isa])} | {100 * rd / kern[isa]:.0f}% | "
                      f"{pct(kern[isa], threads)} | {via[isa] * 1e6:.1f} | {pct(via[isa])} |")
         print(line + f" {m * 1e6:.0f} | {pct(m, 1)} | {m / kern[isas[0]]:.0f}x |")
+
 
 if __name__ == "__main__":
     main()

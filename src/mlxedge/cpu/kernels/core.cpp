@@ -121,26 +121,20 @@ struct Job {
   std::atomic<int64_t> done{0};
   std::atomic<uint64_t> left[kMaxSlots];  // slot s's tasks not yet taken: first << 32 | end
 
-  // take the first task left in slot s (t, and the end of the run it belongs to) or the last (steal)
-  bool take_front(int s, int64_t& t, int64_t& run_end) {
+  // slot s's tasks [first, end) as one word
+  static uint64_t span_of(int64_t first, int64_t end) { return (uint64_t(first) << 32) | uint64_t(end); }
+
+  // take a task left in slot s: the first (its owner, front = true; run_end is then the run's end as it
+  // stands) or the last (a thief; run_end = t + 1, as nothing after it is this thread's)
+  bool take(int s, bool front, int64_t& t, int64_t& run_end) {
     uint64_t v = left[s].load(std::memory_order_relaxed);
     for (;;) {
       const int64_t first = int64_t(v >> 32), end = int64_t(v & 0xFFFFFFFFu);
       if (first >= end) return false;
-      if (left[s].compare_exchange_weak(v, (uint64_t(first + 1) << 32) | uint64_t(end), std::memory_order_relaxed)) {
-        t = first;
-        run_end = end;
-        return true;
-      }
-    }
-  }
-  bool take_back(int s, int64_t& t) {
-    uint64_t v = left[s].load(std::memory_order_relaxed);
-    for (;;) {
-      const int64_t first = int64_t(v >> 32), end = int64_t(v & 0xFFFFFFFFu);
-      if (first >= end) return false;
-      if (left[s].compare_exchange_weak(v, (uint64_t(first) << 32) | uint64_t(end - 1), std::memory_order_relaxed)) {
-        t = end - 1;
+      const uint64_t rest = front ? span_of(first + 1, end) : span_of(first, end - 1);
+      if (left[s].compare_exchange_weak(v, rest, std::memory_order_relaxed)) {
+        t = front ? first : end - 1;
+        run_end = front ? end : t + 1;
         return true;
       }
     }
@@ -198,8 +192,7 @@ class Pool {
     job.ntasks = ntasks;
     job.nslots = int(std::min<int64_t>({int64_t(n_), ntasks, int64_t(kMaxSlots)}));
     for (int s = 0; s < job.nslots; s++)
-      job.left[s].store((uint64_t(ntasks * s / job.nslots) << 32) | uint64_t(ntasks * (s + 1) / job.nslots),
-                        std::memory_order_relaxed);
+      job.left[s].store(Job::span_of(ntasks * s / job.nslots, ntasks * (s + 1) / job.nslots), std::memory_order_relaxed);
     job_.store(&job, std::memory_order_release);
     {
       std::lock_guard<std::mutex> lk(mu_);
@@ -225,18 +218,14 @@ class Pool {
 #endif
   }
 
-  // slot's own run first (a slot past the job's is a thread with no run of its own), then steal
+  // k = 0: the slot's own run, from the front; then every slot's leftovers, from the back (steals). A slot
+  // past the job's is a thread with no run of its own: it only steals.
   static void work(Job& job, int slot) {
     int64_t t, run_end;
-    if (slot < job.nslots)
-      while (job.take_front(slot, t, run_end)) {
-        job.fn(job.ctx, t, run_end);
-        job.done.fetch_add(1, std::memory_order_release);
-      }
-    for (int k = 1; k <= job.nslots; k++) {
+    for (int k = slot < job.nslots ? 0 : 1; k <= job.nslots; k++) {
       const int s = (slot + k) % job.nslots;
-      while (job.take_back(s, t)) {
-        job.fn(job.ctx, t, t + 1);
+      while (job.take(s, k == 0, t, run_end)) {
+        job.fn(job.ctx, t, run_end);
         job.done.fetch_add(1, std::memory_order_release);
       }
     }
