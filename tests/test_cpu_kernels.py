@@ -30,7 +30,7 @@ DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 def _isas() -> list:
     """The ISA paths this machine runs: scalar everywhere; avx2 on x86-64; avx512 where the CPU has AVX-512F;
-    avx512vnni where it also has AVX-512 BW, VNNI and VBMI (the kernels' own cpuid check, mirrored here)."""
+    avx512vnni where it also has AVX-512 BW, VL, VNNI and VBMI (the kernels' own cpuid check, mirrored here)."""
     if os.uname().machine not in ("x86_64", "AMD64"):
         return ["scalar"]
     try:
@@ -38,7 +38,7 @@ def _isas() -> list:
     except OSError:
         flags = []
     isas = ["scalar", "avx2"] + (["avx512"] if "avx512f" in flags else [])
-    if {"avx512f", "avx512bw", "avx512_vnni", "avx512vbmi"} <= set(flags):
+    if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi"} <= set(flags):
         isas.append("avx512vnni")
     return isas
 
