@@ -26,13 +26,18 @@ So each row also gives the same-size read (`_ext.read_seconds`): the very buffer
 call over the same copies, split over the same threads, best of a plain and a prefetching read — how fast any
 code could read them that way — and the kernel's time against it ("% of read").
 
-    python scripts/bench_cpu_kernels.py [--isas avx512vnni,avx512] [--dtype float32|bfloat16|float16] [--reps 5]
+The read bandwidth of this VM moves with its neighbours' load by up to half between one minute and the next
+(2-thread reference 32-52 GB/s in one hour), so --runs N measures the whole table N times and ends with each
+row's median over the runs, with every run's value beside it.
+
+    python scripts/bench_cpu_kernels.py [--isas avx512vnni,avx512] [--dtype float32|bfloat16|float16] [--reps 5] [--runs 3]
     python scripts/bench_cpu_kernels.py --gemm   # prefill: OpenBLAS tiles vs the built-in micro-kernel vs MLX
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import threading
 import time
 
@@ -158,6 +163,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=1, help="whole tables to measure; with more than one, a last "
+                    "table gives each row's median over them")
     ap.add_argument("--rows", type=int, default=1, help="activation rows (1 = decode)")
     ap.add_argument("--calls", type=int, default=40, help="calls per timed batch")
     ap.add_argument("--isas", default="", help="our ISA paths to compare, comma-separated (default: the one in use)")
@@ -178,22 +185,37 @@ def main():
         if cpu._ISA_NAMES[cpu._ext.isa()] != isa:
             raise SystemExit(f"this CPU has no {isa} path ({cpu.describe()})")
 
-    def reference() -> dict:
-        return {1: read_bandwidth(threads=1), threads: read_bandwidth(threads=threads)}
-
-    bw = reference()
     describe_isa = cpu._ISA_NAMES[cpu._ext.isa()]
     cpu._configure(isa=isas[0])
     print(f"backend: {cpu.describe()}; ISA paths {', '.join(isas)}; activations {args.dtype}, rows {args.rows}")
     cpu._configure(isa=describe_isa)
-    print(f"read bandwidth before the table (best of {', '.join(STREAMING_READS)}, native, over 512 MiB): "
+    rows = [(name, Ns, K, bits, gs) for name, Ns, K in SHAPES for bits, gs in CONFIGS]
+    rows.append((*HEAD, 8, 32))
+    rows = [r for r in rows if args.only in r[0]]
+    runs = []
+    for run in range(args.runs):
+        if args.runs > 1:
+            print(f"\n## run {run + 1} of {args.runs}\n")
+        bw, results = measure(rows, isas, threads, args, dtype)
+        print_table(bw, results, isas, threads)
+        runs.append((bw, results))
+    if args.runs > 1:
+        print_summary(runs, isas)
+
+
+def measure(rows, isas, threads, args, dtype):
+    """One table's worth: the read bandwidth before and after (the larger of each counts), and each row's
+    (name, bits, gs, bytes, threads, {isa: kernel s}, {isa: via-MLX s}, MLX built-in s, same-size read s)."""
+    def reference() -> dict:
+        return {1: read_bandwidth(threads=1), threads: read_bandwidth(threads=threads)}
+
+    bw = reference()
+    print("read bandwidth before the table (best of "
+          f"{', '.join(STREAMING_READS)}, native, over 512 MiB): "
           + ", ".join(f"{t} thread(s) {g:.1f} GB/s" for t, g in bw.items()) + "\n")
     parallel_min = cpu._ext.set_gemv_parallel_min_bytes(0)  # the setter returns the value in force: put it back
     cpu._ext.set_gemv_parallel_min_bytes(parallel_min)
     results = []
-    rows = [(name, Ns, K, bits, gs) for name, Ns, K in SHAPES for bits, gs in CONFIGS]
-    rows.append((*HEAD, 8, 32))
-    rows = [r for r in rows if args.only in r[0]]
     for name, Ns, K, bits, gs in rows:
         probe = weights(Ns, K, bits, gs, dtype, 1)
         size = nbytes(probe[0])
@@ -232,6 +254,15 @@ def main():
     bw = {t: max(g, after[t]) for t, g in bw.items()}
     print("read bandwidth after the table: " + ", ".join(f"{t} thread(s) {g:.1f} GB/s" for t, g in after.items())
           + " -> reference " + ", ".join(f"{t} thread(s) {g:.1f} GB/s" for t, g in bw.items()) + "\n")
+    return bw, results
+
+
+def share(size, sec, gbps) -> float:
+    """Percent of `gbps` that reading `size` bytes in `sec` seconds achieves."""
+    return 100 * size / sec / 1e9 / gbps
+
+
+def print_table(bw, results, isas, threads) -> None:
     print("% = GB/s over the read bandwidth on the threads it runs on (\"thr\"); % all = over the "
           f"{threads}-thread figure; same-size read = only reading what one call reads (the same buffers, call after "
           "call, split over the same threads: `_ext.read_seconds`); % of read = the kernel's time against it\n")
@@ -243,12 +274,31 @@ def main():
     print(head + " MLX built-in µs | % | kernel speed-up over MLX |")
     print(rule + "---|---|---|")
     for name, bits, gs, size, t, kern, via, m, rd in results:
-        pct = lambda sec, t=t: f"{100 * size / sec / 1e9 / bw[t]:.0f}%"  # noqa: E731
+        pct = lambda sec, t=t: f"{share(size, sec, bw[t]):.0f}%"  # noqa: E731
         line = f"| {name} | {bits}/{gs} | {size / 1e6:.2f} MB | {t} | {rd * 1e6:.1f} | {pct(rd)} |"
         for isa in isas:
             line += (f" {kern[isa] * 1e6:.1f} | {pct(kern[isa])} | {100 * rd / kern[isa]:.0f}% | "
                      f"{pct(kern[isa], threads)} | {via[isa] * 1e6:.1f} | {pct(via[isa])} |")
         print(line + f" {m * 1e6:.0f} | {pct(m, 1)} | {m / kern[isas[0]]:.0f}x |")
+
+
+def print_summary(runs, isas) -> None:
+    """Per row and ISA, the median over the runs of the two shares that matter, with each run's value: this
+    VM's bandwidth moves with its neighbours' load between (and within) runs, and a median of whole runs is
+    steadier than any one of them."""
+    print(f"\n## median of {len(runs)} runs\n")
+    print("% = of the 512 MiB read on the row's threads, taken with that run's reference; % of read = of the "
+          "same-size read, timed interleaved with the kernel\n")
+    print("| shape | bits/gs | thr | ISA | kernel µs | % (each run) | % | % of read (each run) | % of read |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for i, (name, bits, gs, size, t, *_rest) in enumerate(runs[0][1]):
+        for isa in isas:
+            kern = [r[i][5][isa] for _, r in runs]
+            pct = [share(size, k, bw[t]) for (bw, _), k in zip(runs, kern)]
+            of_read = [100 * r[i][8] / k for (_, r), k in zip(runs, kern)]
+            each = lambda v: " ".join(f"{x:.0f}" for x in v)  # noqa: E731
+            print(f"| {name} | {bits}/{gs} | {t} | {isa} | {statistics.median(kern) * 1e6:.1f} | {each(pct)} | "
+                  f"{statistics.median(pct):.0f}% | {each(of_read)} | {statistics.median(of_read):.0f}% |")
 
 
 if __name__ == "__main__":
