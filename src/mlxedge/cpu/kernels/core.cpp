@@ -1131,42 +1131,40 @@ VNNI_FN inline __attribute__((always_inline)) void vnni_block4(const XPrep& xp, 
 
 // vnni_block_row on a half block (8 packed words, 64 elements), in 256-bit vectors: the int32 sums of lanes
 // 0-7, as floats times their scales sc, into the low half of tot (the upper lanes take 0 * 0)
-VNNI_FN inline __attribute__((always_inline)) __m512 vnni_half_row(__m256i wv, const int8_t* xb, __m256 sc, __m512 tot) {
+VNNI_FN inline __attribute__((always_inline)) __m512 vnni_half_row(__m256i wv, __m256i l0, __m256i l1, __m256i l2,
+                                                                    __m256i h0, __m256i h1, __m256i h2, __m256 sc,
+                                                                    __m512 tot) {
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const __m256i lo = _mm256_and_si256(wv, low4), hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), low4);
-  const __m256i* x = reinterpret_cast<const __m256i*>(xb);  // [half][digit] at x[6 * half + 2 * digit]
-  __m256i m = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, _mm256_loadu_si256(x + 4)), hi,
-                                  _mm256_loadu_si256(x + 10));
-  m = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_slli_epi32(m, 8), lo, _mm256_loadu_si256(x + 2)), hi,
-                          _mm256_loadu_si256(x + 8));
-  m = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_slli_epi32(m, 8), lo, _mm256_loadu_si256(x)), hi,
-                          _mm256_loadu_si256(x + 6));
+  __m256i m = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, l2), hi, h2);
+  m = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_slli_epi32(m, 8), lo, l1), hi, h1);
+  m = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_slli_epi32(m, 8), lo, l0), hi, h0);
   return _mm512_fmadd_ps(_mm512_zextps256_ps512(_mm256_cvtepi32_ps(m)), _mm512_zextps256_ps512(sc), tot);
 }
 
-// one row of vnni_half4
-VNNI_FN inline __attribute__((always_inline)) __m512 vnni_half_row_at(const uint32_t* w, const float* s, const int8_t* xb,
-                                                                      int ng, __m512i gidx, int words, __m256 xe,
-                                                                      __m512 tot) {
-  const __m256i wv = words == 8 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w))
-                                : _mm256_maskz_loadu_epi32(__mmask8((1u << words) - 1u), w);
-  const __m256 sc = _mm256_mul_ps(_mm512_castps512_ps256(block_scales_avx512(s, ng, gidx)), xe);
-  return vnni_half_row(wv, xb, sc, tot);
-}
-
-// A trailing block of at most 8 words (K % 128 == 32 or 64) for four rows, in 256-bit vectors: half the
-// work of running it through vnni_block4 on zero-padded lanes. SmolLM2's K = 576 is 4.5 blocks: 576x576
-// 4/64 on one thread 11.3 -> 10.6 us in cache, 14.2-14.8 -> 13.1-13.5 from DRAM (gemv_core_timing, 3 runs)
+// vnni_block4 for a trailing block of at most 8 words (K % 128 == 32 or 64), in 256-bit vectors: half the
+// work of running it through vnni_block4 on zero-padded lanes. x's digits for words 0-7 are the first 32
+// bytes of each 64-byte digit vector. SmolLM2's K = 576 is 4.5 blocks: 576x576 4/64 on one thread
+// 11.3 -> 10.6 us in cache, 14.2-14.8 -> 13.1-13.5 from DRAM (gemv_core_timing, 3 runs)
 VNNI_FN inline void vnni_half4(const XPrep& xp, int64_t k0, int64_t blk, const uint32_t* const* w,
                                const float* const* s, int gs, int ng, __m512i gidx, int words, __m512& t0,
                                __m512& t1, __m512& t2, __m512& t3) {
-  const int8_t* xb = xp.xq.data() + blk * kDigitBlockBytes;
+  const __m256i* xb = reinterpret_cast<const __m256i*>(xp.xq.data() + blk * kDigitBlockBytes);
+  const __m256i l0 = _mm256_loadu_si256(xb), l1 = _mm256_loadu_si256(xb + 2), l2 = _mm256_loadu_si256(xb + 4);
+  const __m256i h0 = _mm256_loadu_si256(xb + 6), h1 = _mm256_loadu_si256(xb + 8), h2 = _mm256_loadu_si256(xb + 10);
   const __m256 xe = _mm256_set1_ps(xp.xexp[size_t(blk)]);
   const int64_t wo = k0 / 8, g0 = GROUP_OF(k0, gs);
-  t0 = vnni_half_row_at(w[0] + wo, s[0] + g0, xb, ng, gidx, words, xe, t0);
-  t1 = vnni_half_row_at(w[1] + wo, s[1] + g0, xb, ng, gidx, words, xe, t1);
-  t2 = vnni_half_row_at(w[2] + wo, s[2] + g0, xb, ng, gidx, words, xe, t2);
-  t3 = vnni_half_row_at(w[3] + wo, s[3] + g0, xb, ng, gidx, words, xe, t3);
+  const __mmask8 mask = __mmask8((1u << words) - 1u);
+  __m256i wv[4];
+  for (int r = 0; r < 4; r++)
+    wv[r] = words == 8 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + wo))
+                       : _mm256_maskz_loadu_epi32(mask, w[r] + wo);
+  __m256 sc[4];
+  for (int r = 0; r < 4; r++) sc[r] = _mm256_mul_ps(_mm512_castps512_ps256(block_scales_avx512(s[r] + g0, ng, gidx)), xe);
+  t0 = vnni_half_row(wv[0], l0, l1, l2, h0, h1, h2, sc[0], t0);
+  t1 = vnni_half_row(wv[1], l0, l1, l2, h0, h1, h2, sc[1], t1);
+  t2 = vnni_half_row(wv[2], l0, l1, l2, h0, h1, h2, sc[2], t2);
+  t3 = vnni_half_row(wv[3], l0, l1, l2, h0, h1, h2, sc[3], t3);
 }
 
 template <int NG>  // groups per 128-element block: 1, 2 or 4 (group size 128, 64, 32)
