@@ -40,6 +40,7 @@ import argparse
 import statistics
 import threading
 import time
+from typing import NamedTuple
 
 import mlx.core as mx
 import numpy as np
@@ -203,9 +204,21 @@ def main():
         print_summary(runs, isas)
 
 
+class Result(NamedTuple):
+    """One row of a table: seconds per call, best of the repetitions."""
+    name: str
+    bits: int
+    gs: int
+    size: int  # bytes one call reads
+    threads: int  # the threads it runs on
+    kernel: dict  # {isa: kernel alone}
+    via_mlx: dict  # {isa: through MLX}
+    builtin: float  # MLX's built-in
+    read: float  # the same-size read
+
+
 def measure(rows, isas, threads, args, dtype):
-    """One table's worth: the read bandwidth before and after (the larger of each counts), and each row's
-    (name, bits, gs, bytes, threads, {isa: kernel s}, {isa: via-MLX s}, MLX built-in s, same-size read s)."""
+    """One table's worth: the read bandwidth before and after (the larger of each counts), and a Result per row."""
     def reference() -> dict:
         return {1: read_bandwidth(threads=1), threads: read_bandwidth(threads=threads)}
 
@@ -246,8 +259,8 @@ def measure(rows, isas, threads, args, dtype):
                 via_mlx[isa].append(time_calls(f_ours, x, ws, calls))
             t_mlx.append(time_calls(f_mlx, x, ws, max(2, calls // 4)))
         # the best repetition is each side's speed; the machine may be shared (say so with the numbers)
-        results.append((name, bits, gs, size, on_threads, {i: min(kernel[i]) for i in isas},
-                        {i: min(via_mlx[i]) for i in isas}, min(t_mlx), min(t_read)))
+        results.append(Result(name, bits, gs, size, on_threads, {i: min(kernel[i]) for i in isas},
+                              {i: min(via_mlx[i]) for i in isas}, min(t_mlx), min(t_read)))
         del ws
     cpu._configure(isa=isas[0])
     after = reference()
@@ -291,14 +304,15 @@ def print_summary(runs, isas) -> None:
           "same-size read, timed interleaved with the kernel\n")
     print("| shape | bits/gs | thr | ISA | kernel µs | % (each run) | % | % of read (each run) | % of read |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for i, (name, bits, gs, size, t, *_rest) in enumerate(runs[0][1]):
+    each = lambda v: " ".join(f"{x:.0f}" for x in v)  # noqa: E731
+    for i, row in enumerate(runs[0][1]):
         for isa in isas:
-            kern = [r[i][5][isa] for _, r in runs]
-            pct = [share(size, k, bw[t]) for (bw, _), k in zip(runs, kern)]
-            of_read = [100 * r[i][8] / k for (_, r), k in zip(runs, kern)]
-            each = lambda v: " ".join(f"{x:.0f}" for x in v)  # noqa: E731
-            print(f"| {name} | {bits}/{gs} | {t} | {isa} | {statistics.median(kern) * 1e6:.1f} | {each(pct)} | "
-                  f"{statistics.median(pct):.0f}% | {each(of_read)} | {statistics.median(of_read):.0f}% |")
+            same_row = [(bw, results[i]) for bw, results in runs]
+            kern = [r.kernel[isa] for _, r in same_row]
+            pct = [share(r.size, r.kernel[isa], bw[r.threads]) for bw, r in same_row]
+            of_read = [100 * r.read / r.kernel[isa] for _, r in same_row]
+            print(f"| {row.name} | {row.bits}/{row.gs} | {row.threads} | {isa} | {statistics.median(kern) * 1e6:.1f} | "
+                  f"{each(pct)} | {statistics.median(pct):.0f}% | {each(of_read)} | {statistics.median(of_read):.0f}% |")
 
 
 if __name__ == "__main__":
