@@ -3,7 +3,8 @@
 // One translation unit, no MLX dependency, C ABI (core.h). Three ISA paths share one driver:
 //   scalar  portable C++ (the reference path; also what arm64 runs, where NEON is the compiler's
 //           baseline and -O3 vectorises the dequantise-then-dot loops)
-//   avx2    x86-64 AVX2+FMA+F16C through target attributes, chosen at run time from cpuid
+//   avx2    x86-64 AVX2+FMA+F16C through target attributes, chosen at run time from cpuid; its 4-bit decode
+//           GEMV in integer dot products (vpmaddubsw, vpmaddwd) on x split into 8-bit digits (digits_x_avx2)
 //   avx512  the avx2 path with the quantized GEMV (qdot) in 512-bit vectors, where the CPU has AVX-512F
 //   avx512vnni  the avx512 path with the 4-bit decode GEMV in integer dot products (AVX-512 VNNI, BW, VBMI) on
 //           x split exactly into 8-bit digits (see digits_x)
@@ -376,8 +377,9 @@ struct XPrep {
   int64_t M, K;
   int64_t G;
   int64_t ldp = 0;  // row stride of xp (K, or K rounded up to whole 512-bit blocks, zero-padded)
-  // avx512vnni, 4-bit decode: x as three signed 8-bit digits per element (digits_x), and each 128-element
-  // block's power of two; `digits` says they hold x (else the float GEMV runs)
+  // 4-bit decode: x as three signed 8-bit digits per element, and each block's power of two, laid out for
+  // the ISA's integer GEMV (avx512vnni: digits_x, 128-element blocks; avx2: digits_x_avx2, 64-element
+  // blocks); `digits` says they hold x (else the float GEMV runs)
   std::vector<int8_t> xq;
   std::vector<float> xexp;
   bool digits = false;
@@ -1211,6 +1213,189 @@ VNNI_FN int64_t decode_rows4_vnni(const QW& q, const XPrep& xp, int64_t n0, int6
   }
 }
 
+// ---- avx2 path, 4-bit decode: the GEMV in integer dot products, as on avx512vnni
+
+// x for the avx2 integer GEMV (4 bits, one activation row), per block of 64 elements (8 packed words, one
+// 256-bit vector): a power of two 2^E with max|x| < 2^(E+22), m = round(x / 2^E) = d2*2^16 + d1*2^8 + d0,
+// d0, d1 in [-128, 127] and |d2| <= 65 (digits_x's split, on half its block). AVX2 has no vpdpbusd: its
+// vpmaddubsw multiplies unsigned nibbles by signed digits and sums adjacent pairs into 16-bit lanes, and
+// vpmaddwd widens two adjacent 16-bit lanes into one 32-bit lane, each with its own weight. So each digit
+// vector puts digits of one scale in a pair, and two scales side by side, and one vpmaddwd combines them:
+//   byte 4i+b of vector (c, h) holds, for the element at bits 8b + 4h of word i (h = 0: the byte's low
+//   nibble, 1: its high one), c = A: d0 for b < 2, d1 for b >= 2; B: d1 for b < 2, d0 for b >= 2; C: d2.
+// Block layout: [A, h=0][A, h=1][B, 0][B, 1][C, 0][C, 1], 32 bytes each. A trailing 32 elements (K % 64
+// == 32) stay float: the kernel reads them from xf. Returns false (the float GEMV runs) when x holds a
+// non-finite value or a block's largest element is below 2^-100, as digits_x does.
+constexpr int64_t kDigitBlock2 = 64, kDigitBlock2Bytes = 6 * 32;
+
+// out[c] lane r = x[8 * r + c]: the 8x8 block of floats at x (rows of 8), transposed
+AVX2_FN inline void transpose8x8_avx2(const float* x, __m256* out) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 4; i++) {
+    const __m256 a = _mm256_loadu_ps(x + 16 * i), b = _mm256_loadu_ps(x + 16 * i + 8);
+    t[2 * i] = _mm256_unpacklo_ps(a, b);      // a0 b0 a1 b1 | a4 b4 a5 b5
+    t[2 * i + 1] = _mm256_unpackhi_ps(a, b);  // a2 b2 a3 b3 | a6 b6 a7 b7
+  }
+  for (int i = 0; i < 2; i++)
+    for (int h = 0; h < 2; h++) {
+      const __m256 lo = t[4 * i + h], hi = t[4 * i + 2 + h];
+      u[4 * i + 2 * h] = _mm256_shuffle_ps(lo, hi, 0x44);      // rows 4i..4i+3, columns 2h (and 2h + 4)
+      u[4 * i + 2 * h + 1] = _mm256_shuffle_ps(lo, hi, 0xEE);  // columns 2h + 1 (and 2h + 5)
+    }
+  for (int c = 0; c < 4; c++) {
+    out[c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
+    out[c + 4] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
+  }
+}
+
+AVX2_FN bool digits_x_avx2(XPrep& p) {
+  const int64_t nblk = p.K / kDigitBlock2;
+  p.xq.resize(size_t(nblk * kDigitBlock2Bytes));
+  p.xexp.resize(size_t(nblk));
+  int elem[4][2];  // the element of a word at bits 8b + 4h
+  for (int e = 0; e < 8; e++) elem[NIBBLE_SHIFT(e) / 8][(NIBBLE_SHIFT(e) % 8) / 4] = e;
+  static constexpr int kDigitOf[3][4] = {{0, 0, 1, 1}, {1, 1, 0, 0}, {2, 2, 2, 2}};  // A, B, C by byte
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256 fmax = _mm256_set1_ps(std::numeric_limits<float>::max());
+  const __m256i low_byte = _mm256_set1_epi32(0xFF);
+  for (int64_t blk = 0; blk < nblk; blk++) {
+    __m256 v[8];  // vector e, lane j: element e of word j
+    transpose8x8_avx2(p.xf.data() + blk * kDigitBlock2, v);
+    __m256 big = _mm256_setzero_ps();
+    for (int e = 0; e < 8; e++) {
+      const __m256 a = _mm256_and_ps(v[e], magnitude);
+      if (_mm256_movemask_ps(_mm256_cmp_ps(a, fmax, _CMP_NLE_UQ))) return false;  // inf or NaN
+      big = _mm256_max_ps(big, a);
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(big), _mm256_extractf128_ps(big, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    const float top = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    int8_t* out = p.xq.data() + blk * kDigitBlock2Bytes;
+    if (top == 0.f) {
+      p.xexp[size_t(blk)] = 1.f;
+      std::memset(out, 0, size_t(kDigitBlock2Bytes));
+      continue;
+    }
+    if (top < 0x1p-100f) return false;  // 2^E below the normal floats
+    uint32_t bits;
+    std::memcpy(&bits, &top, 4);
+    const int E = int(bits >> 23) - 127 - 21;  // ilogb(top) - 21, top being normal
+    p.xexp[size_t(blk)] = pow2f(E);
+    const __m256 inv = _mm256_set1_ps(pow2f(-E));
+    __m256i d[3][8];  // digit, element of the word; lane j: word j
+    for (int e = 0; e < 8; e++) {
+      const __m256i m = _mm256_cvtps_epi32(_mm256_mul_ps(v[e], inv));  // exact scaling, then nearest
+      d[0][e] = _mm256_srai_epi32(_mm256_slli_epi32(m, 24), 24);
+      const __m256i m1 = _mm256_srai_epi32(_mm256_sub_epi32(m, d[0][e]), 8);
+      d[1][e] = _mm256_srai_epi32(_mm256_slli_epi32(m1, 24), 24);
+      d[2][e] = _mm256_srai_epi32(_mm256_sub_epi32(m1, d[1][e]), 8);
+    }
+    for (int c = 0; c < 3; c++)
+      for (int h = 0; h < 2; h++) {
+        __m256i r = _mm256_and_si256(d[kDigitOf[c][0]][elem[0][h]], low_byte);
+        for (int b = 1; b < 4; b++)
+          r = _mm256_or_si256(r, _mm256_slli_epi32(_mm256_and_si256(d[kDigitOf[c][b]][elem[b][h]], low_byte), 8 * b));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (2 * c + h) * 32), r);
+      }
+  }
+  return true;
+}
+
+// tot + (one row's 64-element block against x's digits X, as an integer per word) * sc. The packed words
+// split into low and high nibbles (unsigned bytes); each takes X's three vectors through vpmaddubsw, the
+// low and high products of a vector adding in 16 bits (four products, |sum| <= 4 * 15 * 128). vpmaddwd
+// widens A's 16-bit pairs with weights (1, 256), B's with (256, 1) and C's with (1, 1), C's then shifted
+// by 16: the word's dot product with m, exact in int32 (|C's| <= 8 * 15 * 65, times 2^16 < 2^30), converted
+// once to float. 20 instructions per 64 weights where the float path spends 25 (mask, convert,
+// multiply-add per 8, and the scales), nine of them on the two ports that multiply integers.
+AVX2_FN inline __attribute__((always_inline)) __m256 digits_block_row(__m256i wv, const __m256i* X, __m256 sc,
+                                                                      __m256 tot) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i lo = _mm256_and_si256(wv, low4), hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), low4);
+  const __m256i a = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(X)),
+                                     _mm256_maddubs_epi16(hi, _mm256_loadu_si256(X + 1)));
+  const __m256i b = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(X + 2)),
+                                     _mm256_maddubs_epi16(hi, _mm256_loadu_si256(X + 3)));
+  const __m256i c = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(X + 4)),
+                                     _mm256_maddubs_epi16(hi, _mm256_loadu_si256(X + 5)));
+  const __m256i m = _mm256_add_epi32(_mm256_slli_epi32(_mm256_madd_epi16(c, _mm256_set1_epi16(1)), 16),
+                                     _mm256_add_epi32(_mm256_madd_epi16(a, _mm256_set1_epi32(256 << 16 | 1)),
+                                                      _mm256_madd_epi16(b, _mm256_set1_epi32(1 << 16 | 256))));
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(m), sc, tot);
+}
+
+// a block's scales (groups g0 for words 0-3, g1 for 4-7) times its 2^E, over the lanes
+template <bool TWO_GROUPS>
+AVX2_FN inline __attribute__((always_inline)) __m256 digits_block_scales(const float* s, int64_t g0, int64_t g1,
+                                                                         __m256 xe) {
+  if (!TWO_GROUPS) return _mm256_mul_ps(_mm256_set1_ps(s[g0]), xe);
+  return _mm256_mul_ps(_mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(s[g0])), _mm_set1_ps(s[g1]), 1), xe);
+}
+
+AVX2_FN inline __attribute__((always_inline)) __m256i block_words_avx2(const uint32_t* w) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+}
+
+// Decode rows [n0, n1) in fours against x's digits (digits_x_avx2): out[n - n0]; returns n1 (the last one to
+// three rows computed four times over, the copies dropped, as the VNNI path does: the caller's qdot has no
+// permuted float x). Per block and row: digits_block_row, with the block's scales times its 2^E; words 0-3
+// and 4-7 of a block lie in different groups at group size 32 (TWO_GROUPS). A trailing 32 elements run in
+// float against x itself.
+template <bool TWO_GROUPS>
+AVX2_FN int64_t decode_rows4_digits_avx2_t(const QW& q, const XPrep& xp, int64_t n0, int64_t n1, int64_t nlim,
+                                           int64_t ahead, float* out) {
+  const int64_t K = q.K, G = q.groups(), kfull = K / kDigitBlock2 * kDigitBlock2;
+  const int gs = q.gs;
+  const float* xs = xp.xsum.data();
+  const float* xf = xp.xf.data();
+  auto& rs = row_scratch();
+  if (rs.size() < size_t(8 * G)) rs.resize(size_t(8 * G));
+  StepPrefetch pf(q, n0, nlim, ahead);
+  for (int64_t n = n0; n < n1; n += 4) {
+    pf.step(n);
+    const Rows4 r4 = rows4_at(q, n, n1, rs.data());
+    __m256 t0 = _mm256_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;  // four rows' totals, kept in registers
+    int64_t k0 = 0, blk = 0;
+    for (; k0 < kfull; k0 += kDigitBlock2, blk++) {
+      pf.line(k0 / 8 + 7);
+      const __m256i* X = reinterpret_cast<const __m256i*>(xp.xq.data() + blk * kDigitBlock2Bytes);
+      const __m256 xe = _mm256_set1_ps(xp.xexp[size_t(blk)]);
+      const int64_t g0 = GROUP_OF(k0, gs), g1 = GROUP_OF(k0 + 32, gs), wo = k0 / 8;
+      t0 = digits_block_row(block_words_avx2(r4.w[0] + wo), X, digits_block_scales<TWO_GROUPS>(r4.s[0], g0, g1, xe), t0);
+      t1 = digits_block_row(block_words_avx2(r4.w[1] + wo), X, digits_block_scales<TWO_GROUPS>(r4.s[1], g0, g1, xe), t1);
+      t2 = digits_block_row(block_words_avx2(r4.w[2] + wo), X, digits_block_scales<TWO_GROUPS>(r4.s[2], g0, g1, xe), t2);
+      t3 = digits_block_row(block_words_avx2(r4.w[3] + wo), X, digits_block_scales<TWO_GROUPS>(r4.s[3], g0, g1, xe), t3);
+    }
+    float tail[4] = {0.f, 0.f, 0.f, 0.f};
+    if (REMAINDER_ON && k0 < K) {  // one trailing 32-element chunk
+      pf.line(q.words_per_row() - 1);
+      for (int r = 0; r < 4; r++) {
+        const uint32_t* wk = r4.w[r] + k0 / 8;
+        float a = 0;
+        for (int j = 0; j < 4; j++)
+          for (int e = 0; e < 8; e++) a += float((wk[j] >> NIBBLE_SHIFT(e)) & 0xFu) * xf[k0 + 8 * j + e];
+        tail[r] = r4.s[r][GROUP_OF(k0, gs)] * a;
+      }
+    }
+    const __m256 t[4] = {t0, t1, t2, t3};
+    for (int r = 0; r < r4.rows; r++) {  // plus the bias terms, sum_g b[g] * sum(x in g)
+      __m256 acc = t[r];
+      int64_t g = 0;
+      for (; g + 8 <= G; g += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(r4.b[r] + g), _mm256_loadu_ps(xs + g), acc);
+      float y = hsum8(acc) + tail[r];
+      for (; g < G; g++) y += r4.b[r][g] * xs[g];
+      out[n - n0 + r] = y;
+    }
+  }
+  return n1;
+}
+
+AVX2_FN int64_t decode_rows4_digits_avx2(const QW& q, const XPrep& xp, int64_t n0, int64_t n1, int64_t nlim,
+                                         int64_t ahead, float* out) {
+  if (q.gs == 32) return decode_rows4_digits_avx2_t<true>(q, xp, n0, n1, nlim, ahead, out);
+  return decode_rows4_digits_avx2_t<false>(q, xp, n0, n1, nlim, ahead, out);
+}
+
 template <int BITS>
 AVX512_FN void qdot_avx512_bits(const QW& q, int64_t n, const XPrep& xp, int64_t m0, int mr,
                                 const float* s, const float* b, float* res) {
@@ -1447,7 +1632,7 @@ void prep_x(XPrep& p, const void* x, int xdt, int64_t M, int64_t K, int gs, int 
       p.xsum[size_t(m * p.G + g)] = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
     }
 #ifdef MLXE_X86
-  p.digits = permute && vnni() && M == 1 && bits == 4 && digits_x(p);
+  p.digits = permute && M == 1 && bits == 4 && (vnni() ? digits_x(p) : g_isa == MLXE_ISA_AVX2 && digits_x_avx2(p));
   if (permute && avx2() && !p.digits) permute_x(p, bits, avx512() ? 16 : 8);
 #else
   (void)permute;
@@ -1483,7 +1668,8 @@ constexpr int64_t kTileN = 64;  // weight rows dequantised per GEMM tile
 // n % 4 rows to the caller; the VNNI path does them all, as the caller's qdot has no float x to work on).
 int64_t decode_rows4(const QW& q, const XPrep& xp, int64_t n0, int64_t n1, int64_t nlim, int64_t ahead, float* out) {
 #ifdef MLXE_X86
-  if (xp.digits) return decode_rows4_vnni(q, xp, n0, n1, nlim, ahead, out);
+  if (xp.digits) return vnni() ? decode_rows4_vnni(q, xp, n0, n1, nlim, ahead, out)
+                               : decode_rows4_digits_avx2(q, xp, n0, n1, nlim, ahead, out);
   if (avx512()) return decode_rows4_avx512(q, xp, n0, n1, nlim, ahead, out);
 #endif
   const int64_t G = q.groups();
