@@ -722,6 +722,30 @@ AVX2_FN void qdot_avx2(const QW& q, int64_t n, const XPrep& xp, int64_t m0, int 
   }
 }
 
+// The end of a four-row decode step on the avx2 path: out[r] = the lane sum of total r, plus tail[r], plus
+// its row's bias terms sum_g b[r][g] * xs[g], for r < rows. The four rows' bias terms go into their totals
+// eight groups at a time (the last G % 8 into one vector of the four rows) and the four lane sums share
+// three horizontal adds: per row, the step's end had cost about as much as two blocks of its dot product.
+AVX2_FN inline __attribute__((always_inline)) void finish_rows4_avx2(const float* const* b, const float* xs, int64_t G,
+                                                                     __m256 t0, __m256 t1, __m256 t2, __m256 t3,
+                                                                     __m128 tail, int rows, float* out) {
+  int64_t g = 0;
+  for (; g + 8 <= G; g += 8) {
+    const __m256 x = _mm256_loadu_ps(xs + g);
+    t0 = _mm256_fmadd_ps(_mm256_loadu_ps(b[0] + g), x, t0);
+    t1 = _mm256_fmadd_ps(_mm256_loadu_ps(b[1] + g), x, t1);
+    t2 = _mm256_fmadd_ps(_mm256_loadu_ps(b[2] + g), x, t2);
+    t3 = _mm256_fmadd_ps(_mm256_loadu_ps(b[3] + g), x, t3);
+  }
+  for (; g < G; g++) tail = _mm_fmadd_ps(_mm_setr_ps(b[0][g], b[1][g], b[2][g], b[3][g]), _mm_set1_ps(xs[g]), tail);
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(t0, t1), _mm256_hadd_ps(t2, t3));  // row r's half sums: lanes r, r+4
+  const __m128 y = _mm_add_ps(_mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)), tail);
+  if (rows == 4) return _mm_storeu_ps(out, y);
+  alignas(16) float v[4];
+  _mm_store_ps(v, y);
+  std::copy(v, v + rows, out);
+}
+
 // Decode (one activation row), several weight rows at once, as decode_rows4_avx512_t does on the avx512 path:
 // each x vector is loaded once for the R rows and the per-row costs are paid once per R rows. Blocks of
 // 8 words (64 elements at 4 bits, 32 at 8); a trailing 32-element 4-bit chunk takes the scalar loop on
@@ -774,14 +798,8 @@ AVX2_FN void qdotr_avx2_t(const QW& q, int64_t n, const XPrep& xp, const float* 
       tail[r] = s[r][GROUP_OF(k0, q.gs)] * a;
     }
   }
-  const float* xs = xp.xsum.data();
-  for (int r = 0; r < R; r++) {
-    int64_t g = 0;
-    for (; g + 8 <= G; g += 8) tot[r] = _mm256_fmadd_ps(_mm256_loadu_ps(b[r] + g), _mm256_loadu_ps(xs + g), tot[r]);
-    float t = hsum8(tot[r]) + tail[r];
-    for (; g < G; g++) t += b[r][g] * xs[g];
-    res[r] = t;
-  }
+  static_assert(R == 4, "finish_rows4_avx2 takes four rows");
+  finish_rows4_avx2(b, xp.xsum.data(), G, tot[0], tot[1], tot[2], tot[3], _mm_loadu_ps(tail), 4, res);
 }
 
 AVX2_FN void qdot4_avx2(const QW& q, int64_t n, const XPrep& xp, const float* const* s, const float* const* b,
@@ -1366,7 +1384,7 @@ AVX2_FN int64_t decode_rows4_digits_avx2_t(const QW& q, const XPrep& xp, int64_t
       t2 = digits_block_row(block_words_avx2(r4.w[2] + wo), X, digits_block_scales<TWO_GROUPS>(r4.s[2], g0, g1, xe), t2);
       t3 = digits_block_row(block_words_avx2(r4.w[3] + wo), X, digits_block_scales<TWO_GROUPS>(r4.s[3], g0, g1, xe), t3);
     }
-    float tail[4] = {0.f, 0.f, 0.f, 0.f};
+    alignas(16) float tail[4] = {0.f, 0.f, 0.f, 0.f};
     if (REMAINDER_ON && k0 < K) {  // one trailing 32-element chunk
       pf.line(q.words_per_row() - 1);
       for (int r = 0; r < 4; r++) {
@@ -1377,15 +1395,7 @@ AVX2_FN int64_t decode_rows4_digits_avx2_t(const QW& q, const XPrep& xp, int64_t
         tail[r] = r4.s[r][GROUP_OF(k0, gs)] * a;
       }
     }
-    const __m256 t[4] = {t0, t1, t2, t3};
-    for (int r = 0; r < r4.rows; r++) {  // plus the bias terms, sum_g b[g] * sum(x in g)
-      __m256 acc = t[r];
-      int64_t g = 0;
-      for (; g + 8 <= G; g += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(r4.b[r] + g), _mm256_loadu_ps(xs + g), acc);
-      float y = hsum8(acc) + tail[r];
-      for (; g < G; g++) y += r4.b[r][g] * xs[g];
-      out[n - n0 + r] = y;
-    }
+    finish_rows4_avx2(r4.b, xs, G, t0, t1, t2, t3, _mm_load_ps(tail), r4.rows, out + (n - n0));
   }
   return n1;
 }
