@@ -1246,13 +1246,12 @@ VNNI_FN int64_t decode_rows4_vnni(const QW& q, const XPrep& xp, int64_t n0, int6
 // non-finite value or a block's largest element is below 2^-100, as digits_x does.
 constexpr int64_t kDigitBlock2 = 64, kDigitBlock2Bytes = 6 * 32;
 
-// out[c] lane r = x[8 * r + c]: the 8x8 block of floats at x (rows of 8), transposed
-AVX2_FN inline void transpose8x8_avx2(const float* x, __m256* out) {
+// r[c] lane i = r[i] lane c before: eight vectors of eight 32-bit lanes, transposed in place
+AVX2_FN inline void transpose8x8_avx2(__m256* r) {
   __m256 t[8], u[8];
   for (int i = 0; i < 4; i++) {
-    const __m256 a = _mm256_loadu_ps(x + 16 * i), b = _mm256_loadu_ps(x + 16 * i + 8);
-    t[2 * i] = _mm256_unpacklo_ps(a, b);      // a0 b0 a1 b1 | a4 b4 a5 b5
-    t[2 * i + 1] = _mm256_unpackhi_ps(a, b);  // a2 b2 a3 b3 | a6 b6 a7 b7
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);      // a0 b0 a1 b1 | a4 b4 a5 b5
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);  // a2 b2 a3 b3 | a6 b6 a7 b7
   }
   for (int i = 0; i < 2; i++)
     for (int h = 0; h < 2; h++) {
@@ -1261,30 +1260,47 @@ AVX2_FN inline void transpose8x8_avx2(const float* x, __m256* out) {
       u[4 * i + 2 * h + 1] = _mm256_shuffle_ps(lo, hi, 0xEE);  // columns 2h + 1 (and 2h + 5)
     }
   for (int c = 0; c < 4; c++) {
-    out[c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
-    out[c + 4] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
+    r[c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
+    r[c + 4] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
   }
 }
 
+// Per block: word i's eight elements (vector i, lane e) scale to m and split into digits in place: m +
+// 0x8080 has bytes c0, c1 and then d2 (|d2| <= 65 fits a byte), and m = d2*2^16 + (c1-128)*2^8 + (c0-128),
+// so flipping the top bit of c0 and c1 leaves d0 and d1 as signed bytes: a lane holds [d0 d1 d2 sign].
+// A lane permute brings the elements of the low nibbles (h = 0) to the low half and the high ones to the
+// high half, in byte order b; a byte shuffle then gathers, in each half, vector A's four bytes for the
+// word into dword 0, B's into dword 1 and C's into dword 2. An 8x8 transpose turns the eight words' dwords
+// into the layout's vectors (dword c + 4h of word i -> lane i of vector (c, h)).
 AVX2_FN bool digits_x_avx2(XPrep& p) {
   const int64_t nblk = p.K / kDigitBlock2;
   p.xq.resize(size_t(nblk * kDigitBlock2Bytes));
   p.xexp.resize(size_t(nblk));
   int elem[4][2];  // the element of a word at bits 8b + 4h
   for (int e = 0; e < 8; e++) elem[NIBBLE_SHIFT(e) / 8][(NIBBLE_SHIFT(e) % 8) / 4] = e;
-  static constexpr int kDigitOf[3][4] = {{0, 0, 1, 1}, {1, 1, 0, 0}, {2, 2, 2, 2}};  // A, B, C by byte
+  static constexpr int kDigitOf[3][4] = {{0, 0, 1, 1}, {1, 1, 0, 0}, {2, 2, 2, 2}};  // A, B, C by byte b
+  alignas(32) int32_t halves[8];
+  alignas(32) int8_t gather[32];
+  for (int q = 0; q < 8; q++) halves[q] = elem[q % 4][q / 4];  // lane 4h + b takes element elem[b][h]
+  for (int h = 0; h < 2; h++)
+    for (int c = 0; c < 4; c++)
+      for (int b = 0; b < 4; b++) gather[16 * h + 4 * c + b] = c < 3 ? int8_t(4 * b + kDigitOf[c][b]) : int8_t(-128);
+  const __m256i to_halves = _mm256_load_si256(reinterpret_cast<const __m256i*>(halves));
+  const __m256i pick = _mm256_load_si256(reinterpret_cast<const __m256i*>(gather));
+  const __m256i bias = _mm256_set1_epi32(0x8080);
   const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   const __m256 fmax = _mm256_set1_ps(std::numeric_limits<float>::max());
-  const __m256i low_byte = _mm256_set1_epi32(0xFF);
   for (int64_t blk = 0; blk < nblk; blk++) {
-    __m256 v[8];  // vector e, lane j: element e of word j
-    transpose8x8_avx2(p.xf.data() + blk * kDigitBlock2, v);
-    __m256 big = _mm256_setzero_ps();
-    for (int e = 0; e < 8; e++) {
-      const __m256 a = _mm256_and_ps(v[e], magnitude);
-      if (_mm256_movemask_ps(_mm256_cmp_ps(a, fmax, _CMP_NLE_UQ))) return false;  // inf or NaN
+    const float* x = p.xf.data() + blk * kDigitBlock2;
+    __m256 v[8];  // vector i, lane e: element e of word i
+    __m256 big = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+    for (int i = 0; i < 8; i++) {
+      v[i] = _mm256_loadu_ps(x + 8 * i);
+      const __m256 a = _mm256_and_ps(v[i], magnitude);
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, fmax, _CMP_NLE_UQ));  // inf or NaN
       big = _mm256_max_ps(big, a);
     }
+    if (_mm256_movemask_ps(bad)) return false;
     __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(big), _mm256_extractf128_ps(big, 1));
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     const float top = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
@@ -1300,21 +1316,14 @@ AVX2_FN bool digits_x_avx2(XPrep& p) {
     const int E = int(bits >> 23) - 127 - 21;  // ilogb(top) - 21, top being normal
     p.xexp[size_t(blk)] = pow2f(E);
     const __m256 inv = _mm256_set1_ps(pow2f(-E));
-    __m256i d[3][8];  // digit, element of the word; lane j: word j
-    for (int e = 0; e < 8; e++) {
-      const __m256i m = _mm256_cvtps_epi32(_mm256_mul_ps(v[e], inv));  // exact scaling, then nearest
-      d[0][e] = _mm256_srai_epi32(_mm256_slli_epi32(m, 24), 24);
-      const __m256i m1 = _mm256_srai_epi32(_mm256_sub_epi32(m, d[0][e]), 8);
-      d[1][e] = _mm256_srai_epi32(_mm256_slli_epi32(m1, 24), 24);
-      d[2][e] = _mm256_srai_epi32(_mm256_sub_epi32(m1, d[1][e]), 8);
+    for (int i = 0; i < 8; i++) {
+      const __m256i m = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));  // exact scaling, then nearest
+      const __m256i d = _mm256_xor_si256(_mm256_add_epi32(m, bias), bias);
+      v[i] = _mm256_castsi256_ps(_mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(d, to_halves), pick));
     }
+    transpose8x8_avx2(v);
     for (int c = 0; c < 3; c++)
-      for (int h = 0; h < 2; h++) {
-        __m256i r = _mm256_and_si256(d[kDigitOf[c][0]][elem[0][h]], low_byte);
-        for (int b = 1; b < 4; b++)
-          r = _mm256_or_si256(r, _mm256_slli_epi32(_mm256_and_si256(d[kDigitOf[c][b]][elem[b][h]], low_byte), 8 * b));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (2 * c + h) * 32), r);
-      }
+      for (int h = 0; h < 2; h++) _mm256_storeu_ps(reinterpret_cast<float*>(out + (2 * c + h) * 32), v[c + 4 * h]);
   }
   return true;
 }
