@@ -600,6 +600,7 @@ AVX2_FN void row_params_avx2(const QW& q, int64_t n, float* s, float* b) {
 //   xp[blk*L*E + s*L + j] = x[blk*L*E + E*j + s] * sub_x_scale(bits, s)
 // avx2 (L = 8): a trailing 32-element 4-bit block (K % 64 == 32) is kept in natural order, unscaled,
 // for the remainder loop. avx512 (L = 16): a trailing partial block is zero-padded to a whole one (ldp).
+// The avx2 path runs the same layout in vectors (permute_x_avx2); this loop is avx512's and its reference.
 void permute_x(XPrep& p, int bits, int lanes) {
   const int64_t M = p.M, K = p.K, E = 32 / bits, BE = lanes * E;
   p.ldp = lanes == 16 ? (K + BE - 1) / BE * BE : K;
@@ -617,6 +618,59 @@ void permute_x(XPrep& p, int bits, int lanes) {
         for (int64_t j = 0; j < words; j++) y[k0 + e * lanes + j] = x[k0 + E * j + e] * scale[e];
     }
     for (; k0 < K; k0++) y[k0] = x[k0];
+  }
+}
+
+// r[c] lane i = r[i] lane c before: eight vectors of eight 32-bit lanes, transposed in place
+AVX2_FN inline void transpose8x8_avx2(__m256* r) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 4; i++) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);      // a0 b0 a1 b1 | a4 b4 a5 b5
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);  // a2 b2 a3 b3 | a6 b6 a7 b7
+  }
+  for (int i = 0; i < 2; i++)
+    for (int h = 0; h < 2; h++) {
+      const __m256 lo = t[4 * i + h], hi = t[4 * i + 2 + h];
+      u[4 * i + 2 * h] = _mm256_shuffle_ps(lo, hi, 0x44);      // rows 4i..4i+3, columns 2h (and 2h + 4)
+      u[4 * i + 2 * h + 1] = _mm256_shuffle_ps(lo, hi, 0xEE);  // columns 2h + 1 (and 2h + 5)
+    }
+  for (int c = 0; c < 4; c++) {
+    r[c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
+    r[c + 4] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
+  }
+}
+
+// permute_x for 8 lanes (the avx2 GEMVs) in vectors: a 64-element 4-bit block is an 8x8 transpose (word j's
+// elements in lane j), a 32-element 8-bit block two 4x4 ones (words 0-3 and 4-7); each sub-element's
+// vector then takes its sub_x_scale. The scalar loop's strided reads cost ~0.7 us per call at K = 576.
+AVX2_FN void permute_x_avx2(XPrep& p, int bits) {
+  const int64_t M = p.M, K = p.K, E = 32 / bits, BE = 8 * E;
+  p.ldp = K;
+  p.xp.resize(size_t(M * K));
+  __m256 scale[8];
+  for (int e = 0; e < E; e++) scale[e] = _mm256_set1_ps(sub_x_scale(bits, e));
+  for (int64_t m = 0; m < M; m++) {
+    const float* x = p.xf.data() + m * K;
+    float* y = p.xp.data() + m * K;
+    int64_t k0 = 0;
+    for (; k0 + BE <= K; k0 += BE) {
+      __m256 v[8];
+      if (bits == 4) {
+        for (int j = 0; j < 8; j++) v[j] = _mm256_loadu_ps(x + k0 + 8 * j);
+        transpose8x8_avx2(v);
+      } else {
+        __m128 lo[4], hi[4];
+        for (int j = 0; j < 4; j++) {
+          lo[j] = _mm_loadu_ps(x + k0 + 4 * j);
+          hi[j] = _mm_loadu_ps(x + k0 + 16 + 4 * j);
+        }
+        _MM_TRANSPOSE4_PS(lo[0], lo[1], lo[2], lo[3]);
+        _MM_TRANSPOSE4_PS(hi[0], hi[1], hi[2], hi[3]);
+        for (int e = 0; e < 4; e++) v[e] = _mm256_insertf128_ps(_mm256_castps128_ps256(lo[e]), hi[e], 1);
+      }
+      for (int e = 0; e < E; e++) _mm256_storeu_ps(y + k0 + 8 * e, _mm256_mul_ps(v[e], scale[e]));
+    }
+    for (; k0 < K; k0++) y[k0] = x[k0];  // a trailing 32-element 4-bit chunk stays in natural order, unscaled
   }
 }
 
@@ -1246,25 +1300,6 @@ VNNI_FN int64_t decode_rows4_vnni(const QW& q, const XPrep& xp, int64_t n0, int6
 // non-finite value or a block's largest element is below 2^-100, as digits_x does.
 constexpr int64_t kDigitBlock2 = 64, kDigitBlock2Bytes = 6 * 32;
 
-// r[c] lane i = r[i] lane c before: eight vectors of eight 32-bit lanes, transposed in place
-AVX2_FN inline void transpose8x8_avx2(__m256* r) {
-  __m256 t[8], u[8];
-  for (int i = 0; i < 4; i++) {
-    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);      // a0 b0 a1 b1 | a4 b4 a5 b5
-    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);  // a2 b2 a3 b3 | a6 b6 a7 b7
-  }
-  for (int i = 0; i < 2; i++)
-    for (int h = 0; h < 2; h++) {
-      const __m256 lo = t[4 * i + h], hi = t[4 * i + 2 + h];
-      u[4 * i + 2 * h] = _mm256_shuffle_ps(lo, hi, 0x44);      // rows 4i..4i+3, columns 2h (and 2h + 4)
-      u[4 * i + 2 * h + 1] = _mm256_shuffle_ps(lo, hi, 0xEE);  // columns 2h + 1 (and 2h + 5)
-    }
-  for (int c = 0; c < 4; c++) {
-    r[c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
-    r[c + 4] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
-  }
-}
-
 // Per block: word i's eight elements (vector i, lane e) scale to m and split into digits in place: m +
 // 0x8080 has bytes c0, c1 and then d2 (|d2| <= 65 fits a byte), and m = d2*2^16 + (c1-128)*2^8 + (c0-128),
 // so flipping the top bit of c0 and c1 leaves d0 and d1 as signed bytes: a lane holds [d0 d1 d2 sign].
@@ -1652,7 +1687,10 @@ void prep_x(XPrep& p, const void* x, int xdt, int64_t M, int64_t K, int gs, int 
     }
 #ifdef MLXE_X86
   p.digits = permute && M == 1 && bits == 4 && (vnni() ? digits_x(p) : g_isa == MLXE_ISA_AVX2 && digits_x_avx2(p));
-  if (permute && avx2() && !p.digits) permute_x(p, bits, avx512() ? 16 : 8);
+  if (permute && avx2() && !p.digits) {
+    if (avx512()) permute_x(p, bits, 16);
+    else permute_x_avx2(p, bits);
+  }
 #else
   (void)permute;
   (void)bits;
