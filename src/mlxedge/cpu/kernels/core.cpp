@@ -805,6 +805,7 @@ AVX2_FN inline __attribute__((always_inline)) void finish_rows4_avx2(const float
 // 8 words (64 elements at 4 bits, 32 at 8); a trailing 32-element 4-bit chunk takes the scalar loop on
 // the natural-order tail of xp (see permute_x). 16 ymm registers hold R accumulators, R totals and the
 // R packed words of a block for R = 4. `pf` asks for the rows a step ahead as the blocks go (StepPrefetch).
+// At 4 bits it runs only where x cannot be held as digits (decode_rows4_digits_avx2: non-finite or tiny x).
 template <int BITS, int R>
 AVX2_FN void qdotr_avx2_t(const QW& q, int64_t n, const XPrep& xp, const float* const* s, const float* const* b,
                           const StepPrefetch& pf, float* res) {
