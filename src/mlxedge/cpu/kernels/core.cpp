@@ -1353,7 +1353,9 @@ AVX2_FN bool digits_x_avx2(XPrep& p) {
     p.xexp[size_t(blk)] = pow2f(E);
     const __m256 inv = _mm256_set1_ps(pow2f(-E));
     for (int i = 0; i < 8; i++) {
-      const __m256i m = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));  // exact scaling, then nearest
+      // exact scaling, then round to nearest whatever MXCSR says (as digits_x's embedded rounding does)
+      const __m256i m = _mm256_cvttps_epi32(
+          _mm256_round_ps(_mm256_mul_ps(v[i], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
       const __m256i d = _mm256_xor_si256(_mm256_add_epi32(m, bias), bias);
       v[i] = _mm256_castsi256_ps(_mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(d, to_halves), pick));
     }
