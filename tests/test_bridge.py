@@ -156,6 +156,8 @@ def test_cancel_within_one_token(bridge):
     deltas_before = 0
     while deltas_before < 3:
         msg = bridge.next()
+        # a generation that ends (or fails) first would leave this loop waiting out the queue's timeout
+        assert not (msg.get("id") == "long" and msg["event"] in ("done", "error")), f"ended before 3 deltas: {msg}"
         deltas_before += msg.get("id") == "long" and msg["event"] == "delta"
     bridge.send({"id": "x", "op": "cancel", "target": "long"})
     after_result, result_seen, done = 0, False, None
