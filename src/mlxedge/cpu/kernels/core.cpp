@@ -467,6 +467,8 @@ int64_t qrow_bytes(const QW& q) { return q.words_per_row() * 4 + 2 * q.groups() 
 // decode (decode_env_ab.py, 6 rounds: 71-74 before, 74-77 tok/s after). The line asked for is the one
 // that ends the block: asking for the first left the last line of rows that are not a whole number of
 // lines (288 bytes) unasked, and 576x576 ran 1.7x slower.
+constexpr int64_t kParamsPrefetchMinRowBits = 4096;  // StepPrefetch::step
+
 struct StepPrefetch {
   const QW& q;
   const int64_t nlim, lead;  // rows at and past nlim are not asked for
@@ -478,9 +480,13 @@ struct StepPrefetch {
     prefetch_qrows(q, n0 + ahead, std::min(nlim, n0 + lead));
   }
 
-  // at the start of the step computing rows n .. n + 3
+  // at the start of the step computing rows n .. n + 3. Rows of up to 512 bytes of words (4-bit K <= 1024)
+  // leave their scales and biases to the hardware prefetcher: four of them take a few dozen bytes of each
+  // array, read in order, and asking for them cost more than it saved -- two threads, Zen 3, from DRAM with
+  // every array in its own allocation (ab_core_builds.cpp SEP=1 COLD=1, interleaved): 576x576 4/64 13.1-16.1
+  // -> 12.6-15.9 us, 1536x576 27.2-28.2 -> 26.7-27.2; 576x1536 (768-byte rows, still asked for) unchanged.
   inline __attribute__((always_inline)) void step(int64_t n) {
-    prefetch_qparams(q, n + lead, std::min(nlim, n + lead + 4));
+    if (q.K * q.bits > kParamsPrefetchMinRowBits) prefetch_qparams(q, n + lead, std::min(nlim, n + lead + 4));
     for (int r = 0; r < 4; r++) next[r] = q.w + (n + lead + r < nlim ? n + lead + r : n) * q.words_per_row();
   }
 
@@ -1801,6 +1807,19 @@ void qgemv_parts(const std::vector<QW>& qs, const XPrep& xp, float* const* ys, i
   });
 }
 
+// Before x is prepared: a GEMV that runs on the calling thread alone asks for its first rows, so that their
+// DRAM latency overlaps the preparation instead of stalling the first steps. One thread, Zen 3, from DRAM,
+// each array in its own allocation as MLX's lie (ab_core_builds.cpp SEP=1 COLD=1, interleaved, 3 runs):
+// 192x576 4/64 (SmolLM2's k/v) 7.56-7.66 -> 7.19-7.29 us. On two threads it measured no better (576x576:
+// 13.5-14.1 before and after): the worker's rows are not the caller's to ask for, and the caller's own
+// first rows come while the worker joins.
+void prefetch_first_rows(const std::vector<QW>& qs) {
+  int64_t bytes = 0;
+  for (const auto& q : qs) bytes += q.N * qrow_bytes(q);
+  if (qs.empty() || bytes >= g_parallel_min_bytes) return;
+  prefetch_qrows(qs[0], 0, prefetch_rows_ahead(qrow_bytes(qs[0])));
+}
+
 // y[M, N] f32 = x @ deq(W).T through dequantised tiles and a GEMM
 void qgemm(const QW& q, const XPrep& xp, float* y, int64_t M) {
   const int64_t N = q.N, K = q.K;
@@ -1915,12 +1934,13 @@ void mlxe_qmm_many(const void* x, int xdt, int nparts, const uint32_t* const* w,
   // (lambdas) see this thread's XPrep: naming a thread_local inside them would give each worker its own.
   thread_local XPrep prepared;
   XPrep& xp = prepared;
-  prep_x(xp, x, xdt, M, K, group_size, bits, gemv);
   std::vector<QW> qs;
+  for (int i = 0; i < nparts; i++) qs.push_back(QW{w[i], scales[i], biases[i], sdt, N[i], K, bits, group_size});
+  if (gemv) prefetch_first_rows(qs);
+  prep_x(xp, x, xdt, M, K, group_size, bits, gemv);
   std::vector<std::vector<float>> bufs(size_t(std::max(nparts, 0)));
   std::vector<float*> ys;
   for (int i = 0; i < nparts; i++) {
-    qs.push_back(QW{w[i], scales[i], biases[i], sdt, N[i], K, bits, group_size});
     if (odt == MLXE_F32) {
       ys.push_back(static_cast<float*>(outs[i]));
     } else {
