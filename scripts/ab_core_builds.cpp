@@ -4,14 +4,15 @@
 // milliseconds, 60 rounds, the best burst of each kept. These VMs' speed moves by up to 2x from one minute to
 // the next with their neighbours' load, so builds timed one after the other (gemv_core_timing.cpp run twice)
 // cannot show a 5% change; interleaved bursts see the same machine. Hot by default (the same weights every
-// call: L2/L3, the kernel's compute), COLD=1 rotates over copies filling 128 MiB (DRAM, as a decode step).
+// call: L2/L3, the kernel's compute), COLD=1 rotates over copies filling 128 MiB (DRAM, as a decode step);
+// SEP=1 puts each copy's arrays in allocations of their own, in shuffled order (see below).
 //
 //   K=src/mlxedge/cpu/kernels
 //   mkdir -p /tmp/base && git archive HEAD~1 $K | tar -x -C /tmp/base      # the build to compare against
 //   g++ -O3 -fno-math-errno -std=c++17 -fPIC -shared -I/tmp/base/$K /tmp/base/$K/core.cpp -o /tmp/base.so -lpthread
 //   g++ -O3 -fno-math-errno -std=c++17 -fPIC -shared -I$K $K/core.cpp -o /tmp/work.so -lpthread
 //   g++ -O2 scripts/ab_core_builds.cpp -o /tmp/ab_core -ldl
-//   [COLD=1] /tmp/ab_core N K BITS GROUP THREADS ISA /tmp/base.so /tmp/work.so
+//   [COLD=1 [SEP=1]] /tmp/ab_core N K BITS GROUP THREADS ISA /tmp/base.so /tmp/work.so
 //
 // ISA as in core.h (2 = avx2, 4 = avx512, 5 = avx512vnni). Prints each build's best time per call, per 8
 // weights, and a checksum of the output (builds computing the same thing agree to float rounding).
@@ -73,11 +74,35 @@ int main(int argc, char** argv) {
   for (auto& v : w) v = rng();
   for (size_t i = 0; i < s.size(); i++) s[i] = 0.01f * float(rng() % 100), b[i] = 0.001f * float(rng() % 100);
   for (auto& v : x) v = float(int(rng() % 2001) - 1000) / 1000.f;
+  // Each copy's words, scales and biases: slices of the three arrays, one after another (the hardware
+  // prefetcher's stream runs on from one call into the next), or with SEP=1 each in its own allocation, in
+  // shuffled order, as the separate MLX arrays of a model or of scripts/bench_cpu_kernels.py lie.
+  const bool sep = std::getenv("SEP") != nullptr;
+  std::vector<const uint32_t*> wp;
+  std::vector<const float*> sp, bp;
+  std::vector<std::vector<uint32_t>> own_w;
+  std::vector<std::vector<float>> own_s, own_b;
+  for (int64_t c = 0; c < copies; c++) {
+    const uint32_t* wc = w.data() + c * N * wpr;
+    const float *sc = s.data() + c * N * G, *bc = b.data() + c * N * G;
+    if (sep) {
+      own_w.emplace_back(wc, wc + N * wpr);
+      own_s.emplace_back(sc, sc + N * G);
+      own_b.emplace_back(bc, bc + N * G);
+      wc = own_w.back().data(), sc = own_s.back().data(), bc = own_b.back().data();
+    }
+    wp.push_back(wc), sp.push_back(sc), bp.push_back(bc);
+  }
+  if (sep) {
+    std::shuffle(wp.begin(), wp.end(), rng);
+    std::shuffle(sp.begin(), sp.end(), rng);
+    std::shuffle(bp.begin(), bp.end(), rng);
+  }
   int64_t copy = 0;
   auto call = [&](int v) {
     copy = (copy + 1) % copies;
-    qmm[size_t(v)](x.data(), kF32, w.data() + copy * N * wpr, s.data() + copy * N * G, b.data() + copy * N * G, kF32,
-                   y.data(), kF32, 1, N, K, bits, gs);
+    qmm[size_t(v)](x.data(), kF32, wp[size_t(copy)], sp[size_t(copy)], bp[size_t(copy)], kF32, y.data(), kF32, 1, N,
+                   K, bits, gs);
   };
   double t = now();
   call(0);
@@ -91,7 +116,7 @@ int main(int argc, char** argv) {
       checksum[size_t(v)] = double(y[0]) + double(y[size_t(N - 1)]);
     }
   std::printf("%lldx%lld %d/%d, %d thread(s), ISA %d, %s (%lld copies of %.3f MB), best of 60 bursts of %lld calls\n",
-              (long long)N, (long long)K, bits, gs, threads, isa, cold ? "cold" : "hot", (long long)copies,
+              (long long)N, (long long)K, bits, gs, threads, isa, cold ? (sep ? "cold, separate arrays" : "cold") : "hot", (long long)copies,
               double(bytes) / 1e6, (long long)calls);
   for (int v = 0; v < builds; v++)
     std::printf("  %-28s %9.2f us  %.3f ns per 8 weights  checksum %.6g\n", argv[7 + v], best[size_t(v)] * 1e6,
