@@ -116,7 +116,8 @@ int main(int argc, char** argv) {
       checksum[size_t(v)] = double(y[0]) + double(y[size_t(N - 1)]);
     }
   std::printf("%lldx%lld %d/%d, %d thread(s), ISA %d, %s (%lld copies of %.3f MB), best of 60 bursts of %lld calls\n",
-              (long long)N, (long long)K, bits, gs, threads, isa, cold ? (sep ? "cold, separate arrays" : "cold") : "hot", (long long)copies,
+              (long long)N, (long long)K, bits, gs, threads, isa,
+              cold ? (sep ? "cold, separate arrays" : "cold") : "hot", (long long)copies,
               double(bytes) / 1e6, (long long)calls);
   for (int v = 0; v < builds; v++)
     std::printf("  %-28s %9.2f us  %.3f ns per 8 weights  checksum %.6g\n", argv[7 + v], best[size_t(v)] * 1e6,

@@ -1777,15 +1777,20 @@ void qgemv_rows(const QW& q, const XPrep& xp, float* y, int64_t M, int64_t n0, i
   }
 }
 
+// the bytes a GEMV over these weights reads: under g_parallel_min_bytes it runs on the calling thread alone
+int64_t parts_bytes(const std::vector<QW>& qs) {
+  int64_t bytes = 0;
+  for (const auto& q : qs) bytes += q.N * qrow_bytes(q);
+  return bytes;
+}
+
 // The GEMV path for one or several weights against one x (a layer's q, k and v projections): their rows
 // form one row space, split into tasks as one GEMV of the summed size is (all on the calling thread below
 // g_parallel_min_bytes), so three small matrices cost what one larger one does.
 void qgemv_parts(const std::vector<QW>& qs, const XPrep& xp, float* const* ys, int64_t M) {
-  int64_t rows = 0, bytes = 0;
-  for (const auto& q : qs) {
-    rows += q.N;
-    bytes += q.N * qrow_bytes(q);
-  }
+  int64_t rows = 0;
+  for (const auto& q : qs) rows += q.N;
+  const int64_t bytes = parts_bytes(qs);
   const int64_t chunk = gemv_chunk(rows, bytes);
   struct Task {
     size_t part;
@@ -1814,9 +1819,7 @@ void qgemv_parts(const std::vector<QW>& qs, const XPrep& xp, float* const* ys, i
 // 13.5-14.1 before and after): the worker's rows are not the caller's to ask for, and the caller's own
 // first rows come while the worker joins.
 void prefetch_first_rows(const std::vector<QW>& qs) {
-  int64_t bytes = 0;
-  for (const auto& q : qs) bytes += q.N * qrow_bytes(q);
-  if (qs.empty() || bytes >= g_parallel_min_bytes) return;
+  if (qs.empty() || parts_bytes(qs) >= g_parallel_min_bytes) return;
   prefetch_qrows(qs[0], 0, prefetch_rows_ahead(qrow_bytes(qs[0])));
 }
 
