@@ -6,8 +6,8 @@
 //   avx2    x86-64 AVX2+FMA+F16C through target attributes, chosen at run time from cpuid; its 4-bit decode
 //           GEMV in integer dot products (vpmaddubsw, vpmaddwd) on x split into 8-bit digits (digits_x_avx2)
 //   avx512  the avx2 path with the quantized GEMV (qdot) in 512-bit vectors, where the CPU has AVX-512F
-//   avx512vnni  the avx512 path with the 4-bit decode GEMV in integer dot products (AVX-512 VNNI, BW, VBMI) on
-//           x split exactly into 8-bit digits (see digits_x)
+//   avx512vnni  the avx512 path with the 4- and 8-bit decode GEMV in integer dot products (AVX-512 VNNI, BW,
+//           VBMI) on x split exactly into 8-bit digits (see digits_x)
 // Work is split over output rows (N) on a persistent thread pool; the caller thread takes part.
 //
 // Planted bugs for the mutation tests: compile with -DMLXEDGE_PLANT_<NAME> (see PLANT_NAME below).
@@ -377,9 +377,9 @@ struct XPrep {
   int64_t M, K;
   int64_t G;
   int64_t ldp = 0;  // row stride of xp (K, or K rounded up to whole 512-bit blocks, zero-padded)
-  // 4-bit decode: x as three signed 8-bit digits per element, and each block's power of two, laid out for
-  // the ISA's integer GEMV (avx512vnni: digits_x, 128-element blocks; avx2: digits_x_avx2, 64-element
-  // blocks); `digits` says they hold x (else the float GEMV runs)
+  // decode: x as three signed 8-bit digits per element, and each block's power of two, laid out for the
+  // ISA's integer GEMV (avx512vnni, 4 and 8 bits: digits_x, 128-element blocks; avx2, 4 bits:
+  // digits_x_avx2, 64-element blocks); `digits` says they hold x (else the float GEMV runs)
   std::vector<int8_t> xq;
   std::vector<float> xexp;
   bool digits = false;
@@ -1091,13 +1091,19 @@ AVX512_FN int64_t decode_rows4_avx512(const QW& q, const XPrep& xp, int64_t n0, 
 
 #define VNNI_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")))
 
-// x for the VNNI GEMV (4 bits, one activation row), per block of 128 elements (16 packed words): a power
-// of two 2^E with max|x| < 2^(E+22), m = round(x / 2^E) (|m| <= 2^22: x to within 2^-23 of the block's
-// largest element, where float32 holds 2^-24), and m = d2*2^16 + d1*2^8 + d0 with d0, d1 in [-128, 127]
-// and |d2| <= 65 - three signed bytes whose products with the 4-bit weights the VNNI dot products sum
-// exactly in int32. Layout per block: [half][digit][64 bytes]; byte 4i+j of (half, digit) holds the
-// digit of the element in word i's byte j, low nibble (half 0) or high nibble (half 1). Returns false
-// (the float GEMV runs) when x holds a non-finite value or a block's largest element is below 2^-100.
+// x for the VNNI GEMV (one activation row), per block of 128 elements: a power of two 2^E with
+// max|x| < 2^(E+22), m = round(x / 2^E) (|m| <= 2^22: x to within 2^-23 of the block's largest element,
+// where float32 holds 2^-24), and m = d2*2^16 + d1*2^8 + d0 with d0, d1 in [-128, 127] and |d2| <= 65 -
+// three signed bytes whose products with the weights the VNNI dot products sum exactly in int32. Layout
+// per block: [half][digit][64 bytes].
+// - 4 bits (16 packed words a block): byte 4i+j of (half, digit) holds the digit of the element in word
+//   i's byte j, low nibble (half 0) or high nibble (half 1).
+// - 8 bits (32 words a block): half h holds elements 64h .. 64h + 63 in order, as words 16h .. 16h + 15
+//   hold their bytes. A lane's sum takes four bytes up to 255 (not eight nibbles up to 15), so 2^E is one
+//   step larger, max|x| < 2^(E+21): |m| <= 2^21 and |sum of 4 q*m| <= 4*255*2^21 < 2^31 (x to within
+//   2^-22 of the block's largest element).
+// Returns false (the float GEMV runs) when x holds a non-finite value or a block's largest element is
+// below 2^-100.
 constexpr int64_t kDigitBlock = 128, kDigitBlockBytes = 2 * 3 * 64;
 
 // 2^e for -126 <= e <= 127, from its bits
@@ -1108,8 +1114,9 @@ inline float pow2f(int e) {
   return f;
 }
 
-VNNI_FN bool digits_x(XPrep& p) {
+VNNI_FN bool digits_x(XPrep& p, int bits) {
   const int64_t K = p.K, nblk = (K + kDigitBlock - 1) / kDigitBlock;
+  const int headroom = bits == 4 ? 21 : 20;  // 2^E = 2^(ilogb(max|x|) - headroom): |m| < 2^(headroom + 1)
   p.xq.resize(size_t(nblk * kDigitBlockBytes));
   p.xexp.resize(size_t(nblk));
   // byte b of half h takes the block's element 8*(b/4) + e, e the element at bits 8*(b%4) + 4*h of a word
@@ -1142,9 +1149,9 @@ VNNI_FN bool digits_x(XPrep& p) {
       continue;
     }
     if (top < 0x1p-100f) return false;  // 2^E below the normal floats (and no subnormal top to take apart)
-    uint32_t bits;
-    std::memcpy(&bits, &top, 4);
-    const int E = int(bits >> 23) - 127 - 21;  // ilogb(top) - 21, top being normal
+    uint32_t top_bits;
+    std::memcpy(&top_bits, &top, 4);
+    const int E = int(top_bits >> 23) - 127 - headroom;  // ilogb(top) - headroom, top being normal
     p.xexp[size_t(blk)] = pow2f(E);
     const __m512 inv = _mm512_set1_ps(pow2f(-E));
     for (int c = 0; c < 8; c++) {
@@ -1159,6 +1166,11 @@ VNNI_FN bool digits_x(XPrep& p) {
     }
     for (int d = 0; d < 3; d++) {
       const __m512i lo = _mm512_load_si512(dig[d]), hi = _mm512_load_si512(dig[d] + 64);
+      if (bits == 8) {  // elements in order
+        _mm512_storeu_si512(out + d * 64, lo);
+        _mm512_storeu_si512(out + 192 + d * 64, hi);
+        continue;
+      }
       for (int h = 0; h < 2; h++) _mm512_storeu_si512(out + h * 192 + d * 64, _mm512_permutex2var_epi8(lo, pick[h], hi));
     }
   }
@@ -1290,6 +1302,77 @@ VNNI_FN int64_t decode_rows4_vnni(const QW& q, const XPrep& xp, int64_t n0, int6
     case 2: return decode_rows4_vnni_t<2>(q, xp, n0, n1, nlim, ahead, out);
     default: return decode_rows4_vnni_t<4>(q, xp, n0, n1, nlim, ahead, out);
   }
+}
+
+// 8 bits: tot + (64 elements of one row, 16 packed words wv, against x's digits l0, l1, l2 of the same
+// elements) * sc. vpdpbusd takes the weight bytes as they are stored (unsigned, one element each), so
+// there are no nibbles to split: three dot products, combined Horner-style as in vnni_block_row, where the
+// float path spends a mask or shift, a convert and a multiply-add per 16 elements.
+VNNI_FN inline __attribute__((always_inline)) __m512 vnni8_half_row(__m512i wv, __m512i l0, __m512i l1, __m512i l2,
+                                                                     __m512 sc, __m512 tot) {
+  __m512i m = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, l2);
+  m = _mm512_dpbusd_epi32(_mm512_slli_epi32(m, 8), wv, l1);
+  m = _mm512_dpbusd_epi32(_mm512_slli_epi32(m, 8), wv, l0);
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(m), sc, tot);
+}
+
+// One half (64 elements: words wo .. wo + 15) of a 128-element block of four 8-bit rows into their totals,
+// against x's digits xh of those elements (2^E: xe), with NG groups from g0 spread over the lanes by gidx.
+// A partial half (PARTIAL: K % 64 == 32, 8 words) loads its words masked, against x's zero digits.
+template <int NG, bool PARTIAL>
+VNNI_FN inline __attribute__((always_inline)) void vnni8_half4(const int8_t* xh, __m512 xe, const uint32_t* const* w,
+                                                               int64_t wo, const float* const* s, int64_t g0,
+                                                               __m512i gidx, __m512& t0, __m512& t1, __m512& t2,
+                                                               __m512& t3) {
+  const __m512i l0 = _mm512_loadu_si512(xh), l1 = _mm512_loadu_si512(xh + 64), l2 = _mm512_loadu_si512(xh + 128);
+  __m512i wv[4];
+  for (int r = 0; r < 4; r++)  // a masked load only for a partial half (one that misses L1 is slow)
+    wv[r] = PARTIAL ? _mm512_maskz_loadu_epi32(0xFF, w[r] + wo) : _mm512_loadu_si512(w[r] + wo);
+  t0 = vnni8_half_row(wv[0], l0, l1, l2, _mm512_mul_ps(block_scales_avx512(s[0] + g0, NG, gidx), xe), t0);
+  t1 = vnni8_half_row(wv[1], l0, l1, l2, _mm512_mul_ps(block_scales_avx512(s[1] + g0, NG, gidx), xe), t1);
+  t2 = vnni8_half_row(wv[2], l0, l1, l2, _mm512_mul_ps(block_scales_avx512(s[2] + g0, NG, gidx), xe), t2);
+  t3 = vnni8_half_row(wv[3], l0, l1, l2, _mm512_mul_ps(block_scales_avx512(s[3] + g0, NG, gidx), xe), t3);
+}
+
+// Decode rows [n0, n1) of an 8-bit W in fours against x's digits (digits_x(p, 8)): out[n - n0]; returns n1
+// (the last one to three rows computed four times over, the copies dropped, as decode_rows4_vnni does).
+// Per 64 elements (half a digit block: 16 words, NG groups): vnni8_half4. K % 64 == 32 leaves a
+// trailing 32 elements, one group, in a partial half.
+template <int NG>  // groups in 64 elements: 2 (group size 32) or 1
+VNNI_FN int64_t decode_rows4_vnni8_t(const QW& q, const XPrep& xp, int64_t n0, int64_t n1, int64_t nlim,
+                                     int64_t ahead, float* out) {
+  const int64_t K = q.K, G = q.groups(), halves = K / 64;
+  const int gs = q.gs;
+  const __m512i gidx = lane_groups_avx512<4>(__builtin_ctz(unsigned(gs)));
+  const float* xs = xp.xsum.data();
+  const int8_t* xq = xp.xq.data();  // half h's digits at xq + 192 h (kDigitBlockBytes per two halves)
+  auto& rs = row_scratch();
+  if (rs.size() < size_t(8 * G)) rs.resize(size_t(8 * G));
+  StepPrefetch pf(q, n0, nlim, ahead);
+  for (int64_t n = n0; n < n1; n += 4) {
+    pf.step(n);
+    const Rows4 r4 = rows4_at(q, n, n1, rs.data());
+    __m512 t0 = _mm512_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;  // four rows' totals, kept in registers
+    int64_t h = 0;
+    for (; h < halves; h++) {
+      pf.line(16 * h + 15);
+      vnni8_half4<NG, false>(xq + 192 * h, _mm512_set1_ps(xp.xexp[size_t(h / 2)]), r4.w, 16 * h, r4.s,
+                             GROUP_OF(64 * h, gs), gidx, t0, t1, t2, t3);
+    }
+    if (REMAINDER_ON && 64 * h < K) {
+      pf.line(q.words_per_row() - 1);
+      vnni8_half4<1, true>(xq + 192 * h, _mm512_set1_ps(xp.xexp[size_t(h / 2)]), r4.w, 16 * h, r4.s,
+                           GROUP_OF(64 * h, gs), gidx, t0, t1, t2, t3);
+    }
+    finish_rows4_avx512(r4, xs, G, t0, t1, t2, t3, out + (n - n0));
+  }
+  return n1;
+}
+
+VNNI_FN int64_t decode_rows4_vnni8(const QW& q, const XPrep& xp, int64_t n0, int64_t n1, int64_t nlim, int64_t ahead,
+                                   float* out) {
+  if (q.gs == 32) return decode_rows4_vnni8_t<2>(q, xp, n0, n1, nlim, ahead, out);
+  return decode_rows4_vnni8_t<1>(q, xp, n0, n1, nlim, ahead, out);
 }
 
 // ---- avx2 path, 4-bit decode: the GEMV in integer dot products, as on avx512vnni
@@ -1695,7 +1778,8 @@ void prep_x(XPrep& p, const void* x, int xdt, int64_t M, int64_t K, int gs, int 
       p.xsum[size_t(m * p.G + g)] = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
     }
 #ifdef MLXE_X86
-  p.digits = permute && M == 1 && bits == 4 && (vnni() ? digits_x(p) : g_isa == MLXE_ISA_AVX2 && digits_x_avx2(p));
+  p.digits = permute && M == 1 &&
+             (vnni() ? digits_x(p, bits) : bits == 4 && g_isa == MLXE_ISA_AVX2 && digits_x_avx2(p));
   if (permute && avx2() && !p.digits) {
     if (avx512()) permute_x(p, bits, 16);
     else permute_x_avx2(p, bits);
@@ -1734,8 +1818,9 @@ constexpr int64_t kTileN = 64;  // weight rows dequantised per GEMM tile
 // n % 4 rows to the caller; the VNNI path does them all, as the caller's qdot has no float x to work on).
 int64_t decode_rows4(const QW& q, const XPrep& xp, int64_t n0, int64_t n1, int64_t nlim, int64_t ahead, float* out) {
 #ifdef MLXE_X86
-  if (xp.digits) return vnni() ? decode_rows4_vnni(q, xp, n0, n1, nlim, ahead, out)
-                               : decode_rows4_digits_avx2(q, xp, n0, n1, nlim, ahead, out);
+  if (xp.digits) return !vnni()       ? decode_rows4_digits_avx2(q, xp, n0, n1, nlim, ahead, out)
+                       : q.bits == 4 ? decode_rows4_vnni(q, xp, n0, n1, nlim, ahead, out)
+                                     : decode_rows4_vnni8(q, xp, n0, n1, nlim, ahead, out);
   if (avx512()) return decode_rows4_avx512(q, xp, n0, n1, nlim, ahead, out);
 #endif
   const int64_t G = q.groups();
