@@ -8,7 +8,7 @@ never raises: when the compiled extension is missing or fails its self-check, ``
 and ``describe()`` says why. Environment, read once at import:
 
 - ``MLXEDGE_CPU_ISA``: ``auto`` (default), ``avx512vnni``, ``avx512``, ``avx2`` or ``scalar`` (the portable path;
-  arm64 runs it with NEON as the compiler's baseline). ``avx512vnni`` runs the 4-bit decode GEMV in integer
+  arm64 runs it with NEON as the compiler's baseline). ``avx512vnni`` runs the 4- and 8-bit decode GEMV in integer
   dot products on activations split exactly into 8-bit digits; ``avx512`` the same GEMV in float.
 - ``MLXEDGE_CPU_THREADS``: size of the persistent thread pool (default: the cores this process may use).
 - ``MLXEDGE_CPU_BLAS``: ``openblas`` (default; the scipy-openblas32 wheel, for prefill GEMM tiles) or

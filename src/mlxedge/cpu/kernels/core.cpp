@@ -1086,7 +1086,7 @@ AVX512_FN int64_t decode_rows4_avx512(const QW& q, const XPrep& xp, int64_t n0, 
   return decode_rows4_avx512_t<8>(q, xp, n0, n1, nlim, ahead, out);
 }
 
-// ---- avx512vnni path: the 4-bit decode GEMV in integer dot products
+// ---- avx512vnni path: the 4- and 8-bit decode GEMV in integer dot products
 
 
 #define VNNI_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")))
