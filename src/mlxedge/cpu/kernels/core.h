@@ -18,7 +18,7 @@ extern "C" {
 enum { MLXE_F32 = 0, MLXE_F16 = 1, MLXE_BF16 = 2 };
 // instruction-set paths
 // AVX512: the quantized GEMV in 512-bit vectors (AVX-512F), everything else on the AVX2 code.
-// AVX512_VNNI: AVX512 with the 4- and 8-bit decode GEMV in integer dot products (AVX-512 VNNI and BW).
+// AVX512_VNNI: AVX512 with the 4- and 8-bit decode GEMV in integer dot products (AVX-512 VNNI, BW, VL, VBMI and GFNI).
 enum {
   MLXE_ISA_AUTO = 0,
   MLXE_ISA_SCALAR = 1,
