@@ -992,6 +992,30 @@ inline __attribute__((always_inline)) Rows4 rows4_at(const QW& q, int64_t n, int
   return r4;
 }
 
+// The four-row steps of a decode kernel over rows [n0, n1): step(n) asks for the rows ahead (StepPrefetch,
+// from the caller's `ahead`, up to row nlim; its line() is for the kernel's blocks) and gives rows n .. n + 3
+// (rows4_at, their scales and biases converted into row_scratch where not float32).
+struct Rows4Steps {
+  const QW& q;
+  const int64_t n1;
+  float* const scratch;  // 8 * groups floats: four rows' scales and biases
+  StepPrefetch pf;
+
+  Rows4Steps(const QW& w, int64_t n0, int64_t row_end, int64_t nlim, int64_t ahead)
+      : q(w), n1(row_end), scratch(scratch_of(w.groups())), pf(w, n0, nlim, ahead) {}
+
+  inline __attribute__((always_inline)) Rows4 step(int64_t n) {
+    pf.step(n);
+    return rows4_at(q, n, n1, scratch);
+  }
+
+  static float* scratch_of(int64_t G) {
+    auto& rs = row_scratch();
+    if (rs.size() < size_t(8 * G)) rs.resize(size_t(8 * G));
+    return rs.data();
+  }
+};
+
 // out[0 .. rows) = the four totals' lane sums plus their rows' bias terms, sum_g b[g] * sum(x in g)
 AVX512_FN inline __attribute__((always_inline)) void finish_rows4_avx512(const Rows4& r4, const float* xs, int64_t G, __m512 t0, __m512 t1, __m512 t2,
                                           __m512 t3, float* out) {
@@ -1057,22 +1081,19 @@ AVX512_FN int64_t decode_rows4_avx512_t(const QW& q, const XPrep& xp, int64_t n0
   const int tail_groups = int(std::min<int64_t>(per_block, G - GROUP_OF(kfull, gs)));
   const float* x = xp.xp.data();
   const float* xs = xp.xsum.data();
-  auto& rs = row_scratch();
-  if (rs.size() < size_t(8 * G)) rs.resize(size_t(8 * G));
-  StepPrefetch pf(q, n0, nlim, ahead);
+  Rows4Steps steps(q, n0, n1, nlim, ahead);
   for (int64_t n = n0; n < n1; n += 4) {
-    pf.step(n);
-    const Rows4 r4 = rows4_at(q, n, n1, rs.data());
+    const Rows4 r4 = steps.step(n);
     const float* const* s = r4.s;
     const uint32_t* const* w = r4.w;
     __m512 t0 = _mm512_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;
     int64_t k0 = 0;
     for (; k0 < kfull; k0 += BE) {
-      pf.line(k0 / E + 15);
+      steps.pf.line(k0 / E + 15);
       float_block4<BITS, false>(x + k0, w, k0 / E, s, GROUP_OF(k0, gs), per_block, gidx, 0, t0, t1, t2, t3);
     }
     if (REMAINDER_ON && k0 < K) {
-      pf.line(q.words_per_row() - 1);
+      steps.pf.line(q.words_per_row() - 1);
       float_block4<BITS, true>(x + k0, w, k0 / E, s, GROUP_OF(k0, gs), tail_groups, gidx, tail_mask, t0, t1, t2, t3);
     }
     finish_rows4_avx512(r4, xs, G, t0, t1, t2, t3, out + (n - n0));
@@ -1279,23 +1300,19 @@ VNNI_FN int64_t decode_rows4_vnni_t(const QW& q, const XPrep& xp, int64_t n0, in
   const __mmask16 tail_mask = __mmask16((1u << tail_words) - 1u);
   const int tail_groups = int(std::min<int64_t>(NG, G - GROUP_OF(kfull, gs)));
   const float* xs = xp.xsum.data();
-  auto& rs = row_scratch();
-  if (rs.size() < size_t(8 * G)) rs.resize(size_t(8 * G));
-  int64_t n = n0;
-  StepPrefetch pf(q, n0, nlim, ahead);
-  for (; n < n1; n += 4) {  // the last one to three rows: computed four times over, the copies dropped
-    pf.step(n);
-    const Rows4 r4 = rows4_at(q, n, n1, rs.data());
+  Rows4Steps steps(q, n0, n1, nlim, ahead);
+  for (int64_t n = n0; n < n1; n += 4) {  // the last one to three rows: computed four times over, the copies dropped
+    const Rows4 r4 = steps.step(n);
     const float* const* s = r4.s;
     const uint32_t* const* w = r4.w;
     __m512 t0 = _mm512_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;  // four rows' totals, kept in registers
     int64_t k0 = 0, blk = 0;
     for (; k0 < kfull; k0 += kDigitBlock, blk++) {
-      pf.line(k0 / 8 + 15);
+      steps.pf.line(k0 / 8 + 15);
       vnni_block4<false>(xp, k0, blk, w, s, gs, NG, gidx, 0, t0, t1, t2, t3);
     }
     if (REMAINDER_ON && k0 < K) {
-      pf.line(q.words_per_row() - 1);
+      steps.pf.line(q.words_per_row() - 1);
       if (tail_words <= 8) vnni_half4(xp, k0, blk, w, s, gs, tail_groups, gidx, int(tail_words), t0, t1, t2, t3);
       else vnni_block4<true>(xp, k0, blk, w, s, gs, tail_groups, gidx, tail_mask, t0, t1, t2, t3);
     }
@@ -1355,21 +1372,18 @@ VNNI_FN int64_t decode_rows4_vnni8_t(const QW& q, const XPrep& xp, int64_t n0, i
   const __m512i gidx = lane_groups_avx512<4>(__builtin_ctz(unsigned(gs)));
   const float* xs = xp.xsum.data();
   const int8_t* xq = xp.xq.data();  // half h's digits at xq + 192 h (kDigitBlockBytes per two halves)
-  auto& rs = row_scratch();
-  if (rs.size() < size_t(8 * G)) rs.resize(size_t(8 * G));
-  StepPrefetch pf(q, n0, nlim, ahead);
+  Rows4Steps steps(q, n0, n1, nlim, ahead);
   for (int64_t n = n0; n < n1; n += 4) {
-    pf.step(n);
-    const Rows4 r4 = rows4_at(q, n, n1, rs.data());
+    const Rows4 r4 = steps.step(n);
     __m512 t0 = _mm512_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;  // four rows' totals, kept in registers
     int64_t h = 0;
     for (; h < halves; h++) {
-      pf.line(16 * h + 15);
+      steps.pf.line(16 * h + 15);
       vnni8_half4<NG, false>(xq + 192 * h, _mm512_set1_ps(xp.xexp[size_t(h / 2)]), r4.w, 16 * h, r4.s,
                              GROUP_OF(64 * h, gs), gidx, t0, t1, t2, t3);
     }
     if (REMAINDER_ON && 64 * h < K) {
-      pf.line(q.words_per_row() - 1);
+      steps.pf.line(q.words_per_row() - 1);
       vnni8_half4<1, true>(xq + 192 * h, _mm512_set1_ps(xp.xexp[size_t(h / 2)]), r4.w, 16 * h, r4.s,
                            GROUP_OF(64 * h, gs), gidx, t0, t1, t2, t3);
     }
@@ -1511,16 +1525,13 @@ AVX2_FN int64_t decode_rows4_digits_avx2_t(const QW& q, const XPrep& xp, int64_t
   const int gs = q.gs;
   const float* xs = xp.xsum.data();
   const float* xf = xp.xf.data();
-  auto& rs = row_scratch();
-  if (rs.size() < size_t(8 * G)) rs.resize(size_t(8 * G));
-  StepPrefetch pf(q, n0, nlim, ahead);
+  Rows4Steps steps(q, n0, n1, nlim, ahead);
   for (int64_t n = n0; n < n1; n += 4) {
-    pf.step(n);
-    const Rows4 r4 = rows4_at(q, n, n1, rs.data());
+    const Rows4 r4 = steps.step(n);
     __m256 t0 = _mm256_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;  // four rows' totals, kept in registers
     int64_t k0 = 0, blk = 0;
     for (; k0 < kfull; k0 += kDigitBlock2, blk++) {
-      pf.line(k0 / 8 + 7);
+      steps.pf.line(k0 / 8 + 7);
       const __m256i* X = reinterpret_cast<const __m256i*>(xp.xq.data() + blk * kDigitBlock2Bytes);
       const __m256 xe = _mm256_set1_ps(xp.xexp[size_t(blk)]);
       const int64_t g0 = GROUP_OF(k0, gs), g1 = GROUP_OF(k0 + 32, gs), wo = k0 / 8;
@@ -1531,7 +1542,7 @@ AVX2_FN int64_t decode_rows4_digits_avx2_t(const QW& q, const XPrep& xp, int64_t
     }
     alignas(16) float tail[4] = {0.f, 0.f, 0.f, 0.f};
     if (REMAINDER_ON && k0 < K) {  // one trailing 32-element chunk
-      pf.line(q.words_per_row() - 1);
+      steps.pf.line(q.words_per_row() - 1);
       for (int r = 0; r < 4; r++) {
         const uint32_t* wk = r4.w[r] + k0 / 8;
         float a = 0;
@@ -1832,16 +1843,11 @@ int64_t decode_rows4(const QW& q, const XPrep& xp, int64_t n0, int64_t n1, int64
                                      : decode_rows4_vnni8(q, xp, n0, n1, nlim, ahead, out);
   if (avx512()) return decode_rows4_avx512(q, xp, n0, n1, nlim, ahead, out);
 #endif
-  const int64_t G = q.groups();
-  auto& rs = row_scratch();
-  if (rs.size() < size_t(8 * G)) rs.resize(size_t(8 * G));
-  const float *s4[4], *b4[4];
   int64_t n = n0;
-  StepPrefetch pf(q, n0, nlim, ahead);
+  Rows4Steps steps(q, n0, n1, nlim, ahead);
   for (; n + 4 <= n1; n += 4) {
-    pf.step(n);
-    for (int r = 0; r < 4; r++) row_params_at(q, n + r, rs.data() + 2 * r * G, rs.data() + (2 * r + 1) * G, &s4[r], &b4[r]);
-    qdot4(q, n, xp, s4, b4, pf, out + (n - n0));
+    const Rows4 r4 = steps.step(n);
+    qdot4(q, n, xp, r4.s, r4.b, steps.pf, out + (n - n0));
   }
   return n;
 }
