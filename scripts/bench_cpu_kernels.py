@@ -12,8 +12,8 @@ bytes in calls of the same size (below). Each of our ISA paths (--isas) is timed
   the kernel's own bandwidth;
 - via MLX: the same calls as lazy MLX ops evaluated together, as a decode step runs them — adds MLX's
   per-op cost (graph node, scheduling on the CPU stream, output allocation: a few µs each).
-Weights are rotated over copies totalling more than the last-level cache, as a real decode step reads
-them, so the figures are DRAM figures, not cache ones. All sides are interleaved per repetition so machine
+Weights are rotated over copies totalling twice the last-level cache (at least 128 MiB), as a decode step
+of a model bigger than the cache reads them, so the figures are DRAM figures, not cache ones. All sides are interleaved per repetition so machine
 load affects them alike. The read bandwidth is the fastest of several streaming reductions
 (STREAMING_READS), measured before and after the table (the larger counts: this machine's bandwidth moves
 with its neighbours' load), on one thread and on as many threads as the pool has. Each kernel is compared
@@ -40,6 +40,7 @@ and against the 512 MiB read, beside how far a plain read of the same bytes gets
 from __future__ import annotations
 
 import argparse
+import glob
 import statistics
 import threading
 import time
@@ -63,7 +64,22 @@ SHAPES = [  # (name, rows of each weight, K): out x in, nn.Linear layout; severa
 ]
 HEAD = ("head 576->49152", (49152,), 576)
 CONFIGS = [(4, 32), (4, 64), (8, 32)]
-LLC_BYTES = 128 << 20  # rotate weights over more than this (4x a 32 MiB L3: with 2x, the 35 MB head still hit it)
+
+
+def largest_cache_bytes() -> int:
+    """The largest CPU cache Linux reports for cpu0 (its last level), or 32 MiB where sysfs says nothing."""
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        text = open(path).read().strip()  # e.g. "307200K", "32M"
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG")) * unit)
+    return max(sizes, default=32 << 20)
+
+
+# rotate weights over more than this, so that each call reads them from DRAM: at least 128 MiB (with only 2x
+# a 32 MiB L3 the 35 MB head still hit it) and twice the last-level cache (a 300 MiB L3 held 128 MiB whole)
+ROTATE_BYTES = max(128 << 20, 2 * largest_cache_bytes())
+DISTINCT_SETS = 4  # random weight sets; the other copies repeat them in buffers of their own
 
 
 # Reductions that stream an array once; the fastest of them is the reference. A plain float32 `sum` is
@@ -100,16 +116,23 @@ def read_bandwidth(nbytes: int = 512 << 20, threads: int = 1, reps: int = 5) -> 
 
 
 def weights(Ns, K, bits, gs, dtype, copies, seed=0):
-    """`copies` sets of one quantized (w, scales, biases) triplet per entry of Ns."""
+    """`copies` sets of one quantized (w, scales, biases) triplet per entry of Ns, each in buffers of its own.
+    The first DISTINCT_SETS are random; the rest copy them (the kernels' speed does not depend on the values),
+    made and evaluated a batch at a time so that memory holds the copies and not their float originals."""
     out = []
-    for i in range(copies):
+    for i in range(min(copies, DISTINCT_SETS)):
         one = []
         for j, N in enumerate(Ns):
             w = mx.random.normal((N, K), key=mx.random.key(seed + 100 * i + j))
             wq, s, b = mx.quantize(w, group_size=gs, bits=bits)
             one.append((wq, s.astype(dtype), b.astype(dtype)))
+        mx.eval(one)
         out.append(one)
-    mx.eval(out)
+    while len(out) < copies:
+        batch = [[tuple(a + 0 for a in t) for t in out[(len(out) + k) % DISTINCT_SETS]]
+                 for k in range(min(256, copies - len(out)))]
+        mx.eval(batch)
+        out += batch
     return out
 
 
@@ -235,7 +258,7 @@ def measure(rows, isas, threads, args, dtype):
     for name, Ns, K, bits, gs in rows:
         probe = weights(Ns, K, bits, gs, dtype, 1)
         size = nbytes(probe[0])
-        copies = max(1, -(-LLC_BYTES // size))
+        copies = max(1, -(-ROTATE_BYTES // size))
         ws = probe + weights(Ns, K, bits, gs, dtype, copies - 1, seed=1) if copies > 1 else probe
         flat = [t for one in ws for t in one]
         x = mx.random.normal((args.rows, K)).astype(dtype)
