@@ -19,6 +19,11 @@ Each side runs in its own worker process (loaded once, then driven rep by rep fr
 two runtimes in one process disturb each other (llama.cpp's idle thread pool cost mlxedge ~20% of its decode
 speed on 2 cores when they shared a process). --same-process restores the old single-process run.
 llama-cpp-python is an optional extra (`pip install 'mlxedge[llama]'`); without it that side is skipped.
+On a CPU with AMX under a VM (Intel Sapphire/Emerald Rapids here), llama.cpp's default native build runs AMX
+tile instructions on its worker threads and dies with SIGILL at the first prompt; build it for AVX-512 VNNI,
+the ISA mlxedge's kernels use there:
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+      -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=ON" pip install 'mlxedge[llama]'
 
     python scripts/bench_vs_llama_cpp.py [-p 512] [-n 128] [--reps 3] [--threads 2] [--slow-p 128 --slow-n 32]
 """
