@@ -4,7 +4,8 @@
 // milliseconds, 60 rounds, the best burst of each kept. These VMs' speed moves by up to 2x from one minute to
 // the next with their neighbours' load, so builds timed one after the other (gemv_core_timing.cpp run twice)
 // cannot show a 5% change; interleaved bursts see the same machine. Hot by default (the same weights every
-// call: L2/L3, the kernel's compute), COLD=1 rotates over copies filling 128 MiB (DRAM, as a decode step);
+// call: L2/L3, the kernel's compute), COLD=1 rotates over copies filling 128 MiB (ROTATE_MB=...: twice the
+// last-level cache or more, so that it is DRAM, as a decode step);
 // SEP=1 puts each copy's arrays in allocations of their own, in shuffled order (see below).
 //
 //   K=src/mlxedge/cpu/kernels
@@ -12,7 +13,7 @@
 //   g++ -O3 -fno-math-errno -std=c++17 -fPIC -shared -I/tmp/base/$K /tmp/base/$K/core.cpp -o /tmp/base.so -lpthread
 //   g++ -O3 -fno-math-errno -std=c++17 -fPIC -shared -I$K $K/core.cpp -o /tmp/work.so -lpthread
 //   g++ -O2 scripts/ab_core_builds.cpp -o /tmp/ab_core -ldl
-//   [COLD=1 [SEP=1]] /tmp/ab_core N K BITS GROUP THREADS ISA /tmp/base.so /tmp/work.so
+//   [COLD=1 [SEP=1] [ROTATE_MB=640]] /tmp/ab_core N K BITS GROUP THREADS ISA /tmp/base.so /tmp/work.so
 //
 // ISA as in core.h (2 = avx2, 4 = avx512, 5 = avx512vnni). Prints each build's best time per call, per 8
 // weights, and a checksum of the output (builds computing the same thing agree to float rounding).
@@ -67,7 +68,9 @@ int main(int argc, char** argv) {
   }
   const bool cold = std::getenv("COLD") != nullptr;
   const int64_t wpr = K * bits / 32, G = K / gs, bytes = N * wpr * 4 + 2 * N * G * 4;
-  const int64_t copies = cold ? std::max<int64_t>(1, (int64_t(128) << 20) / bytes) : 1;
+  // ROTATE_MB: at least twice the last-level cache (a 300 MiB L3 holds the default 128 MiB whole)
+  const int64_t rotate = int64_t(std::getenv("ROTATE_MB") ? std::atoll(std::getenv("ROTATE_MB")) : 128) << 20;
+  const int64_t copies = cold ? std::max<int64_t>(1, rotate / bytes) : 1;
   std::mt19937 rng(1);
   std::vector<uint32_t> w(static_cast<size_t>(copies * N * wpr));
   std::vector<float> s(static_cast<size_t>(copies * N * G)), b(s.size()), x(static_cast<size_t>(K)), y(static_cast<size_t>(N));

@@ -36,6 +36,7 @@ PLANTS = OPS_PLANTS + [
     "off_by_one_col",
     "missing_remainder",
     "race_partition",
+    "prepare_race",  # a GEMV's tasks start before its activations are prepared (core.cpp's Prelude)
 ]
 CODES = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
 ISA_CODES = {"scalar": 1, "avx2": 2, "avx512": 4, "avx512vnni": 5}
@@ -232,7 +233,31 @@ def _ops_suite(core: Core, attempt, isa: str) -> None:
             attempt(check_sdpa, core.sdpa, B, Hq, Hkv, Lq, Lk, D, causal, seed=Lk, what=f"sdpa[{isa}]")
 
 
+def check_tasks_start_after_prepare(lib, ntasks: int = 16, jobs: int = 3) -> None:
+    """mlxe_parallel_for_prepared: no task runs before its prepare(ctx) has returned. prepare holds the caller
+    for 20 ms outside the GIL, long enough for the workers to join (with 2 ms, a late wake-up on this VM let
+    4 of 50 jobs of a build that skips the wait pass); a task that ran meanwhile saw `ready` unset. This check
+    comes first in the mutation suite: the GEMVs that follow would read activations still being written."""
+    import time
+
+    task_fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64)
+    prep_fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+    lib.mlxe_parallel_for_prepared.argtypes = [ctypes.c_int64, task_fn, prep_fn, ctypes.c_void_p]
+    for _ in range(jobs):
+        ready, seen = [False], []
+
+        def prepare(_ctx, ready=ready):
+            time.sleep(0.02)
+            ready[0] = True
+
+        task, prep = task_fn(lambda _ctx, t, ready=ready, seen=seen: seen.append(ready[0])), prep_fn(prepare)
+        lib.mlxe_parallel_for_prepared(ntasks, task, prep, None)
+        assert len(seen) == ntasks and all(seen), f"tasks before prepare returned: {seen.count(False)} of {len(seen)}"
+
+
 def _suite(core: Core, attempt) -> None:
+    core.configure("scalar", False)
+    attempt(check_tasks_start_after_prepare, core.lib)
     for isa in ISAS:
         core.configure(isa, False)
         _ops_suite(core, attempt, isa)
@@ -298,3 +323,5 @@ def test_pool_runs_every_task_exactly_once(libs, tmp_path, threads):
             callback = task_fn(lambda _ctx, t: hits.__setitem__(t, hits[t] + 1))
             lib.mlxe_parallel_for(ntasks, callback, None)
             assert hits == [1] * ntasks, f"{threads} threads, {ntasks} tasks: runs per task {hits}"
+    for ntasks in (0, 1, threads, 64):  # a job with a Prelude (the decode GEMVs'): prepare first, then the tasks
+        check_tasks_start_after_prepare(lib, ntasks, jobs=1)

@@ -46,6 +46,8 @@
 #define PLANT_NAME "missing_remainder"
 #elif defined(MLXEDGE_PLANT_RACE_PARTITION)
 #define PLANT_NAME "race_partition"
+#elif defined(MLXEDGE_PLANT_PREPARE_RACE)
+#define PLANT_NAME "prepare_race"
 #else
 #define PLANT_NAME ""
 #endif
@@ -123,9 +125,25 @@ struct alignas(64) Span {
   std::atomic<uint64_t> v;  // first << 32 | end
 };
 
+// What a job does before its tasks (Pool::run): once the job is posted, the calling thread runs `prepare`
+// (e.g. converting the activations the tasks read) while the workers join; each thread first calls `warm`
+// for the first task of its run (e.g. asking memory for that task's first weight rows), and no task starts
+// until `prepare` has returned (which it must do: it may not throw, as nothing here may across the C ABI).
+// Before, a decode GEMV prepared x and only then posted its job: the
+// worker's wake-up and its first rows' DRAM latency came after the preparation instead of during it.
+// Emerald Rapids, 2 threads (ab_core_builds.cpp SEP=1 COLD=1, interleaved, two rounds): from DRAM 192x576
+// 8/32 6.84 -> 6.42 us, 576x576 4/64 9.69 -> 9.22-9.45, 1536x576 4/32 and 8192x2048 4/64 unchanged; from
+// L3 (ROTATE_MB=100) 192x576 8/32 5.23-5.34 -> 5.01-5.12, 1536x576 4/32 16.5-16.8 -> 15.8-16.3.
+struct Prelude {
+  void (*prepare)(void* ctx);
+  void (*warm)(void* ctx, int64_t first, int64_t run_end);  // may be null
+};
+
 struct Job {
   void (*fn)(void* ctx, int64_t task, int64_t run_end);
   void* ctx;
+  const Prelude* pre = nullptr;
+  std::atomic<bool> open{true};  // tasks may start (false while pre->prepare runs)
   int64_t ntasks;
   int nslots;
   std::atomic<int> joined{1};  // the caller is slot 0
@@ -189,10 +207,13 @@ class Pool {
   int size() const { return n_; }
 
   // Run fn(ctx, t, run_end) for t in [0, ntasks) (Job: run_end is a hint, t < run_end <= ntasks); the
-  // calling thread takes part. One job at a time.
-  void run(int64_t ntasks, Fn fn, void* ctx) {
-    if (ntasks <= 0) return;
-    if (n_ == 1 || ntasks == 1 || ntasks > int64_t(0xFFFFFFFF)) {  // (a job's slots hold 32-bit task numbers)
+  // calling thread takes part. With a Prelude, its prepare(ctx) runs first (see Prelude). One job at a time.
+  void run(int64_t ntasks, Fn fn, void* ctx, const Prelude* pre = nullptr) {
+    if (ntasks <= 0 || n_ == 1 || ntasks == 1 || ntasks > int64_t(0xFFFFFFFF)) {  // (a job's slots hold 32-bit task numbers)
+      if (pre) {
+        if (ntasks > 0 && pre->warm) pre->warm(ctx, 0, ntasks);
+        pre->prepare(ctx);
+      }
       for (int64_t t = 0; t < ntasks; t++) fn(ctx, t, ntasks);
       return;
     }
@@ -201,6 +222,12 @@ class Pool {
     job.fn = fn;
     job.ctx = ctx;
     job.ntasks = ntasks;
+    job.pre = pre;
+#ifdef MLXEDGE_PLANT_PREPARE_RACE  // workers start tasks while the caller still prepares their input
+    job.open.store(true, std::memory_order_relaxed);
+#else
+    job.open.store(pre == nullptr, std::memory_order_relaxed);
+#endif
     job.nslots = int(std::min<int64_t>({int64_t(n_), ntasks, int64_t(kMaxSlots)}));
     for (int s = 0; s < job.nslots; s++)
       job.left[s].v.store(Job::span_of(ntasks * s / job.nslots, ntasks * (s + 1) / job.nslots), std::memory_order_relaxed);
@@ -209,6 +236,11 @@ class Pool {
       std::lock_guard<std::mutex> lk(mu_);
       gen_.fetch_add(1, std::memory_order_release);
       if (sleepers_ > 0) cv_.notify_all();
+    }
+    if (pre) {
+      warm(job, 0);
+      pre->prepare(ctx);
+      job.open.store(true, std::memory_order_release);
     }
     work(job, 0);
     for (int spin = 0; job.done.load(std::memory_order_acquire) != ntasks; spin++) {
@@ -229,6 +261,14 @@ class Pool {
 #endif
   }
 
+  // a Prelude's warm for the first task of slot's run (a thread past the job's slots has none)
+  static void warm(Job& job, int slot) {
+    if (slot >= job.nslots || !job.pre->warm) return;
+    const uint64_t v = job.left[slot].v.load(std::memory_order_relaxed);
+    const int64_t first = int64_t(v >> 32), end = int64_t(v & 0xFFFFFFFFu);
+    if (first < end) job.pre->warm(job.ctx, first, end);
+  }
+
   // k = 0: the slot's own run, from the front; then every slot's leftovers, from the back (steals). A slot
   // past the job's is a thread with no run of its own: it only steals.
   static void work(Job& job, int slot) {
@@ -247,7 +287,14 @@ class Pool {
   void join_current() {
     refs_.fetch_add(1, std::memory_order_seq_cst);
     Job* j = job_.load(std::memory_order_seq_cst);
-    if (j) work(*j, j->joined.fetch_add(1, std::memory_order_relaxed));
+    if (j) {
+      const int slot = j->joined.fetch_add(1, std::memory_order_relaxed);
+      if (!j->open.load(std::memory_order_acquire)) {  // the caller is still preparing
+        warm(*j, slot);
+        while (!j->open.load(std::memory_order_acquire)) cpu_relax();
+      }
+      work(*j, slot);
+    }
     refs_.fetch_sub(1, std::memory_order_seq_cst);
   }
 
@@ -333,6 +380,21 @@ template <class F>
 void parallel_for_runs(int64_t ntasks, F&& f) {
   auto tramp = [](void* ctx, int64_t t, int64_t run_end) { (*static_cast<F*>(ctx))(t, run_end); };
   pool().run(ntasks, tramp, &f);
+}
+
+// parallel_for_runs with a Prelude: prepare() on the calling thread first, warm(first, run_end) on each
+// thread for its run's first task meanwhile (see Prelude)
+template <class F, class W, class P>
+void parallel_for_runs_prepared(int64_t ntasks, F&& f, W&& warm, P&& prepare) {
+  struct Ctx {
+    std::remove_reference_t<F>* f;
+    std::remove_reference_t<W>* warm;
+    std::remove_reference_t<P>* prepare;
+  } ctx{&f, &warm, &prepare};
+  static const Prelude pre{[](void* c) { (*static_cast<Ctx*>(c)->prepare)(); },
+                           [](void* c, int64_t t, int64_t run_end) { (*static_cast<Ctx*>(c)->warm)(t, run_end); }};
+  auto tramp = [](void* c, int64_t t, int64_t run_end) { (*static_cast<Ctx*>(c)->f)(t, run_end); };
+  pool().run(ntasks, tramp, &ctx, &pre);
 }
 
 // Per-thread GEMM tile buffer: size it with reserve_tiles(n) on the calling thread before the
@@ -1886,8 +1948,10 @@ int64_t parts_bytes(const std::vector<QW>& qs) {
 
 // The GEMV path for one or several weights against one x (a layer's q, k and v projections): their rows
 // form one row space, split into tasks as one GEMV of the summed size is (all on the calling thread below
-// g_parallel_min_bytes), so three small matrices cost what one larger one does.
-void qgemv_parts(const std::vector<QW>& qs, const XPrep& xp, float* const* ys, int64_t M) {
+// g_parallel_min_bytes), so three small matrices cost what one larger one does. prepare() fills xp; it
+// runs once the threads' first rows are asked for (Prelude).
+template <class P>
+void qgemv_parts(const std::vector<QW>& qs, const XPrep& xp, float* const* ys, int64_t M, P&& prepare) {
   int64_t rows = 0;
   for (const auto& q : qs) rows += q.N;
   const int64_t bytes = parts_bytes(qs);
@@ -1900,27 +1964,27 @@ void qgemv_parts(const std::vector<QW>& qs, const XPrep& xp, float* const* ys, i
   for (size_t i = 0; i < qs.size(); i++)
     for (int64_t n0 = 0; n0 < COLS_END(qs[i].N); n0 += chunk)
       tasks.push_back({i, n0, std::min(n0 + chunk, COLS_END(qs[i].N))});
+  // A thread asks for its first rows before x is prepared, so that their DRAM latency overlaps the
+  // preparation instead of stalling the first steps. One thread, Zen 3, from DRAM, each array in its own
+  // allocation as MLX's lie (ab_core_builds.cpp SEP=1 COLD=1, interleaved, 3 runs): 192x576 4/64 (SmolLM2's
+  // k/v) 7.56-7.66 -> 7.19-7.29 us. On two threads, see Prelude.
+  auto first_rows = [&](int64_t i, int64_t) {
+    const auto& t = tasks[size_t(i)];
+    const QW& q = qs[t.part];
+    prefetch_qrows(q, t.n0, std::min(t.n1, t.n0 + prefetch_rows_ahead(qrow_bytes(q))));
+  };
   if (bytes < g_parallel_min_bytes) {
+    if (!tasks.empty()) first_rows(0, 1);
+    prepare();
     for (const auto& t : tasks) qgemv_rows(qs[t.part], xp, ys[t.part], M, t.n0, t.n1, t.n1);
     return;
   }
-  parallel_for_runs(int64_t(tasks.size()), [&](int64_t i, int64_t run_end) {
+  parallel_for_runs_prepared(int64_t(tasks.size()), [&](int64_t i, int64_t run_end) {
     const auto& t = tasks[size_t(i)];
     int64_t last = i;  // the run's last task in t's weight: its rows are this thread's next
     while (last + 1 < run_end && tasks[size_t(last + 1)].part == t.part) last++;
     qgemv_rows(qs[t.part], xp, ys[t.part], M, t.n0, t.n1, tasks[size_t(last)].n1);
-  });
-}
-
-// Before x is prepared: a GEMV that runs on the calling thread alone asks for its first rows, so that their
-// DRAM latency overlaps the preparation instead of stalling the first steps. One thread, Zen 3, from DRAM,
-// each array in its own allocation as MLX's lie (ab_core_builds.cpp SEP=1 COLD=1, interleaved, 3 runs):
-// 192x576 4/64 (SmolLM2's k/v) 7.56-7.66 -> 7.19-7.29 us. On two threads it measured no better (576x576:
-// 13.5-14.1 before and after): the worker's rows are not the caller's to ask for, and the caller's own
-// first rows come while the worker joins.
-void prefetch_first_rows(const std::vector<QW>& qs) {
-  if (qs.empty() || parts_bytes(qs) >= g_parallel_min_bytes) return;
-  prefetch_qrows(qs[0], 0, prefetch_rows_ahead(qrow_bytes(qs[0])));
+  }, first_rows, prepare);
 }
 
 // y[M, N] f32 = x @ deq(W).T through dequantised tiles and a GEMM
@@ -1988,6 +2052,18 @@ void mlxe_parallel_for(int64_t ntasks, void (*fn)(void* ctx, int64_t task), void
   auto lock = enter_kernel();
   parallel_for(ntasks, [&](int64_t t) { fn(ctx, t); });
 }
+void mlxe_parallel_for_prepared(int64_t ntasks, void (*fn)(void* ctx, int64_t task), void (*prepare)(void* ctx),
+                                void* ctx) {
+  auto lock = enter_kernel();
+  struct Ctx {
+    void (*fn)(void*, int64_t);
+    void (*prepare)(void*);
+    void* ctx;
+  } c{fn, prepare, ctx};
+  static const Prelude pre{[](void* p) { static_cast<Ctx*>(p)->prepare(static_cast<Ctx*>(p)->ctx); }, nullptr};
+  pool().run(
+      ntasks, [](void* p, int64_t t, int64_t) { static_cast<Ctx*>(p)->fn(static_cast<Ctx*>(p)->ctx, t); }, &c, &pre);
+}
 int mlxe_threads(void) { return g_pool ? g_pool->size() : 0; }
 void mlxe_set_gemv_max_rows(int rows) {
   std::lock_guard<std::mutex> lk(g_call_mu);
@@ -2039,8 +2115,8 @@ void mlxe_qmm_many(const void* x, int xdt, int nparts, const uint32_t* const* w,
   XPrep& xp = prepared;
   std::vector<QW> qs;
   for (int i = 0; i < nparts; i++) qs.push_back(QW{w[i], scales[i], biases[i], sdt, N[i], K, bits, group_size});
-  if (gemv) prefetch_first_rows(qs);
-  prep_x(xp, x, xdt, M, K, group_size, bits, gemv);
+  auto prepare = [&] { prep_x(xp, x, xdt, M, K, group_size, bits, gemv); };
+  if (!gemv) prepare();  // (the GEMV prepares x once its first rows are asked for)
   std::vector<std::vector<float>> bufs(size_t(std::max(nparts, 0)));
   std::vector<float*> ys;
   for (int i = 0; i < nparts; i++) {
@@ -2052,7 +2128,7 @@ void mlxe_qmm_many(const void* x, int xdt, int nparts, const uint32_t* const* w,
     }
   }
   if (gemv) {
-    qgemv_parts(qs, xp, ys.data(), M);
+    qgemv_parts(qs, xp, ys.data(), M, prepare);
   } else {
     for (size_t i = 0; i < qs.size(); i++) qgemm(qs[i], xp, ys[i], M);
   }
@@ -2071,7 +2147,7 @@ void mlxe_gate_up_silu(const void* x, int xdt, const uint32_t* wg, const void* s
   // (lambdas) see this thread's XPrep: naming a thread_local inside them would give each worker its own.
   thread_local XPrep prepared;
   XPrep& xp = prepared;
-  prep_x(xp, x, xdt, M, K, group_size, bits, gemv);
+  auto prepare = [&] { prep_x(xp, x, xdt, M, K, group_size, bits, gemv); };
   std::vector<float> ybuf(size_t(M * N));
   float* y = ybuf.data();
   if (gemv) {
@@ -2079,12 +2155,16 @@ void mlxe_gate_up_silu(const void* x, int xdt, const uint32_t* wg, const void* s
     const int64_t chunk = gemv_chunk(N, 2 * N * qrow_bytes(qg)), G = K / group_size;
     const int64_t ntasks = (COLS_END(N) + chunk - 1) / chunk;
     const int64_t Mend = ROWS_END(M);
-    parallel_for_runs(ntasks, [&](int64_t t, int64_t run_end) {
+    const int64_t ahead = prefetch_rows_ahead(2 * qrow_bytes(qg));
+    auto first_rows = [&](int64_t t, int64_t) {  // a task's first rows of both weights
       const int64_t n0 = t * chunk, n1 = std::min(n0 + chunk, COLS_END(N));
-      const int64_t nlim = std::min(run_end * chunk, COLS_END(N));  // this thread's next rows: prefetch on into them
-      const int64_t ahead = prefetch_rows_ahead(2 * qrow_bytes(qg));
       prefetch_qrows(qg, n0, std::min(n1, n0 + ahead));
       prefetch_qrows(qu, n0, std::min(n1, n0 + ahead));
+    };
+    parallel_for_runs_prepared(ntasks, [&](int64_t t, int64_t run_end) {
+      const int64_t n0 = t * chunk, n1 = std::min(n0 + chunk, COLS_END(N));
+      const int64_t nlim = std::min(run_end * chunk, COLS_END(N));  // this thread's next rows: prefetch on into them
+      first_rows(t, run_end);
       constexpr int64_t kPiece = 64;  // decode: rows of Wg then the same rows of Wu, a piece at a time
       float rg[kPiece], ru[kPiece];
       int64_t n = n0;
@@ -2112,8 +2192,9 @@ void mlxe_gate_up_silu(const void* x, int xdt, const uint32_t* wg, const void* s
           for (int i = 0; i < mr; i++) y[(m0 + i) * N + n] = silu(rg1[i]) * ru1[i];
         }
       }
-    });
+    }, first_rows, prepare);
   } else {
+    prepare();
     std::vector<float> ubuf(size_t(M * N));
     qgemm(qg, xp, y, M);
     qgemm(qu, xp, ubuf.data(), M);

@@ -35,6 +35,10 @@ int mlxe_isa(void);
 // Run fn(ctx, t) for t in [0, ntasks) on the kernels' thread pool (the calling thread takes part);
 // for the other kernel files (ops.cpp), which share the pool and the ISA choice.
 void mlxe_parallel_for(int64_t ntasks, void (*fn)(void* ctx, int64_t task), void* ctx);
+// mlxe_parallel_for whose tasks start only after prepare(ctx) has run on the calling thread (the decode GEMVs'
+// Prelude: workers join meanwhile); for the pool's tests
+void mlxe_parallel_for_prepared(int64_t ntasks, void (*fn)(void* ctx, int64_t task), void (*prepare)(void* ctx),
+                                void* ctx);
 int mlxe_threads(void);
 // Rows up to this count take the GEMV path; more take the blocked (dequantize tile + GEMM) path.
 void mlxe_set_gemv_max_rows(int rows);
