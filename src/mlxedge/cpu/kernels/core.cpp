@@ -136,7 +136,7 @@ struct alignas(64) Span {
 // L3 (ROTATE_MB=100) 192x576 8/32 5.23-5.34 -> 5.01-5.12, 1536x576 4/32 16.5-16.8 -> 15.8-16.3.
 struct Prelude {
   void (*prepare)(void* ctx);
-  void (*warm)(void* ctx, int64_t first, int64_t run_end);  // may be null
+  void (*warm)(void* ctx, int64_t first, int64_t run_end);
 };
 
 struct Job {
@@ -211,7 +211,7 @@ class Pool {
   void run(int64_t ntasks, Fn fn, void* ctx, const Prelude* pre = nullptr) {
     if (ntasks <= 0 || n_ == 1 || ntasks == 1 || ntasks > int64_t(0xFFFFFFFF)) {  // (a job's slots hold 32-bit task numbers)
       if (pre) {
-        if (ntasks > 0 && pre->warm) pre->warm(ctx, 0, ntasks);
+        if (ntasks > 0) pre->warm(ctx, 0, ntasks);
         pre->prepare(ctx);
       }
       for (int64_t t = 0; t < ntasks; t++) fn(ctx, t, ntasks);
@@ -263,7 +263,7 @@ class Pool {
 
   // a Prelude's warm for the first task of slot's run (a thread past the job's slots has none)
   static void warm(Job& job, int slot) {
-    if (slot >= job.nslots || !job.pre->warm) return;
+    if (slot >= job.nslots) return;
     const uint64_t v = job.left[slot].v.load(std::memory_order_relaxed);
     const int64_t first = int64_t(v >> 32), end = int64_t(v & 0xFFFFFFFFu);
     if (first < end) job.pre->warm(job.ctx, first, end);
@@ -2055,14 +2055,8 @@ void mlxe_parallel_for(int64_t ntasks, void (*fn)(void* ctx, int64_t task), void
 void mlxe_parallel_for_prepared(int64_t ntasks, void (*fn)(void* ctx, int64_t task), void (*prepare)(void* ctx),
                                 void* ctx) {
   auto lock = enter_kernel();
-  struct Ctx {
-    void (*fn)(void*, int64_t);
-    void (*prepare)(void*);
-    void* ctx;
-  } c{fn, prepare, ctx};
-  static const Prelude pre{[](void* p) { static_cast<Ctx*>(p)->prepare(static_cast<Ctx*>(p)->ctx); }, nullptr};
-  pool().run(
-      ntasks, [](void* p, int64_t t, int64_t) { static_cast<Ctx*>(p)->fn(static_cast<Ctx*>(p)->ctx, t); }, &c, &pre);
+  parallel_for_runs_prepared(
+      ntasks, [&](int64_t t, int64_t) { fn(ctx, t); }, [](int64_t, int64_t) {}, [&] { prepare(ctx); });
 }
 int mlxe_threads(void) { return g_pool ? g_pool->size() : 0; }
 void mlxe_set_gemv_max_rows(int rows) {
