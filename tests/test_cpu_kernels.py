@@ -371,6 +371,45 @@ def test_float_matmul_prefill_rows(isa, gemm_backend):
     check_matmul(ext_matmul, 33, 150, 100, "float32", "bfloat16", seed=4, what=f"matmul[{isa},{gemm_backend}]")
 
 
+def _exact_sums_in_half_chunks(dtype: str, seed: int):
+    """float32 values s (ties of `dtype`'s rounding, its overflow edge, random bits) and, per s, three values
+    of `dtype` whose sum is s exactly in float32 in any order: s's significand cut into disjoint chunks of
+    the same sign, each short enough for `dtype`."""
+    rng = np.random.default_rng(seed)
+    keep = 16 if dtype == "bfloat16" else 13  # float32 significand bits below the half type's
+    exps = rng.integers(127 - 20, 127 + 20, 3000) if dtype == "bfloat16" else rng.integers(127, 127 + 15, 3000)
+    bits = (rng.integers(0, 2, 3000) << 31) | (exps << 23) | rng.integers(0, 1 << 23, 3000)
+    ties = bits[:1000] & ~np.int64((1 << keep) - 1) | (1 << (keep - 1))  # exactly halfway, odd and even
+    extra = [0x477FF000, 0x477FEFFF, 0x477FFFFF] if dtype == "float16" else [0x7F7FFFFF, 0x7F7F8000]
+    s = np.concatenate([bits, ties, extra]).astype(np.uint32).view(np.float32)
+    chunk = np.uint32(~np.uint32((1 << keep) - 1) & 0xFFFFFFFF)
+    hi = (s.view(np.uint32) & chunk).view(np.float32)
+    rest = s - hi
+    mid = (rest.view(np.uint32) & chunk).view(np.float32)
+    lo = rest - mid
+    parts = np.stack([hi, mid, lo], axis=1)
+    assert np.array_equal(parts.sum(axis=1, dtype=np.float32), s)
+    return s, parts
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_outputs_round_to_nearest_even_like_mlx(isa, dtype):
+    """A half-precision result is the float32 one rounded once, to nearest even, overflow to inf, NaN kept:
+    bit for bit what MLX's astype gives (row i of w sums exactly to s[i] in float32, x is ones)."""
+    s, parts = _exact_sums_in_half_chunks(dtype, seed=7)
+    w = mx.array(parts).astype(DTYPES[dtype])
+    assert np.array_equal(np.array(w.astype(mx.float32)), parts)  # the chunks are exact in the half type
+    x = mx.ones((1, 3), dtype=DTYPES[dtype])
+    got = np.array(cpu.matmul(x, w).view(mx.uint16)).reshape(-1)
+    want = np.array(mx.array(s).astype(DTYPES[dtype]).view(mx.uint16))
+    bad = np.flatnonzero(got != want)
+    assert bad.size == 0, f"{bad.size} of {s.size} differ; first: s={s[bad[0]]!r} got {got[bad[0]]:#06x} want {want[bad[0]]:#06x}"
+    specials = mx.array([[np.inf, 0, 0], [-np.inf, 0, 0], [np.inf, -np.inf, 0]]).astype(DTYPES[dtype])
+    y = np.array(cpu.matmul(x, specials).astype(mx.float32)).reshape(-1)
+    assert y[0] == np.inf and y[1] == -np.inf and np.isnan(y[2]), y
+
+
 @needs_ext
 def test_mixed_dtypes_promote_like_mlx():
     wq, s, b = make_quantized(40, 128, 4, 64, 0, mx.bfloat16)

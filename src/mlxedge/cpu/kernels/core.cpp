@@ -461,11 +461,11 @@ inline float sub_x_scale(int bits, int s) {
 
 // scales/biases of one weight row as float
 void row_params(const QW& q, int64_t n, float* s, float* b) {
-  int64_t G = q.groups();
-  for (int64_t g = 0; g < G; g++) {
-    s[g] = load_as_f32(q.s, q.sdt, n * G + g);
-    b[g] = load_as_f32(q.b, q.sdt, n * G + g) * BIAS_ON;
-  }
+  const int64_t G = q.groups();
+  load_row(q.s, q.sdt, n * G, G, s);
+  load_row(q.b, q.sdt, n * G, G, b);
+  if (BIAS_ON != 1.0f)
+    for (int64_t g = 0; g < G; g++) b[g] *= BIAS_ON;
 }
 
 // Software prefetch for the GEMVs, which stream their weights once from DRAM: the hardware prefetcher
@@ -645,21 +645,61 @@ void gemm_nt_scalar(const float* A, const float* B, float* C, int64_t M, int64_t
 #ifdef MLXE_X86
 #define AVX2_FN MLXE_AVX2_FN
 
+// src[0 .. n) of dtype dt as float32 into dst: float16 through F16C, bfloat16 by a 16-bit shift (exact,
+// as bf16_to_f32), the last n % 8 by load_row
+AVX2_FN void to_f32_avx2(const void* src, int dt, int64_t n, float* dst) {
+  if (dt == MLXE_F32) return to_f32(src, dt, n, dst);
+  const uint16_t* p = static_cast<const uint16_t*>(src);
+  int64_t i = 0;
+  if (dt == MLXE_F16) {
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + i))));
+  } else {
+    for (; i + 8 <= n; i += 8) {
+      const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(p + i)));
+      _mm256_storeu_si256((__m256i*)(dst + i), _mm256_slli_epi32(h, 16));
+    }
+  }
+  load_row(src, dt, i, n - i, dst + i);
+}
+
+// float32 src[0 .. n) into dst of dtype dt, rounded to nearest even as f32_to_f16/f32_to_bf16 (a NaN stays
+// a NaN; float16's through F16C keeps its payload's top bits), the last n % 8 by store_row
+AVX2_FN void from_f32_avx2(const float* src, int dt, int64_t n, void* dst) {
+  if (dt == MLXE_F32) return store_row(dst, dt, 0, n, src);
+  uint16_t* p = static_cast<uint16_t*>(dst);
+  int64_t i = 0;
+  if (dt == MLXE_F16) {
+    for (; i + 8 <= n; i += 8)
+      _mm_storeu_si128((__m128i*)(p + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+  } else {
+    const __m256i one = _mm256_set1_epi32(1), half = _mm256_set1_epi32(0x7fff);
+    const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
+    for (; i + 8 <= n; i += 8) {
+      const __m256i u = _mm256_loadu_si256((const __m256i*)(src + i));
+      const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
+      const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(half, odd)), 16);
+      const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+      const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, abs_mask), inf);
+      const __m256i h = _mm256_blendv_epi8(rounded, quiet, nan);  // each 0 .. 0xffff: packus keeps it
+      _mm_storeu_si128((__m128i*)(p + i),
+                       _mm_packus_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+    }
+  }
+  store_row(dst, dt, i, n - i, src + i);
+}
+
+// scales and biases [g0, g0 + count) of the flattened [N, groups] arrays as float32 into s and b
+AVX2_FN void params_avx2(const QW& q, int64_t g0, int64_t count, float* s, float* b) {
+  const size_t offset = size_t(g0) * (q.sdt == MLXE_F32 ? 4 : 2);
+  to_f32_avx2(static_cast<const char*>(q.s) + offset, q.sdt, count, s);
+  to_f32_avx2(static_cast<const char*>(q.b) + offset, q.sdt, count, b);
+  if (BIAS_ON != 1.0f)
+    for (int64_t g = 0; g < count; g++) b[g] *= BIAS_ON;
+}
+
+// row n's scales and biases as float32 into s and b
 AVX2_FN void row_params_avx2(const QW& q, int64_t n, float* s, float* b) {
-  const int64_t G = q.groups();
-  if (q.sdt != MLXE_F16) return row_params(q, n, s, b);
-  const uint16_t* sp = static_cast<const uint16_t*>(q.s) + n * G;
-  const uint16_t* bp = static_cast<const uint16_t*>(q.b) + n * G;
-  int64_t g = 0;
-  const __m256 bon = _mm256_set1_ps(BIAS_ON);
-  for (; g + 8 <= G; g += 8) {
-    _mm256_storeu_ps(s + g, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sp + g))));
-    _mm256_storeu_ps(b + g, _mm256_mul_ps(bon, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(bp + g)))));
-  }
-  for (; g < G; g++) {
-    s[g] = f16_to_f32(sp[g]);
-    b[g] = f16_to_f32(bp[g]) * BIAS_ON;
-  }
+  params_avx2(q, n * q.groups(), q.groups(), s, b);
 }
 
 // Permuted activations for the SIMD GEMVs: within each block of L words (L = 8 lanes for avx2, 16
@@ -1046,6 +1086,17 @@ inline __attribute__((always_inline)) Rows4 rows4_at(const QW& q, int64_t n, int
   Rows4 r4;
   r4.rows = int(std::min<int64_t>(4, n1 - n));
   const int64_t G = q.groups();
+#ifdef MLXE_X86
+  if (q.sdt != MLXE_F32 && r4.rows == 4) {  // four rows' groups lie together: one conversion run each
+    params_avx2(q, n * G, 4 * G, scratch, scratch + 4 * G);
+    for (int r = 0; r < 4; r++) {
+      r4.s[r] = scratch + r * G;
+      r4.b[r] = scratch + (4 + r) * G;
+      r4.w[r] = q.w + (n + r) * q.words_per_row();
+    }
+    return r4;
+  }
+#endif
   for (int r = 0; r < 4; r++) {
     const int64_t row = n + std::min(r, r4.rows - 1);
     row_params_at(q, row, scratch + 2 * r * G, scratch + (2 * r + 1) * G, &r4.s[r], &r4.b[r]);
@@ -1721,14 +1772,6 @@ AVX2_FN void gemm_nt_avx2(const float* A, const float* B, float* C, int64_t M, i
     for (int64_t c = 0; c < NB; c++) C[m * ldc + c] = fdot_avx2(A + m * K, B + c * K, K);
 }
 
-AVX2_FN void to_f32_avx2(const void* src, int dt, int64_t n, float* dst) {
-  if (dt != MLXE_F16) return to_f32(src, dt, n, dst);
-  const uint16_t* p = static_cast<const uint16_t*>(src);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + i))));
-  for (; i < n; i++) dst[i] = f16_to_f32(p[i]);
-}
-
 bool cpu_has_avx2() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
@@ -2001,7 +2044,12 @@ void qgemm(const QW& q, const XPrep& xp, float* y, int64_t M) {
   });
 }
 
-void store_out(const float* y, void* out, int odt, int64_t n) { store_row(out, odt, 0, n, y); }
+void store_out(const float* y, void* out, int odt, int64_t n) {
+#ifdef MLXE_X86
+  if (avx2()) return from_f32_avx2(y, odt, n, out);
+#endif
+  store_row(out, odt, 0, n, y);
+}
 
 inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
 

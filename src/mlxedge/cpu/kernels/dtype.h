@@ -93,21 +93,33 @@ inline void store_from_f32(void* p, int dt, int64_t i, float v) {
   }
 }
 
-// elements [start, start + n) of an array of dtype dt, as float32 (dst) / from float32 (src)
+// elements [start, start + n) of an array of dtype dt, as float32 (dst) / from float32 (src); the dtype
+// is looked at once per row, not per element
 inline void load_row(const void* p, int dt, int64_t start, int64_t n, float* dst) {
-  if (dt == MLXE_F32) {
-    std::memcpy(dst, static_cast<const float*>(p) + start, size_t(n) * 4);
-    return;
+  const uint16_t* h = static_cast<const uint16_t*>(p) + start;
+  switch (dt) {
+    case MLXE_F16:
+      for (int64_t i = 0; i < n; i++) dst[i] = f16_to_f32(h[i]);
+      return;
+    case MLXE_BF16:
+      for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_f32(h[i]);
+      return;
+    default: std::memcpy(dst, static_cast<const float*>(p) + start, size_t(n) * 4);
   }
-  for (int64_t i = 0; i < n; i++) dst[i] = load_as_f32(p, dt, start + i);
 }
 
 inline void store_row(void* p, int dt, int64_t start, int64_t n, const float* src) {
-  if (dt == MLXE_F32) {
-    if (static_cast<float*>(p) + start != src) std::memcpy(static_cast<float*>(p) + start, src, size_t(n) * 4);
-    return;
+  uint16_t* h = static_cast<uint16_t*>(p) + start;
+  switch (dt) {
+    case MLXE_F16:
+      for (int64_t i = 0; i < n; i++) h[i] = f32_to_f16(src[i]);
+      return;
+    case MLXE_BF16:
+      for (int64_t i = 0; i < n; i++) h[i] = f32_to_bf16(src[i]);
+      return;
+    default:
+      if (static_cast<float*>(p) + start != src) std::memcpy(static_cast<float*>(p) + start, src, size_t(n) * 4);
   }
-  for (int64_t i = 0; i < n; i++) store_from_f32(p, dt, start + i, src[i]);
 }
 
 }  // namespace mlxe
