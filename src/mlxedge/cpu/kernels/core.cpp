@@ -1121,9 +1121,9 @@ inline __attribute__((always_inline)) Rows4 rows4_at(const QW& q, int64_t n, int
 }
 
 // count (even) half-precision values (dt: float16 or bfloat16) from src as float32 into dst, 32 at a time in
-// masked loads and stores: inline in the avx512 decode kernels, where params_avx2's calls and scalar
-// tails cost about 18 ns per four-row step (576x576 4/64 bfloat16, hot, 2 threads: 8.3 us against 7.0 in
-// float32; ab_core_builds BF16=1)
+// masked loads and stores: inline in the avx512 decode kernels instead of params_avx2's two calls and
+// scalar tails per four-row step (576x576 4/64 bfloat16, 2 threads, ab_core_builds BF16=1, interleaved,
+// 2 runs: hot 8.23-8.31 -> 8.14-8.18 us, from DRAM 9.57-9.61 -> 9.37-9.41)
 AVX512_FN inline __attribute__((always_inline)) void halves_to_f32_avx512(const uint16_t* src, int dt, int64_t count,
                                                                           float* dst) {
   for (int64_t i = 0; i < count; i += 32) {
