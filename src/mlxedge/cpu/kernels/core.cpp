@@ -459,13 +459,18 @@ inline float sub_x_scale(int bits, int s) {
   return sub_by_shift(bits, s) ? 1.f : std::ldexp(1.f, -sub_shift(bits, s));
 }
 
+// converted biases times BIAS_ON: nothing unless the dropped-bias plant is built in
+inline void plant_bias(float* b, int64_t n) {
+  if (BIAS_ON != 1.0f)
+    for (int64_t g = 0; g < n; g++) b[g] *= BIAS_ON;
+}
+
 // scales/biases of one weight row as float
 void row_params(const QW& q, int64_t n, float* s, float* b) {
   const int64_t G = q.groups();
   load_row(q.s, q.sdt, n * G, G, s);
   load_row(q.b, q.sdt, n * G, G, b);
-  if (BIAS_ON != 1.0f)
-    for (int64_t g = 0; g < G; g++) b[g] *= BIAS_ON;
+  plant_bias(b, G);
 }
 
 // Software prefetch for the GEMVs, which stream their weights once from DRAM: the hardware prefetcher
@@ -693,8 +698,7 @@ AVX2_FN void params_avx2(const QW& q, int64_t g0, int64_t count, float* s, float
   const size_t offset = size_t(g0) * (q.sdt == MLXE_F32 ? 4 : 2);
   to_f32_avx2(static_cast<const char*>(q.s) + offset, q.sdt, count, s);
   to_f32_avx2(static_cast<const char*>(q.b) + offset, q.sdt, count, b);
-  if (BIAS_ON != 1.0f)
-    for (int64_t g = 0; g < count; g++) b[g] *= BIAS_ON;
+  plant_bias(b, count);
 }
 
 // row n's scales and biases as float32 into s and b
@@ -1152,8 +1156,7 @@ AVX512_FN inline __attribute__((always_inline)) Rows4 rows4_at_avx512(const QW& 
   const int64_t G = q.groups();
   halves_to_f32_avx512(static_cast<const uint16_t*>(q.s) + n * G, q.sdt, 4 * G, scratch);
   halves_to_f32_avx512(static_cast<const uint16_t*>(q.b) + n * G, q.sdt, 4 * G, scratch + 4 * G);
-  if (BIAS_ON != 1.0f)
-    for (int64_t g = 4 * G; g < 8 * G; g++) scratch[g] *= BIAS_ON;
+  plant_bias(scratch + 4 * G, 4 * G);
   return rows4_converted(q, n, scratch);
 }
 
@@ -2054,7 +2057,7 @@ void store_out(const float* y, void* out, int odt, int64_t n) {
   store_row(out, odt, 0, n, y);
 }
 
-// Where a GEMV task puts its results, rows [n0, n1) of out[M, N]: straight into out where that is float32,
+// Where a GEMV task (or a whole GEMM) puts its results, rows [n0, n1) of out[M, N]: straight into out where that is float32,
 // else into this thread's float32 buffer (rows()), which finish() converts into out. Each task converts its
 // own rows, so the calling thread neither allocates a result buffer per call nor reads the results the
 // workers wrote from their caches: 576x576 4/64 bfloat16, 2 threads (ab_core_builds BF16=1, interleaved,
@@ -2247,17 +2250,13 @@ void mlxe_qmm_many(const void* x, int xdt, int nparts, const uint32_t* const* w,
   std::vector<QW> qs;
   for (int i = 0; i < nparts; i++) qs.push_back(QW{w[i], scales[i], biases[i], sdt, N[i], K, bits, group_size});
   auto prepare = [&] { prep_x(xp, x, xdt, M, K, group_size, bits, gemv); };
-  if (!gemv) prepare();  // (the GEMV prepares x once its first rows are asked for)
-  if (gemv) return qgemv_parts(qs, xp, outs, odt, M, prepare);
-  std::vector<float> buf;
+  if (gemv) return qgemv_parts(qs, xp, outs, odt, M, prepare);  // (it prepares x once its first rows are asked for)
+  prepare();
   for (int i = 0; i < nparts; i++) {
-    float* y = static_cast<float*>(outs[i]);
-    if (odt != MLXE_F32) {
-      buf.resize(size_t(M * N[i]));
-      y = buf.data();
-    }
+    const TaskOut to{outs[i], odt, M, N[i]};
+    float* y = to.rows();
     qgemm(qs[size_t(i)], xp, y, M);
-    if (odt != MLXE_F32) store_out(y, outs[i], odt, M * N[i]);
+    to.finish(y, 0, N[i]);
   }
 }
 
@@ -2273,6 +2272,7 @@ void mlxe_gate_up_silu(const void* x, int xdt, const uint32_t* wg, const void* s
   thread_local XPrep prepared;
   XPrep& xp = prepared;
   auto prepare = [&] { prep_x(xp, x, xdt, M, K, group_size, bits, gemv); };
+  const TaskOut to{out, odt, M, N};
   if (gemv) {
     // fused: each task reads its rows of Wg and Wu once and writes silu(g) * u
     const int64_t chunk = gemv_chunk(N, 2 * N * qrow_bytes(qg)), G = K / group_size;
@@ -2284,7 +2284,6 @@ void mlxe_gate_up_silu(const void* x, int xdt, const uint32_t* wg, const void* s
       prefetch_qrows(qg, n0, std::min(n1, n0 + ahead));
       prefetch_qrows(qu, n0, std::min(n1, n0 + ahead));
     };
-    const TaskOut to{out, odt, M, N};
     parallel_for_runs_prepared(ntasks, [&](int64_t t, int64_t run_end) {
       const int64_t n0 = t * chunk, n1 = std::min(n0 + chunk, COLS_END(N));
       const int64_t nlim = std::min(run_end * chunk, COLS_END(N));  // this thread's next rows: prefetch on into them
@@ -2322,12 +2321,12 @@ void mlxe_gate_up_silu(const void* x, int xdt, const uint32_t* wg, const void* s
     return;
   }
   prepare();
-  std::vector<float> ybuf(size_t(M * N)), ubuf(size_t(M * N));
-  float* y = ybuf.data();
+  float* y = to.rows();
+  std::vector<float> ubuf(size_t(M * N));
   qgemm(qg, xp, y, M);
   qgemm(qu, xp, ubuf.data(), M);
   for (int64_t i = 0; i < M * N; i++) y[i] = silu(y[i]) * ubuf[size_t(i)];
-  store_out(y, out, odt, M * N);
+  to.finish(y, 0, N);
 }
 
 void mlxe_matmul(const void* x, int xdt, const void* w, int wdt, void* out, int odt, int64_t M,
