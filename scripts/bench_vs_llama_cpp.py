@@ -23,7 +23,10 @@ On a CPU with AMX under a VM (Intel Sapphire/Emerald Rapids here), llama.cpp's d
 tile instructions on its worker threads and dies with SIGILL at the first prompt; build it for AVX-512 VNNI,
 the ISA mlxedge's kernels use there:
     CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
-      -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=ON" pip install 'mlxedge[llama]'
+      -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=ON" \\
+      pip install --no-cache-dir --force-reinstall --no-deps --no-binary llama-cpp-python llama-cpp-python==0.3.36
+(pip otherwise reuses a wheel it cached from an earlier native build, which loads and decodes, then dies at
+the first batched prompt: exit 132.)
 
     python scripts/bench_vs_llama_cpp.py [-p 512] [-n 128] [--reps 3] [--threads 2] [--slow-p 128 --slow-n 32]
 """
@@ -125,6 +128,7 @@ class Remote:
     """A side in its own process: load it, then run one command at a time."""
 
     def __init__(self, name: str, argv: list):
+        self.name = name
         self.proc = subprocess.Popen([sys.executable, __file__, "--worker", name, *argv], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
         self.hello = json.loads(self.proc.stdout.readline() or '{"error": "worker died while loading"}')
@@ -132,7 +136,12 @@ class Remote:
     def ask(self, **cmd) -> dict:
         self.proc.stdin.write(json.dumps(cmd) + "\n")
         self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())
+        line = self.proc.stdout.readline()
+        if not line:  # the worker died, e.g. SIGILL from a llama.cpp built for instructions this VM traps
+            code = self.proc.wait(timeout=60)
+            raise SystemExit(f"error: the {self.name} worker died (exit {code}) during {cmd['op']!r}; "
+                             "for llama.cpp on an AMX host rebuild it as this script's docstring says")
+        return json.loads(line)
 
     def close(self):
         self.proc.stdin.close()
