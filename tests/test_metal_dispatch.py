@@ -315,6 +315,34 @@ def test_measure_compares_outputs_and_times_chains_of_launches():
     assert selection.chain_length(1.0) == selection.MIN_CHAIN   # a slow one: sync latency is negligible
 
 
+def test_measure_takes_single_launches_when_they_already_decide(monkeypatch):
+    """A path whose one launch lasts CHAIN_TARGET_S and loses by DECIDED_RATIO or more is not timed in chains
+    (MLX's float16 CPU matmul at a 49152-row head: 1.3 s a launch); a close or a fast pair still is."""
+    a = mx.ones((4,))
+    custom, builtin = (lambda: a), (lambda: a)
+    timed = []
+
+    def run(seconds):
+        def fake_time_chain(fn, length):
+            timed.append(("custom" if fn is custom else "builtin", length))
+            return seconds["custom" if fn is custom else "builtin"]
+        monkeypatch.setattr(selection, "_time_chain", fake_time_chain)
+        timed.clear()
+        return selection.measure(custom, builtin, repetitions=2)
+
+    slow = selection.CHAIN_TARGET_S * 2
+    result = run({"custom": slow / selection.DECIDED_RATIO, "builtin": slow})
+    assert timed == [("custom", 1), ("builtin", 1)] and result["chain"] == 1
+    assert result["custom_s"] < result["builtin_s"] == slow
+    result = run({"custom": slow, "builtin": slow / selection.DECIDED_RATIO})  # either way round
+    assert timed == [("custom", 1), ("builtin", 1)] and result["builtin_s"] < result["custom_s"]
+    run({"custom": slow / 3, "builtin": slow})  # slow but close: chains
+    assert len(timed) == 2 + 2 * 2 and timed[2][1] >= selection.MIN_CHAIN
+    fast = selection.CHAIN_TARGET_S / 10
+    run({"custom": fast / 100, "builtin": fast})  # far apart but fast: one launch is mostly sync latency
+    assert len(timed) == 2 + 2 * 2 and timed[2][1] == selection.MAX_CHAIN
+
+
 def test_metal_runner_builds_each_kernel_once():
     runner = MetalRunner()
     assert runner.build(kernels.QMV) is runner.build(kernels.QMV)
