@@ -339,8 +339,10 @@ def test_measure_takes_single_launches_when_they_already_decide(monkeypatch):
     run({"custom": slow / 3, "builtin": slow})  # slow but close: chains
     assert len(timed) == 2 + 2 * 2 and timed[2][1] >= selection.MIN_CHAIN
     fast = selection.CHAIN_TARGET_S / 10
-    run({"custom": fast / 100, "builtin": fast})  # far apart but fast: one launch is mostly sync latency
-    assert len(timed) == 2 + 2 * 2 and timed[2][1] == selection.MAX_CHAIN
+    result = run({"custom": fast / 100, "builtin": fast})  # far apart but fast: one launch is mostly sync latency
+    assert len(timed) == 2 + 2 * 2 and timed[2] == ("custom", selection.MAX_CHAIN)
+    # each path's chain is sized by its own launch: the slower one runs about CHAIN_TARGET_S, not 50 launches
+    assert timed[3] == ("builtin", selection.chain_length(fast)) and result["builtin_chain"] < selection.MAX_CHAIN
 
 
 def test_metal_runner_builds_each_kernel_once():
