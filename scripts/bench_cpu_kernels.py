@@ -140,6 +140,9 @@ def nbytes(weight_set) -> int:
     return sum(a.nbytes for triplet in weight_set for a in triplet)
 
 
+BUILTIN_BATCH_S = 0.25  # seconds of MLX built-in calls per timed batch (see measure)
+
+
 def time_calls(fn, x, ws, calls: int) -> float:
     """Seconds per call over `calls` independent calls rotating through the weight sets `ws`, evaluated together."""
     outs = [fn(x, ws[i % len(ws)]) for i in range(calls)]
@@ -275,7 +278,10 @@ def measure(rows, isas, threads, args, dtype):
         t_mlx, t_read = [], []
         on_threads = threads if size >= parallel_min else 1
         arrays = [a for t in flat for a in t]
-        time_calls(f_mlx, x, ws, 2)
+        # MLX's built-in runs about BUILTIN_BATCH_S of calls per repetition (at most calls // 4): in float16 it
+        # takes 15 ms-1.3 s a call here, and a quarter of the copies' rotation made one float16 table run for
+        # over 15 minutes. It is compute-bound at that speed, so fewer calls lose nothing.
+        builtin_calls = max(2, min(calls // 4, int(BUILTIN_BATCH_S / time_calls(f_mlx, x, ws, 2))))
         for rep in range(args.reps):
             t_read.append(cpu._ext.read_seconds(arrays, per_set=3 * len(Ns), calls=calls, threads=on_threads))
             for isa in (isas if rep % 2 == 0 else isas[::-1]):  # alternate which path runs first
@@ -283,7 +289,7 @@ def measure(rows, isas, threads, args, dtype):
                 kernel[isa].append(cpu._ext.kernel_seconds(x, flat, group_size=gs, bits=bits, calls=calls,
                                                            parts=len(Ns)))
                 via_mlx[isa].append(time_calls(f_ours, x, ws, calls))
-            t_mlx.append(time_calls(f_mlx, x, ws, max(2, calls // 4)))
+            t_mlx.append(time_calls(f_mlx, x, ws, builtin_calls))
         # the best repetition is each side's speed; the machine may be shared (say so with the numbers)
         results.append(Result(name, bits, gs, size, on_threads, {i: min(kernel[i]) for i in isas},
                               {i: min(via_mlx[i]) for i in isas}, min(t_mlx), min(t_read)))
