@@ -139,8 +139,9 @@ class Remote:
         line = self.proc.stdout.readline()
         if not line:  # the worker died, e.g. SIGILL from a llama.cpp built for instructions this VM traps
             code = self.proc.wait(timeout=60)
-            raise SystemExit(f"error: the {self.name} worker died (exit {code}) during {cmd['op']!r}; "
-                             "for llama.cpp on an AMX host rebuild it as this script's docstring says")
+            hint = ("; on an AMX host rebuild llama-cpp-python as this script's docstring says"
+                    if self.name.startswith("llama.cpp") else "")
+            raise SystemExit(f"error: the {self.name} worker died (exit {code}) during {cmd['op']!r}{hint}")
         return json.loads(line)
 
     def close(self):

@@ -318,18 +318,7 @@ def test_measure_compares_outputs_and_times_chains_of_launches():
 def test_measure_takes_single_launches_when_they_already_decide(monkeypatch):
     """A path whose one launch lasts CHAIN_TARGET_S and loses by DECIDED_RATIO or more is not timed in chains
     (MLX's float16 CPU matmul at a 49152-row head: 1.3 s a launch); a close or a fast pair still is."""
-    a = mx.ones((4,))
-    custom, builtin = (lambda: a), (lambda: a)
-    timed = []
-
-    def run(seconds):
-        def fake_time_chain(fn, length):
-            timed.append(("custom" if fn is custom else "builtin", length))
-            return seconds["custom" if fn is custom else "builtin"]
-        monkeypatch.setattr(selection, "_time_chain", fake_time_chain)
-        timed.clear()
-        return selection.measure(custom, builtin, repetitions=2)
-
+    timed, run = fake_timed_measure(monkeypatch)
     slow = selection.CHAIN_TARGET_S * 2
     result = run({"custom": slow / selection.DECIDED_RATIO, "builtin": slow})
     assert timed == [("custom", 1), ("builtin", 1)] and result["chain"] == 1
@@ -338,11 +327,38 @@ def test_measure_takes_single_launches_when_they_already_decide(monkeypatch):
     assert timed == [("custom", 1), ("builtin", 1)] and result["builtin_s"] < result["custom_s"]
     run({"custom": slow / 3, "builtin": slow})  # slow but close: chains
     assert len(timed) == 2 + 2 * 2 and timed[2][1] >= selection.MIN_CHAIN
-    fast = selection.CHAIN_TARGET_S / 10
-    result = run({"custom": fast / 100, "builtin": fast})  # far apart but fast: one launch is mostly sync latency
-    assert len(timed) == 2 + 2 * 2 and timed[2] == ("custom", selection.MAX_CHAIN)
-    # each path's chain is sized by its own launch: the slower one runs about CHAIN_TARGET_S, not 50 launches
-    assert timed[3] == ("builtin", selection.chain_length(fast)) and result["builtin_chain"] < selection.MAX_CHAIN
+    run({"custom": selection.CHAIN_TARGET_S / 1000, "builtin": selection.CHAIN_TARGET_S / 10})  # far apart, fast
+    assert len(timed) == 2 + 2 * 2  # one launch is mostly sync latency there: chains
+
+
+def test_measure_sizes_each_paths_chain_by_its_own_launch(monkeypatch):
+    """The slower path runs about CHAIN_TARGET_S of its own launches, not as many as the faster one needs
+    (MLX's float16 576x576 CPU matmul, 15 ms a launch, was run in chains of 50 sized by a 20 us kernel)."""
+    timed, run = fake_timed_measure(monkeypatch)
+    fast, slow = selection.CHAIN_TARGET_S / 1000, selection.CHAIN_TARGET_S / 10
+    result = run({"custom": fast, "builtin": slow})
+    assert timed[2:4] == [("custom", selection.MAX_CHAIN), ("builtin", selection.chain_length(slow))]
+    assert (result["chain"], result["builtin_chain"]) == (selection.MAX_CHAIN, selection.chain_length(slow))
+    assert selection.chain_length(slow) < selection.MAX_CHAIN
+
+
+def fake_timed_measure(monkeypatch):
+    """(timed, run): run(seconds) calls selection.measure(repetitions=2) with each path's launches taking
+    seconds["custom"] / seconds["builtin"]; timed lists the (path, chain length) of every timed chain."""
+    a = mx.ones((4,))
+    custom, builtin = (lambda: a), (lambda: a)
+    timed = []
+
+    def run(seconds):
+        def fake_time_chain(fn, length):
+            path = "custom" if fn is custom else "builtin"
+            timed.append((path, length))
+            return seconds[path]
+        monkeypatch.setattr(selection, "_time_chain", fake_time_chain)
+        timed.clear()
+        return selection.measure(custom, builtin, repetitions=2)
+
+    return timed, run
 
 
 def test_metal_runner_builds_each_kernel_once():

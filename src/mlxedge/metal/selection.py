@@ -3,8 +3,8 @@
 The kernel choice (mlxedge.kernels) asks `Selector.prefers_custom(device, key, run_custom, run_builtin)` when a
 model is loaded in `auto` mode. The first time a (device, shape) pair is seen, both paths run on the same
 inputs, their outputs are compared (a kernel that disagrees with the built-in is never chosen), and then each
-is timed as a chain of launches evaluated at once — enough launches that its chain takes about
-CHAIN_TARGET_S (each path's chain sized by its own launch), so the latency of one synchronisation does not swamp a kernel of a few microseconds. The
+is timed as a chain of launches evaluated at once — enough of its own launches that its chain takes about
+CHAIN_TARGET_S, so the latency of one synchronisation does not swamp a kernel of a few microseconds. The
 candidate wins only if it was clearly faster. The verdict is written to a JSON file (the caller names it:
 mlxedge.kernels.selection_file), keyed by device, and reused by every later load on that device, so a
 model starts without measuring anything the second time. A verdict measured while the machine was
@@ -83,8 +83,8 @@ def measure(run_custom, run_builtin, repetitions: int = REPETITIONS) -> dict:
     # not run as many times as a fast one needs (MLX's float16 576x576 CPU matmul, 15 ms a launch, in chains
     # of 50 sized by the native kernel's 20 us took 3.3 s of smollm2's first float16 load)
     custom_1, builtin_1 = _time_chain(run_custom, 1), _time_chain(run_builtin, 1)
-    single = min(custom_1, builtin_1)
-    if max(custom_1, builtin_1) >= CHAIN_TARGET_S and max(custom_1, builtin_1) >= DECIDED_RATIO * single:
+    faster, slower = sorted((custom_1, builtin_1))
+    if slower >= CHAIN_TARGET_S and slower >= DECIDED_RATIO * faster:
         return {"custom_s": custom_1, "builtin_s": builtin_1, "agree": agree, "chain": 1, "builtin_chain": 1}
     lengths = {"custom": chain_length(custom_1), "builtin": chain_length(builtin_1)}
     times = {"custom": [], "builtin": []}
